@@ -1,0 +1,31 @@
+"""Engine configuration."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+
+
+@dataclass
+class EngineConfig:
+    model: str = "bundled"  # "bundled", "base", or a local HF folder with safetensors
+    dtype: str = "bfloat16"  # bf16 for speed; float32 for exactness against HF
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int = 2048  # size of the KV pool (2048 x 16 = 32k tokens)
+    max_batch_tokens: int = 2048  # tokens fed per forward (prefill is chunked to fit)
+    max_model_len: int | None = None  # per thread context; default: the model's positions
+    num_threads: int | None = None  # torch CPU threads; None keeps torch's default
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("block_size", "num_kv_blocks", "max_batch_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

