@@ -65,6 +65,28 @@ class BlockManager:
         child.block_table.append(dst)
         return parent.block_table[full], dst, tail
 
+    def share_prefix(self, thread: Thread, relatives: list[Thread]) -> None:
+        """Points an empty thread at the longest run of full blocks of its context that a
+        relative already holds (after a preemption, forks share their prefixes again)."""
+        assert not thread.block_table
+        bs = self.block_size
+        best: tuple[int, Thread] | None = None
+        limit = (len(thread.token_ids) - 1) // bs  # keep at least one token to feed
+        for other in relatives:
+            n = min(limit, other.num_cached // bs)
+            k = 0
+            while k < n and thread.token_ids[k * bs : (k + 1) * bs] == other.token_ids[k * bs : (k + 1) * bs]:
+                k += 1
+            if k and (best is None or k > best[0]):
+                best = (k, other)
+        if best is None:
+            return
+        k, other = best
+        for block in other.block_table[:k]:
+            self.ref_counts[block] += 1
+        thread.block_table = list(other.block_table[:k])
+        thread.num_cached = k * bs
+
     def free(self, thread: Thread) -> None:
         """Drops the thread's references; blocks nobody else holds return to the pool."""
         for block in thread.block_table:

@@ -4,7 +4,8 @@ Every step feeds, in one forward, the pending tokens of every live thread of the
 requests (oldest first), then admits waiting requests while the token budget and the KV
 pool allow (a long prompt is prefilled in chunks). When the pool cannot hold the next
 step, the newest running request is preempted: its blocks are freed and its live threads
-are recomputed from their tokens when it runs again. Nothing is dropped.
+are recomputed from their tokens when it runs again, one thread at a time so that forks
+share their prefixes again. Nothing is dropped.
 """
 from __future__ import annotations
 
@@ -61,6 +62,10 @@ class Scheduler:
         when the pool cannot hold them (the batch is left without them)."""
         start = len(batch)
         for thread in request.live_threads:
+            if thread.num_cached == 0 and thread is not request.root:
+                if any(len(t.pending) > 2 for t in request.live_threads if t.thread_id < thread.thread_id):
+                    break  # recompute one thread at a time, so later ones can share its blocks
+                self.blocks.share_prefix(thread, [t for t in request.live_threads if t.num_cached])
             n = min(len(thread.pending), budget)
             if n == 0:
                 continue

@@ -1,0 +1,66 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+from parafork import models
+from parafork.engine.llm_engine import LLM
+
+torch.set_num_threads(2)
+
+# Real prompts of the kind APAR is for (lists and paragraphs) and a few that are not.
+PROMPTS = [
+    "Give me three tips for sleeping well.",
+    "What are the main benefits of regular exercise?",
+    "Explain how a bicycle works.",
+    "Write a short poem about the sea.",
+    "List some ways to save money on groceries.",
+]
+
+
+@pytest.fixture(scope="session")
+def base_dir():
+    return models.ensure_base_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(base_dir, tmp_path_factory):
+    """A tiny random Llama with the real tokenizer, saved as a safetensors HF folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer, _ = models.load_tokenizer(base_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_dir):
+    return LLM(str(tiny_dir), dtype="float32", num_kv_blocks=256, block_size=4)
+
+
+@pytest.fixture(scope="session")
+def base_llm(base_dir):
+    return LLM("base", dtype="float32", num_kv_blocks=512, block_size=16)
+
+
+@pytest.fixture(scope="session")
+def base_hf(base_llm, base_dir):
+    return models.load_hf_model(base_dir, base_llm.tokenizer, torch.float32)

@@ -1,0 +1,241 @@
+"""The engine against the HF oracle: AR exactness, fork exactness, batching, KV accounting."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parafork import models
+from parafork.rules import ForceForks
+from parafork.sampling import SamplingParams
+
+from .conftest import PROMPTS
+
+
+class LogitsRecorder:
+    """A logits rule that keeps every thread's context length and logits row."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[object, int, torch.Tensor]] = []
+
+    def __call__(self, thread, logits: torch.Tensor) -> None:
+        self.rows.append((thread, len(thread.token_ids), logits.clone()))
+
+
+def assert_pool_full(llm) -> None:
+    assert llm.blocks.num_free == llm.blocks.num_blocks
+    llm.blocks.check_invariants()
+
+
+def check_against_oracle(llm, hf, recorder: LogitsRecorder, atol: float) -> int:
+    """Every recorded row equals the oracle's logits over that thread's own context."""
+    ct = llm.control
+    by_thread: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    threads = {}
+    for thread, n, row in recorder.rows:
+        by_thread.setdefault(thread.thread_id, []).append((n, row))
+        threads[thread.thread_id] = thread
+    keep = torch.ones(llm.runner.vocab_size, dtype=torch.bool)
+    keep[[ct.fork_id, ct.child_id]] = False  # the APAR rules edit these columns
+    checked = 0
+    for tid, rows in by_thread.items():
+        ids = torch.tensor([threads[tid].token_ids])
+        with torch.no_grad():
+            ref = hf(ids).logits[0]
+        for n, row in rows:
+            diff = (row[keep] - ref[n - 1][keep]).abs().max().item()
+            assert diff < atol, f"thread {tid} at context {n}: max diff {diff}"
+            checked += 1
+    return checked
+
+
+@pytest.mark.model
+def test_ar_greedy_equals_hf_generate_token_for_token(base_llm, base_hf):
+    outs = base_llm.generate(PROMPTS, SamplingParams(max_tokens=40, mode="ar"))
+    for prompt, out in zip(PROMPTS, outs):
+        ids = torch.tensor([models.apply_chat_template(base_llm.tokenizer, prompt)])
+        ref = base_hf.generate(ids, max_new_tokens=40, do_sample=False, attention_mask=torch.ones_like(ids))
+        ref_tokens = ref[0, ids.shape[1] :].tolist()
+        eos = base_llm.tokenizer.eos_token_id
+        if eos in ref_tokens:
+            ref_tokens = ref_tokens[: ref_tokens.index(eos)]
+        assert out.token_ids == ref_tokens, prompt
+        assert out.num_threads == 1
+    assert_pool_full(base_llm)
+
+
+@pytest.mark.model
+def test_forked_threads_see_exactly_their_ancestors_on_the_real_model(base_llm, base_hf):
+    rec = LogitsRecorder()
+    force = ForceForks(base_llm.control, frozenset({6, 15, 22}), child_tokens=12)
+    out = base_llm.generate(PROMPTS[0], SamplingParams(max_tokens=90, logits_rules=[rec, force]))[0]
+    assert out.num_threads == 4
+    assert check_against_oracle(base_llm, base_hf, rec, atol=1e-4) >= 45
+    assert_pool_full(base_llm)
+
+
+def test_forked_threads_see_exactly_their_ancestors_nested(tiny_llm, tiny_dir):
+    """Depth 3, block size 4: forks land on and off block boundaries; children fork too."""
+    hf = models.load_hf_model(tiny_dir, tiny_llm.tokenizer, torch.float32)
+    rec = LogitsRecorder()
+
+    def nested(thread, logits):  # every thread forks after 3 and 8 own tokens
+        if len(thread.own_tokens) in (3, 8) and logits[tiny_llm.control.fork_id] != float("-inf"):
+            logits.fill_(float("-inf"))
+            logits[tiny_llm.control.fork_id] = 0
+
+    params = SamplingParams(max_tokens=120, max_depth=3, max_threads=16, logits_rules=[rec, nested])
+    out = tiny_llm.generate({"prompt_token_ids": list(range(100, 113))}, params)[0]
+    assert out.num_threads > 4
+    assert max(t.depth for t, _, _ in rec.rows) == 2
+    check_against_oracle(tiny_llm, hf, rec, atol=1e-4)
+    assert_pool_full(tiny_llm)
+
+
+def test_a_fork_does_not_change_the_parent(tiny_llm):
+    """The parent's tokens are those of a plain run over the same context (the child's
+    writes into its copied tail block never reach the parent's blocks)."""
+    rec = LogitsRecorder()
+    force = ForceForks(tiny_llm.control, frozenset({2, 5}), child_tokens=30)
+    prompt = {"prompt_token_ids": list(range(200, 211))}
+    out = tiny_llm.generate(prompt, SamplingParams(max_tokens=60, ignore_eos=True, logits_rules=[rec, force]))[0]
+    root = next(t for t, _, _ in rec.rows if t.parent is None)
+    # Teacher-force the root's own tokens through a fresh AR request and compare argmaxes.
+    replay = tiny_llm.generate({"prompt_token_ids": root.token_ids[:-1]}, SamplingParams(max_tokens=1, mode="ar"))[0]
+    assert replay.token_ids == [root.token_ids[-1]] or root.token_ids[-1] == tiny_llm.control.fork_id
+    assert out.num_threads == 3
+    assert_pool_full(tiny_llm)
+
+
+def test_concurrent_requests_with_forks_equal_each_run_alone(tiny_llm):
+    force = ForceForks(tiny_llm.control, frozenset({3, 9, 14}), child_tokens=7)
+    prompts = [{"prompt_token_ids": list(range(300 + 7 * i, 310 + 9 * i))} for i in range(6)]
+    params = [SamplingParams(max_tokens=30 + 5 * i, logits_rules=[force]) for i in range(6)]
+    together = tiny_llm.generate(prompts, params)
+    alone = [tiny_llm.generate(p, q)[0] for p, q in zip(prompts, params)]
+    for a, b in zip(together, alone):
+        assert a.token_ids == b.token_ids
+        assert a.num_threads == b.num_threads > 1
+    assert_pool_full(tiny_llm)
+
+
+@pytest.mark.model
+def test_concurrent_requests_with_forks_equal_each_run_alone_on_the_real_model(base_llm):
+    force = ForceForks(base_llm.control, frozenset({5, 11}), child_tokens=10)
+    params = SamplingParams(max_tokens=50, logits_rules=[force])
+    together = base_llm.generate(PROMPTS[:3], params)
+    for prompt, out in zip(PROMPTS[:3], together):
+        assert base_llm.generate(prompt, params)[0].token_ids == out.token_ids
+    assert_pool_full(base_llm)
+
+
+def test_tiny_pool_preempts_and_recomputes_without_losing_anything(tiny_dir):
+    from parafork.engine.llm_engine import LLM
+
+    small = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=24, block_size=4)
+    # Every thread ends by rule (not by the shared token budget), so scheduling cannot
+    # change which tokens each thread gets.
+    force = ForceForks(small.control, frozenset({2, 6}), child_tokens=14, root_tokens=16)
+    prompts = [{"prompt_token_ids": list(range(400 + i, 420 + i))} for i in range(5)]
+    params = SamplingParams(max_tokens=500, logits_rules=[force])
+    together = small.generate(prompts, params)
+    assert sum(o.num_preemptions for o in together) > 0, "the pool was meant to be too small"
+    roomy = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=512, block_size=4)
+    for prompt, out in zip(prompts, together):
+        assert out.finish_reason == "stop" and out.error is None and out.num_threads == 3
+        assert roomy.generate(prompt, params)[0].token_ids == out.token_ids
+    assert_pool_full(small)
+
+
+def test_a_request_larger_than_the_pool_ends_cleanly(tiny_dir):
+    from parafork.engine.llm_engine import LLM
+
+    small = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=6, block_size=4)
+    out = small.generate({"prompt_token_ids": list(range(500, 515))}, SamplingParams(max_tokens=50, ignore_eos=True))[0]
+    assert out.finished and out.finish_reason == "length" and "KV" in out.error
+    with pytest.raises(ValueError, match="KV pool"):
+        small.generate({"prompt_token_ids": list(range(500, 530))}, SamplingParams(max_tokens=5))
+    assert_pool_full(small)
+
+
+def test_aborted_and_closed_streams_free_every_block(tiny_llm):
+    force = ForceForks(tiny_llm.control, frozenset({2, 4}), child_tokens=50)
+    params = SamplingParams(max_tokens=200, ignore_eos=True, logits_rules=[force])
+    rid = tiny_llm.add_request({"prompt_token_ids": list(range(50, 70))}, params)
+    for _ in range(8):
+        tiny_llm.step()
+    assert tiny_llm.blocks.num_free < tiny_llm.blocks.num_blocks
+    tiny_llm.abort(rid)
+    assert_pool_full(tiny_llm)
+    stream = tiny_llm.stream([{"prompt_token_ids": list(range(70, 90))}] * 2, params)
+    next(stream)
+    stream.close()
+    assert_pool_full(tiny_llm)
+    assert not tiny_llm.has_unfinished_requests()
+
+
+def test_stream_deltas_add_up_to_the_final_text_in_reading_order(tiny_llm):
+    force = ForceForks(tiny_llm.control, frozenset({3, 8}), child_tokens=6)
+    params = SamplingParams(max_tokens=60, logits_rules=[force])
+    prompt = {"prompt_token_ids": list(range(600, 620))}
+    final = tiny_llm.generate(prompt, params)[0]
+    pieces = list(tiny_llm.stream(prompt, params))
+    assert "".join(p.delta for p in pieces) == final.text
+    assert pieces[-1].finished and sum(not p.finished for p in pieces) > 1
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(tiny_llm):
+    force = ForceForks(tiny_llm.control, frozenset({3}), child_tokens=8)
+    params = SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=7, logits_rules=[force])
+    prompt = {"prompt_token_ids": list(range(700, 712))}
+    alone = tiny_llm.generate(prompt, params)[0]
+    crowd = tiny_llm.generate([prompt, {"prompt_token_ids": [5, 6, 7]}], [params, SamplingParams(max_tokens=20)])[0]
+    assert alone.token_ids == crowd.token_ids
+    other = tiny_llm.generate(prompt, SamplingParams(max_tokens=30, temperature=0.8, seed=8, logits_rules=[force]))[0]
+    assert other.token_ids != alone.token_ids
+
+
+def test_apar_rules_caps(tiny_llm):
+    ct = tiny_llm.control
+
+    def always_fork(thread, logits):
+        if logits[ct.fork_id] != float("-inf"):
+            logits.fill_(float("-inf"))
+            logits[ct.fork_id] = 0
+
+    rec = LogitsRecorder()
+    params = SamplingParams(max_tokens=80, max_threads=5, max_depth=2, logits_rules=[always_fork, rec])
+    out = tiny_llm.generate({"prompt_token_ids": [10, 11, 12]}, params)[0]
+    assert out.num_threads == 5
+    threads = {t.thread_id: t for t, _, _ in rec.rows}.values()
+    for t in threads:
+        own = t.own_tokens
+        assert ct.child_id not in own[1:]  # never sampled
+        pairs = zip(own, own[1:])
+        assert not any(a in (ct.fork_id, ct.child_id) and b == ct.fork_id for a, b in pairs)
+        if t.depth >= 1:
+            assert ct.fork_id not in own
+    ar = tiny_llm.generate({"prompt_token_ids": [10, 11, 12]}, SamplingParams(max_tokens=20, mode="ar", logits_rules=[always_fork]))[0]
+    assert ar.num_threads == 1
+    assert out.num_generated_tokens >= 80 or out.finish_reason == "stop"
+
+
+def test_bad_sampling_params_are_refused_with_clear_errors():
+    for kwargs, msg in [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -5}, "max_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"mode": "fast"}, "mode"),
+        ({"max_depth": 0}, "max_depth"),
+        ({"seed": "x"}, "seed"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            SamplingParams(**kwargs)
+
+
+def test_models_refuse_unknown_names_and_pickled_weights(tmp_path):
+    with pytest.raises(models.ModelNotFoundError, match="never downloads"):
+        models.resolve_model_path("meta-llama/Llama-3-8B")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(models.ModelNotFoundError, match="safetensors"):
+        models.resolve_model_path(tmp_path)
