@@ -49,7 +49,7 @@ class ForceForks:
 
 @dataclass
 class ListItemForks:
-    """Forks after a numbered item's bold title (`1. **Title:**`) in the root thread; the
+    """Forks after a numbered item's head (`1. **Title:**` or `1. First sentence.`) in the root; the
     child writes the item's body and ends where the model starts a new paragraph; the
     root then moves on to the next item."""
 
@@ -59,7 +59,9 @@ class ListItemForks:
     _paragraph_set: frozenset[int] = field(init=False)
 
     MIN_BODY_TOKENS = 4
-    TITLE = re.compile(r"(?:^|\n)\d+\.\s+\*\*[^*\n]{2,80}\*\*:?$")
+    MAX_BODY_TOKENS = 64
+    # A numbered item's head: a bold title, or its first sentence.
+    TITLE = re.compile(r"(?:^|\n)\d+\.\s+(?:\*\*[^*\n]{2,80}\*\*:?|[^*\n]{3,120}?[.:])$")
 
     def __post_init__(self) -> None:
         vocab = self.tokenizer.get_vocab()
@@ -79,7 +81,9 @@ class ListItemForks:
                 force_token(logits, self.control.fork_id)
         else:
             # The body ends where the model would break the line; a body has at least a few tokens.
-            if len(own) <= self.MIN_BODY_TOKENS:
+            if len(own) > self.MAX_BODY_TOKENS:
+                force_token(logits, min(self.control.eos_ids))
+            elif len(own) <= self.MIN_BODY_TOKENS:
                 logits[self._paragraph_tokens] = float("-inf")
                 logits[list(self.control.eos_ids)] = float("-inf")
             elif int(logits.argmax()) in self._paragraph_set:

@@ -1,0 +1,41 @@
+"""The command line and the engine benchmark, on the tiny model."""
+import json
+from types import SimpleNamespace
+
+from parafork.bench import engine as bench_engine
+from parafork.cli import main
+from parafork.engine.llm_engine import LLM
+from parafork.sampling import SamplingParams
+
+
+def test_generate_prints_the_answer_and_the_figures(tiny_dir, capsys):
+    code = main(["generate", "Hello there", "--model", str(tiny_dir), "--max-tokens", "6", "--dtype", "float32"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "[apar] 6 tokens, 6 steps, 1 threads" in out
+
+
+def test_generate_reports_bad_input_as_an_error(tiny_dir, capsys):
+    assert main(["generate", "Hi", "--model", str(tiny_dir), "--max-tokens", "0"]) == 2
+    assert "max_tokens" in capsys.readouterr().err
+    assert main(["generate", "Hi", "--model", "no/such-model"]) == 2
+
+
+def test_bench_engine_writes_every_documented_key(tiny_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    args = SimpleNamespace(model=str(tiny_dir), dtype="float32", threads=1, tokens=8, steps=2, json=str(out))
+    result = bench_engine.run(args)
+    saved = json.loads(out.read_text())
+    for key in ("dtype", "hf_tok_s", "ar_tok_s", "ar_vs_hf", "step_ms", "bandwidth_gbs", "achieved_gbs"):
+        assert key in saved
+    assert set(saved["step_ms"]) == {"1", "2", "4", "8", "16"}
+    assert result["ar_vs_hf"] == result["ar_tok_s"] / result["hf_tok_s"]
+
+
+def test_chunked_prefill_gives_the_same_answer(tiny_dir, tiny_llm):
+    chunked = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=256, block_size=4, max_batch_tokens=5)
+    prompts = [{"prompt_token_ids": list(range(800, 823))}, {"prompt_token_ids": list(range(900, 911))}]
+    params = SamplingParams(max_tokens=12, mode="ar")
+    assert [o.token_ids for o in chunked.generate(prompts, params)] == [
+        o.token_ids for o in tiny_llm.generate(prompts, params)
+    ]
