@@ -17,10 +17,13 @@ class EngineConfig:
     max_batch_tokens: int = 2048  # tokens fed per forward (prefill is chunked to fit)
     max_model_len: int | None = None  # per thread context; default: the model's positions
     num_threads: int | None = None  # torch CPU threads; None keeps torch's default
+    backend: str = "auto"  # "native" (Llama family), "hf" (any model, slow), "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.backend not in ("auto", "native", "hf"):
+            raise ValueError(f"backend must be 'auto', 'native' or 'hf', got {self.backend!r}")
         for name in ("block_size", "num_kv_blocks", "max_batch_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -239,3 +239,16 @@ def test_models_refuse_unknown_names_and_pickled_weights(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(models.ModelNotFoundError, match="safetensors"):
         models.resolve_model_path(tmp_path)
+
+
+def test_hf_fallback_backend_gives_the_same_answers_with_forks(tiny_dir, tiny_llm):
+    from parafork.engine.hf_runner import HFRunner
+    from parafork.engine.llm_engine import LLM
+
+    slow = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=64, block_size=4, backend="hf")
+    assert isinstance(slow.runner, HFRunner)
+    force = ForceForks(slow.control, frozenset({2, 5}), child_tokens=5, root_tokens=9)
+    prompts = [{"prompt_token_ids": list(range(30, 41))}, {"prompt_token_ids": list(range(60, 66))}]
+    params = SamplingParams(max_tokens=60, logits_rules=[force])
+    assert [o.token_ids for o in slow.generate(prompts, params)] == [o.token_ids for o in tiny_llm.generate(prompts, params)]
+    assert_pool_full(slow)

@@ -21,7 +21,8 @@ from ..restore import linearize
 from ..sampling import SamplingParams, apply_apar_rules, sample
 from ..tokens import ControlTokens
 from .block_manager import BlockManager
-from .model_runner import ModelRunner, ThreadSlice
+from .hf_runner import HFRunner
+from .model_runner import SUPPORTED_ARCHITECTURES, ModelRunner, ThreadSlice
 from .scheduler import Scheduler, finish_unservable
 from .thread import FinishReason, Request, Thread
 
@@ -80,9 +81,14 @@ class LLM:
         hf_model = models.load_hf_model(path, self.tokenizer, torch.float32)
         max_len = self.config.max_model_len or hf_model.config.max_position_embeddings
         self.config.max_model_len = max_len
-        self.runner = ModelRunner(
-            hf_model, self.config.num_kv_blocks, self.config.block_size, self.config.torch_dtype, max_len
-        )
+        arch = (hf_model.config.architectures or ["?"])[0]
+        if self.config.backend == "native" or (self.config.backend == "auto" and arch in SUPPORTED_ARCHITECTURES):
+            self.runner = ModelRunner(
+                hf_model, self.config.num_kv_blocks, self.config.block_size, self.config.torch_dtype, max_len
+            )
+        else:
+            log.warning("%s runs on the slow HF fallback backend (recomputes contexts every step)", arch)
+            self.runner = HFRunner(hf_model, self.config.num_kv_blocks, self.config.block_size, self.config.torch_dtype)
         del hf_model
         self.blocks = BlockManager(self.config.num_kv_blocks, self.config.block_size)
         self.scheduler = Scheduler(self.blocks, self.config.max_batch_tokens)

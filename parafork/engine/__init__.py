@@ -1,0 +1,1 @@
+"""The engine: threads, KV blocks, scheduling, the model runner and the step loop."""
