@@ -16,16 +16,22 @@ def grow(bm: BlockManager, thread, n: int) -> None:
     thread.num_cached = len(thread.token_ids)
 
 
+def fork_after_prompt(bm: BlockManager, prompt_len: int):
+    """A root that fed its prompt and sampled [Fork], and the child born there."""
+    req = Request("r", [1] * prompt_len, SamplingParams(), 0)
+    bm.allocate(req.root, prompt_len)
+    req.root.num_cached = prompt_len
+    req.root.token_ids.append(FORK)
+    free_before = bm.num_free
+    child = req.fork(req.root, CHILD)
+    copy = bm.fork(req.root, child)
+    return req, child, copy, free_before
+
+
 def test_fork_shares_full_blocks_and_copies_only_the_tail():
     bm = BlockManager(num_blocks=16, block_size=4)
-    req = Request("r", [1] * 10, SamplingParams(), 0)
+    req, child, copy, free_before = fork_after_prompt(bm, 10)
     parent = req.root
-    bm.allocate(parent, 10)
-    parent.num_cached = 10
-    parent.token_ids.append(FORK)
-    free_before = bm.num_free
-    child = req.fork(parent, CHILD)
-    copy = bm.fork(parent, child)
     assert child.block_table[:2] == parent.block_table[:2]
     assert copy == (parent.block_table[2], child.block_table[2], 2)
     assert bm.num_free == free_before - 1  # exactly one block copied
@@ -35,25 +41,15 @@ def test_fork_shares_full_blocks_and_copies_only_the_tail():
 
 def test_fork_on_block_boundary_copies_nothing():
     bm = BlockManager(num_blocks=8, block_size=4)
-    req = Request("r", [1] * 8, SamplingParams(), 0)
-    bm.allocate(req.root, 8)
-    req.root.num_cached = 8
-    req.root.token_ids.append(FORK)
-    free_before = bm.num_free
-    child = req.fork(req.root, CHILD)
-    assert bm.fork(req.root, child) is None
+    req, child, copy, free_before = fork_after_prompt(bm, 8)
+    assert copy is None
     assert bm.num_free == free_before
     assert child.block_table == req.root.block_table
 
 
 def test_finished_thread_frees_its_own_blocks_at_once_but_not_shared_ones():
     bm = BlockManager(num_blocks=16, block_size=4)
-    req = Request("r", [1] * 8, SamplingParams(), 0)
-    bm.allocate(req.root, 8)
-    req.root.num_cached = 8
-    req.root.token_ids.append(FORK)
-    child = req.fork(req.root, CHILD)
-    bm.fork(req.root, child)
+    req, child, _, _ = fork_after_prompt(bm, 8)
     grow(bm, child, 9)  # child's own blocks
     own = [b for b in child.block_table if b not in req.root.block_table]
     assert own
@@ -67,12 +63,8 @@ def test_finished_thread_frees_its_own_blocks_at_once_but_not_shared_ones():
 
 def test_fork_with_an_empty_pool_recomputes_the_tail_instead_of_failing():
     bm = BlockManager(num_blocks=3, block_size=4)
-    req = Request("r", [1] * 10, SamplingParams(), 0)
-    bm.allocate(req.root, 10)
-    req.root.num_cached = 10
-    req.root.token_ids.append(FORK)
-    child = req.fork(req.root, CHILD)
-    assert bm.fork(req.root, child) is None
+    req, child, copy, _ = fork_after_prompt(bm, 10)
+    assert copy is None
     assert child.num_cached == 8 and child.pending == [1, 1, FORK, CHILD]
 
 

@@ -209,19 +209,15 @@ class ModelRunner:
         )
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, weight.shape, weight, self.eps)  # one fused op
-        # HF normalises in fp32 and rounds to the model dtype before the weight multiply.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * xf.to(x.dtype)
+        # One fused op (accumulates in fp32 for bf16 too) instead of HF's eight.
+        return F.rms_norm(x, weight.shape, weight, self.eps)
 
     def _attention(self, layer_idx: int, qkv: torch.Tensor, inp: _StepInputs) -> torch.Tensor:
         h, kvh, d, g = self.num_heads, self.num_kv_heads, self.head_dim, self.group
         t = qkv.shape[0]
         qkv = qkv.view(t, h + 2 * kvh, d)
         qk = qkv[:, : h + kvh]
-        qk = qk * inp.cos + qk.roll(d // 2, dims=-1) * inp.sin
+        qk = torch.addcmul(qk * inp.cos, qk.roll(d // 2, dims=-1), inp.sin)
         kv_new = torch.cat([qk[:, h:], qkv[:, h + kvh :]], dim=1).view(t, 2, kvh, d)
         cache = self.kv_cache[layer_idx]
         cache.index_copy_(0, inp.slot_mapping, kv_new)
