@@ -1,0 +1,1 @@
+"""Training data: paragraph trees extracted from chat answers."""
