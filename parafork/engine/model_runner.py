@@ -142,10 +142,6 @@ class ModelRunner:
         self.cos_table = angles.cos().to(self.dtype)
         self.sin_table = (angles.sin() * sign).to(self.dtype)
 
-    @property
-    def kv_bytes_per_block(self) -> int:
-        return self.block_size * 2 * self.num_kv_heads * self.head_dim * self.embed.element_size() * len(self.layers)
-
     def copy_block(self, src: int, dst: int, num_slots: int) -> None:
         """Copies the first `num_slots` KV slots of block `src` into block `dst`, in every layer."""
         s, d = src * self.block_size, dst * self.block_size
