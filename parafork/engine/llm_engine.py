@@ -34,7 +34,7 @@ Prompt = Union[str, Sequence[dict], dict]
 @dataclass
 class RequestOutput:
     request_id: str
-    text: str  # restored answer in reading order (for a stream: all final text so far)
+    text: str  # restored answer in reading order (streaming: final text so far; else set when finished)
     delta: str  # text that became final since the previous output of this request
     token_ids: list[int]  # restored answer tokens, no control tokens
     finished: bool
@@ -112,7 +112,11 @@ class LLM:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None, stream: bool = True
+    ) -> str:
+        """Queues a prompt. With `stream=False`, outputs carry text only once the request
+        has finished, which spares detokenizing the growing answer at every step."""
         params = params or SamplingParams()
         ids = self.encode(prompt)
         if not ids:
@@ -125,6 +129,7 @@ class LLM:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         request = Request(request_id, ids, params, next(self._arrivals))
+        request.streaming = stream
         self.requests[request_id] = request
         self._detok[request_id] = _Detokenizer(self.tokenizer)
         self.scheduler.add(request)
@@ -209,10 +214,12 @@ class LLM:
         return [self._output(r) for r in touched.values()]
 
     def _output(self, request: Request) -> RequestOutput:
-        tokens, complete = linearize(request.root, self.control, final_only=True)
-        complete = complete and request.finished
         detok = self._detok[request.request_id]
-        delta = detok.update(tokens, complete)
+        tokens: list[int] = []
+        delta = ""
+        if request.streaming or request.finished:
+            tokens, complete = linearize(request.root, self.control, final_only=True)
+            delta = detok.update(tokens, complete and request.finished)
         if request.finished:
             # Finished requests leave the engine; their outputs carry everything needed.
             self.requests.pop(request.request_id, None)
@@ -234,7 +241,7 @@ class LLM:
         )
 
     # ---- convenience ----------------------------------------------------------------
-    def _add_all(self, prompts: Prompt | Sequence[Prompt], params) -> list[str]:
+    def _add_all(self, prompts: Prompt | Sequence[Prompt], params, stream: bool) -> list[str]:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -245,7 +252,7 @@ class LLM:
         ids: list[str] = []
         try:
             for prompt, p in zip(prompts, params):
-                ids.append(self.add_request(prompt, p))
+                ids.append(self.add_request(prompt, p, stream=stream))
         except Exception:
             for request_id in ids:
                 self.abort(request_id)
@@ -259,7 +266,7 @@ class LLM:
 
         Closing the iterator early aborts the requests it started.
         """
-        pending = set(self._add_all(prompts, params))
+        pending = set(self._add_all(prompts, params, stream=True))
         try:
             while pending:
                 for out in self.step():
@@ -278,7 +285,7 @@ class LLM:
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Runs the prompts to completion (batched together); outputs in prompt order."""
-        ids = self._add_all(prompts, params)
+        ids = self._add_all(prompts, params, stream=False)
         order = {request_id: i for i, request_id in enumerate(ids)}
         results: list[RequestOutput | None] = [None] * len(ids)
         with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:

@@ -74,6 +74,7 @@ class Request:
         self.peak_blocks = 0
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
+        self.streaming = True  # outputs carry text at every step (else only when finished)
 
     def _new_thread(self, token_ids: list[int], own_start: int, depth: int, parent: Thread | None) -> Thread:
         thread = Thread(self, token_ids, own_start, depth=depth, parent=parent)
