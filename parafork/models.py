@@ -28,6 +28,8 @@ BASE_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_DIRNAME = "smollm2-135m-instruct"
 # Names the user may pass instead of a path.
 BUILTIN_MODELS = ("bundled", "base")
+# The APAR adapter trained for the base model ships inside the package.
+BUNDLED_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-apar"
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -84,10 +86,6 @@ def ensure_base_model() -> Path:
 def resolve_model_path(model: str | os.PathLike) -> Path:
     """Maps a model name or path to a local HF folder with safetensors weights."""
     if str(model) in BUILTIN_MODELS:
-        if str(model) == "bundled":
-            # The APAR-tuned adapter arrives with the fine-tuning work; until then the
-            # bundled model is the untuned base and forks only when a rule forces them.
-            log.info("no APAR adapter is bundled yet: 'bundled' is the untuned base model")
         return ensure_base_model()
     path = Path(model).expanduser()
     if not path.is_dir():
@@ -107,8 +105,20 @@ def load_tokenizer(path: Path):
     return tokenizer, register_control_tokens(tokenizer)
 
 
-def load_hf_model(path: Path, tokenizer, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """The HF model with embeddings grown to hold the control tokens (new rows = mean row)."""
+def default_adapter(model: str | os.PathLike) -> Path | None:
+    """The adapter `model` implies: the bundled APAR adapter for "bundled", if it is there."""
+    if str(model) == "bundled":
+        if (BUNDLED_ADAPTER / "adapter_config.json").is_file():
+            return BUNDLED_ADAPTER
+        log.warning("no APAR adapter is bundled in this build: 'bundled' is the untuned base model")
+    return None
+
+
+def load_hf_model(
+    path: Path, tokenizer, dtype: torch.dtype = torch.float32, adapter: Path | None = None, trust_remote_code: bool = False
+):
+    """The HF model with embeddings grown to hold the control tokens (new rows = mean row),
+    with a LoRA adapter (peft, safetensors) merged in when one is given."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -123,6 +133,12 @@ def load_hf_model(path: Path, tokenizer, dtype: torch.dtype = torch.float32, tru
             out = model.get_output_embeddings()
             if out is not None and out.weight.data_ptr() != emb.data_ptr():
                 out.weight[old:] = out.weight[:old].mean(dim=0, keepdim=True)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_model.safetensors").is_file():
+            raise ModelNotFoundError(f"{adapter} has no adapter_model.safetensors")
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     model.eval()
     return model
 

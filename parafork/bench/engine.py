@@ -42,7 +42,7 @@ def _timed(fn) -> float:
 
 def hf_tokens_per_s(llm: LLM, prompt_ids: list[int], tokens: int, dtype: torch.dtype) -> float:
     path = models.resolve_model_path(llm.config.model)
-    hf = models.load_hf_model(path, llm.tokenizer, dtype)
+    hf = models.load_hf_model(path, llm.tokenizer, dtype, adapter=llm.adapter)
     ids = torch.tensor([prompt_ids])
     mask = torch.ones_like(ids)
     kwargs = dict(do_sample=False, attention_mask=mask, pad_token_id=llm.tokenizer.eos_token_id)

@@ -77,7 +77,9 @@ class LLM:
             torch.set_num_threads(self.config.num_threads)
         path = models.resolve_model_path(model)
         self.tokenizer, self.control = models.load_tokenizer(path)
-        hf_model = models.load_hf_model(path, self.tokenizer, torch.float32)
+        adapter = self.config.adapter or models.default_adapter(model)
+        self.adapter = adapter
+        hf_model = models.load_hf_model(path, self.tokenizer, torch.float32, adapter=adapter)
         max_len = self.config.max_model_len or hf_model.config.max_position_embeddings
         self.config.max_model_len = max_len
         arch = (hf_model.config.architectures or ["?"])[0]

@@ -1,0 +1,195 @@
+"""`parafork train`: LoRA fine-tuning on packed paragraph trees, on CPU, resumable.
+
+Trains LoRA adapters on every linear layer plus only the embedding rows of `[Fork]` and
+`[Child]` (peft's trainable tokens: no copy of the embedding matrix in the adapter). One
+packed tree per forward; gradients accumulate over `--accum` samples. Every `--save-every`
+optimizer steps it writes `OUT/checkpoint/` (adapter, optimizer and scheduler state, data
+position, loss log) and a loss plot; a new run with the same OUT resumes from there.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import models
+from .data.extract import Node
+from .data.samples import IGNORE, PackedSample, Thread, pack, tree_threads
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TrainConfig:
+    data: str  # folder written by `parafork data` (trees.jsonl, plain.jsonl)
+    out: str
+    model: str = "base"
+    steps: int = 300  # optimizer steps
+    accum: int = 8  # samples per optimizer step
+    lr: float = 3e-4
+    warmup: int = 10
+    rank: int = 8
+    plain_ratio: float = 0.25  # share of unstructured answers mixed in
+    max_len: int = 1024  # packed tokens; longer samples are skipped
+    save_every: int = 10
+    threads: int = 2
+    seed: int = 0
+
+
+def load_samples(cfg: TrainConfig, tokenizer, control) -> list[PackedSample]:
+    """Trees and plain answers, mixed at `plain_ratio`, packed, in a fixed shuffled order."""
+    folder = Path(cfg.data)
+    trees = [json.loads(line) for line in open(folder / "trees.jsonl", encoding="utf-8")]
+    plain_path = folder / "plain.jsonl"
+    plain = [json.loads(line) for line in open(plain_path, encoding="utf-8")] if plain_path.exists() else []
+    want_plain = int(len(trees) * cfg.plain_ratio / max(1e-9, 1 - cfg.plain_ratio))
+    rows = [(r["prompt"], Node.from_json(r["tree"])) for r in trees]
+    rows += [(r["prompt"], Node([r["answer"]])) for r in plain[:want_plain]]
+    random.Random(cfg.seed).shuffle(rows)
+    samples = []
+    for prompt, root in rows:
+        prompt_ids = models.apply_chat_template(tokenizer, prompt)
+        threads: list[Thread] = tree_threads(prompt_ids, root, tokenizer, control)
+        if sum(len(t.tokens) for t in threads) <= cfg.max_len:
+            samples.append(pack(threads))
+    return samples
+
+
+def sample_loss(model, sample: PackedSample) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss over the sample's labelled tokens, and their count."""
+    logits = model(
+        input_ids=sample.input_ids[None],
+        position_ids=sample.position_ids[None],
+        attention_mask=sample.attention_bias(torch.float32),
+    ).logits[0]
+    loss = F.cross_entropy(logits, sample.labels, ignore_index=IGNORE, reduction="sum")
+    return loss, int((sample.labels != IGNORE).sum())
+
+
+def build_model(cfg: TrainConfig, tokenizer, control):
+    from peft import LoraConfig, get_peft_model
+
+    base = models.load_hf_model(models.resolve_model_path(cfg.model), tokenizer, torch.float32)
+    lora = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=2 * cfg.rank,
+        target_modules=LORA_TARGETS,
+        trainable_token_indices=[control.fork_id, control.child_id],
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, lora)
+
+
+def _lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(cfg: TrainConfig) -> dict:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    ckpt = out / "checkpoint"
+    tokenizer, control = models.load_tokenizer(models.resolve_model_path(cfg.model))
+    samples = load_samples(cfg, tokenizer, control)
+    if not samples:
+        raise ValueError(f"no training samples fit max_len={cfg.max_len} in {cfg.data}")
+    model = build_model(cfg, tokenizer, control)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg))
+    state = {"step": 0, "cursor": 0, "log": [], "tokens": 0, "seconds": 0.0}
+    if (ckpt / "state.json").exists():
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        state = json.loads((ckpt / "state.json").read_text())
+        print(f"resuming from step {state['step']}")
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc="train", unit="step")
+    while state["step"] < cfg.steps:
+        start = time.perf_counter()
+        total_loss, total_tokens = 0.0, 0
+        optimizer.zero_grad(set_to_none=True)
+        batch = [samples[(state["cursor"] + i) % len(samples)] for i in range(cfg.accum)]
+        labelled = sum(int((s.labels != IGNORE).sum()) for s in batch)
+        for sample in batch:
+            loss, n = sample_loss(model, sample)
+            (loss / labelled).backward()
+            total_loss += loss.item()
+            total_tokens += len(sample.input_ids)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        state["cursor"] += cfg.accum
+        state["step"] += 1
+        state["tokens"] += total_tokens
+        state["seconds"] += time.perf_counter() - start
+        state["log"].append({"step": state["step"], "loss": total_loss / labelled, "lr": scheduler.get_last_lr()[0]})
+        bar.set_postfix(loss=f"{total_loss / labelled:.3f}", tok_s=f"{state['tokens'] / state['seconds']:.0f}")
+        bar.update(1)
+        if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
+            save_checkpoint(model, optimizer, scheduler, state, cfg, ckpt)
+    bar.close()
+    model.save_pretrained(out / "adapter", save_embedding_layers=False)
+    write_card(out / "adapter", cfg, state, len(samples))
+    return state
+
+
+def save_checkpoint(model, optimizer, scheduler, state: dict, cfg: TrainConfig, ckpt: Path) -> None:
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, save_embedding_layers=False)  # only the [Fork]/[Child] rows, not 57 MB
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    (tmp / "state.json").write_text(json.dumps(state))
+    (tmp / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    tmp.rename(ckpt)  # the previous checkpoint stays whole until the new one is complete
+    plot_loss(state["log"], ckpt.parent / "loss.png")
+
+
+def plot_loss(log: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in log], [r["loss"] for r in log], color="#37a")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per answer token")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_card(folder: Path, cfg: TrainConfig, state: dict, num_samples: int) -> None:
+    log = state["log"]
+    first = sum(r["loss"] for r in log[:5]) / max(1, len(log[:5]))
+    last = sum(r["loss"] for r in log[-5:]) / max(1, len(log[-5:]))
+    (folder / "README.md").write_text(
+        f"""# parafork APAR adapter for {cfg.model}
+
+LoRA (rank {cfg.rank}, all linear layers) plus the `[Fork]`/`[Child]` embedding rows.
+
+- data: `{cfg.data}` ({num_samples} packed samples, plain answers mixed at {cfg.plain_ratio:.0%})
+- steps: {state['step']} x {cfg.accum} samples, lr {cfg.lr} (warm-up {cfg.warmup}, cosine), {state['tokens']} tokens
+- loss per answer token: {first:.3f} (first 5 steps) -> {last:.3f} (last 5 steps)
+- speed: {state['tokens'] / max(state['seconds'], 1e-9):.0f} packed tokens/s on {cfg.threads} CPU threads
+- command: `parafork train --data {cfg.data} --out {cfg.out} --steps {cfg.steps} --accum {cfg.accum} --lr {cfg.lr} --rank {cfg.rank}`
+"""
+    )

@@ -1,0 +1,50 @@
+"""A tiny training run on a tiny random model: loss falls, checkpoints resume, the adapter loads."""
+import json
+
+import torch
+
+from parafork import LLM, models
+from parafork.data.extract import extract
+from parafork.train import TrainConfig, train
+
+ANSWERS = [
+    "Here are tips:\n\n1. **Sleep early:** go to bed before eleven every night.\n"
+    "2. **Drink water:** keep a glass beside you all through the day.\n"
+    "3. **Walk daily:** thirty minutes outside lifts the mood a lot.",
+    "The sea is vast and deep. It covers most of the planet and holds countless forms of life.\n\n"
+    "Sailors have crossed it for millennia. They navigated by the stars before compasses existed.\n\n"
+    "Today it faces new threats. Pollution and warming waters change its ecosystems quickly.",
+]
+
+
+def write_data(folder):
+    folder.mkdir()
+    with open(folder / "trees.jsonl", "w") as f:
+        for i, answer in enumerate(ANSWERS):
+            tree = extract(answer).root.to_json()
+            f.write(json.dumps({"id": str(i), "prompt": f"question {i}", "answer": answer, "kind": "x", "tree": tree}) + "\n")
+    (folder / "plain.jsonl").write_text(json.dumps({"id": "p", "prompt": "hi", "answer": "Hello! How can I help?"}) + "\n")
+
+
+def test_tiny_run_lowers_loss_resumes_and_the_adapter_loads(tiny_dir, tmp_path):
+    write_data(tmp_path / "data")
+    cfg = TrainConfig(
+        data=str(tmp_path / "data"), out=str(tmp_path / "run"), model=str(tiny_dir),
+        steps=16, accum=3, lr=3e-2, warmup=1, rank=4, plain_ratio=0.34, save_every=4, threads=1,
+    )
+    half = train(TrainConfig(**{**cfg.__dict__, "steps": 8}))
+    assert half["step"] == 8 and (tmp_path / "run" / "checkpoint" / "optimizer.pt").is_file()
+    state = train(cfg)  # resumes at step 8
+    losses = [r["loss"] for r in state["log"]]
+    assert len(losses) == 16 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2
+    adapter = tmp_path / "run" / "adapter"
+    assert (adapter / "README.md").read_text().count("loss per answer token") == 1
+    assert (adapter / "adapter_model.safetensors").stat().st_size < 2_000_000  # no embedding copy
+    tokenizer, control = models.load_tokenizer(tiny_dir)
+    base = models.load_hf_model(tiny_dir, tokenizer)
+    tuned = models.load_hf_model(tiny_dir, tokenizer, adapter=adapter)
+    emb_b, emb_t = base.get_input_embeddings().weight, tuned.get_input_embeddings().weight
+    assert not torch.equal(emb_b[control.fork_id], emb_t[control.fork_id])  # the new rows were trained
+    assert torch.equal(emb_b[:control.fork_id], emb_t[:control.fork_id])  # and only those
+    llm = LLM(str(tiny_dir), adapter=str(adapter), dtype="float32", num_kv_blocks=64, block_size=4)
+    assert llm.generate("question 0", None)[0].finished
