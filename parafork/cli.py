@@ -88,8 +88,9 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     if args.what == "engine":
         from .bench.engine import run
-
-        run(args)
+    else:
+        from .bench.forks import run
+    run(args)
     return 0
 
 
@@ -152,7 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="benchmarks")
-    b.add_argument("what", choices=["engine"])
+    b.add_argument("what", choices=["engine", "forks"], help="engine speed, or where a model forks")
+    b.add_argument("--suite", default="vicuna", help="forks: 'vicuna' or a question.jsonl file")
+    b.add_argument("--limit", type=int, default=None, help="forks: first N questions")
+    b.add_argument("--max-tokens", type=int, default=384, help="forks: per answer, over all threads")
+    b.add_argument("--adapter", default=None, help="forks: a LoRA adapter folder to merge")
+    b.add_argument("--ar", action="store_true", help="forks: also decode AR answers for the step ratio")
     b.add_argument("--tokens", type=int, default=128, help="tokens per timed generation")
     b.add_argument("--steps", type=int, default=20, help="timed steps per thread count")
     b.add_argument("--json", default=None)
