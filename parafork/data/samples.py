@@ -42,25 +42,33 @@ class PackedSample:
         return bias[None, None]
 
 
-def _thread_tokens(node: Node, tokenizer, control: ControlTokens, threads: list[Thread], me: int, start: int) -> None:
-    """Appends node's tokens to threads[me]; children become threads of their own."""
+def _thread_tokens(
+    node: Node, tokenizer, control: ControlTokens, threads: list[Thread], me: int, start: int, markers: bool
+) -> None:
+    """Appends node's tokens to threads[me]; children become threads of their own. Without
+    `markers` there are no [Fork]/[Child]/end tokens: a child simply continues the head."""
     for segment in node.segments:
         if isinstance(segment, str):
             threads[me].tokens.extend(tokenizer.encode(segment, add_special_tokens=False))
             continue
-        threads[me].tokens.append(control.fork_id)
+        if markers:
+            threads[me].tokens.append(control.fork_id)
         fork_pos = start + len(threads[me].tokens) - 1
-        child = Thread([control.child_id], fork_pos + 1, me, fork_pos, first_label=0)
+        child = Thread([control.child_id] if markers else [], fork_pos + 1, me, fork_pos, first_label=0)
         threads.append(child)
-        _thread_tokens(segment, tokenizer, control, threads, len(threads) - 1, fork_pos + 1)
-        child.tokens.append(min(control.eos_ids))
+        _thread_tokens(segment, tokenizer, control, threads, len(threads) - 1, fork_pos + 1, markers)
+        if markers:
+            child.tokens.append(min(control.eos_ids))
 
 
-def tree_threads(prompt_ids: list[int], root: Node, tokenizer, control: ControlTokens) -> list[Thread]:
+def tree_threads(
+    prompt_ids: list[int], root: Node, tokenizer, control: ControlTokens, markers: bool = True
+) -> list[Thread]:
     """The threads of a tree in the APAR linear form, root first, then depth first."""
     threads = [Thread(list(prompt_ids), 0, None, None, first_label=len(prompt_ids) - 1)]
-    _thread_tokens(root, tokenizer, control, threads, 0, 0)
-    threads[0].tokens.append(min(control.eos_ids))
+    _thread_tokens(root, tokenizer, control, threads, 0, 0, markers)
+    if markers:
+        threads[0].tokens.append(min(control.eos_ids))
     return threads
 
 
