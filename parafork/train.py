@@ -168,8 +168,13 @@ def plot_loss(log: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    steps, losses = [r["step"] for r in log], [r["loss"] for r in log]
+    window = 10  # one step is a handful of samples: show the trend too
+    smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in log], [r["loss"] for r in log], color="#37a")
+    ax.plot(steps, losses, color="#37a", alpha=0.35, label="per step")
+    ax.plot(steps, smooth, color="#37a", label=f"mean of last {window}")
+    ax.legend()
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss per answer token")
     fig.tight_layout()
