@@ -118,6 +118,13 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .server import serve
+
+    serve(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parafork", description="APAR decoding: the model forks, the engine batches.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         t.add_argument(f"--{name}", type=kind, default=default)
     t.set_defaults(func=cmd_train)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    sv.add_argument("--served-name", default=None, help="model id clients use (default: --model)")
+    sv.add_argument("--kv-blocks", type=int, default=2048)
+    _add_engine_args(sv)
+    sv.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks")
     b.add_argument("what", choices=["engine", "forks"], help="engine speed, or where a model forks")

@@ -1,0 +1,337 @@
+"""`parafork serve`: an OpenAI-compatible HTTP server over one APAR engine.
+
+One engine thread owns the `LLM` and runs its step loop; every client's request joins the
+same batch. HTTP handlers talk to it through a command queue (add, abort) and receive
+outputs on per-request asyncio queues. A client that disconnects aborts its request,
+which frees its KV blocks at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import secrets
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine.llm_engine import LLM, RequestOutput
+from .sampling import SamplingParams
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# ---- the engine thread ------------------------------------------------------------------
+@dataclass
+class _Pending:
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+class EngineThread:
+    """Owns the LLM; all engine calls happen on this thread."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+        self.commands: queue.Queue = queue.Queue()
+        self.pending: dict[str, _Pending] = {}
+        self.stats = {"forks": 0, "tokens": 0, "requests": 0}
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="parafork-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, prompt, params: SamplingParams, loop: asyncio.AbstractEventLoop) -> tuple[str, _Pending]:
+        request_id = f"cmpl-{uuid.uuid4().hex[:24]}"
+        pending = _Pending(loop)
+        self.pending[request_id] = pending
+        self.commands.put(("add", request_id, prompt, params))
+        return request_id, pending
+
+    def abort(self, request_id: str) -> None:
+        self.commands.put(("abort", request_id, None, None))
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Lets in-flight requests finish (up to `timeout`), then aborts the rest."""
+        self.commands.put(("drain", None, time.monotonic() + timeout, None))
+        self.thread.join(timeout + 5)
+
+    def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
+        pending = self.pending.get(request_id)
+        if pending is not None:
+            pending.loop.call_soon_threadsafe(pending.outputs.put_nowait, item)
+            if isinstance(item, Exception) or item.finished:
+                self.pending.pop(request_id, None)
+
+    def _handle(self, command: tuple) -> None:
+        kind, request_id, payload, params = command
+        if kind == "add":
+            try:
+                self.llm.add_request(payload, params, request_id=request_id)
+                self.stats["requests"] += 1
+            except ValueError as e:
+                self._deliver(request_id, APIError(400, str(e)))
+        elif kind == "abort":
+            self.llm.abort(request_id)
+            self.pending.pop(request_id, None)
+        elif kind == "drain":
+            self._drain_deadline = payload
+
+    def _run(self) -> None:
+        self._drain_deadline: float | None = None
+        while True:
+            block = not self.llm.has_unfinished_requests() and self._drain_deadline is None
+            try:
+                while True:
+                    self._handle(self.commands.get(block=block, timeout=0.5 if block else None))
+                    block = False
+            except queue.Empty:
+                pass
+            if self._drain_deadline is not None and (
+                not self.llm.has_unfinished_requests() or time.monotonic() > self._drain_deadline
+            ):
+                for request_id in list(self.pending):
+                    self.llm.abort(request_id)
+                    self._deliver(request_id, APIError(503, "the server is shutting down", "server_error"))
+                return
+            if not self.llm.has_unfinished_requests():
+                continue
+            try:
+                outputs = self.llm.step()
+            except Exception as e:  # an engine failure ends the requests in flight, not the server
+                for request_id in list(self.pending):
+                    self.llm.abort(request_id)
+                    self._deliver(request_id, APIError(500, f"engine error: {e}", "server_error"))
+                continue
+            for out in outputs:
+                if out.finished:
+                    self.stats["tokens"] += out.num_generated_tokens
+                    self.stats["forks"] += out.num_threads - 1
+                if out.delta or out.finished:
+                    self._deliver(out.request_id, out)
+
+
+# ---- request bodies ---------------------------------------------------------------------
+class ParaforkOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["apar", "ar"] = "apar"
+    max_depth: int = Field(2, ge=1, le=8)
+    max_threads: int = Field(16, ge=1, le=64)
+
+
+class _Common(BaseModel):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+    parafork: ParaforkOptions = ParaforkOptions()
+
+    def sampling(self, limit: int) -> SamplingParams:
+        max_tokens = self.max_completion_tokens or self.max_tokens or min(512, limit)
+        if max_tokens > limit:
+            raise APIError(400, f"max_tokens={max_tokens} exceeds this server's limit of {limit}", param="max_tokens")
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            mode=self.parafork.mode,
+            max_depth=self.parafork.max_depth,
+            max_threads=self.parafork.max_threads,
+        )
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatBody(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionBody(_Common):
+    prompt: str = Field(min_length=1)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            raise ValueError("only one prompt string per request is supported")
+        return v
+
+
+# ---- the app ----------------------------------------------------------------------------
+def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_tokens_limit: int = 4096) -> FastAPI:
+    engine = EngineThread(llm)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        await asyncio.to_thread(engine.shutdown)  # in-flight requests finish or get a clean error
+
+    app = FastAPI(title="parafork", version="0.1.0", lifespan=lifespan)
+    app.state.engine = engine
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(error_body(e.message, e.type, e.param), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
+        return JSONResponse(error_body(f"invalid request: {first.get('msg', e)}", "invalid_request_error", param), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return JSONResponse(error_body("invalid or missing API key", "authentication_error"), 401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "parafork"}]}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> str:
+        live = [r for r in list(llm.requests.values()) if not r.finished]
+        lines = {
+            "parafork_requests_live": len(live),
+            "parafork_threads_live": sum(len(r.live_threads) for r in live),
+            "parafork_kv_blocks_used": llm.blocks.num_blocks - llm.blocks.num_free,
+            "parafork_kv_blocks_free": llm.blocks.num_free,
+            "parafork_requests_total": engine.stats["requests"],
+            "parafork_forks_total": engine.stats["forks"],
+            "parafork_generated_tokens_total": engine.stats["tokens"],
+            "parafork_steps_total": llm.total_steps,
+        }
+        return "".join(f"{k} {v}\n" for k, v in lines.items())
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}", param="model")
+
+    async def run(request: Request, prompt, body: _Common, kind: str):
+        check_model(body.model)
+        params = body.sampling(max_tokens_limit)
+        loop = asyncio.get_running_loop()
+        request_id, pending = engine.submit(prompt, params, loop)
+        created = int(time.time())
+        if body.stream:
+            return StreamingResponse(
+                _sse(request, request_id, pending, kind, created), media_type="text/event-stream"
+            )
+        try:
+            while True:
+                out = await pending.outputs.get()
+                if isinstance(out, APIError):
+                    raise out
+                if out.finished:
+                    return _final_body(out, kind, created, model_name, request_id)
+        except asyncio.CancelledError:
+            engine.abort(request_id)
+            raise
+
+    async def _sse(request: Request, request_id: str, pending: _Pending, kind: str, created: int) -> AsyncIterator[str]:
+        try:
+            while True:
+                try:
+                    out = await asyncio.wait_for(pending.outputs.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        engine.abort(request_id)
+                        return
+                    continue
+                if isinstance(out, APIError):
+                    yield f"data: {json.dumps(error_body(out.message, out.type))}\n\n"
+                    return
+                yield f"data: {json.dumps(_chunk(out, kind, created, model_name, request_id))}\n\n"
+                if out.finished:
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:
+            if request_id in engine.pending:  # the client went away mid-stream
+                engine.abort(request_id)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request, body: ChatBody):
+        return await run(request, [m.model_dump() for m in body.messages], body, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, body: CompletionBody):
+        ids = llm.tokenizer.encode(body.prompt, add_special_tokens=False)
+        return await run(request, {"prompt_token_ids": ids}, body, "text")
+
+    return app
+
+
+def _usage(out: RequestOutput) -> dict:
+    completion = len(out.token_ids)
+    return {
+        "prompt_tokens": out.num_prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": out.num_prompt_tokens + completion,
+        "parafork": {"decode_steps": out.num_steps, "threads": out.num_threads, "generated_tokens": out.num_generated_tokens},
+    }
+
+
+def _final_body(out: RequestOutput, kind: str, created: int, model: str, request_id: str) -> dict:
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "finish_reason": out.finish_reason}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}
+        obj = "text_completion"
+    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": [choice], "usage": _usage(out)}
+
+
+def _chunk(out: RequestOutput, kind: str, created: int, model: str, request_id: str) -> dict:
+    reason = out.finish_reason if out.finished else None
+    if kind == "chat":
+        choice = {"index": 0, "delta": {"role": "assistant", "content": out.delta}, "finish_reason": reason}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": out.delta, "finish_reason": reason, "logprobs": None}
+        obj = "text_completion"
+    body = {"id": request_id, "object": obj, "created": created, "model": model, "choices": [choice]}
+    if out.finished:
+        body["usage"] = _usage(out)
+    return body
+
+
+def serve(args) -> None:
+    import uvicorn
+
+    llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, num_kv_blocks=args.kv_blocks)
+    app = create_app(llm, args.served_name or args.model, api_key=args.api_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")

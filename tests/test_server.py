@@ -1,0 +1,153 @@
+"""The OpenAI-compatible server on loopback, driven by the official `openai` client."""
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+import uvicorn
+
+from parafork.engine.llm_engine import LLM
+from parafork.server import create_app
+
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=256, block_size=4)
+    app = create_app(llm, "tiny", api_key=KEY, max_tokens_limit=256)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", llm
+    srv.should_exit = True
+    thread.join(10)
+
+
+def client(url: str, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def wait_pool_full(llm, seconds: float = 10) -> None:
+    deadline = time.time() + seconds
+    while llm.blocks.num_free != llm.blocks.num_blocks and time.time() < deadline:
+        time.sleep(0.05)
+    assert llm.blocks.num_free == llm.blocks.num_blocks
+
+
+def test_chat_streamed_and_not_give_the_same_answer(server):
+    url, llm = server
+    c = client(url)
+    msgs = [{"role": "user", "content": "Tell me three things."}]
+    full = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=20, temperature=0)
+    assert full.choices[0].finish_reason in ("length", "stop")
+    assert full.usage.completion_tokens > 0 and full.usage.model_extra["parafork"]["threads"] == 1
+    pieces = list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=20, temperature=0, stream=True))
+    assert "".join(p.choices[0].delta.content or "" for p in pieces) == full.choices[0].message.content
+    assert len(pieces) > 2 and pieces[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    text = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, temperature=0)
+    assert text.choices[0].text and text.object == "text_completion"
+    wait_pool_full(llm)
+
+
+def test_models_health_and_metrics(server):
+    url, _ = server
+    assert [m.id for m in client(url).models.list()] == ["tiny"]
+    assert json.load(urllib.request.urlopen(f"{url}/health")) == {"status": "ok"}
+    metrics = urllib.request.urlopen(f"{url}/metrics").read().decode()
+    assert "parafork_kv_blocks_free 256" in metrics and "parafork_requests_live" in metrics
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": -3}, 400, "max_tokens"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9}, 400, "max_tokens"),
+        ({"model": "tiny", "messages": "not a list"}, 400, "messages"),
+        ({"model": "tiny", "messages": []}, 400, "messages"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x" * 20000}]}, 400, None),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "parafork": {"mode": "fast"}}, 400, "parafork.mode"),
+    ],
+)
+def test_bad_requests_get_openai_shaped_errors(server, body, status, param):
+    url, llm = server
+    req = urllib.request.Request(
+        f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req)
+    assert err.value.code == status
+    error = json.loads(err.value.read())["error"]
+    assert error["message"] and error["type"]
+    if param:
+        assert error["param"] == param
+    wait_pool_full(llm)
+
+
+def test_malformed_json_and_wrong_keys(server):
+    url, _ = server
+    req = urllib.request.Request(
+        f"{url}/v1/chat/completions", b"{not json", {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req)
+    assert err.value.code == 400
+    with pytest.raises(openai.AuthenticationError):
+        client(url, "wrong").models.list()
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"{url}/v1/models")
+    assert missing.value.code == 401 and json.loads(missing.value.read())["error"]["type"] == "authentication_error"
+    # the server still serves
+    assert client(url).models.list().data
+
+
+def test_concurrent_streams_match_single_client_answers(server):
+    url, llm = server
+    prompts = [f"Question number {i}?" for i in range(16)]
+    singles = {
+        p: client(url).chat.completions.create(model="tiny", messages=[{"role": "user", "content": p}], max_tokens=12, temperature=0)
+        .choices[0].message.content
+        for p in prompts[:4]
+    }
+    results: dict[str, str] = {}
+
+    def worker(p: str) -> None:
+        stream = client(url).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": p}], max_tokens=12, temperature=0, stream=True
+        )
+        results[p] = "".join(ch.choices[0].delta.content or "" for ch in stream)
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 16
+    for p, text in singles.items():
+        assert results[p] == text
+    wait_pool_full(llm)
+
+
+def test_a_client_that_disconnects_frees_its_blocks(server):
+    url, llm = server
+    stream = client(url).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "go on forever"}], max_tokens=250, temperature=0, stream=True
+    )
+    next(iter(stream))
+    stream.close()
+    wait_pool_full(llm, seconds=15)
