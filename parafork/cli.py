@@ -60,12 +60,14 @@ def cmd_demo(args) -> int:
     from .engine.llm_engine import LLM
 
     llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads)
-    rules = _fork_rules(llm, args.fork_rule)
+    # A tuned model decides where to fork; an untuned one forks where the rule says.
+    rule = args.fork_rule or ("none" if llm.adapter else "list")
+    rules = _fork_rules(llm, rule)
     print(f"Prompt: {args.prompt}\n")
-    if args.model == "bundled" and rules:
+    if rules:
         print(
-            "Note: no APAR-tuned adapter is bundled yet, so the base model forks where a rule says\n"
-            "(after each bold list-item title); threads, KV sharing and restoration are the real engine.\n"
+            "Note: this model is not tuned for APAR, so it forks where a rule says (after each numbered\n"
+            "item's head); threads, KV sharing and restoration are the real engine, the text quality is not.\n"
         )
     llm.generate(args.prompt, SamplingParams(max_tokens=8))  # warm-up
     results = {}
@@ -143,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="APAR vs AR on a real prompt, with the speed-up")
     d.add_argument("--prompt", default=DEMO_PROMPT)
     d.add_argument("--max-tokens", type=int, default=400)
-    d.add_argument("--fork-rule", default="list", choices=["none", "list"])
+    d.add_argument("--fork-rule", default=None, choices=["none", "list"], help="default: list unless tuned")
     _add_engine_args(d)
     d.set_defaults(func=cmd_demo)
 
