@@ -34,7 +34,25 @@ def _print_figures(label: str, out, seconds: float) -> None:
     )
 
 
+def cmd_generate_remote(args) -> int:
+    from . import models
+    from .remote import RemoteAPAR
+
+    tokenizer, _ = models.load_tokenizer(models.resolve_model_path(args.model))
+    driver = RemoteAPAR(args.backend, args.served_name or args.model, tokenizer, api_key=args.api_key)
+    run = driver.generate if args.mode == "apar" else driver.generate_ar
+    out = run(args.prompt, max_tokens=args.max_tokens)
+    print(out.text)
+    print(
+        f"[{args.mode} via {args.backend}] {out.completion_tokens} tokens generated, {out.threads} threads, "
+        f"{out.rounds} rounds, {out.seconds:.2f} s"
+    )
+    return 0
+
+
 def cmd_generate(args) -> int:
+    if args.backend:
+        return cmd_generate_remote(args)
     from .engine.llm_engine import LLM
 
     llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads)
@@ -139,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--fork-rule", default="none", choices=["none", "list"], help="force forks (untuned models)")
+    g.add_argument("--backend", default=None, help="URL of an OpenAI-compatible server (…/v1): APAR over it")
+    g.add_argument("--api-key", default=None, help="with --backend")
+    g.add_argument("--served-name", default=None, help="with --backend: the model id the server knows")
     _add_engine_args(g)
     g.set_defaults(func=cmd_generate)
 

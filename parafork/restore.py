@@ -37,12 +37,14 @@ def linearize(node: TreeNode, control: ControlTokens, final_only: bool = False) 
     for i, token in enumerate(node.own_tokens):
         if token == control.fork_id:
             child = node.children.get(i)
-            if child is not None:
-                tokens, child_complete = linearize(child, control, final_only)
-                out.extend(tokens)
-                complete = complete and child_complete
-                if final_only and not child_complete:
-                    return out, False
+            if child is None:
+                out.append(token)  # a marker no thread was started for (raw mode)
+                continue
+            tokens, child_complete = linearize(child, control, final_only)
+            out.extend(tokens)
+            complete = complete and child_complete
+            if final_only and not child_complete:
+                return out, False
         elif token != control.child_id and token not in control.eos_ids:
             out.append(token)
     return out, complete

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Literal, Mapping, Protocol, Sequence
 
 import torch
 
@@ -11,7 +11,9 @@ from .tokens import ControlTokens
 if TYPE_CHECKING:
     from .engine.thread import Thread
 
-Mode = Literal["apar", "ar"]
+# apar: threads fork; ar: [Fork] banned; raw: [Fork] may be sampled and stays in the text
+# as a marker, no thread starts (for a driver that runs APAR on another server).
+Mode = Literal["apar", "ar", "raw"]
 
 
 class LogitsRule(Protocol):
@@ -30,6 +32,7 @@ class SamplingParams:
     max_depth: int = 2  # root + children; raise for nested forks
     max_threads: int = 16  # per request, root included
     ignore_eos: bool = False  # for benchmarks of fixed length
+    logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit (OpenAI semantics)
     logits_rules: Sequence[LogitsRule] = ()
 
     def __post_init__(self) -> None:
@@ -44,8 +47,13 @@ class SamplingParams:
             raise bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise bad(f"seed must be an integer or None, got {self.seed!r}")
-        if self.mode not in ("apar", "ar"):
-            raise bad(f"mode must be 'apar' or 'ar', got {self.mode!r}")
+        if self.mode not in ("apar", "ar", "raw"):
+            raise bad(f"mode must be 'apar', 'ar' or 'raw', got {self.mode!r}")
+        if self.logit_bias is not None and not all(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 0 and isinstance(v, (int, float)) and -100 <= v <= 100
+            for k, v in self.logit_bias.items()
+        ):
+            raise bad("logit_bias maps token ids to values in [-100, 100]")
         if not isinstance(self.max_depth, int) or self.max_depth < 1:
             raise bad(f"max_depth must be >= 1, got {self.max_depth!r}")
         if not isinstance(self.max_threads, int) or self.max_threads < 1:
@@ -61,19 +69,28 @@ def apply_apar_rules(logits: torch.Tensor, threads: Sequence[Thread], control: C
 
     `[Child]` is never sampled. `[Fork]` is banned in AR mode, right after `[Fork]`/`[Child]`,
     at the depth cap (a thread of depth d may fork only if d + 1 < max_depth), and when
-    the request already has max_threads threads.
+    the request already has max_threads threads. Raw mode leaves `[Fork]` to the caller.
+    Then each request's `logit_bias` is added.
     """
     logits[:, control.child_id] = float("-inf")
-    no_fork = [
-        i
-        for i, t in enumerate(threads)
-        if t.request.params.mode == "ar"
-        or t.last_token in (control.fork_id, control.child_id)
-        or t.depth + 1 >= t.request.params.max_depth
-        or len(t.request.threads) >= t.request.params.max_threads
-    ]
+    no_fork = [i for i, t in enumerate(threads) if _fork_banned(t, control)]
     if no_fork:
         logits[no_fork, control.fork_id] = float("-inf")
+    for i, t in enumerate(threads):
+        bias = t.request.params.logit_bias
+        if bias:
+            logits[i, list(bias)] += torch.tensor(list(bias.values()), dtype=logits.dtype)
+
+
+def _fork_banned(thread: Thread, control: ControlTokens) -> bool:
+    params = thread.request.params
+    if params.mode != "apar":
+        return params.mode == "ar"
+    return (
+        thread.last_token in (control.fork_id, control.child_id)
+        or thread.depth + 1 >= params.max_depth
+        or len(thread.request.threads) >= params.max_threads
+    )
 
 
 def sample(logits: torch.Tensor, threads: Sequence[Thread]) -> list[int]:

@@ -129,7 +129,7 @@ class EngineThread:
 # ---- request bodies ---------------------------------------------------------------------
 class ParaforkOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    mode: Literal["apar", "ar"] = "apar"
+    mode: Literal["apar", "ar", "raw"] = "apar"
     max_depth: int = Field(2, ge=1, le=8)
     max_threads: int = Field(16, ge=1, le=64)
 
@@ -143,9 +143,12 @@ class _Common(BaseModel):
     seed: int | None = None
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
+    logit_bias: dict[int, float] | None = None  # OpenAI sends token ids as strings; pydantic converts
     parafork: ParaforkOptions = ParaforkOptions()
 
     def sampling(self, limit: int) -> SamplingParams:
+        if self.logit_bias and not all(-100 <= v <= 100 for v in self.logit_bias.values()):
+            raise APIError(400, "logit_bias values must be in [-100, 100]", param="logit_bias")
         max_tokens = self.max_completion_tokens or self.max_tokens or min(512, limit)
         if max_tokens > limit:
             raise APIError(400, f"max_tokens={max_tokens} exceeds this server's limit of {limit}", param="max_tokens")
@@ -157,6 +160,7 @@ class _Common(BaseModel):
             mode=self.parafork.mode,
             max_depth=self.parafork.max_depth,
             max_threads=self.parafork.max_threads,
+            logit_bias=self.logit_bias,
         )
 
 

@@ -252,3 +252,16 @@ def test_hf_fallback_backend_gives_the_same_answers_with_forks(tiny_dir, tiny_ll
     params = SamplingParams(max_tokens=60, logits_rules=[force])
     assert [o.token_ids for o in slow.generate(prompts, params)] == [o.token_ids for o in tiny_llm.generate(prompts, params)]
     assert_pool_full(slow)
+
+
+def test_raw_mode_keeps_fork_markers_in_the_text_and_starts_no_thread(tiny_llm):
+    ct = tiny_llm.control
+    prompt = {"prompt_token_ids": list(range(120, 130))}
+    params = SamplingParams(max_tokens=6, mode="raw", logit_bias={ct.fork_id: 100})
+    out = tiny_llm.generate(prompt, params)[0]
+    assert out.num_threads == 1 and out.token_ids.count(ct.fork_id) == 6 and out.text.count("[Fork]") == 6
+    apar = tiny_llm.generate(prompt, SamplingParams(max_tokens=6, mode="apar", logit_bias={ct.fork_id: 100}))[0]
+    assert apar.num_threads > 1 and "[Fork]" not in apar.text
+    with pytest.raises(ValueError, match="vocabulary"):
+        tiny_llm.generate(prompt, SamplingParams(max_tokens=2, logit_bias={10**7: 1.0}))
+    assert_pool_full(tiny_llm)

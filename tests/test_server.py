@@ -151,3 +151,25 @@ def test_a_client_that_disconnects_frees_its_blocks(server):
     next(iter(stream))
     stream.close()
     wait_pool_full(llm, seconds=15)
+
+
+def test_remote_driver_runs_apar_over_the_server(server):
+    from parafork.remote import RemoteAPAR
+
+    url, llm = server
+    driver = RemoteAPAR(f"{url}/v1", "tiny", llm.tokenizer, api_key=KEY, chunk=4, max_threads=4, fork_bias=100)
+    out = driver.generate("Tell me things.", max_tokens=60)
+    assert out.threads == 4 and out.rounds > 1
+    assert "[Fork]" not in out.text and "[Child]" not in out.text
+    assert out.completion_tokens <= 60 + 4 * 4
+    ar = driver.generate_ar("Tell me things.", max_tokens=8)
+    assert ar.threads == 1 and ar.text
+    wait_pool_full(llm)
+
+
+def test_remote_threads_restore_in_reading_order():
+    from parafork.remote import RemoteThread
+
+    root = RemoteThread("p", 0, text="1. A:[Fork]\n2. B:[Fork]\nEnd.")
+    root.children = [RemoteThread("", 1, text=" body a."), RemoteThread("", 1, text=" body b.")]
+    assert root.restore() == "1. A: body a.\n2. B: body b.\nEnd."

@@ -51,15 +51,16 @@ class RequestOutput:
 class _Detokenizer:
     """Turns the growing final token prefix into text deltas; holds back split UTF-8."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.num_tokens = 0
         self.text = ""
 
     def update(self, tokens: list[int], complete: bool) -> str:
         if len(tokens) == self.num_tokens and not complete:
             return ""
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        text = self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special_tokens)
         if not complete:
             text = text.rstrip("\ufffd")  # an incomplete multi-byte character
         if not text.startswith(self.text):
@@ -127,13 +128,16 @@ class LLM:
             raise ValueError(f"the prompt has {len(ids)} tokens; the model takes at most {self.config.max_model_len - 1}")
         if -(-(len(ids) + 1) // self.config.block_size) > self.config.num_kv_blocks:
             raise ValueError(f"the prompt has {len(ids)} tokens, more than the whole KV pool holds")
+        if params.logit_bias and max(params.logit_bias) >= self.runner.vocab_size:
+            raise ValueError(f"logit_bias names a token id beyond the vocabulary ({self.runner.vocab_size})")
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         request = Request(request_id, ids, params, next(self._arrivals))
         request.streaming = stream
         self.requests[request_id] = request
-        self._detok[request_id] = _Detokenizer(self.tokenizer)
+        # Raw mode shows [Fork] markers in the text; otherwise special tokens are hidden.
+        self._detok[request_id] = _Detokenizer(self.tokenizer, skip_special_tokens=params.mode != "raw")
         self.scheduler.add(request)
         return request_id
 
@@ -162,7 +166,7 @@ class LLM:
         request, params, control = thread.request, thread.request.params, self.control
         thread.token_ids.append(token)
         request.num_generated += 1
-        if token == control.fork_id:
+        if token == control.fork_id and params.mode == "apar":
             child = request.fork(thread, control.child_id)
             request.num_generated += 1
             copy = self.blocks.fork(thread, child)
