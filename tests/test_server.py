@@ -38,7 +38,7 @@ def server(tiny_dir):
     thread.join(10)
 
 
-def client(url: str, key: str = KEY) -> openai.OpenAI:
+def client(url: str, key: str | None = KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
 
 
@@ -116,19 +116,12 @@ def test_malformed_json_and_wrong_keys(server):
     assert client(url).models.list().data
 
 
-def test_concurrent_streams_match_single_client_answers(server):
-    url, llm = server
-    prompts = [f"Question number {i}?" for i in range(16)]
-    singles = {
-        p: client(url).chat.completions.create(model="tiny", messages=[{"role": "user", "content": p}], max_tokens=12, temperature=0)
-        .choices[0].message.content
-        for p in prompts[:4]
-    }
+def run_streams(url: str, prompts: list[str], max_tokens: int) -> dict[str, str]:
     results: dict[str, str] = {}
 
     def worker(p: str) -> None:
         stream = client(url).chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": p}], max_tokens=12, temperature=0, stream=True
+            model="tiny", messages=[{"role": "user", "content": p}], max_tokens=max_tokens, temperature=0, stream=True
         )
         results[p] = "".join(ch.choices[0].delta.content or "" for ch in stream)
 
@@ -136,8 +129,20 @@ def test_concurrent_streams_match_single_client_answers(server):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(60)
-    assert len(results) == 16
+        t.join(120)
+    return results
+
+
+def test_64_concurrent_streams_match_single_client_answers(server):
+    url, llm = server
+    prompts = [f"Question number {i}?" for i in range(64)]
+    singles = {
+        p: client(url).chat.completions.create(model="tiny", messages=[{"role": "user", "content": p}], max_tokens=12, temperature=0)
+        .choices[0].message.content
+        for p in prompts[:6]
+    }
+    results = run_streams(url, prompts, 12)
+    assert len(results) == 64 and all(results.values())
     for p, text in singles.items():
         assert results[p] == text
     wait_pool_full(llm)
@@ -173,3 +178,25 @@ def test_remote_threads_restore_in_reading_order():
     root = RemoteThread("p", 0, text="1. A:[Fork]\n2. B:[Fork]\nEnd.")
     root.children = [RemoteThread("", 1, text=" body a."), RemoteThread("", 1, text=" body b.")]
     assert root.restore() == "1. A: body a.\n2. B: body b.\nEnd."
+
+
+def test_a_tiny_kv_pool_makes_requests_wait_and_all_finish(tiny_dir):
+    llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=40, block_size=4)
+    app = create_app(llm, "tiny", max_tokens_limit=256)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        prompts = [f"Tell me about item {i} please." for i in range(12)]
+        single = {p: run_streams(url, [p], 40)[p] for p in prompts[:2]}
+        results = run_streams(url, prompts, 40)  # 12 x ~70 tokens cannot fit 160 slots at once
+        assert len(results) == 12 and all(results.values())
+        assert all(results[p] == t for p, t in single.items())
+        wait_pool_full(llm)
+    finally:
+        srv.should_exit = True
+        thread.join(10)
