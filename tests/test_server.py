@@ -200,3 +200,35 @@ def test_a_tiny_kv_pool_makes_requests_wait_and_all_finish(tiny_dir):
     finally:
         srv.should_exit = True
         thread.join(10)
+
+
+def test_shutdown_lets_in_flight_requests_finish_and_nothing_hangs(tiny_dir):
+    llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=128, block_size=4)
+    app = create_app(llm, "tiny", max_tokens_limit=256)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    got: dict[str, object] = {}
+
+    def slow_request() -> None:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        try:
+            r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "long"}], max_tokens=200)
+            got["finish"] = r.choices[0].finish_reason
+        except openai.APIError as e:  # a clean error is acceptable too
+            got["error"] = e
+
+    req = threading.Thread(target=slow_request)
+    req.start()
+    while llm.total_steps < 3:
+        time.sleep(0.01)
+    srv.should_exit = True
+    thread.join(40)
+    req.join(40)
+    assert not thread.is_alive() and not req.is_alive()
+    assert got.get("finish") == "length" or "error" in got
+    assert not app.state.engine.thread.is_alive()
+    assert llm.blocks.num_free == llm.blocks.num_blocks
