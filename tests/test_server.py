@@ -22,10 +22,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_dir):
-    llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=256, block_size=4)
-    app = create_app(llm, "tiny", api_key=KEY, max_tokens_limit=256)
+def start_server(app) -> tuple[str, uvicorn.Server, threading.Thread]:
+    """Runs the app on a free loopback port in a thread; returns its URL, server and thread."""
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -33,7 +31,14 @@ def server(tiny_dir):
     deadline = time.time() + 30
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", llm
+    return f"http://127.0.0.1:{port}", srv, thread
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=256, block_size=4)
+    url, srv, thread = start_server(create_app(llm, "tiny", api_key=KEY, max_tokens_limit=256))
+    yield url, llm
     srv.should_exit = True
     thread.join(10)
 
@@ -182,14 +187,7 @@ def test_remote_threads_restore_in_reading_order():
 
 def test_a_tiny_kv_pool_makes_requests_wait_and_all_finish(tiny_dir):
     llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=40, block_size=4)
-    app = create_app(llm, "tiny", max_tokens_limit=256)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
+    url, srv, thread = start_server(create_app(llm, "tiny", max_tokens_limit=256))
     try:
         prompts = [f"Tell me about item {i} please." for i in range(12)]
         single = {p: run_streams(url, [p], 40)[p] for p in prompts[:2]}
@@ -205,16 +203,11 @@ def test_a_tiny_kv_pool_makes_requests_wait_and_all_finish(tiny_dir):
 def test_shutdown_lets_in_flight_requests_finish_and_nothing_hangs(tiny_dir):
     llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=128, block_size=4)
     app = create_app(llm, "tiny", max_tokens_limit=256)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
+    url, srv, thread = start_server(app)
     got: dict[str, object] = {}
 
     def slow_request() -> None:
-        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
         try:
             r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "long"}], max_tokens=200)
             got["finish"] = r.choices[0].finish_reason
