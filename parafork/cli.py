@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["engine", "forks"], help="engine speed, or where a model forks")
     b.add_argument("--suite", default="vicuna", help="forks: 'vicuna' or a question.jsonl file")
     b.add_argument("--limit", type=int, default=None, help="forks: first N questions")
+    b.add_argument("--per-category", type=int, default=None, help="forks: first N questions of each category")
     b.add_argument("--max-tokens", type=int, default=384, help="forks: per answer, over all threads")
     b.add_argument("--adapter", default=None, help="forks: a LoRA adapter folder to merge")
     b.add_argument("--ar", action="store_true", help="forks: also decode AR answers for the step ratio")

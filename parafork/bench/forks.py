@@ -99,7 +99,13 @@ def summarize(records: list[dict]) -> dict:
 
 
 def run(args) -> dict:
-    questions = load_suite(args.suite)[: args.limit]
+    questions = load_suite(args.suite)
+    if args.per_category:
+        by_category: dict[str, list[dict]] = defaultdict(list)
+        for q in questions:
+            by_category[q["category"]].append(q)
+        questions = [q for qs in by_category.values() for q in qs[: args.per_category]]
+    questions = questions[: args.limit]
     llm = LLM(args.model, adapter=args.adapter, dtype=args.dtype, num_threads=args.threads)
     result = evaluate(llm, questions, args.max_tokens, args.ar)
     print(f"{'category':20s} {'n':>3s} {'forks':>6s} {'threads':>7s} {'ceiling':>7s} {'AR/APAR':>7s} {'stray':>5s} {'1,2,3':>5s}")
