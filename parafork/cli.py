@@ -106,11 +106,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if args.what == "engine":
-        from .bench.engine import run
-    else:
-        from .bench.forks import run
-    run(args)
+    import importlib
+
+    importlib.import_module(f".bench.{args.what}", __package__).run(args)
     return 0
 
 
@@ -199,18 +197,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(sv)
     sv.set_defaults(func=cmd_serve)
 
-    b = sub.add_parser("bench", help="benchmarks")
-    b.add_argument("what", choices=["engine", "forks"], help="engine speed, or where a model forks")
-    b.add_argument("--suite", default="vicuna", help="forks: 'vicuna' or a question.jsonl file")
-    b.add_argument("--limit", type=int, default=None, help="forks: first N questions")
-    b.add_argument("--per-category", type=int, default=None, help="forks: first N questions of each category")
-    b.add_argument("--max-tokens", type=int, default=384, help="forks: per answer, over all threads")
-    b.add_argument("--adapter", default=None, help="forks: a LoRA adapter folder to merge")
-    b.add_argument("--ar", action="store_true", help="forks: also decode AR answers for the step ratio")
-    b.add_argument("--tokens", type=int, default=128, help="tokens per timed generation")
-    b.add_argument("--steps", type=int, default=20, help="timed steps per thread count")
-    b.add_argument("--json", default=None)
-    _add_engine_args(b)
+    b = sub.add_parser("bench", help="benchmarks (each prints a table; --json/--plot keep the figures)")
+    benches = b.add_subparsers(dest="what", required=True)
+    for name, text in [
+        ("engine", "raw engine speed: HF vs AR tokens/s, step time vs live threads"),
+        ("forks", "where a model forks, per category"),
+        ("latency", "one request at a time: AR, APAR, HF, SoT side by side (paper Fig. 4)"),
+        ("throughput", "closed-loop load, batched AR vs APAR per KV budget (paper Fig. 5)"),
+        ("quality", "quality proxies: APAR vs AR answers and the untuned base model"),
+    ]:
+        bb = benches.add_parser(name, help=text, description=text)
+        _add_engine_args(bb)
+        bb.add_argument("--json", default=None, help="write all figures here")
+        if name == "engine":
+            bb.add_argument("--tokens", type=int, default=128, help="tokens per timed generation")
+            bb.add_argument("--steps", type=int, default=20, help="timed steps per thread count")
+            continue
+        bb.add_argument("--suite", default="vicuna", help="'vicuna', 'mtbench', or a question.jsonl file")
+        bb.add_argument("--limit", type=int, default=None, help="first N questions")
+        bb.add_argument("--per-category", type=int, default=None, help="first N questions of each category")
+        bb.add_argument("--max-tokens", type=int, default=512, help="per answer, over all threads")
+        bb.add_argument("--adapter", default=None, help="a LoRA adapter folder to merge into --model")
+        if name == "forks":
+            bb.add_argument("--ar", action="store_true", help="also decode AR answers for the step ratio")
+            continue
+        bb.add_argument("--plot", default=None, help="write a PNG plot here")
+        bb.add_argument("--base-model", default="base", help="the untuned model (hf, sot, quality judge)")
+        if name == "latency":
+            bb.add_argument("--modes", default="ar,apar,hf,sot", help="comma list of ar, apar, hf, sot")
+        elif name == "throughput":
+            bb.add_argument("--concurrency", default="1,4,16,64", help="comma list of client counts")
+            bb.add_argument("--kv-blocks", default="2048", help="comma list of KV pool sizes (blocks)")
+            bb.add_argument("--requests-per-client", type=int, default=2)
+        else:
+            bb.add_argument("--answers", default=None, help="reuse the answers of a `bench latency` JSON")
     b.set_defaults(func=cmd_bench)
     return parser
 

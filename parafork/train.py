@@ -127,7 +127,7 @@ def train(cfg: TrainConfig) -> dict:
         batch = [samples[(state["cursor"] + i) % len(samples)] for i in range(cfg.accum)]
         labelled = sum(int((s.labels != IGNORE).sum()) for s in batch)
         for sample in batch:
-            loss, n = sample_loss(model, sample)
+            loss, _ = sample_loss(model, sample)
             (loss / labelled).backward()
             total_loss += loss.item()
             total_tokens += len(sample.input_ids)

@@ -9,11 +9,7 @@
 """
 from __future__ import annotations
 
-import json
-import platform
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 
@@ -21,6 +17,7 @@ from .. import models
 from ..engine.llm_engine import LLM
 from ..engine.model_runner import ThreadSlice
 from ..sampling import SamplingParams
+from .common import metadata, write_json
 
 PROMPT = "Give me three tips for sleeping well."
 THREAD_COUNTS = (1, 2, 4, 8, 16)
@@ -79,13 +76,6 @@ def step_ms(llm: LLM, prompt_ids: list[int], threads: int, context: int, steps: 
     return (time.perf_counter() - start) / steps * 1e3
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     dtype_name = args.dtype
@@ -117,12 +107,7 @@ def run(args) -> dict:
         "achieved_gbs": achieved,
         "achieved_pct": 100 * achieved / bandwidth,
         "weight_bytes": llm.runner.weight_bytes,
-        "commit": _commit(),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
-        "date": time.strftime("%Y-%m-%d"),
+        **metadata(torch.get_num_threads()),
     }
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"  wrote {args.json}")
+    write_json(result, args.json)
     return result

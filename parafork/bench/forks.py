@@ -17,25 +17,7 @@ from pathlib import Path
 from ..engine.llm_engine import LLM
 from ..sampling import SamplingParams
 from ..tokens import CHILD, FORK
-
-VICUNA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "vicuna_bench" / "question.jsonl"
-NON_FORKING = {"coding", "math"}
-
-
-def load_suite(path: str | Path) -> list[dict]:
-    path = VICUNA if str(path) == "vicuna" else Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"question file {path} not found")
-    questions = []
-    for n, line in enumerate(open(path, encoding="utf-8"), 1):
-        if not line.strip():
-            continue
-        try:
-            q = json.loads(line)
-            questions.append({"id": q["question_id"], "category": q["category"], "prompt": q["turns"][0]})
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
-            raise ValueError(f"{path}:{n}: not a question record (question_id, category, turns): {e}") from e
-    return questions
+from .suite import NON_FORKING, load_suite, select
 
 
 def numbering_intact(text: str) -> bool:
@@ -99,13 +81,7 @@ def summarize(records: list[dict]) -> dict:
 
 
 def run(args) -> dict:
-    questions = load_suite(args.suite)
-    if args.per_category:
-        by_category: dict[str, list[dict]] = defaultdict(list)
-        for q in questions:
-            by_category[q["category"]].append(q)
-        questions = [q for qs in by_category.values() for q in qs[: args.per_category]]
-    questions = questions[: args.limit]
+    questions = select(load_suite(args.suite), args.limit, args.per_category)
     llm = LLM(args.model, adapter=args.adapter, dtype=args.dtype, num_threads=args.threads)
     result = evaluate(llm, questions, args.max_tokens, args.ar)
     print(f"{'category':20s} {'n':>3s} {'forks':>6s} {'threads':>7s} {'ceiling':>7s} {'AR/APAR':>7s} {'stray':>5s} {'1,2,3':>5s}")

@@ -44,6 +44,7 @@ class RequestOutput:
     num_threads: int
     peak_kv_blocks: int
     num_prompt_tokens: int
+    attention_work: int = 0  # sum over fed tokens of the KV length each attends to
     num_preemptions: int = 0
     error: str | None = None
 
@@ -194,6 +195,8 @@ class LLM:
         self.total_steps += 1
         rows, ready = [], []
         for i, (thread, n) in enumerate(zip(batch.threads, batch.num_tokens)):
+            # Token k (0-based position) attends to k + 1 keys; this slice holds positions c..c+n-1.
+            thread.request.attention_work += n * thread.num_cached + n * (n + 1) // 2
             thread.num_cached += n
             if thread.num_cached == len(thread.token_ids):  # whole context fed: sample
                 rows.append(i)
@@ -242,6 +245,7 @@ class LLM:
             num_threads=len(request.threads),
             peak_kv_blocks=request.peak_blocks,
             num_prompt_tokens=len(request.prompt_token_ids),
+            attention_work=request.attention_work,
             num_preemptions=request.num_preemptions,
             error=request.error,
         )

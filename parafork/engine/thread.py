@@ -72,6 +72,7 @@ class Request:
         self.num_steps = 0  # forward passes this request took part in
         self.num_preemptions = 0
         self.peak_blocks = 0
+        self.attention_work = 0  # sum over fed tokens of the keys each one attends to
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
         self.streaming = True  # outputs carry text at every step (else only when finished)

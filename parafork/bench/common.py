@@ -1,0 +1,78 @@
+"""What every benchmark shares: run metadata, JSON output, percentiles, timed engine runs."""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..engine.llm_engine import LLM, Prompt, RequestOutput
+from ..sampling import SamplingParams
+
+
+def metadata(threads: int) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    return {
+        "commit": commit or "unknown",
+        "machine": f"{platform.processor() or platform.machine()}, {threads} torch threads",
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+    }
+
+
+def write_json(result: dict, path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2))
+        print(f"wrote {path}")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[min(len(ordered), int(rank)) - 1]
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+@dataclass
+class TimedRun:
+    outputs: list[RequestOutput]  # in prompt order
+    wall_s: float
+    prefill_s: float  # the first step: the prompts' prefill (and first tokens)
+    steps: int  # engine steps the run took
+    peak_pool_blocks: int  # KV blocks in use in the whole pool, at the fullest step
+
+
+def timed_run(llm: LLM, prompts: list[Prompt], params: SamplingParams) -> TimedRun:
+    """Prompts run together to completion, stepped by hand to time the prefill apart."""
+    ids = [llm.add_request(p, params, stream=False) for p in prompts]
+    done: dict[str, RequestOutput] = {}
+    steps_before, start = llm.total_steps, time.perf_counter()
+    prefill_s, peak = 0.0, 0
+    try:
+        while len(done) < len(ids):
+            for out in llm.step():
+                if out.finished:
+                    done[out.request_id] = out
+            prefill_s = prefill_s or time.perf_counter() - start
+            peak = max(peak, llm.blocks.num_blocks - llm.blocks.num_free)
+    finally:
+        for request_id in ids:
+            llm.abort(request_id)
+    return TimedRun([done[i] for i in ids], time.perf_counter() - start, prefill_s, llm.total_steps - steps_before, peak)

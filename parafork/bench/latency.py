@@ -1,0 +1,241 @@
+"""`parafork bench latency`: one request at a time, every mode side by side (the paper's Fig. 4).
+
+For each question the modes run back to back (so machine drift hits them alike), greedy,
+with the same `max_tokens`:
+- `ar`, `apar`: the parafork engine with the tuned model, forking off and on;
+- `hf`: HF `generate` with the untuned base model (the reference implementation's baseline);
+- `sot`: Skeleton-of-Thought prompting with the untuned base model on the parafork engine.
+
+Per answer: answer tokens (restored text, no control tokens), tokens sampled, decode steps,
+wall time, prefill time, threads, peak KV blocks and attention work (sum over fed tokens
+of the KV length each attends to). Speed-ups are ratios of total wall time; tokens/s
+ratios are given beside them, since the modes' answers differ in length.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import models
+from ..config import DTYPES, EngineConfig
+from ..engine.llm_engine import LLM
+from ..sampling import SamplingParams
+from . import sot
+from .common import metadata, pyplot, timed_run, write_json
+from .suite import load_suite, select
+
+MODES = ("ar", "apar", "hf", "sot")
+SPEEDUPS = {"apar_vs_ar": ("apar", "ar"), "apar_vs_hf": ("apar", "hf"), "sot_vs_ar": ("sot", "ar")}
+
+
+def parse_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ValueError(f"--modes takes a comma list of {', '.join(MODES)}; got {text!r}")
+    return modes
+
+
+class HFBaseline:
+    """HF `generate`, greedy, batch 1, stopping at end of turn: what reference code runs."""
+
+    def __init__(self, model: str, dtype: torch.dtype, block_size: int) -> None:
+        path = models.resolve_model_path(model)
+        self.tokenizer, control = models.load_tokenizer(path)
+        self.eos = sorted(control.eos_ids)
+        self.model = models.load_hf_model(path, self.tokenizer, dtype)
+        self.block_size = block_size  # to state its KV in the engine's unit
+
+    def run(self, prompt_ids: list[int], max_tokens: int) -> dict:
+        ids = torch.tensor([prompt_ids])
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                eos_token_id=self.eos, pad_token_id=self.eos[0],
+            )[0, len(prompt_ids):].tolist()
+        wall = time.perf_counter() - start
+        answer = [t for t in out if t not in self.eos]
+        total = len(prompt_ids) + len(out)
+        return {
+            "text": self.tokenizer.decode(answer, skip_special_tokens=True),
+            "tokens": len(answer),
+            "generated": len(out),
+            "steps": len(out),
+            "wall_s": wall,
+            "prefill_s": None,
+            "threads": 1,
+            "peak_kv_blocks": -(-total // self.block_size),  # positions held, in engine blocks
+            "attn_work": (total - 1) * total // 2,  # every fed position k attends to k + 1 keys
+        }
+
+
+def _engine_record(llm: LLM, prompt: str, params: SamplingParams) -> dict:
+    run = timed_run(llm, [prompt], params)
+    out = run.outputs[0]
+    return {
+        "text": out.text,
+        "tokens": len(out.token_ids),
+        "generated": out.num_generated_tokens,
+        "steps": out.num_steps,
+        "wall_s": run.wall_s,
+        "prefill_s": run.prefill_s,
+        "threads": out.num_threads,
+        "peak_kv_blocks": out.peak_kv_blocks,
+        "attn_work": out.attention_work,
+    }
+
+
+def _sot_record(llm: LLM, prompt: str, max_tokens: int) -> dict:
+    a = sot.answer(llm, prompt, max_tokens)
+    return {
+        "text": a.text,
+        "tokens": len(llm.tokenizer.encode(a.text, add_special_tokens=False)),
+        "generated": a.generated,
+        "steps": a.steps,
+        "wall_s": a.wall_s,
+        "prefill_s": a.prefill_s,
+        "threads": max(1, a.points),
+        "peak_kv_blocks": a.peak_pool_blocks,
+        "attn_work": a.attention_work,
+    }
+
+
+def aggregate(records: list[dict]) -> dict:
+    """Totals and means over per-question records of one mode."""
+    tokens = sum(r["tokens"] for r in records)
+    wall = sum(r["wall_s"] for r in records)
+    prefill = [r["prefill_s"] for r in records if r["prefill_s"] is not None]
+    return {
+        "answers": len(records),
+        "tokens": tokens,
+        "generated": sum(r["generated"] for r in records),
+        "steps": sum(r["steps"] for r in records),
+        "wall_s": wall,
+        "tok_s": tokens / wall if wall else 0.0,
+        "tokens_per_step": tokens / max(1, sum(r["steps"] for r in records)),
+        "prefill_share": sum(prefill) / wall if prefill and wall else None,
+        "peak_kv_blocks": max(r["peak_kv_blocks"] for r in records),
+        "peak_kv_blocks_mean": sum(r["peak_kv_blocks"] for r in records) / len(records),
+        "attn_work": sum(r["attn_work"] for r in records),
+        "fork_rate": sum(r["threads"] > 1 for r in records) / len(records),
+        "threads_mean": sum(r["threads"] for r in records) / len(records),
+    }
+
+
+def speedups(modes: dict[str, dict]) -> tuple[dict, dict]:
+    """(wall-time ratios, tokens/s ratios) for the mode pairs that both ran."""
+    wall, rate = {}, {}
+    for name, (fast, slow) in SPEEDUPS.items():
+        if fast in modes and slow in modes and modes[fast]["wall_s"] and modes[slow]["tok_s"]:
+            wall[name] = modes[slow]["wall_s"] / modes[fast]["wall_s"]
+            rate[name] = modes[fast]["tok_s"] / modes[slow]["tok_s"]
+    return wall, rate
+
+
+def summarize(questions: list[dict], modes: list[str]) -> dict:
+    by_category: dict[str, list[dict]] = defaultdict(list)
+    for q in questions:
+        by_category[q["category"]].append(q)
+    per_category = {}
+    for category, qs in sorted(by_category.items()):
+        stats = {m: aggregate([q["modes"][m] for q in qs]) for m in modes}
+        wall, rate = speedups(stats)
+        per_category[category] = {"modes": stats, "speedup": wall, "speedup_tok_s": rate}
+    overall = {m: aggregate([q["modes"][m] for q in questions]) for m in modes}
+    wall, rate = speedups(overall)
+    return {"modes": overall, "speedup": wall, "speedup_tok_s": rate, "per_category": per_category}
+
+
+def run_latency(
+    questions: list[dict],
+    modes: list[str],
+    model: str = "bundled",
+    adapter: str | None = None,
+    base_model: str = "base",
+    dtype: str = "bfloat16",
+    threads: int = 2,
+    max_tokens: int = 512,
+) -> dict:
+    torch.set_num_threads(threads)
+    tuned = LLM(model, adapter=adapter, dtype=dtype, num_threads=threads) if {"ar", "apar"} & set(modes) else None
+    base = LLM(base_model, dtype=dtype, num_threads=threads) if "sot" in modes else None
+    hf = HFBaseline(base_model, DTYPES[dtype], EngineConfig().block_size) if "hf" in modes else None
+    for llm in filter(None, (tuned, base)):
+        llm.generate("Hello", SamplingParams(max_tokens=4))  # warm-up
+    records = []
+    for q in tqdm(questions, desc="latency", unit="question"):
+        rec = {**q, "modes": {}}
+        for mode in modes:
+            if mode in ("ar", "apar"):
+                rec["modes"][mode] = _engine_record(tuned, q["prompt"], SamplingParams(max_tokens=max_tokens, mode=mode))
+            elif mode == "hf":
+                rec["modes"][mode] = hf.run(models.apply_chat_template(hf.tokenizer, q["prompt"]), max_tokens)
+            else:
+                rec["modes"][mode] = _sot_record(base, q["prompt"], max_tokens)
+        records.append(rec)
+    result = summarize(records, modes)
+    result.update(
+        config={"model": model, "adapter": str(tuned.adapter) if tuned else None, "base_model": base_model,
+                "dtype": dtype, "threads": threads, "max_tokens": max_tokens, "modes": modes},
+        questions=records,
+        **metadata(threads),
+    )
+    return result
+
+
+def print_table(result: dict) -> None:
+    modes = result["config"]["modes"]
+    pairs = [p for p in SPEEDUPS if p in result["speedup"]]
+    head = f"{'category':15s} {'n':>3s} " + " ".join(f"{m + ' tok/s':>11s}" for m in modes)
+    head += " " + " ".join(f"{p:>11s}" for p in pairs) + f" {'forks':>6s} {'tok/step':>8s} {'prefill':>7s}"
+    print(head)
+    rows = list(result["per_category"].items()) + [("ALL", result)]
+    for name, row in rows:
+        ms = row["modes"]
+        line = f"{name:15s} {ms[modes[0]]['answers']:3d} " + " ".join(f"{ms[m]['tok_s']:11.1f}" for m in modes)
+        line += " " + " ".join(f"{row['speedup'].get(p, float('nan')):10.2f}x" for p in pairs)
+        focus = ms.get("apar") or ms[modes[0]]
+        prefill = focus["prefill_share"]
+        line += f" {focus['fork_rate']:6.0%} {focus['tokens_per_step']:8.2f} {(prefill or 0):7.1%}"
+        print(line)
+    print("speed-ups are ratios of total wall time; tokens/s ratios:",
+          ", ".join(f"{k} {v:.2f}x" for k, v in result["speedup_tok_s"].items()) or "-")
+
+
+def plot(result: dict, path: str) -> None:
+    plt = pyplot()
+    pairs = [p for p in SPEEDUPS if p in result["speedup"]]
+    categories = list(result["per_category"]) + ["ALL"]
+    rows = [result["per_category"][c] for c in categories[:-1]] + [result]
+    fig, ax = plt.subplots(figsize=(max(6, len(categories) * 0.9), 3.8))
+    width = 0.8 / max(1, len(pairs))
+    for k, pair in enumerate(pairs):
+        xs = [i + (k - (len(pairs) - 1) / 2) * width for i in range(len(categories))]
+        ax.bar(xs, [r["speedup"].get(pair, 0) for r in rows], width, label=pair.replace("_", " "))
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
+    ax.set_ylabel("speed-up (wall time)")
+    ax.set_title(f"parafork bench latency ({result['date']}, {result['commit']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def run(args) -> dict:
+    questions = select(load_suite(args.suite), args.limit, args.per_category)
+    result = run_latency(
+        questions, parse_modes(args.modes), args.model, args.adapter, args.base_model, args.dtype, args.threads,
+        args.max_tokens,
+    )
+    result["config"]["suite"] = args.suite
+    print_table(result)
+    write_json(result, args.json)
+    if args.plot:
+        plot(result, args.plot)
+    return result

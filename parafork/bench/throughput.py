@@ -1,0 +1,168 @@
+"""`parafork bench throughput`: batched AR against batched APAR under closed-loop load.
+
+For each KV budget (pool size in blocks) and concurrency c, c clients each keep one
+request in flight: when a request finishes, its client sends the next question of the
+suite at once. Per run: answer tokens/s over the whole run, request latency mean/p50/p99,
+the pool's peak KV blocks and preemptions. AR and APAR run back to back on the same
+engine, same questions, same order (the paper's Fig. 5).
+"""
+from __future__ import annotations
+
+import time
+
+from tqdm.auto import tqdm
+
+from ..engine.llm_engine import LLM
+from ..sampling import SamplingParams
+from .common import metadata, percentile, pyplot, write_json
+from .suite import load_suite, select
+
+MODES = ("ar", "apar")
+
+
+def parse_ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} takes a comma list of positive integers; got {text!r}")
+    return values
+
+
+def closed_loop(llm: LLM, prompts: list[str], concurrency: int, params: SamplingParams, bar: tqdm) -> dict:
+    """Runs every prompt with `concurrency` clients; returns the run's figures."""
+    queue = list(prompts)
+    sent: dict[str, float] = {}
+    latencies, tokens, preemptions, peak = [], 0, 0, 0
+    start = time.perf_counter()
+    try:
+        while queue or sent:
+            while queue and len(sent) < concurrency:
+                sent[llm.add_request(queue.pop(0), params, stream=False)] = time.perf_counter()
+            for out in llm.step():
+                if out.finished and out.request_id in sent:
+                    latencies.append(time.perf_counter() - sent.pop(out.request_id))
+                    tokens += len(out.token_ids)
+                    preemptions += out.num_preemptions
+                    bar.update(1)
+            peak = max(peak, llm.blocks.num_blocks - llm.blocks.num_free)
+    finally:
+        for request_id in sent:
+            llm.abort(request_id)
+    wall = time.perf_counter() - start
+    return {
+        "requests": len(prompts),
+        "completed": len(latencies),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tok_s": tokens / wall,
+        "latency_mean": sum(latencies) / len(latencies),
+        "latency_p50": percentile(latencies, 50),
+        "latency_p99": percentile(latencies, 99),
+        "peak_kv_blocks": peak,
+        "preemptions": preemptions,
+    }
+
+
+def run_throughput(
+    questions: list[dict],
+    concurrency: list[int],
+    kv_blocks: list[int],
+    model: str = "bundled",
+    adapter: str | None = None,
+    dtype: str = "bfloat16",
+    threads: int = 2,
+    max_tokens: int = 256,
+    requests_per_client: int = 2,
+) -> dict:
+    runs = []
+    total = sum(c * requests_per_client for c in concurrency) * len(kv_blocks) * len(MODES)
+    with tqdm(total=total, desc="throughput", unit="request") as bar:
+        for blocks in kv_blocks:
+            llm = LLM(model, adapter=adapter, dtype=dtype, num_threads=threads, num_kv_blocks=blocks)
+            llm.generate("Hello", SamplingParams(max_tokens=4))  # warm-up
+            for c in concurrency:
+                prompts = [questions[i % len(questions)]["prompt"] for i in range(c * requests_per_client)]
+                for mode in MODES:
+                    bar.set_postfix(kv=blocks, clients=c, mode=mode)
+                    figures = closed_loop(llm, prompts, c, SamplingParams(max_tokens=max_tokens, mode=mode), bar)
+                    runs.append({"mode": mode, "concurrency": c, "kv_blocks": blocks, **figures})
+            del llm
+    return {
+        "config": {"model": model, "adapter": adapter, "dtype": dtype, "threads": threads, "max_tokens": max_tokens,
+                   "concurrency": concurrency, "kv_blocks": kv_blocks, "requests_per_client": requests_per_client},
+        "runs": runs,
+        "comparison": compare(runs),
+        **metadata(threads),
+    }
+
+
+def compare(runs: list[dict]) -> list[dict]:
+    """APAR against AR at each (KV budget, concurrency): throughput gain and KV share."""
+    by_key = {(r["kv_blocks"], r["concurrency"], r["mode"]): r for r in runs}
+    rows = []
+    for (blocks, c, mode), apar in by_key.items():
+        ar = by_key.get((blocks, c, "ar"))
+        if mode != "apar" or ar is None:
+            continue
+        rows.append({
+            "kv_blocks": blocks,
+            "concurrency": c,
+            "throughput_gain_pct": 100 * (apar["tok_s"] / ar["tok_s"] - 1),
+            "peak_kv_ratio": apar["peak_kv_blocks"] / max(1, ar["peak_kv_blocks"]),
+            "latency_p50_ratio": apar["latency_p50"] / ar["latency_p50"],
+        })
+    return rows
+
+
+def print_table(result: dict) -> None:
+    print(f"{'KV':>6s} {'clients':>7s} {'mode':>5s} {'tok/s':>8s} {'lat mean':>8s} {'p50':>7s} {'p99':>7s} {'peak KV':>7s} {'preempt':>7s}")
+    for r in result["runs"]:
+        print(
+            f"{r['kv_blocks']:6d} {r['concurrency']:7d} {r['mode']:>5s} {r['tok_s']:8.1f} {r['latency_mean']:7.2f}s "
+            f"{r['latency_p50']:6.2f}s {r['latency_p99']:6.2f}s {r['peak_kv_blocks']:7d} {r['preemptions']:7d}"
+        )
+    for row in result["comparison"]:
+        print(
+            f"KV {row['kv_blocks']}, {row['concurrency']} clients: APAR throughput {row['throughput_gain_pct']:+.0f}% "
+            f"vs AR, peak KV {row['peak_kv_ratio']:.0%} of AR's, p50 latency x{row['latency_p50_ratio']:.2f}"
+        )
+
+
+def plot(result: dict, path: str) -> None:
+    plt = pyplot()
+    runs = result["runs"]
+    kv_max, c_max = max(result["config"]["kv_blocks"]), max(result["config"]["concurrency"])
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for mode in MODES:
+        at_kv = sorted((r for r in runs if r["mode"] == mode and r["kv_blocks"] == kv_max), key=lambda r: r["concurrency"])
+        at_c = sorted((r for r in runs if r["mode"] == mode and r["concurrency"] == c_max), key=lambda r: r["kv_blocks"])
+        axes[0].plot([r["concurrency"] for r in at_kv], [r["tok_s"] for r in at_kv], "o-", label=mode.upper())
+        axes[1].plot([r["concurrency"] for r in at_kv], [r["latency_p50"] for r in at_kv], "o-", label=f"{mode.upper()} p50")
+        axes[1].plot([r["concurrency"] for r in at_kv], [r["latency_p99"] for r in at_kv], "x--", label=f"{mode.upper()} p99")
+        axes[2].plot([r["kv_blocks"] for r in at_c], [r["tok_s"] for r in at_c], "o-", label=mode.upper())
+    axes[0].set(xscale="log", xlabel="concurrent clients", ylabel="answer tokens/s", title=f"throughput (KV {kv_max} blocks)")
+    axes[1].set(xscale="log", xlabel="concurrent clients", ylabel="latency (s)", title="request latency")
+    axes[2].set(xscale="log", xlabel="KV budget (blocks)", ylabel="answer tokens/s", title=f"throughput vs KV ({c_max} clients)")
+    for ax in axes:
+        ax.legend()
+    fig.suptitle(f"parafork bench throughput ({result['date']}, {result['commit']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def run(args) -> dict:
+    questions = select(load_suite(args.suite), args.limit, args.per_category)
+    result = run_throughput(
+        questions, parse_ints(args.concurrency, "--concurrency"), parse_ints(args.kv_blocks, "--kv-blocks"),
+        args.model, args.adapter, args.dtype, args.threads, args.max_tokens, args.requests_per_client,
+    )
+    result["config"]["suite"] = args.suite
+    print_table(result)
+    write_json(result, args.json)
+    if args.plot:
+        plot(result, args.plot)
+    return result

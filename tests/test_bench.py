@@ -1,0 +1,141 @@
+"""The paper's benchmarks (latency, throughput, quality) on the tiny model: suites, figures
+that must agree with the engine and with HF, JSON schema, plots."""
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from parafork.bench import latency, quality, throughput
+from parafork.bench.suite import load_suite, reference_answers, select
+from parafork.cli import main
+
+
+def _args(tiny_dir, tmp_path, **extra) -> SimpleNamespace:
+    base = dict(
+        model=str(tiny_dir), base_model=str(tiny_dir), adapter=None, dtype="float32", threads=1, suite="vicuna",
+        limit=None, per_category=None, max_tokens=12, json=str(tmp_path / "out.json"), plot=str(tmp_path / "out.png"),
+    )
+    return SimpleNamespace(**{**base, **extra})
+
+
+def test_suites_load_and_select():
+    vicuna, mtbench = load_suite("vicuna"), load_suite("mtbench")
+    assert len(vicuna) == 80 and len(mtbench) == 80
+    assert len({q["category"] for q in mtbench}) == 8
+    picked = select(mtbench, per_category=2)
+    assert len(picked) == 16 and all(sum(p["category"] == q["category"] for p in picked) == 2 for q in picked)
+    assert len(select(vicuna, limit=5)) == 5
+    refs = reference_answers("mtbench")
+    assert len(refs) == 30 and all(isinstance(r, str) and r for r in refs.values())
+    assert reference_answers("vicuna") == {}
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ('{"question_id": 1, "category": "x", "turns": ["a"]}\n{"oops": 2}\n', "bad.jsonl:2"),
+        ("not json\n", "bad.jsonl:1"),
+        ('{"question_id": 1, "category": "x", "turns": []}\n', "bad.jsonl:1"),
+        ('{"question_id": 1, "category": "x", "turns": [42]}\n', "bad.jsonl:1"),
+        ("\n\n", "holds no questions"),
+    ],
+)
+def test_bad_suite_files_give_a_clear_error(tmp_path, content, match):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        load_suite(bad)
+
+
+def test_cli_reports_a_missing_suite(tiny_dir, tmp_path, capsys):
+    code = main(["bench", "latency", "--model", str(tiny_dir), "--suite", str(tmp_path / "none.jsonl")])
+    assert code == 2 and "none.jsonl" in capsys.readouterr().err
+    assert main(["bench", "latency", "--model", str(tiny_dir), "--modes", "ar,turbo"]) == 2
+
+
+def test_latency_figures_agree_with_hf_and_the_engine(tiny_dir, tmp_path):
+    args = _args(tiny_dir, tmp_path, modes="ar,apar,hf,sot", limit=3)
+    result = latency.run(args)
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert (tmp_path / "out.png").stat().st_size > 0
+    for mode in ("ar", "apar", "hf", "sot"):
+        assert set(saved["modes"][mode]) >= {
+            "tokens", "steps", "wall_s", "tok_s", "peak_kv_blocks", "attn_work", "fork_rate", "threads_mean"
+        }
+    assert set(saved["speedup"]) == {"apar_vs_ar", "apar_vs_hf", "sot_vs_ar"}
+    assert saved["speedup"]["apar_vs_ar"] == pytest.approx(saved["modes"]["ar"]["wall_s"] / saved["modes"]["apar"]["wall_s"])
+    assert set(saved["per_category"]) == {"generic"} and len(saved["questions"]) == 3
+    for q in result["questions"]:
+        ar, hf = q["modes"]["ar"], q["modes"]["hf"]
+        # Greedy fp32: our AR and HF generate decode the same tokens, so every count agrees,
+        # and HF's closed-form KV and attention work check the engine's bookkeeping.
+        assert ar["text"] == hf["text"]
+        for key in ("tokens", "generated", "steps", "peak_kv_blocks", "attn_work"):
+            assert ar[key] == hf[key], key
+        prompt = len(latency.models.apply_chat_template(hf_tokenizer(tiny_dir), q["prompt"]))
+        total = prompt + ar["generated"]
+        assert ar["attn_work"] == (total - 1) * total // 2
+        assert ar["steps"] == ar["generated"] and ar["threads"] == 1
+
+
+def hf_tokenizer(path):
+    from parafork import models
+
+    return models.load_tokenizer(path)[0]
+
+
+def test_sot_expands_every_skeleton_point_in_parallel(tiny_llm):
+    from parafork.bench import sot
+
+    assert sot.parse_skeleton("1. Sleep early\n2) Eat well\nnot a point\n3. Move") == ["Sleep early", "Eat well", "Move"]
+    answer = sot.answer(tiny_llm, "Give me tips.", max_tokens=40)
+    assert answer.steps >= 1 and answer.generated >= answer.steps
+    assert tiny_llm.blocks.num_free == tiny_llm.blocks.num_blocks
+
+
+def test_throughput_closed_loop_loses_nothing_and_writes_plots(tiny_dir, tmp_path):
+    args = _args(tiny_dir, tmp_path, limit=4, concurrency="1,3", kv_blocks="8,64", requests_per_client=2)
+    result = throughput.run(args)
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert (tmp_path / "out.png").stat().st_size > 0
+    assert len(saved["runs"]) == 2 * 2 * 2 and len(saved["comparison"]) == 4
+    for r in result["runs"]:
+        assert r["requests"] == r["completed"] == 2 * r["concurrency"] and r["tokens"] > 0
+        assert r["peak_kv_blocks"] <= r["kv_blocks"]
+        assert r["latency_p50"] <= r["latency_p99"]
+    with pytest.raises(ValueError, match="--concurrency"):
+        throughput.parse_ints("1,x", "--concurrency")
+
+
+def test_quality_metrics_and_deltas(tiny_dir, tmp_path):
+    questions = select(load_suite("mtbench"), per_category=1)
+    refs = reference_answers("mtbench")
+    with_ref = [q for q in questions if q["id"] in refs]
+    assert with_ref
+    # Answers from a latency JSON: APAR answers the reference itself, AR something unrelated.
+    records = [
+        {"id": q["id"], "modes": {
+            "apar": {"text": refs.get(q["id"], "1. One\n2. Two")},
+            "ar": {"text": "Bananas are yellow and grow in bunches."},
+            "hf": {"text": "I do not know."},
+        }}
+        for q in questions
+    ]
+    path = tmp_path / "latency.json"
+    path.write_text(json.dumps({"questions": records}))
+    answers = quality.answers_from_latency(str(path), questions)
+    result = quality.run_quality(questions, answers, refs, str(tiny_dir), threads=1)
+    for q in result["questions"]:
+        apar, ar = q["modes"]["apar"], q["modes"]["ar"]
+        if q["id"] in refs:
+            assert apar["similarity"] == pytest.approx(1.0, abs=1e-4) and ar["similarity"] < 0.5
+        else:
+            assert apar["similarity"] is None and apar["list_items"] == 2
+        assert apar["stray_control"] == 0 and apar["nll"] > 0
+    m, d = result["metrics"], result["delta_pct"]
+    assert d["similarity"] == pytest.approx(100 * (m["apar"]["similarity"] - m["ar"]["similarity"]) / m["ar"]["similarity"])
+    assert set(d) == set(quality.METRICS) and set(m) == {"apar", "ar", "base"}
+    quality.plot({**result, "date": "today", "commit": "x"}, str(tmp_path / "q.png"))
+    assert (tmp_path / "q.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="no answers"):
+        quality.answers_from_latency(str(path), [{"id": -1, "category": "x", "prompt": "?"}])
