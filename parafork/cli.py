@@ -205,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("latency", "one request at a time: AR, APAR, HF, SoT side by side (paper Fig. 4)"),
         ("throughput", "closed-loop load, batched AR vs APAR per KV budget (paper Fig. 5)"),
         ("quality", "quality proxies: APAR vs AR answers and the untuned base model"),
+        ("driver", "APAR via the remote driver vs AR through the same OpenAI-compatible server"),
     ]:
         bb = benches.add_parser(name, help=text, description=text)
         _add_engine_args(bb)
@@ -220,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
         bb.add_argument("--adapter", default=None, help="a LoRA adapter folder to merge into --model")
         if name == "forks":
             bb.add_argument("--ar", action="store_true", help="also decode AR answers for the step ratio")
+            continue
+        if name == "driver":
+            bb.add_argument("--url", default=None, help="server base URL (…/v1); default: start parafork's own")
+            bb.add_argument("--served-name", default=None, help="the model id the server knows (default: --model)")
+            bb.add_argument("--api-key", default=None)
+            bb.add_argument("--chunk", type=int, default=16, help="tokens per request and round")
             continue
         bb.add_argument("--plot", default=None, help="write a PNG plot here")
         bb.add_argument("--base-model", default="base", help="the untuned model (hf, sot, quality judge)")

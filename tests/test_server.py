@@ -225,3 +225,15 @@ def test_shutdown_lets_in_flight_requests_finish_and_nothing_hangs(tiny_dir):
     assert got.get("finish") == "length" or "error" in got
     assert not app.state.engine.thread.is_alive()
     assert llm.blocks.num_free == llm.blocks.num_blocks
+
+
+def test_driver_benchmark_compares_apar_and_ar_through_one_server(server):
+    from parafork.bench.driver import run_driver
+
+    url, llm = server
+    questions = [{"id": i, "category": "generic", "prompt": p} for i, p in enumerate(["Tell me things.", "Hi."])]
+    result = run_driver(f"{url}/v1", "tiny", llm.tokenizer, questions, max_tokens=12, chunk=4, api_key=KEY)
+    assert result["apar_vs_ar"] == result["wall_s"]["ar"] / result["wall_s"]["apar"]
+    assert len(result["questions"]) == 2 and result["fork_rate"] == 0  # the tiny model never forks by itself
+    assert all(r["ar"]["completion_tokens"] == 12 and r["apar"]["rounds"] >= 3 for r in result["questions"])
+    wait_pool_full(llm)

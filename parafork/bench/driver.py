@@ -1,0 +1,93 @@
+"""`parafork bench driver`: APAR through the remote driver against plain AR through the same server.
+
+Against `--url` (any OpenAI-compatible completion server that renders special tokens and
+honours `logit_bias`), or, without it, parafork's own server started here on a loopback
+port with `--model`. Each question runs both ways back to back; the ratio is of total
+wall time, with the driver's rounds (parallel request waves) and threads beside it.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from tqdm.auto import tqdm
+
+from .. import models
+from ..remote import RemoteAPAR
+from .common import metadata, write_json
+from .suite import load_suite, select
+
+
+@contextmanager
+def local_server(model: str, adapter: str | None, dtype: str, threads: int) -> Iterator[str]:
+    """parafork's own server on a free loopback port, for as long as the block runs."""
+    import uvicorn
+
+    from ..engine.llm_engine import LLM
+    from ..server import create_app
+
+    llm = LLM(model, adapter=adapter, dtype=dtype, num_threads=threads)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(llm, model), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("the local parafork server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def run_driver(url: str, served_name: str, tokenizer, questions: list[dict], max_tokens: int, chunk: int,
+               api_key: str | None = None) -> dict:
+    driver = RemoteAPAR(url, served_name, tokenizer, api_key=api_key, chunk=chunk)
+    driver.generate_ar("Hello", max_tokens=4)  # warm-up
+    records = []
+    for q in tqdm(questions, desc="driver", unit="question"):
+        apar = driver.generate(q["prompt"], max_tokens=max_tokens)
+        ar = driver.generate_ar(q["prompt"], max_tokens=max_tokens)
+        records.append({**q, "apar": vars(apar), "ar": vars(ar)})
+    wall = {m: sum(r[m]["seconds"] for r in records) for m in ("apar", "ar")}
+    tokens = {m: sum(len(tokenizer.encode(r[m]["text"], add_special_tokens=False)) for r in records) for m in ("apar", "ar")}
+    forked = [r for r in records if r["apar"]["threads"] > 1]
+    return {
+        "apar_vs_ar": wall["ar"] / wall["apar"],
+        "apar_vs_ar_tok_s": (tokens["apar"] / wall["apar"]) / (tokens["ar"] / wall["ar"]),
+        "wall_s": wall,
+        "answer_tokens": tokens,
+        "fork_rate": len(forked) / len(records),
+        "threads_mean": sum(r["apar"]["threads"] for r in records) / len(records),
+        "rounds_mean": sum(r["apar"]["rounds"] for r in records) / len(records),
+        "questions": records,
+    }
+
+
+def run(args) -> dict:
+    questions = select(load_suite(args.suite), args.limit, args.per_category)
+    tokenizer, _ = models.load_tokenizer(models.resolve_model_path(args.model))
+    if args.url:
+        result = run_driver(args.url, args.served_name or args.model, tokenizer, questions, args.max_tokens, args.chunk,
+                            args.api_key)
+    else:
+        with local_server(args.model, args.adapter, args.dtype, args.threads) as url:
+            result = run_driver(url, args.model, tokenizer, questions, args.max_tokens, args.chunk)
+    result.update(config={"url": args.url or "local parafork server", "model": args.model, "suite": args.suite,
+                          "max_tokens": args.max_tokens, "chunk": args.chunk}, **metadata(args.threads))
+    print(
+        f"driver over {result['config']['url']}: {len(questions)} questions, APAR forks in {result['fork_rate']:.0%} "
+        f"({result['threads_mean']:.1f} threads, {result['rounds_mean']:.1f} rounds per answer)\n"
+        f"wall time AR {result['wall_s']['ar']:.1f} s, APAR {result['wall_s']['apar']:.1f} s: "
+        f"APAR {result['apar_vs_ar']:.2f}x faster (tokens/s ratio {result['apar_vs_ar_tok_s']:.2f}x)"
+    )
+    write_json(result, args.json)
+    return result
