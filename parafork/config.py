@@ -19,6 +19,7 @@ class EngineConfig:
     max_model_len: int | None = None  # per thread context; default: the model's positions
     num_threads: int | None = None  # torch CPU threads; None keeps torch's default
     backend: str = "auto"  # "native" (Llama family), "hf" (any model, slow), "auto"
+    prefix_caching: bool = True  # reuse computed KV blocks of identical token prefixes across requests
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -238,6 +238,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_tokens
             "parafork_forks_total": engine.stats["forks"],
             "parafork_generated_tokens_total": engine.stats["tokens"],
             "parafork_steps_total": llm.total_steps,
+            "parafork_prefix_cache_hit_tokens_total": llm.blocks.hit_tokens,
         }
         return "".join(f"{k} {v}\n" for k, v in lines.items())
 

@@ -128,3 +128,36 @@ def test_random_fork_finish_abort_sequences_keep_the_pool_consistent(ops, block_
             bm.free(thread)
     assert bm.num_free == num_blocks
     bm.check_invariants()
+
+
+def test_prefix_cache_finds_computed_full_blocks_until_they_are_reused():
+    bm = BlockManager(num_blocks=6, block_size=4)
+    first = Request("a", list(range(10)), SamplingParams(), 0).root
+    bm.match_prefix(first)
+    assert first.num_cached == 0  # nothing computed yet
+    bm.allocate(first, 10)
+    first.num_cached = 10
+    bm.register(first)
+    assert len(first.block_keys) == 2  # the partial third block is not cached
+    blocks = list(first.block_table)
+    bm.free(first)
+    assert bm.num_free == 6
+    same = Request("b", list(range(10)) + [99], SamplingParams(), 1).root
+    bm.match_prefix(same)
+    assert same.block_table == blocks[:2] and same.num_cached == 8
+    differs = Request("c", [0, 1, 2, 3, 4, 5, 6, 77, 8, 9], SamplingParams(), 2).root
+    bm.match_prefix(differs)
+    assert differs.block_table == blocks[:1] and bm.ref_counts[blocks[0]] == 2
+    exact = Request("d", list(range(8)), SamplingParams(), 3).root
+    bm.match_prefix(exact)
+    assert exact.num_cached == 4  # one token is always left to compute
+    bm.check_invariants()
+    for t in (same, differs, exact):
+        bm.free(t)
+    hog = Request("e", [50] * 24, SamplingParams(), 4).root
+    bm.allocate(hog, 24)  # takes every block: cached contents are overwritten
+    bm.free(hog)
+    again = Request("f", list(range(10)), SamplingParams(), 5).root
+    bm.match_prefix(again)
+    assert again.num_cached == 0 and not bm.cached
+    bm.check_invariants()

@@ -50,7 +50,9 @@ def check_against_oracle(llm, hf, recorder: LogitsRecorder, atol: float) -> int:
 
 @pytest.mark.model
 def test_ar_greedy_equals_hf_generate_token_for_token(base_llm, base_hf):
+    hits = base_llm.blocks.hit_tokens
     outs = base_llm.generate(PROMPTS, SamplingParams(max_tokens=40, mode="ar"))
+    outs += base_llm.generate(PROMPTS[:1], SamplingParams(max_tokens=40, mode="ar"))
     for prompt, out in zip(PROMPTS, outs):
         ids = torch.tensor([models.apply_chat_template(base_llm.tokenizer, prompt)])
         ref = base_hf.generate(ids, max_new_tokens=40, do_sample=False, attention_mask=torch.ones_like(ids))
@@ -60,6 +62,10 @@ def test_ar_greedy_equals_hf_generate_token_for_token(base_llm, base_hf):
             ref_tokens = ref_tokens[: ref_tokens.index(eos)]
         assert out.token_ids == ref_tokens, prompt
         assert out.num_threads == 1
+    # The repeated prompt's full blocks came from the prefix cache (the five ran together, so
+    # they found nothing), so the equality above covers a cached prefix too.
+    first = len(models.apply_chat_template(base_llm.tokenizer, PROMPTS[0]))
+    assert base_llm.blocks.hit_tokens - hits == (first - 1) // 16 * 16
     assert_pool_full(base_llm)
 
 
@@ -144,6 +150,23 @@ def test_tiny_pool_preempts_and_recomputes_without_losing_anything(tiny_dir):
         assert out.finish_reason == "stop" and out.error is None and out.num_threads == 3
         assert roomy.generate(prompt, params)[0].token_ids == out.token_ids
     assert_pool_full(small)
+
+
+def test_prefix_cache_reuses_blocks_across_requests_and_changes_no_output(tiny_dir, tiny_llm):
+    from parafork.engine.llm_engine import LLM
+
+    uncached = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=256, block_size=4, prefix_caching=False)
+    shared = list(range(500, 530))
+    prompts = [{"prompt_token_ids": shared + [600 + i, 700 + i]} for i in range(3)] + [{"prompt_token_ids": shared}]
+    force = ForceForks(tiny_llm.control, frozenset({3}), child_tokens=6, root_tokens=12)
+    params = SamplingParams(max_tokens=60, logits_rules=[force])
+    hits = tiny_llm.blocks.hit_tokens
+    for prompt in prompts:  # one after another: each finds the earlier ones' blocks
+        assert tiny_llm.generate(prompt, params)[0].token_ids == uncached.generate(prompt, params)[0].token_ids
+    # 30 shared tokens = 7 full blocks of 4, found by each of the last three requests.
+    assert tiny_llm.blocks.hit_tokens - hits == 3 * 28
+    assert uncached.blocks.hit_tokens == 0
+    assert_pool_full(tiny_llm)
 
 
 def test_a_request_larger_than_the_pool_ends_cleanly(tiny_dir):

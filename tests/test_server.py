@@ -236,4 +236,7 @@ def test_driver_benchmark_compares_apar_and_ar_through_one_server(server):
     assert result["apar_vs_ar"] == result["wall_s"]["ar"] / result["wall_s"]["apar"]
     assert len(result["questions"]) == 2 and result["fork_rate"] == 0  # the tiny model never forks by itself
     assert all(r["ar"]["completion_tokens"] == 12 and r["apar"]["rounds"] >= 3 for r in result["questions"])
+    # Each round re-sends the thread's whole text: the server's prefix cache serves it.
+    metrics = urllib.request.urlopen(f"{url}/metrics").read().decode()
+    assert int(metrics.split("parafork_prefix_cache_hit_tokens_total ")[1].split()[0]) > 0
     wait_pool_full(llm)

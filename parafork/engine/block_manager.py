@@ -1,9 +1,17 @@
-"""Ref-counted KV blocks: allocation, zero-copy forking and early release.
+"""Ref-counted KV blocks: allocation, zero-copy forking, early release, prefix caching.
 
 Threads of one request share their ancestors' blocks. A fork adds a reference to every
 full block of the parent and copies only the partial tail block (the parent and the
 child write different tokens into the rest of it). A finished thread drops its
 references at once, so its own blocks return to the pool while shared ones stay.
+
+Prefix cache: token i of every thread sits at position i, so a full block's K/V depends
+only on the tokens up to its end. Each computed full block is keyed by a hash chain over
+those tokens; a thread that starts with no cache (a new request, or a thread recomputed
+after preemption) takes every leading full block whose key is known instead of computing
+it. Freed blocks keep their key until the pool hands them out again (least recently freed
+first), so a prompt seen before, a driver's next round, or a preempted request's own
+blocks are found again.
 """
 from __future__ import annotations
 
@@ -13,13 +21,17 @@ from .thread import Thread
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
         self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.prefix_caching = prefix_caching
+        self.cached: dict[int, int] = {}  # prefix key -> block holding that prefix's last block
+        self.block_key: dict[int, int] = {}  # block -> its key in `cached`
+        self.hit_tokens = 0  # tokens taken from the prefix cache instead of computed
 
     @property
     def num_free(self) -> int:
@@ -33,7 +45,45 @@ class BlockManager:
         block = self.free_blocks.popleft()
         assert self.ref_counts[block] == 0
         self.ref_counts[block] = 1
+        key = self.block_key.pop(block, None)
+        if key is not None:
+            del self.cached[key]  # its content is about to be overwritten
         return block
+
+    def _key(self, thread: Thread, index: int) -> int:
+        previous = thread.block_keys[index - 1] if index else None
+        return hash((previous, tuple(thread.token_ids[index * self.block_size : (index + 1) * self.block_size])))
+
+    def register(self, thread: Thread) -> None:
+        """Records the keys of the thread's full blocks computed so far (after a forward)."""
+        if not self.prefix_caching:
+            return
+        for index in range(len(thread.block_keys), thread.num_cached // self.block_size):
+            key = self._key(thread, index)
+            thread.block_keys.append(key)
+            block = thread.block_table[index]
+            if key not in self.cached and block not in self.block_key:
+                self.cached[key] = block
+                self.block_key[block] = key
+
+    def match_prefix(self, thread: Thread) -> None:
+        """Gives a thread with no cache every leading full block of its context that is in
+        the prefix cache (at least one token is always left to feed)."""
+        assert not thread.block_table and thread.num_cached == 0
+        if not self.prefix_caching:
+            return
+        for index in range((len(thread.token_ids) - 1) // self.block_size):
+            key = self._key(thread, index)
+            block = self.cached.get(key)
+            if block is None:
+                break
+            if self.ref_counts[block] == 0:
+                self.free_blocks.remove(block)
+            self.ref_counts[block] += 1
+            thread.block_table.append(block)
+            thread.block_keys.append(key)
+        thread.num_cached = len(thread.block_table) * self.block_size
+        self.hit_tokens += thread.num_cached
 
     def allocate(self, thread: Thread, num_tokens: int) -> None:
         """Grows `thread`'s block table to hold `num_tokens` tokens."""
@@ -54,6 +104,7 @@ class BlockManager:
         for block in shared:
             self.ref_counts[block] += 1
         child.block_table = list(shared)
+        child.block_keys = parent.block_keys[:full]
         child.num_cached = cached
         if tail == 0:
             return None
@@ -65,28 +116,6 @@ class BlockManager:
         child.block_table.append(dst)
         return parent.block_table[full], dst, tail
 
-    def share_prefix(self, thread: Thread, relatives: list[Thread]) -> None:
-        """Points an empty thread at the longest run of full blocks of its context that a
-        relative already holds (after a preemption, forks share their prefixes again)."""
-        assert not thread.block_table
-        bs = self.block_size
-        best: tuple[int, Thread] | None = None
-        limit = (len(thread.token_ids) - 1) // bs  # keep at least one token to feed
-        for other in relatives:
-            n = min(limit, other.num_cached // bs)
-            k = 0
-            while k < n and thread.token_ids[k * bs : (k + 1) * bs] == other.token_ids[k * bs : (k + 1) * bs]:
-                k += 1
-            if k and (best is None or k > best[0]):
-                best = (k, other)
-        if best is None:
-            return
-        k, other = best
-        for block in other.block_table[:k]:
-            self.ref_counts[block] += 1
-        thread.block_table = list(other.block_table[:k])
-        thread.num_cached = k * bs
-
     def free(self, thread: Thread) -> None:
         """Drops the thread's references; blocks nobody else holds return to the pool."""
         for block in thread.block_table:
@@ -95,6 +124,7 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 self.free_blocks.append(block)
         thread.block_table = []
+        thread.block_keys = []
         thread.num_cached = 0
 
     def check_invariants(self) -> None:
@@ -103,3 +133,5 @@ class BlockManager:
         assert len(free) == len(self.free_blocks), "a block is in the free pool twice"
         for block, count in enumerate(self.ref_counts):
             assert (count == 0) == (block in free), f"block {block}: refs {count}, free {block in free}"
+        assert all(self.cached[key] == block for block, key in self.block_key.items()), "prefix cache out of sync"
+        assert len(self.cached) == len(self.block_key), "prefix cache out of sync"

@@ -93,7 +93,7 @@ class LLM:
             log.warning("%s runs on the slow HF fallback backend (recomputes contexts every step)", arch)
             self.runner = HFRunner(hf_model, self.config.num_kv_blocks, self.config.block_size, self.config.torch_dtype)
         del hf_model
-        self.blocks = BlockManager(self.config.num_kv_blocks, self.config.block_size)
+        self.blocks = BlockManager(self.config.num_kv_blocks, self.config.block_size, self.config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.config.max_batch_tokens)
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, _Detokenizer] = {}
@@ -198,6 +198,7 @@ class LLM:
             # Token k (0-based position) attends to k + 1 keys; this slice holds positions c..c+n-1.
             thread.request.attention_work += n * thread.num_cached + n * (n + 1) // 2
             thread.num_cached += n
+            self.blocks.register(thread)
             if thread.num_cached == len(thread.token_ids):  # whole context fed: sample
                 rows.append(i)
                 ready.append(thread)

@@ -5,7 +5,7 @@ requests (oldest first), then admits waiting requests while the token budget and
 pool allow (a long prompt is prefilled in chunks). When the pool cannot hold the next
 step, the newest running request is preempted: its blocks are freed and its live threads
 are recomputed from their tokens when it runs again, one thread at a time so that forks
-share their prefixes again. Nothing is dropped.
+find their shared prefixes in the prefix cache. Nothing is dropped.
 """
 from __future__ import annotations
 
@@ -62,10 +62,10 @@ class Scheduler:
         when the pool cannot hold them (the batch is left without them)."""
         start = len(batch)
         for thread in request.live_threads:
-            if thread.num_cached == 0 and thread is not request.root:
+            if thread.num_cached == 0:
                 if any(len(t.pending) > 2 for t in request.live_threads if t.thread_id < thread.thread_id):
-                    break  # recompute one thread at a time, so later ones can share its blocks
-                self.blocks.share_prefix(thread, [t for t in request.live_threads if t.num_cached])
+                    break  # recompute one thread at a time, so later ones find its blocks in the cache
+                self.blocks.match_prefix(thread)
             n = min(len(thread.pending), budget)
             if n == 0:
                 continue
@@ -101,6 +101,8 @@ class Scheduler:
             request = self.waiting[0]
             left = self._schedule_request(request, batch, budget)
             if left is None:
+                for thread in request.threads:  # a waiting request holds no blocks, matched ones included
+                    self.blocks.free(thread)
                 if not self.running and not batch.threads:
                     self.waiting.pop(0)
                     unservable.append(request)

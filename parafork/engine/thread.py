@@ -38,6 +38,7 @@ class Thread:
     thread_id: int = field(default_factory=lambda: next(_thread_ids))
     num_cached: int = 0  # leading tokens whose K/V sit in the cache
     block_table: list[int] = field(default_factory=list)
+    block_keys: list[int] = field(default_factory=list)  # prefix-cache keys of the full blocks computed
     children: dict[int, Thread] = field(default_factory=dict)  # own index of a [Fork] -> child
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None  # per thread, so samples do not depend on batching
