@@ -50,6 +50,22 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    print(f"wrote {path}")
+
+
+def report(result: dict, args, print_table, plot) -> dict:
+    """The table on stdout, then the JSON and the plot where asked for."""
+    print_table(result)
+    write_json(result, args.json)
+    if args.plot:
+        plot(result, args.plot)
+    return result
+
+
 @dataclass
 class TimedRun:
     outputs: list[RequestOutput]  # in prompt order

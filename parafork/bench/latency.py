@@ -24,7 +24,7 @@ from ..config import DTYPES, EngineConfig
 from ..engine.llm_engine import LLM
 from ..sampling import SamplingParams
 from . import sot
-from .common import metadata, pyplot, timed_run, write_json
+from .common import metadata, pyplot, report, save_figure, timed_run
 from .suite import load_suite, select
 
 MODES = ("ar", "apar", "hf", "sot")
@@ -221,10 +221,7 @@ def plot(result: dict, path: str) -> None:
     ax.set_ylabel("speed-up (wall time)")
     ax.set_title(f"parafork bench latency ({result['date']}, {result['commit']})")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def run(args) -> dict:
@@ -234,8 +231,4 @@ def run(args) -> dict:
         args.max_tokens,
     )
     result["config"]["suite"] = args.suite
-    print_table(result)
-    write_json(result, args.json)
-    if args.plot:
-        plot(result, args.plot)
-    return result
+    return report(result, args, print_table, plot)

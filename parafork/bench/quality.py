@@ -25,7 +25,7 @@ from .. import models
 from ..engine.llm_engine import LLM
 from ..sampling import SamplingParams
 from ..tokens import CHILD, FORK
-from .common import metadata, pyplot, write_json
+from .common import metadata, pyplot, report, save_figure
 from .suite import load_suite, reference_answers, select
 
 MODES = ("apar", "ar", "base")
@@ -186,10 +186,7 @@ def plot(result: dict, path: str) -> None:
         ax.set_ylabel({"nll": "NLL under base model (lower: more fluent)", "similarity": "cosine to GPT-4 reference"}[metric])
         ax.legend()
     fig.suptitle(f"parafork bench quality ({result['date']}, {result['commit']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def run_quality(questions: list[dict], answers: dict[str, list[str]], refs: dict, judge_model: str, threads: int) -> dict:
@@ -207,8 +204,4 @@ def run(args) -> dict:
     result = run_quality(questions, answers, reference_answers(args.suite), args.base_model, args.threads)
     result["config"] = {"suite": args.suite, "model": args.model, "adapter": args.adapter, "judge": args.base_model,
                         "answers_from": args.answers, "max_tokens": args.max_tokens}
-    print_table(result)
-    write_json(result, args.json)
-    if args.plot:
-        plot(result, args.plot)
-    return result
+    return report(result, args, print_table, plot)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..engine.llm_engine import LLM
 from ..sampling import SamplingParams
-from .common import metadata, percentile, pyplot, write_json
+from .common import metadata, percentile, pyplot, report, save_figure
 from .suite import load_suite, select
 
 MODES = ("ar", "apar")
@@ -148,10 +148,7 @@ def plot(result: dict, path: str) -> None:
     for ax in axes:
         ax.legend()
     fig.suptitle(f"parafork bench throughput ({result['date']}, {result['commit']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def run(args) -> dict:
@@ -161,8 +158,4 @@ def run(args) -> dict:
         args.model, args.adapter, args.dtype, args.threads, args.max_tokens, args.requests_per_client,
     )
     result["config"]["suite"] = args.suite
-    print_table(result)
-    write_json(result, args.json)
-    if args.plot:
-        plot(result, args.plot)
-    return result
+    return report(result, args, print_table, plot)
