@@ -2,7 +2,9 @@
 
 Stage 1 asks the model for a short numbered outline of the answer; stage 2 expands every
 outline point in its own request, all batched together in the engine, and the answer is
-the points in order. Written here from the paper's description, for an untuned model.
+the points in order. Written here from the paper's description, for an untuned model:
+each point gets at most 64 tokens and ends at its first blank line (the untuned 135M model
+does not stop by itself after one or two sentences).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ POINT_PROMPT = (
 POINT_RE = re.compile(r"^\s*(\d{1,2})[.)]\s*(.+?)\s*$", re.M)
 SKELETON_TOKENS = 96  # an outline of up to 10 points of 3-5 words
 MAX_POINTS = 10
+POINT_TOKENS = 64  # "one or two short sentences"; small models do not stop by themselves
 
 
 @dataclass
@@ -61,13 +64,15 @@ def answer(llm: LLM, question: str, max_tokens: int) -> SoTAnswer:
     if points:  # else the skeleton is all SoT has to show
         outline = "\n".join(f"{i}. {p}" for i, p in enumerate(points, 1))
         used = first.outputs[0].num_generated_tokens
-        point_params = SamplingParams(max_tokens=max(16, (max_tokens - used) // len(points)), mode="ar")
+        point_params = SamplingParams(max_tokens=max(16, min(POINT_TOKENS, (max_tokens - used) // len(points))), mode="ar")
         prompts = [
             _assistant_prefix(llm, POINT_PROMPT.format(question=question, skeleton=outline, index=i), f"{i}. {p}")
             for i, p in enumerate(points, 1)
         ]
         runs.append(timed_run(llm, prompts, point_params))
-        text = "\n".join(f"{i}. {p}{out.text}" for i, (p, out) in enumerate(zip(points, runs[1].outputs), 1))
+        # A point ends at its first blank line: what a model writes after it belongs to other points.
+        bodies = [out.text.strip("\n").split("\n\n")[0] for out in runs[1].outputs]
+        text = "\n".join(f"{i}. {p} {body.strip()}" for i, (p, body) in enumerate(zip(points, bodies), 1))
     else:
         text = skeleton
     outputs = [o for run in runs for o in run.outputs]
