@@ -1,10 +1,12 @@
 """A tiny training run on a tiny random model: loss falls, checkpoints resume, the adapter loads."""
 import json
 
+import pytest
 import torch
 
 from parafork import LLM, models
 from parafork.data.extract import extract
+from parafork.sampling import SamplingParams
 from parafork.train import TrainConfig, train
 
 ANSWERS = [
@@ -48,3 +50,20 @@ def test_tiny_run_lowers_loss_resumes_and_the_adapter_loads(tiny_dir, tmp_path):
     assert torch.equal(emb_b[:control.fork_id], emb_t[:control.fork_id])  # and only those
     llm = LLM(str(tiny_dir), adapter=str(adapter), dtype="float32", num_kv_blocks=64, block_size=4)
     assert llm.generate("question 0", None)[0].finished
+
+
+@pytest.mark.model
+def test_the_bundled_adapter_loads_offline_and_the_model_forks_by_itself(base_llm):
+    from parafork.tokens import CHILD, FORK
+
+    assert models.default_adapter("bundled") == models.BUNDLED_ADAPTER
+    assert models.default_adapter("base") is None
+    llm = LLM("bundled", dtype="float32", num_kv_blocks=512)
+    assert llm.adapter == models.BUNDLED_ADAPTER
+    prompt = "How can I improve my time management skills?"
+    out = llm.generate(prompt, SamplingParams(max_tokens=400))[0]
+    assert out.num_threads >= 3, "the tuned model should fork a list answer into threads"
+    assert FORK not in out.text and CHILD not in out.text
+    assert out.num_steps < out.num_generated_tokens / 2  # threads decode side by side
+    untuned = base_llm.generate(prompt, SamplingParams(max_tokens=400))[0]
+    assert untuned.num_threads == 1  # the base model has never seen [Fork]
