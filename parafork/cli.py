@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="answer one prompt, streamed, with the engine's figures")
     g.add_argument("prompt")
-    g.add_argument("--mode", default="apar", choices=["apar", "ar"])
+    g.add_argument("--mode", default="apar", choices=["apar", "serial", "ar"])
     g.add_argument("--max-tokens", type=int, default=512)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         bb.add_argument("--plot", default=None, help="write a PNG plot here")
         bb.add_argument("--base-model", default="base", help="the untuned model (hf, sot, quality judge)")
         if name == "latency":
-            bb.add_argument("--modes", default="ar,apar,hf,sot", help="comma list of ar, apar, hf, sot")
+            bb.add_argument("--modes", default="ar,apar,serial,hf,sot", help="comma list of ar, apar, serial, hf, sot")
         elif name == "throughput":
             bb.add_argument("--concurrency", default="1,4,16,64", help="comma list of client counts")
             bb.add_argument("--kv-blocks", default="2048", help="comma list of KV pool sizes (blocks)")

@@ -11,9 +11,12 @@ from .tokens import ControlTokens
 if TYPE_CHECKING:
     from .engine.thread import Thread
 
-# apar: threads fork; ar: [Fork] banned; raw: [Fork] may be sampled and stays in the text
-# as a marker, no thread starts (for a driver that runs APAR on another server).
-Mode = Literal["apar", "ar", "raw"]
+# apar: threads fork and run side by side; serial: the same tree, one thread at a time
+# (a child runs to its end before its parent goes on: APAR's answers at AR's pace, the
+# baseline for APAR's parallel speed-up); ar: [Fork] banned; raw: [Fork] may be sampled and
+# stays in the text as a marker, no thread starts (for a driver that runs APAR elsewhere).
+Mode = Literal["apar", "serial", "ar", "raw"]
+FORKING_MODES = ("apar", "serial")
 
 
 class LogitsRule(Protocol):
@@ -47,8 +50,8 @@ class SamplingParams:
             raise bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise bad(f"seed must be an integer or None, got {self.seed!r}")
-        if self.mode not in ("apar", "ar", "raw"):
-            raise bad(f"mode must be 'apar', 'ar' or 'raw', got {self.mode!r}")
+        if self.mode not in ("apar", "serial", "ar", "raw"):
+            raise bad(f"mode must be 'apar', 'serial', 'ar' or 'raw', got {self.mode!r}")
         if self.logit_bias is not None and not all(
             isinstance(k, int) and not isinstance(k, bool) and k >= 0 and isinstance(v, (int, float)) and -100 <= v <= 100
             for k, v in self.logit_bias.items()
@@ -84,7 +87,7 @@ def apply_apar_rules(logits: torch.Tensor, threads: Sequence[Thread], control: C
 
 def _fork_banned(thread: Thread, control: ControlTokens) -> bool:
     params = thread.request.params
-    if params.mode != "apar":
+    if params.mode not in FORKING_MODES:
         return params.mode == "ar"
     return (
         thread.last_token in (control.fork_id, control.child_id)

@@ -129,7 +129,7 @@ class EngineThread:
 # ---- request bodies ---------------------------------------------------------------------
 class ParaforkOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    mode: Literal["apar", "ar", "raw"] = "apar"
+    mode: Literal["apar", "serial", "ar", "raw"] = "apar"
     max_depth: int = Field(2, ge=1, le=8)
     max_threads: int = Field(16, ge=1, le=64)
 

@@ -54,15 +54,15 @@ def test_cli_reports_a_missing_suite(tiny_dir, tmp_path, capsys):
 
 
 def test_latency_figures_agree_with_hf_and_the_engine(tiny_dir, tmp_path):
-    args = _args(tiny_dir, tmp_path, modes="ar,apar,hf,sot", limit=3)
+    args = _args(tiny_dir, tmp_path, modes="ar,apar,serial,hf,sot", limit=3)
     result = latency.run(args)
     saved = json.loads((tmp_path / "out.json").read_text())
     assert (tmp_path / "out.png").stat().st_size > 0
-    for mode in ("ar", "apar", "hf", "sot"):
+    for mode in ("ar", "apar", "serial", "hf", "sot"):
         assert set(saved["modes"][mode]) >= {
             "tokens", "steps", "wall_s", "tok_s", "peak_kv_blocks", "attn_work", "fork_rate", "threads_mean"
         }
-    assert set(saved["speedup"]) == {"apar_vs_ar", "apar_vs_hf", "sot_vs_ar"}
+    assert set(saved["speedup"]) == {"apar_vs_ar", "apar_vs_serial", "apar_vs_hf", "sot_vs_ar"}
     assert saved["speedup"]["apar_vs_ar"] == pytest.approx(saved["modes"]["ar"]["wall_s"] / saved["modes"]["apar"]["wall_s"])
     assert set(saved["per_category"]) == {"generic"} and len(saved["questions"]) == 3
     for q in result["questions"]:
@@ -98,7 +98,7 @@ def test_throughput_closed_loop_loses_nothing_and_writes_plots(tiny_dir, tmp_pat
     result = throughput.run(args)
     saved = json.loads((tmp_path / "out.json").read_text())
     assert (tmp_path / "out.png").stat().st_size > 0
-    assert len(saved["runs"]) == 2 * 2 * 2 and len(saved["comparison"]) == 4
+    assert len(saved["runs"]) == 2 * 2 * 3 and len(saved["comparison"]) == 2 * 2 * 2
     for r in result["runs"]:
         assert r["requests"] == r["completed"] == 2 * r["concurrency"] and r["tokens"] > 0
         assert r["peak_kv_blocks"] <= r["kv_blocks"]

@@ -288,3 +288,15 @@ def test_raw_mode_keeps_fork_markers_in_the_text_and_starts_no_thread(tiny_llm):
     with pytest.raises(ValueError, match="vocabulary"):
         tiny_llm.generate(prompt, SamplingParams(max_tokens=2, logit_bias={10**7: 1.0}))
     assert_pool_full(tiny_llm)
+
+
+def test_serial_mode_decodes_the_same_tree_one_thread_at_a_time(tiny_llm):
+    force = ForceForks(tiny_llm.control, frozenset({2, 5, 8}), child_tokens=7, root_tokens=14)
+    prompt = {"prompt_token_ids": list(range(300, 321))}
+    apar = tiny_llm.generate(prompt, SamplingParams(max_tokens=200, logits_rules=[force]))[0]
+    serial = tiny_llm.generate(prompt, SamplingParams(max_tokens=200, mode="serial", logits_rules=[force]))[0]
+    assert serial.token_ids == apar.token_ids and serial.num_threads == apar.num_threads == 4
+    # One sampled token per step: every generated token but the forced [Child]s.
+    assert serial.num_steps == serial.num_generated_tokens - (serial.num_threads - 1)
+    assert apar.num_steps < serial.num_steps
+    assert_pool_full(tiny_llm)

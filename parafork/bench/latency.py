@@ -3,6 +3,8 @@
 For each question the modes run back to back (so machine drift hits them alike), greedy,
 with the same `max_tokens`:
 - `ar`, `apar`: the parafork engine with the tuned model, forking off and on;
+- `serial`: the tuned model's APAR tree decoded one thread at a time (the same answers as
+  `apar`, at AR's pace): `apar_vs_serial` is APAR's parallel speed-up on identical output;
 - `hf`: HF `generate` with the untuned base model (the reference implementation's baseline);
 - `sot`: Skeleton-of-Thought prompting with the untuned base model on the parafork engine.
 
@@ -27,8 +29,14 @@ from . import sot
 from .common import metadata, pyplot, report, save_figure, timed_run
 from .suite import load_suite, select
 
-MODES = ("ar", "apar", "hf", "sot")
-SPEEDUPS = {"apar_vs_ar": ("apar", "ar"), "apar_vs_hf": ("apar", "hf"), "sot_vs_ar": ("sot", "ar")}
+MODES = ("ar", "apar", "serial", "hf", "sot")
+ENGINE_MODES = ("ar", "apar", "serial")
+SPEEDUPS = {
+    "apar_vs_ar": ("apar", "ar"),
+    "apar_vs_serial": ("apar", "serial"),
+    "apar_vs_hf": ("apar", "hf"),
+    "sot_vs_ar": ("sot", "ar"),
+}
 
 
 def parse_modes(text: str) -> list[str]:
@@ -161,8 +169,10 @@ def run_latency(
     max_tokens: int = 512,
 ) -> dict:
     torch.set_num_threads(threads)
-    tuned = LLM(model, adapter=adapter, dtype=dtype, num_threads=threads) if {"ar", "apar"} & set(modes) else None
-    base = LLM(base_model, dtype=dtype, num_threads=threads) if "sot" in modes else None
+    # No prefix cache: a mode run after another on the same question must not find its prompt computed.
+    engine = dict(dtype=dtype, num_threads=threads, prefix_caching=False)
+    tuned = LLM(model, adapter=adapter, **engine) if set(ENGINE_MODES) & set(modes) else None
+    base = LLM(base_model, **engine) if "sot" in modes else None
     hf = HFBaseline(base_model, DTYPES[dtype], EngineConfig().block_size) if "hf" in modes else None
     for llm in filter(None, (tuned, base)):
         llm.generate("Hello", SamplingParams(max_tokens=4))  # warm-up
@@ -170,7 +180,7 @@ def run_latency(
     for q in tqdm(questions, desc="latency", unit="question"):
         rec = {**q, "modes": {}}
         for mode in modes:
-            if mode in ("ar", "apar"):
+            if mode in ENGINE_MODES:
                 rec["modes"][mode] = _engine_record(tuned, q["prompt"], SamplingParams(max_tokens=max_tokens, mode=mode))
             elif mode == "hf":
                 rec["modes"][mode] = hf.run(models.apply_chat_template(hf.tokenizer, q["prompt"]), max_tokens)

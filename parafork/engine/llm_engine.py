@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .. import models
 from ..config import EngineConfig
 from ..restore import linearize
-from ..sampling import SamplingParams, apply_apar_rules, sample
+from ..sampling import FORKING_MODES, SamplingParams, apply_apar_rules, sample
 from .block_manager import BlockManager
 from .hf_runner import HFRunner
 from .model_runner import SUPPORTED_ARCHITECTURES, ModelRunner, ThreadSlice
@@ -167,7 +167,7 @@ class LLM:
         request, params, control = thread.request, thread.request.params, self.control
         thread.token_ids.append(token)
         request.num_generated += 1
-        if token == control.fork_id and params.mode == "apar":
+        if token == control.fork_id and params.mode in FORKING_MODES:
             child = request.fork(thread, control.child_id)
             request.num_generated += 1
             copy = self.blocks.fork(thread, child)

@@ -61,9 +61,12 @@ class Scheduler:
         """Adds the request's live threads to the batch; returns the budget left, or None
         when the pool cannot hold them (the batch is left without them)."""
         start = len(batch)
-        for thread in request.live_threads:
+        threads = request.live_threads
+        if request.params.mode == "serial":
+            threads = threads[-1:]  # the newest thread runs alone: depth first, in reading order
+        for thread in threads:
             if thread.num_cached == 0:
-                if any(len(t.pending) > 2 for t in request.live_threads if t.thread_id < thread.thread_id):
+                if any(len(t.pending) > 2 for t in threads if t.thread_id < thread.thread_id):
                     break  # recompute one thread at a time, so later ones find its blocks in the cache
                 self.blocks.match_prefix(thread)
             n = min(len(thread.pending), budget)
