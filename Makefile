@@ -29,12 +29,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# The papers' measurements, one command (about 3 hours on 2 cores); figures land in results/.
+# The papers' measurements, one command (about 5 hours on 2 cores); figures land in results/.
 bench: setup
 	$(VENV)/bin/parafork bench engine --json results/engine.json
 	$(VENV)/bin/parafork bench latency --suite vicuna --json results/latency_vicuna.json --plot results/latency_vicuna.png
 	$(VENV)/bin/parafork bench latency --suite mtbench --json results/latency_mtbench.json --plot results/latency_mtbench.png
-	$(VENV)/bin/parafork bench throughput --suite vicuna --kv-blocks 256,1024,4096 --json results/throughput.json --plot results/throughput.png
+	$(VENV)/bin/parafork bench throughput --suite vicuna --kv-blocks 256,2048 --requests-per-client 1 --json results/throughput.json --plot results/throughput.png
 	$(VENV)/bin/parafork bench quality --suite vicuna --answers results/latency_vicuna.json --json results/quality_vicuna.json --plot results/quality_vicuna.png
 	$(VENV)/bin/parafork bench quality --suite mtbench --answers results/latency_mtbench.json --json results/quality_mtbench.json --plot results/quality_mtbench.png
 
