@@ -9,7 +9,7 @@ import time
 
 from .sampling import SamplingParams
 
-DEMO_PROMPT = "Give me five tips for sleeping well."
+DEMO_PROMPT = "What are the most effective ways to deal with stress?"
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
