@@ -78,6 +78,24 @@ def test_latency_figures_agree_with_hf_and_the_engine(tiny_dir, tmp_path):
         assert ar["steps"] == ar["generated"] and ar["threads"] == 1
 
 
+def test_an_interrupted_latency_run_resumes_from_its_checkpoint(tiny_dir, tmp_path):
+    args = _args(tiny_dir, tmp_path, modes="ar,apar", limit=2, plot=None)
+    first = latency.run(args)
+    partial = tmp_path / "out.json.partial.jsonl"
+    assert not partial.exists()  # a finished run leaves only its JSON
+    # Stopped after question 1 (the last line cut short): the rerun keeps that record, redoes question 2.
+    done = {**first["questions"][0], "modes": {m: {**r, "text": "kept"} for m, r in first["questions"][0]["modes"].items()}}
+    header = {"config": {k: v for k, v in first["config"].items() if k != "suite"}}  # run() adds the suite
+    partial.write_text(json.dumps(header) + "\n" + json.dumps(done) + "\n" + '{"id": 2, "mod')
+    resumed = latency.run(args)
+    assert [q["modes"]["ar"]["text"] == "kept" for q in resumed["questions"]] == [True, False]
+    assert resumed["questions"][1]["modes"]["ar"]["text"] == first["questions"][1]["modes"]["ar"]["text"]
+    assert not partial.exists()
+    # A checkpoint of another configuration is not used.
+    partial.write_text(json.dumps({"config": {**header["config"], "max_tokens": 99}}) + "\n" + json.dumps(done) + "\n")
+    assert all(q["modes"]["ar"]["text"] != "kept" for q in latency.run(args)["questions"])
+
+
 def hf_tokenizer(path):
     from parafork import models
 

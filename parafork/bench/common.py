@@ -34,6 +34,43 @@ def write_json(result: dict, path: str | None) -> None:
         print(f"wrote {path}")
 
 
+class Checkpoint:
+    """Per-question records appended as they finish (`OUT.json.partial.jsonl`), so a run
+    stopped midway resumes where it stopped; records of a different configuration are ignored."""
+
+    def __init__(self, json_path: str | None, config: dict) -> None:
+        self.path = Path(f"{json_path}.partial.jsonl") if json_path else None
+        self.config = config
+        self.records: dict[str, dict] = {}
+        if self.path and self.path.is_file():
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            if lines and json.loads(lines[0]) == {"config": config}:
+                for line in lines[1:]:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut short when the run was stopped
+                        continue
+                    self.records[str(record["id"])] = record
+                print(f"resuming from {self.path}: {len(self.records)} questions done")
+        if self.path and not self.records:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"config": config}) + "\n", encoding="utf-8")
+
+    def get(self, question: dict) -> dict | None:
+        return self.records.get(str(question["id"]))
+
+    def add(self, record: dict) -> None:
+        self.records[str(record["id"])] = record
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def finish(self) -> None:
+        """The run is complete (its JSON follows): the partial file is no longer needed."""
+        if self.path:
+            self.path.unlink(missing_ok=True)
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of a non-empty list."""
     ordered = sorted(values)

@@ -26,7 +26,7 @@ from ..config import DTYPES, EngineConfig
 from ..engine.llm_engine import LLM
 from ..sampling import SamplingParams
 from . import sot
-from .common import metadata, pyplot, report, save_figure, timed_run
+from .common import Checkpoint, metadata, pyplot, report, save_figure, timed_run
 from .suite import load_suite, select
 
 MODES = ("ar", "apar", "serial", "hf", "sot")
@@ -167,7 +167,9 @@ def run_latency(
     dtype: str = "bfloat16",
     threads: int = 2,
     max_tokens: int = 512,
+    checkpoint_to: str | None = None,
 ) -> dict:
+    """`checkpoint_to`: the JSON path; finished questions are kept beside it to resume from."""
     torch.set_num_threads(threads)
     # No prefix cache: a mode run after another on the same question must not find its prompt computed.
     engine = dict(dtype=dtype, num_threads=threads, prefix_caching=False)
@@ -176,8 +178,14 @@ def run_latency(
     hf = HFBaseline(base_model, DTYPES[dtype], EngineConfig().block_size) if "hf" in modes else None
     for llm in filter(None, (tuned, base)):
         llm.generate("Hello", SamplingParams(max_tokens=4))  # warm-up
+    config = {"model": model, "adapter": str(tuned.adapter) if tuned else None, "base_model": base_model,
+              "dtype": dtype, "threads": threads, "max_tokens": max_tokens, "modes": modes}
+    checkpoint = Checkpoint(checkpoint_to, config)
     records = []
     for q in tqdm(questions, desc="latency", unit="question"):
+        if done := checkpoint.get(q):
+            records.append(done)
+            continue
         rec = {**q, "modes": {}}
         for mode in modes:
             if mode in ENGINE_MODES:
@@ -187,13 +195,10 @@ def run_latency(
             else:
                 rec["modes"][mode] = _sot_record(base, q["prompt"], max_tokens)
         records.append(rec)
+        checkpoint.add(rec)
     result = summarize(records, modes)
-    result.update(
-        config={"model": model, "adapter": str(tuned.adapter) if tuned else None, "base_model": base_model,
-                "dtype": dtype, "threads": threads, "max_tokens": max_tokens, "modes": modes},
-        questions=records,
-        **metadata(threads),
-    )
+    result.update(config=config, questions=records, **metadata(threads))
+    checkpoint.finish()
     return result
 
 
@@ -239,7 +244,7 @@ def run(args) -> dict:
     questions = select(load_suite(args.suite), args.limit, args.per_category)
     result = run_latency(
         questions, parse_modes(args.modes), args.model, args.adapter, args.base_model, args.dtype, args.threads,
-        args.max_tokens,
+        args.max_tokens, args.json,
     )
     result["config"]["suite"] = args.suite
     return report(result, args, print_table, plot)
