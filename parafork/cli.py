@@ -143,6 +143,16 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .config import DTYPES
+    from .export import export
+
+    out = export(args.model, args.out, args.adapter, DTYPES[args.dtype])
+    print(f"wrote {out} (merged weights, safetensors; [Fork]/[Child] as plain added tokens)")
+    print("GGUF for llama.cpp: python convert_hf_to_gguf.py", out, "--outtype f16 --outfile MODEL.gguf")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parafork", description="APAR decoding: the model forks, the engine batches.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(sv)
     sv.set_defaults(func=cmd_serve)
 
+    ex = sub.add_parser("export", help="the tuned model as a plain HF folder for vLLM, SGLang, llama.cpp")
+    ex.add_argument("--out", required=True, help="a new folder")
+    ex.add_argument("--adapter", default=None, help="LoRA adapter to merge (default: the bundled one for 'bundled')")
+    _add_engine_args(ex)
+    ex.set_defaults(func=cmd_export)
+
     b = sub.add_parser("bench", help="benchmarks (each prints a table; --json/--plot keep the figures)")
     benches = b.add_subparsers(dest="what", required=True)
     for name, text in [
@@ -247,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"parafork: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,56 @@
+"""`parafork export`: the tuned model as a plain HF folder for other serving engines.
+
+The adapter is merged into the weights and the folder holds safetensors, config and the
+tokenizer, so vLLM, SGLang or llama.cpp (after `convert_hf_to_gguf.py`) can serve it and
+`parafork.remote` can run APAR over them. `[Fork]` and `[Child]` are written as ordinary
+added tokens, not special ones: servers then print them in completions whatever their
+special-token settings (llama.cpp's converter makes them user-defined tokens, which it
+renders and matches in prompt text), and the driver sees where a thread forks.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from . import models
+from .tokens import CHILD, FORK
+
+CONTROL = (FORK, CHILD)
+
+
+def _unmark_control_tokens(folder: Path) -> None:
+    """Rewrites the saved tokenizer files so the control tokens are not special."""
+    fast = folder / "tokenizer.json"
+    data = json.loads(fast.read_text(encoding="utf-8"))
+    for token in data.get("added_tokens", []):
+        if token["content"] in CONTROL:
+            token["special"] = False
+    fast.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    for token in config.get("added_tokens_decoder", {}).values():
+        if token["content"] in CONTROL:
+            token["special"] = False
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        if isinstance(config.get(key), list):
+            config[key] = [t for t in config[key] if t not in CONTROL]
+    config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def export(model: str | os.PathLike, out: str | os.PathLike, adapter: str | os.PathLike | None = None,
+           dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Writes `model` (with `adapter`, by default the one the model name implies) merged into `out`."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty")
+    path = models.resolve_model_path(model)
+    tokenizer, _ = models.load_tokenizer(path)
+    adapter = Path(adapter) if adapter else models.default_adapter(model)
+    hf_model = models.load_hf_model(path, tokenizer, dtype, adapter=adapter)
+    hf_model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    _unmark_control_tokens(out)
+    return out
