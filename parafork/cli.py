@@ -45,7 +45,7 @@ def cmd_generate_remote(args) -> int:
     print(out.text)
     print(
         f"[{args.mode} via {args.backend}] {out.completion_tokens} tokens generated, {out.threads} threads, "
-        f"{out.rounds} rounds, {out.seconds:.2f} s"
+        f"{out.requests} requests, {out.seconds:.2f} s"
     )
     return 0
 
@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
             bb.add_argument("--url", default=None, help="server base URL (…/v1); default: start parafork's own")
             bb.add_argument("--served-name", default=None, help="the model id the server knows (default: --model)")
             bb.add_argument("--api-key", default=None)
-            bb.add_argument("--chunk", type=int, default=16, help="tokens per request and round")
+            bb.add_argument("--chunk", type=int, default=16, help="tokens per request of a thread that may fork")
             continue
         bb.add_argument("--plot", default=None, help="write a PNG plot here")
         bb.add_argument("--base-model", default="base", help="the untuned model (hf, sot, quality judge)")

@@ -2,18 +2,20 @@
 
 Each thread is a series of completion requests whose prompt is the thread's whole text
 (chat prompt, its ancestors up to its fork, then its own text), with control tokens
-written out as `[Fork]`/`[Child]` so the server's tokenizer maps them to their ids. All
-live threads' requests go out at once each round; the server batches them, and its prefix
-cache keeps the shared prefixes cheap. When a reply contains `[Fork]`, the thread keeps
+written out as `[Fork]`/`[Child]` so the server's tokenizer maps them to their ids. The
+server batches the live threads' requests, and its prefix cache keeps the shared prefixes
+cheap. When a reply contains `[Fork]`, the thread keeps
 what came before it and continues after it, a child starts from there with `[Child]`, and
-the rest of the reply is dropped (it was written as if no fork happened). Servers need
-to render special tokens in the text (`skip_special_tokens: false` for vLLM; parafork's
-`mode: raw`) and honour `logit_bias` (used to ban `[Fork]` where APAR forbids it).
+the rest of the reply is dropped (it was written as if no fork happened). Replies are
+handled as they arrive; each thread's next request goes out at once. Servers must print
+the control tokens in completions (`parafork export` writes them as plain added tokens;
+parafork's own server uses `mode: raw`) and honour `logit_bias` (used to ban `[Fork]`
+where APAR forbids it).
 """
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from .tokens import CHILD, FORK
@@ -40,7 +42,7 @@ class RemoteThread:
 class RemoteOutput:
     text: str
     threads: int
-    rounds: int  # rounds of parallel requests (one request per live thread each)
+    requests: int  # completion requests sent
     completion_tokens: int  # tokens the server generated, dropped ones included
     seconds: float
 
@@ -53,6 +55,7 @@ class RemoteAPAR:
         tokenizer,
         api_key: str | None = None,
         chunk: int = 16,
+        body_chunk: int = 128,
         max_threads: int = 16,
         max_depth: int = 2,
         fork_bias: float = 0.0,
@@ -61,18 +64,22 @@ class RemoteAPAR:
         import openai
 
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout, max_retries=2)
-        self.model, self.tokenizer, self.chunk = model, tokenizer, chunk
+        # A thread that may fork asks for `chunk` tokens at a time: what follows a [Fork] in a
+        # reply is dropped. One that may not (depth or thread cap) asks for `body_chunk`.
+        self.model, self.tokenizer, self.chunk, self.body_chunk = model, tokenizer, chunk, body_chunk
         self.max_threads, self.max_depth, self.fork_bias = max_threads, max_depth, fork_bias
         self.fork_id = tokenizer.convert_tokens_to_ids(FORK)
         self.child_id = tokenizer.convert_tokens_to_ids(CHILD)
 
-    def _may_fork(self, thread: RemoteThread, num_threads: int) -> bool:
-        return (
-            bool(thread.text)
-            and not thread.text.endswith(FORK)
-            and thread.depth + 1 < self.max_depth
-            and num_threads < self.max_threads
-        )
+    def _next_request(self, thread: RemoteThread, num_threads: int) -> tuple[int, bool]:
+        """(tokens to ask for, whether [Fork] is allowed). A thread may not fork before its
+        first token nor right after a fork; the ban holds for a whole reply, so that one
+        token is asked for alone, and the thread's next reply may fork again."""
+        if thread.depth + 1 >= self.max_depth or num_threads >= self.max_threads:
+            return self.body_chunk, False
+        if not thread.text or thread.text.endswith(FORK):
+            return 1, False
+        return self.chunk, True
 
     def _complete(self, prompt: str, max_tokens: int, allow_fork: bool, mode: str) -> tuple[str, str, int]:
         bias = {str(self.child_id): -100}
@@ -99,27 +106,45 @@ class RemoteAPAR:
         return RemoteOutput(text, 1, 1, used, time.perf_counter() - start)
 
     def generate(self, prompt: str, max_tokens: int = 512) -> RemoteOutput:
+        """APAR over the server. Every thread has its own series of requests, sent as soon as
+        its last one returns (no lock-step rounds: a long body never holds up the parent's
+        next head). `max_tokens` bounds the tokens generated over all threads, dropped ones
+        included: requests only reserve what is left of it."""
         start = time.perf_counter()
         root = RemoteThread(self.chat_prompt(prompt), depth=0)
-        threads, used, rounds = [root], 0, 0
+        threads, ready = [root], [root]
+        in_flight: dict[Future, tuple[RemoteThread, int]] = {}
+        used = reserved = requests = 0
         with ThreadPoolExecutor(max_workers=self.max_threads) as pool:
-            while used < max_tokens and any(not t.finished for t in threads):
-                rounds += 1
-                live = [t for t in threads if not t.finished]
-                chunk = max(1, min(self.chunk, (max_tokens - used) // len(live)))
-                jobs = [
-                    (t, pool.submit(self._complete, t.prefix + t.text, chunk, self._may_fork(t, len(threads)), "raw"))
-                    for t in live
-                ]
-                for thread, job in jobs:
-                    text, reason, n = job.result()
-                    used += n
+            while ready or in_flight:
+                while ready and used + reserved < max_tokens:
+                    thread = ready.pop(0)
+                    size, may_fork = self._next_request(thread, len(threads))
+                    # A fair share of what is left, so one long body does not starve the others.
+                    unreserved = max_tokens - used - reserved
+                    unfinished = sum(not t.finished for t in threads)
+                    n = min(size, unreserved, max(1, unreserved // unfinished))
+                    job = pool.submit(self._complete, thread.prefix + thread.text, n, may_fork, "raw")
+                    in_flight[job] = (thread, n)
+                    reserved += n
+                    requests += 1
+                if not in_flight:
+                    break  # the budget is spent; threads still waiting stay cut short
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for job in done:
+                    thread, n = in_flight.pop(job)
+                    reserved -= n
+                    text, reason, got = job.result()
+                    used += got
                     if FORK in text and len(threads) < self.max_threads:
                         thread.text += text[: text.index(FORK)] + FORK
                         child = RemoteThread(thread.prefix + thread.text + CHILD, thread.depth + 1)
                         thread.children.append(child)
                         threads.append(child)
+                        ready += [thread, child]
                     else:
                         thread.text += text.replace(FORK, "")
                         thread.finished = reason == "stop"
-        return RemoteOutput(root.restore(), len(threads), rounds, used, time.perf_counter() - start)
+                        if not thread.finished:
+                            ready.append(thread)
+        return RemoteOutput(root.restore(), len(threads), requests, used, time.perf_counter() - start)

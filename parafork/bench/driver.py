@@ -3,7 +3,7 @@
 Against `--url` (any OpenAI-compatible completion server that renders special tokens and
 honours `logit_bias`), or, without it, parafork's own server started here on a loopback
 port with `--model`. Each question runs both ways back to back; the ratio is of total
-wall time, with the driver's rounds (parallel request waves) and threads beside it.
+wall time, with the driver's requests and threads beside it.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .. import models
 from ..remote import RemoteAPAR
-from .common import metadata, write_json
+from .common import Checkpoint, metadata, write_json
 from .suite import load_suite, select
 
 
@@ -49,14 +49,21 @@ def local_server(model: str, adapter: str | None, dtype: str, threads: int) -> I
 
 
 def run_driver(url: str, served_name: str, tokenizer, questions: list[dict], max_tokens: int, chunk: int,
-               api_key: str | None = None) -> dict:
+               api_key: str | None = None, checkpoint_to: str | None = None, server: str | None = None) -> dict:
+    """`checkpoint_to`: the JSON path; finished questions are kept beside it to resume from.
+    `server` names the server for the checkpoint (a local one gets a new port each run)."""
     driver = RemoteAPAR(url, served_name, tokenizer, api_key=api_key, chunk=chunk)
     driver.generate_ar("Hello", max_tokens=4)  # warm-up
+    checkpoint = Checkpoint(checkpoint_to, {"server": server or url, "model": served_name, "max_tokens": max_tokens, "chunk": chunk})
     records = []
     for q in tqdm(questions, desc="driver", unit="question"):
-        apar = driver.generate(q["prompt"], max_tokens=max_tokens)
-        ar = driver.generate_ar(q["prompt"], max_tokens=max_tokens)
-        records.append({**q, "apar": vars(apar), "ar": vars(ar)})
+        if not (record := checkpoint.get(q)):
+            apar = driver.generate(q["prompt"], max_tokens=max_tokens)
+            ar = driver.generate_ar(q["prompt"], max_tokens=max_tokens)
+            record = {**q, "apar": vars(apar), "ar": vars(ar)}
+            checkpoint.add(record)
+        records.append(record)
+    checkpoint.finish()
     wall = {m: sum(r[m]["seconds"] for r in records) for m in ("apar", "ar")}
     tokens = {m: sum(len(tokenizer.encode(r[m]["text"], add_special_tokens=False)) for r in records) for m in ("apar", "ar")}
     forked = [r for r in records if r["apar"]["threads"] > 1]
@@ -67,7 +74,7 @@ def run_driver(url: str, served_name: str, tokenizer, questions: list[dict], max
         "answer_tokens": tokens,
         "fork_rate": len(forked) / len(records),
         "threads_mean": sum(r["apar"]["threads"] for r in records) / len(records),
-        "rounds_mean": sum(r["apar"]["rounds"] for r in records) / len(records),
+        "requests_mean": sum(r["apar"]["requests"] for r in records) / len(records),
         "questions": records,
     }
 
@@ -77,15 +84,16 @@ def run(args) -> dict:
     tokenizer, _ = models.load_tokenizer(models.resolve_model_path(args.model))
     if args.url:
         result = run_driver(args.url, args.served_name or args.model, tokenizer, questions, args.max_tokens, args.chunk,
-                            args.api_key)
+                            args.api_key, args.json)
     else:
         with local_server(args.model, args.adapter, args.dtype, args.threads) as url:
-            result = run_driver(url, args.model, tokenizer, questions, args.max_tokens, args.chunk)
+            result = run_driver(url, args.model, tokenizer, questions, args.max_tokens, args.chunk, None, args.json,
+                                f"local parafork server: {args.model}")
     result.update(config={"url": args.url or "local parafork server", "model": args.model, "suite": args.suite,
                           "max_tokens": args.max_tokens, "chunk": args.chunk}, **metadata(args.threads))
     print(
         f"driver over {result['config']['url']}: {len(questions)} questions, APAR forks in {result['fork_rate']:.0%} "
-        f"({result['threads_mean']:.1f} threads, {result['rounds_mean']:.1f} rounds per answer)\n"
+        f"({result['threads_mean']:.1f} threads, {result['requests_mean']:.1f} requests per answer)\n"
         f"wall time AR {result['wall_s']['ar']:.1f} s, APAR {result['wall_s']['apar']:.1f} s: "
         f"APAR {result['apar_vs_ar']:.2f}x faster (tokens/s ratio {result['apar_vs_ar_tok_s']:.2f}x)"
     )
