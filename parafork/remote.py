@@ -105,17 +105,18 @@ class RemoteAPAR:
         text, _, used = self._complete(self.chat_prompt(prompt), max_tokens, False, "ar")
         return RemoteOutput(text, 1, 1, used, time.perf_counter() - start)
 
-    def generate(self, prompt: str, max_tokens: int = 512) -> RemoteOutput:
+    def generate(self, prompt: str, max_tokens: int = 512, parallel: bool = True) -> RemoteOutput:
         """APAR over the server. Every thread has its own series of requests, sent as soon as
         its last one returns (no lock-step rounds: a long body never holds up the parent's
         next head). `max_tokens` bounds the tokens generated over all threads, dropped ones
-        included: requests only reserve what is left of it."""
+        included: requests only reserve what is left of it. `parallel=False` sends one
+        request at a time: the same tree at AR's pace, the fair baseline for the speed-up."""
         start = time.perf_counter()
         root = RemoteThread(self.chat_prompt(prompt), depth=0)
         threads, ready = [root], [root]
         in_flight: dict[Future, tuple[RemoteThread, int]] = {}
         used = reserved = requests = 0
-        with ThreadPoolExecutor(max_workers=self.max_threads) as pool:
+        with ThreadPoolExecutor(max_workers=self.max_threads if parallel else 1) as pool:
             while ready or in_flight:
                 while ready and used + reserved < max_tokens:
                     thread = ready.pop(0)

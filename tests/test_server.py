@@ -172,6 +172,8 @@ def test_remote_driver_runs_apar_over_the_server(server):
     assert out.threads == 4 and out.requests > 4
     assert "[Fork]" not in out.text and "[Child]" not in out.text
     assert out.completion_tokens == 60  # the budget is shared by all threads and never overrun
+    serial = driver.generate("Tell me things.", max_tokens=60, parallel=False)  # one request at a time
+    assert (serial.threads, serial.completion_tokens) == (4, 60)
     ar = driver.generate_ar("Tell me things.", max_tokens=8)
     assert ar.threads == 1 and ar.text
     wait_pool_full(llm)
@@ -234,6 +236,7 @@ def test_driver_benchmark_compares_apar_and_ar_through_one_server(server):
     questions = [{"id": i, "category": "generic", "prompt": p} for i, p in enumerate(["Tell me things.", "Hi."])]
     result = run_driver(f"{url}/v1", "tiny", llm.tokenizer, questions, max_tokens=12, chunk=4, api_key=KEY)
     assert result["apar_vs_ar"] == result["wall_s"]["ar"] / result["wall_s"]["apar"]
+    assert result["apar_vs_serial"] == result["wall_s"]["serial"] / result["wall_s"]["apar"]
     assert len(result["questions"]) == 2 and result["fork_rate"] == 0  # the tiny model never forks by itself
     assert all(r["ar"]["completion_tokens"] == 12 and r["apar"]["requests"] >= 3 for r in result["questions"])
     # Each request re-sends the thread's whole text: the server's prefix cache serves it.

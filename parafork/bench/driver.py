@@ -2,8 +2,10 @@
 
 Against `--url` (any OpenAI-compatible completion server that renders special tokens and
 honours `logit_bias`), or, without it, parafork's own server started here on a loopback
-port with `--model`. Each question runs both ways back to back; the ratio is of total
-wall time, with the driver's requests and threads beside it.
+port with `--model`. Each question runs three ways back to back: `apar` (threads'
+requests in parallel), `serial` (the same tree, one request at a time: same answers, AR's
+pace) and `ar` ([Fork] banned; a tuned model's answers are then shorter). Ratios are of
+total wall time, tokens/s ratios beside them, with the driver's requests and threads.
 """
 from __future__ import annotations
 
@@ -48,6 +50,9 @@ def local_server(model: str, adapter: str | None, dtype: str, threads: int) -> I
         thread.join(30)
 
 
+MODES = ("apar", "serial", "ar")
+
+
 def run_driver(url: str, served_name: str, tokenizer, questions: list[dict], max_tokens: int, chunk: int,
                api_key: str | None = None, checkpoint_to: str | None = None, server: str | None = None) -> dict:
     """`checkpoint_to`: the JSON path; finished questions are kept beside it to resume from.
@@ -58,18 +63,21 @@ def run_driver(url: str, served_name: str, tokenizer, questions: list[dict], max
     records = []
     for q in tqdm(questions, desc="driver", unit="question"):
         if not (record := checkpoint.get(q)):
-            apar = driver.generate(q["prompt"], max_tokens=max_tokens)
-            ar = driver.generate_ar(q["prompt"], max_tokens=max_tokens)
-            record = {**q, "apar": vars(apar), "ar": vars(ar)}
+            record = {
+                **q,
+                "apar": vars(driver.generate(q["prompt"], max_tokens=max_tokens)),
+                "serial": vars(driver.generate(q["prompt"], max_tokens=max_tokens, parallel=False)),
+                "ar": vars(driver.generate_ar(q["prompt"], max_tokens=max_tokens)),
+            }
             checkpoint.add(record)
         records.append(record)
     checkpoint.finish()
-    wall = {m: sum(r[m]["seconds"] for r in records) for m in ("apar", "ar")}
-    tokens = {m: sum(len(tokenizer.encode(r[m]["text"], add_special_tokens=False)) for r in records) for m in ("apar", "ar")}
+    wall = {m: sum(r[m]["seconds"] for r in records) for m in MODES}
+    tokens = {m: sum(len(tokenizer.encode(r[m]["text"], add_special_tokens=False)) for r in records) for m in MODES}
     forked = [r for r in records if r["apar"]["threads"] > 1]
     return {
-        "apar_vs_ar": wall["ar"] / wall["apar"],
-        "apar_vs_ar_tok_s": (tokens["apar"] / wall["apar"]) / (tokens["ar"] / wall["ar"]),
+        **{f"apar_vs_{m}": wall[m] / wall["apar"] for m in ("serial", "ar")},
+        **{f"apar_vs_{m}_tok_s": (tokens["apar"] / wall["apar"]) / (tokens[m] / wall[m]) for m in ("serial", "ar")},
         "wall_s": wall,
         "answer_tokens": tokens,
         "fork_rate": len(forked) / len(records),
@@ -94,8 +102,10 @@ def run(args) -> dict:
     print(
         f"driver over {result['config']['url']}: {len(questions)} questions, APAR forks in {result['fork_rate']:.0%} "
         f"({result['threads_mean']:.1f} threads, {result['requests_mean']:.1f} requests per answer)\n"
-        f"wall time AR {result['wall_s']['ar']:.1f} s, APAR {result['wall_s']['apar']:.1f} s: "
-        f"APAR {result['apar_vs_ar']:.2f}x faster (tokens/s ratio {result['apar_vs_ar_tok_s']:.2f}x)"
+        f"wall time APAR {result['wall_s']['apar']:.1f} s, serial {result['wall_s']['serial']:.1f} s, "
+        f"AR {result['wall_s']['ar']:.1f} s\n"
+        f"APAR vs serial (same answers) {result['apar_vs_serial']:.2f}x; "
+        f"APAR vs AR {result['apar_vs_ar']:.2f}x (tokens/s ratio {result['apar_vs_ar_tok_s']:.2f}x)"
     )
     write_json(result, args.json)
     return result
