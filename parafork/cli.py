@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("throughput", "closed-loop load, batched AR vs APAR per KV budget (paper Fig. 5)"),
         ("quality", "quality proxies: APAR vs AR answers and the untuned base model"),
         ("driver", "APAR via the remote driver vs AR through the same OpenAI-compatible server"),
+        ("load", "many streaming clients against an OpenAI-compatible server: completed, lost, tok/s, p50/p99"),
     ]:
         bb = benches.add_parser(name, help=text, description=text)
         _add_engine_args(bb)
@@ -238,11 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "forks":
             bb.add_argument("--ar", action="store_true", help="also decode AR answers for the step ratio")
             continue
-        if name == "driver":
+        if name in ("driver", "load"):
             bb.add_argument("--url", default=None, help="server base URL (…/v1); default: start parafork's own")
             bb.add_argument("--served-name", default=None, help="the model id the server knows (default: --model)")
             bb.add_argument("--api-key", default=None)
-            bb.add_argument("--chunk", type=int, default=16, help="tokens per request of a thread that may fork")
+            if name == "driver":
+                bb.add_argument("--chunk", type=int, default=16, help="tokens per request of a thread that may fork")
+            else:
+                bb.add_argument("--clients", type=int, default=64)
+                bb.add_argument("--requests-per-client", type=int, default=4, help="sent one after another")
+                bb.add_argument("--mode", default="apar", choices=["apar", "serial", "ar"])
             continue
         bb.add_argument("--plot", default=None, help="write a PNG plot here")
         bb.add_argument("--base-model", default="base", help="the untuned model (hf, sot, quality judge)")

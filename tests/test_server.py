@@ -243,3 +243,18 @@ def test_driver_benchmark_compares_apar_and_ar_through_one_server(server):
     metrics = urllib.request.urlopen(f"{url}/metrics").read().decode()
     assert int(metrics.split("parafork_prefix_cache_hit_tokens_total ")[1].split()[0]) > 0
     wait_pool_full(llm)
+
+
+def test_load_benchmark_counts_every_request_and_loses_none(server):
+    from parafork.bench.load import run_load
+
+    url, llm = server
+    prompts = ["Tell me things.", "Hi.", "Name three rivers."]
+    result = run_load(f"{url}/v1", "tiny", prompts, clients=16, requests_per_client=2, max_tokens=12, api_key=KEY)
+    assert (result["requests"], result["completed"], result["errors"], result["lost"]) == (32, 32, 0, 0)
+    assert result["tokens"] == 32 * 12 and result["latency_p50"] <= result["latency_p99"]
+    assert 0 < result["ttft_p50"] <= result["latency_p99"]
+    refused = run_load(f"{url}/v1", "tiny", prompts, clients=2, requests_per_client=1, max_tokens=4, api_key="wrong")
+    assert (refused["completed"], refused["errors"], refused["lost"]) == (0, 2, 0)
+    assert "AuthenticationError" in refused["error_samples"][0]
+    wait_pool_full(llm)
