@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "engine":
             bb.add_argument("--tokens", type=int, default=128, help="tokens per timed generation")
             bb.add_argument("--steps", type=int, default=20, help="timed steps per thread count")
+            bb.add_argument("--gguf", default=None, help="the same model as GGUF: adds llama.cpp's AR tok/s")
             continue
         bb.add_argument("--suite", default="vicuna", help="'vicuna', 'mtbench', or a question.jsonl file")
         bb.add_argument("--limit", type=int, default=None, help="first N questions")

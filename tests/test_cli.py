@@ -23,7 +23,7 @@ def test_generate_reports_bad_input_as_an_error(tiny_dir, capsys):
 
 def test_bench_engine_writes_every_documented_key(tiny_dir, tmp_path):
     out = tmp_path / "bench.json"
-    args = SimpleNamespace(model=str(tiny_dir), dtype="float32", threads=1, tokens=8, steps=2, json=str(out))
+    args = SimpleNamespace(model=str(tiny_dir), dtype="float32", threads=1, tokens=8, steps=2, json=str(out), gguf=None)
     result = bench_engine.run(args)
     saved = json.loads(out.read_text())
     for key in ("dtype", "hf_tok_s", "ar_tok_s", "ar_vs_hf", "step_ms", "bandwidth_gbs", "achieved_gbs"):

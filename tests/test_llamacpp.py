@@ -66,3 +66,11 @@ def test_apar_through_the_llamacpp_server_forks_and_restores_the_list(llamacpp_u
     assert all(len(item.split()) > 5 for item in items)
     ar = driver.generate_ar(prompt, max_tokens=300)
     assert ar.threads == 1 and "[Fork]" not in ar.text and ar.text
+
+
+def test_bench_engine_measures_the_llamacpp_reference_line(base_dir):
+    from parafork.bench.engine import llamacpp_tokens_per_s
+
+    tokenizer, _ = models.load_tokenizer(base_dir)
+    prompt_ids = models.apply_chat_template(tokenizer, "Give me three tips for sleeping well.")
+    assert llamacpp_tokens_per_s(GGUF, prompt_ids, tokens=16, threads=2) > 0

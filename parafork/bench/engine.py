@@ -5,7 +5,10 @@
 - decode step time with 1/2/4/8/16 live threads that share one prompt's KV blocks, as
   APAR siblings do;
 - achieved weight bandwidth (weight bytes x steps/s) against this machine's read
-  bandwidth, measured here by summing a buffer larger than the caches.
+  bandwidth, measured here by summing a buffer larger than the caches;
+- with `--gguf` (the same model as GGUF, e.g. from `parafork export` + llama.cpp's
+  converter) and llama-cpp-python installed: llama.cpp's AR tokens/s on the same prompt,
+  as the CPU reference line.
 """
 from __future__ import annotations
 
@@ -58,6 +61,22 @@ def ar_tokens_per_s(llm: LLM, prompt_ids: list[int], tokens: int) -> float:
     return tokens / seconds
 
 
+def llamacpp_tokens_per_s(gguf: str, prompt_ids: list[int], tokens: int, threads: int) -> float:
+    try:
+        from llama_cpp import Llama
+    except ImportError as e:
+        raise ValueError("--gguf needs llama-cpp-python (make test-llamacpp installs it)") from e
+    llama = Llama(model_path=gguf, n_ctx=len(prompt_ids) + tokens + 8, n_threads=threads, n_batch=512, verbose=False)
+
+    def decode(n: int) -> None:  # greedy, end-of-sequence ignored: exactly n tokens
+        for k, _ in enumerate(llama.generate(prompt_ids, top_k=1, temp=0.0, reset=True), 1):
+            if k == n:
+                break
+
+    decode(4)  # warm-up
+    return tokens / _timed(lambda: decode(tokens))
+
+
 def step_ms(llm: LLM, prompt_ids: list[int], threads: int, context: int, steps: int) -> float:
     """Decode step time with `threads` live threads over one shared prefix of `context` tokens."""
     runner, bs = llm.runner, llm.config.block_size
@@ -88,6 +107,9 @@ def run(args) -> dict:
     print(f"  HF generate                 {hf:8.1f} tok/s")
     ar = ar_tokens_per_s(llm, prompt_ids, args.tokens)
     print(f"  parafork AR (batch 1)       {ar:8.1f} tok/s   {ar / hf:.2f}x HF")
+    llamacpp = llamacpp_tokens_per_s(args.gguf, prompt_ids, args.tokens, args.threads) if args.gguf else None
+    if llamacpp:
+        print(f"  llama.cpp AR (--gguf)       {llamacpp:8.1f} tok/s   {llamacpp / hf:.2f}x HF, parafork AR {ar / llamacpp:.2f}x it")
     achieved = llm.runner.weight_bytes * ar / 1e9
     print(f"  achieved weight bandwidth   {achieved:8.1f} GB/s   {100 * achieved / bandwidth:.0f}% of measured")
     steps = {}
@@ -101,6 +123,8 @@ def run(args) -> dict:
         "hf_tok_s": hf,
         "ar_tok_s": ar,
         "ar_vs_hf": ar / hf,
+        "llamacpp_tok_s": llamacpp,
+        "gguf": args.gguf,
         "step_ms": {str(n): ms for n, ms in steps.items()},
         "step_ratio_8_vs_1": steps[8] / steps[1],
         "bandwidth_gbs": bandwidth,
