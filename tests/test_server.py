@@ -87,6 +87,8 @@ def test_models_health_and_metrics(server):
         ({"model": "tiny", "messages": []}, 400, "messages"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "x" * 20000}]}, 400, None),
         ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "parafork": {"mode": "fast"}}, 400, "parafork.mode"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 500}}, 400, "logit_bias"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"99999999": 1}}, 400, None),
     ],
 )
 def test_bad_requests_get_openai_shaped_errors(server, body, status, param):
