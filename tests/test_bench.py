@@ -91,8 +91,10 @@ def test_an_interrupted_latency_run_resumes_from_its_checkpoint(tiny_dir, tmp_pa
     assert [q["modes"]["ar"]["text"] == "kept" for q in resumed["questions"]] == [True, False]
     assert resumed["questions"][1]["modes"]["ar"]["text"] == first["questions"][1]["modes"]["ar"]["text"]
     assert not partial.exists()
-    # A checkpoint of another configuration is not used.
+    # A checkpoint of another configuration, or a record of another question under the same id, is not used.
     partial.write_text(json.dumps({"config": {**header["config"], "max_tokens": 99}}) + "\n" + json.dumps(done) + "\n")
+    assert all(q["modes"]["ar"]["text"] != "kept" for q in latency.run(args)["questions"])
+    partial.write_text(json.dumps(header) + "\n" + json.dumps({**done, "prompt": "another question"}) + "\n")
     assert all(q["modes"]["ar"]["text"] != "kept" for q in latency.run(args)["questions"])
 
 

@@ -40,7 +40,6 @@ class Checkpoint:
 
     def __init__(self, json_path: str | None, config: dict) -> None:
         self.path = Path(f"{json_path}.partial.jsonl") if json_path else None
-        self.config = config
         self.records: dict[str, dict] = {}
         if self.path and self.path.is_file():
             lines = self.path.read_text(encoding="utf-8").splitlines()
@@ -57,7 +56,8 @@ class Checkpoint:
             self.path.write_text(json.dumps({"config": config}) + "\n", encoding="utf-8")
 
     def get(self, question: dict) -> dict | None:
-        return self.records.get(str(question["id"]))
+        record = self.records.get(str(question["id"]))
+        return record if record and record.get("prompt") == question["prompt"] else None
 
     def add(self, record: dict) -> None:
         self.records[str(record["id"])] = record

@@ -178,9 +178,10 @@ def run_latency(
     hf = HFBaseline(base_model, DTYPES[dtype], EngineConfig().block_size) if "hf" in modes else None
     for llm in filter(None, (tuned, base)):
         llm.generate("Hello", SamplingParams(max_tokens=4))  # warm-up
-    config = {"model": model, "adapter": str(tuned.adapter) if tuned else None, "base_model": base_model,
-              "dtype": dtype, "threads": threads, "max_tokens": max_tokens, "modes": modes}
-    checkpoint = Checkpoint(checkpoint_to, config)
+    given = {"model": model, "adapter": adapter, "base_model": base_model, "dtype": dtype, "threads": threads,
+             "max_tokens": max_tokens, "modes": modes}
+    checkpoint = Checkpoint(checkpoint_to, given)  # names as given, not paths: a clone elsewhere resumes too
+    config = {**given, "adapter": str(tuned.adapter) if tuned and tuned.adapter else None}
     records = []
     for q in tqdm(questions, desc="latency", unit="question"):
         if done := checkpoint.get(q):
