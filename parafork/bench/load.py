@@ -61,17 +61,18 @@ def run_load(url: str, served_name: str, prompts: list[str], clients: int, reque
     wall = time.perf_counter() - start
     bar.close()
     done = [r for r in records if r["finish"]]
+    errors = sum(r["error"] is not None for r in records)
     latencies = [r["latency_s"] for r in done] or [0.0]
     ttfts = [r["ttft_s"] for r in done if r["ttft_s"] is not None] or [0.0]
     return {
         "clients": clients,
         "requests": clients * requests_per_client,
         "completed": len(done),
-        "errors": sum(r["error"] is not None for r in records),
-        "lost": clients * requests_per_client - len(done) - sum(r["error"] is not None for r in records),
-        "tokens": sum(r["tokens"] for r in done),
+        "errors": errors,
+        "lost": clients * requests_per_client - len(done) - errors,
+        "tokens": (tokens := sum(r["tokens"] for r in done)),
         "wall_s": wall,
-        "tok_s": sum(r["tokens"] for r in done) / wall,
+        "tok_s": tokens / wall,
         **{f"latency_{k}": v for k, v in _stats(latencies).items()},
         **{f"ttft_{k}": v for k, v in _stats(ttfts).items()},
         "error_samples": [r["error"] for r in records if r["error"]][:5],
