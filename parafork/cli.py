@@ -7,6 +7,9 @@ import logging
 import sys
 import time
 
+import torch
+
+from .config import DTYPE_CHOICES, resolve_dtype
 from .sampling import SamplingParams
 
 DEMO_PROMPT = "What are the most effective ways to deal with stress?"
@@ -14,7 +17,8 @@ DEMO_PROMPT = "What are the most effective ways to deal with stress?"
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="bundled", help="'bundled', 'base', or a local HF folder (safetensors)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="auto: bf16 where the CPU computes it natively, float32 otherwise")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 
 
@@ -100,7 +104,7 @@ def cmd_demo(args) -> int:
     (ar, ar_s), (apar, apar_s) = results["ar"], results["apar"]
     print(
         f"\nAPAR vs AR: {ar.num_steps / max(apar.num_steps, 1):.2f}x fewer decode steps, "
-        f"{ar_s / apar_s:.2f}x wall-clock speed-up ({args.threads} CPU threads, {args.dtype})"
+        f"{ar_s / apar_s:.2f}x wall-clock speed-up ({args.threads} CPU threads, {str(resolve_dtype(args.dtype)).removeprefix('torch.')})"
     )
     return 0
 
@@ -144,10 +148,11 @@ def cmd_serve(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .config import DTYPES
     from .export import export
 
-    out = export(args.model, args.out, args.adapter, DTYPES[args.dtype])
+    # The file's dtype, not a compute choice: 'auto' writes bf16 (half the size of fp32).
+    dtype = torch.bfloat16 if args.dtype == "auto" else resolve_dtype(args.dtype)
+    out = export(args.model, args.out, args.adapter, dtype)
     print(f"wrote {out} (merged weights, safetensors; [Fork]/[Child] as plain added tokens)")
     print("GGUF for llama.cpp: python convert_hf_to_gguf.py", out, "--outtype f16 --outfile MODEL.gguf")
     return 0

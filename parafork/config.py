@@ -6,13 +6,32 @@ from dataclasses import dataclass
 import torch
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+DTYPE_CHOICES = ("auto", "bfloat16", "float32")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where oneDNN has native bf16 kernels (AVX-512 BW/VL/DQ, AVX-NE-CONVERT or AMX).
+
+    Elsewhere (e.g. AVX2-only CPUs) bf16 matmuls are emulated: one row costs about what fp32
+    costs, and every extra row costs as much again, so parallel threads gain nothing.
+    """
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """'auto' is bf16 where the CPU computes it natively, float32 otherwise."""
+    if name == "auto":
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(set(DTYPES) | {'auto'})}, got {name!r}")
+    return DTYPES[name]
 
 
 @dataclass
 class EngineConfig:
     model: str = "bundled"  # "bundled" (base + APAR adapter), "base", or a local HF folder (safetensors)
     adapter: str | None = None  # a LoRA adapter folder to merge; "bundled" implies the bundled one
-    dtype: str = "bfloat16"  # bf16 for speed; float32 for exactness against HF
+    dtype: str = "auto"  # bf16 where the CPU has native bf16, else float32; float32 for exactness against HF
     block_size: int = 16  # tokens per KV block
     num_kv_blocks: int = 2048  # size of the KV pool (2048 x 16 = 32k tokens)
     max_batch_tokens: int = 2048  # tokens fed per forward (prefill is chunked to fit)
@@ -22,8 +41,7 @@ class EngineConfig:
     prefix_caching: bool = True  # reuse computed KV blocks of identical token prefixes across requests
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        resolve_dtype(self.dtype)  # validates
         if self.backend not in ("auto", "native", "hf"):
             raise ValueError(f"backend must be 'auto', 'native' or 'hf', got {self.backend!r}")
         for name in ("block_size", "num_kv_blocks", "max_batch_tokens"):
@@ -33,4 +51,4 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return resolve_dtype(self.dtype)

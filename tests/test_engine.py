@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from parafork import models
+from parafork.engine.llm_engine import LLM
 from parafork.rules import ForceForks
 from parafork.sampling import SamplingParams
 
@@ -240,6 +241,27 @@ def test_apar_rules_caps(tiny_llm):
     ar = tiny_llm.generate({"prompt_token_ids": [10, 11, 12]}, SamplingParams(max_tokens=20, mode="ar", logits_rules=[always_fork]))[0]
     assert ar.num_threads == 1
     assert out.num_generated_tokens >= 80 or out.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_dtype_auto_follows_the_cpu_and_bf16_runs_on_any_cpu(tiny_dir, tiny_llm, monkeypatch, fast_bf16):
+    """'auto' is bf16 only where oneDNN computes bf16 natively; an explicit bf16 still runs
+    (unpacked) on CPUs without it instead of failing in oneDNN's weight packing."""
+    from parafork import config
+    from parafork.engine import model_runner
+
+    fast = fast_bf16 and config.cpu_has_fast_bf16()  # packing needs the real CPU feature
+    monkeypatch.setattr(config, "cpu_has_fast_bf16", lambda: fast_bf16)
+    monkeypatch.setattr(model_runner, "cpu_has_fast_bf16", lambda: fast)
+    assert config.resolve_dtype("auto") == (torch.bfloat16 if fast_bf16 else torch.float32)
+    bf16 = LLM(str(tiny_dir), dtype="bfloat16", num_kv_blocks=64, block_size=4)
+    assert bf16.runner.layers[0].qkv.packed == fast
+    assert tiny_llm.runner.layers[0].qkv.packed  # fp32 weights are packed for oneDNN everywhere
+    prompt = {"prompt_token_ids": [10, 11, 12]}
+    params = SamplingParams(max_tokens=8, mode="ar", ignore_eos=True)
+    assert bf16.generate(prompt, params)[0].num_generated_tokens == 8
+    with pytest.raises(ValueError, match="dtype"):
+        config.resolve_dtype("float16")
 
 
 def test_bad_sampling_params_are_refused_with_clear_errors():

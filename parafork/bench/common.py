@@ -10,8 +10,19 @@ from pathlib import Path
 
 import torch
 
+from ..config import cpu_has_fast_bf16
 from ..engine.llm_engine import LLM, Prompt, RequestOutput
 from ..sampling import SamplingParams
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def metadata(threads: int) -> dict:
@@ -21,7 +32,8 @@ def metadata(threads: int) -> dict:
         commit = "unknown"
     return {
         "commit": commit or "unknown",
-        "machine": f"{platform.processor() or platform.machine()}, {threads} torch threads",
+        "machine": f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {threads} torch threads",
+        "native_bf16": cpu_has_fast_bf16(),
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
     }

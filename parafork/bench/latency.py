@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import models
-from ..config import DTYPES, EngineConfig
+from ..config import EngineConfig, resolve_dtype
 from ..engine.llm_engine import LLM
 from ..sampling import SamplingParams
 from . import sot
@@ -164,7 +164,7 @@ def run_latency(
     model: str = "bundled",
     adapter: str | None = None,
     base_model: str = "base",
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     threads: int = 2,
     max_tokens: int = 512,
     checkpoint_to: str | None = None,
@@ -175,7 +175,7 @@ def run_latency(
     engine = dict(dtype=dtype, num_threads=threads, prefix_caching=False)
     tuned = LLM(model, adapter=adapter, **engine) if set(ENGINE_MODES) & set(modes) else None
     base = LLM(base_model, **engine) if "sot" in modes else None
-    hf = HFBaseline(base_model, DTYPES[dtype], EngineConfig().block_size) if "hf" in modes else None
+    hf = HFBaseline(base_model, resolve_dtype(dtype), EngineConfig().block_size) if "hf" in modes else None
     for llm in filter(None, (tuned, base)):
         llm.generate("Hello", SamplingParams(max_tokens=4))  # warm-up
     given = {"model": model, "adapter": adapter, "base_model": base_model, "dtype": dtype, "threads": threads,

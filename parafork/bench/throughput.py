@@ -71,7 +71,7 @@ def run_throughput(
     kv_blocks: list[int],
     model: str = "bundled",
     adapter: str | None = None,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     threads: int = 2,
     max_tokens: int = 256,
     requests_per_client: int = 2,
