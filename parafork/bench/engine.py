@@ -97,8 +97,8 @@ def step_ms(llm: LLM, prompt_ids: list[int], threads: int, context: int, steps: 
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
-    dtype_name = args.dtype
-    llm = LLM(args.model, dtype=dtype_name, num_threads=args.threads, num_kv_blocks=512)
+    llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, num_kv_blocks=512)
+    dtype_name = str(llm.config.torch_dtype).removeprefix("torch.")  # what 'auto' chose here
     prompt_ids = models.apply_chat_template(llm.tokenizer, PROMPT)
     print(f"parafork bench engine: model={args.model} dtype={dtype_name} threads={args.threads} tokens={args.tokens}")
     bandwidth = read_bandwidth_gbs()
