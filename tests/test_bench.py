@@ -60,8 +60,11 @@ def test_latency_figures_agree_with_hf_and_the_engine(tiny_dir, tmp_path):
     assert (tmp_path / "out.png").stat().st_size > 0
     for mode in ("ar", "apar", "serial", "hf", "sot"):
         assert set(saved["modes"][mode]) >= {
-            "tokens", "steps", "wall_s", "tok_s", "peak_kv_blocks", "attn_work", "fork_rate", "threads_mean"
+            "tokens", "steps", "wall_s", "tok_s", "peak_kv_blocks", "attn_work", "fork_rate", "threads_mean", "step_ms"
         }
+    apar = saved["modes"]["apar"]
+    decode_s = apar["wall_s"] - sum(q["modes"]["apar"]["prefill_s"] for q in saved["questions"])
+    assert apar["step_ms"] == pytest.approx(1000 * decode_s / apar["steps"]) and 0 < decode_s < apar["wall_s"]
     assert set(saved["speedup"]) == {"apar_vs_ar", "apar_vs_serial", "apar_vs_hf", "sot_vs_ar"}
     assert saved["speedup"]["apar_vs_ar"] == pytest.approx(saved["modes"]["ar"]["wall_s"] / saved["modes"]["apar"]["wall_s"])
     assert set(saved["per_category"]) == {"generic"} and len(saved["questions"]) == 3

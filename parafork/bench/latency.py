@@ -117,14 +117,18 @@ def aggregate(records: list[dict]) -> dict:
     tokens = sum(r["tokens"] for r in records)
     wall = sum(r["wall_s"] for r in records)
     prefill = [r["prefill_s"] for r in records if r["prefill_s"] is not None]
+    steps = sum(r["steps"] for r in records)
     return {
         "answers": len(records),
         "tokens": tokens,
         "generated": sum(r["generated"] for r in records),
-        "steps": sum(r["steps"] for r in records),
+        "steps": steps,
         "wall_s": wall,
         "tok_s": tokens / wall if wall else 0.0,
-        "tokens_per_step": tokens / max(1, sum(r["steps"] for r in records)),
+        "tokens_per_step": tokens / max(1, steps),
+        # Time per decode step (prefill taken out where known): with tokens_per_step it splits a
+        # speed-up into "fewer steps" and "each step costs more with more threads".
+        "step_ms": 1000 * (wall - sum(prefill)) / max(1, steps),
         "prefill_share": sum(prefill) / wall if prefill and wall else None,
         "peak_kv_blocks": max(r["peak_kv_blocks"] for r in records),
         "peak_kv_blocks_mean": sum(r["peak_kv_blocks"] for r in records) / len(records),
@@ -207,7 +211,7 @@ def print_table(result: dict) -> None:
     modes = result["config"]["modes"]
     pairs = [p for p in SPEEDUPS if p in result["speedup"]]
     head = f"{'category':15s} {'n':>3s} " + " ".join(f"{m + ' tok/s':>11s}" for m in modes)
-    head += " " + " ".join(f"{p:>11s}" for p in pairs) + f" {'forks':>6s} {'tok/step':>8s} {'prefill':>7s}"
+    head += " " + " ".join(f"{p:>11s}" for p in pairs) + f" {'forks':>6s} {'tok/step':>8s} {'step ms':>7s} {'prefill':>7s}"
     print(head)
     rows = list(result["per_category"].items()) + [("ALL", result)]
     for name, row in rows:
@@ -216,7 +220,7 @@ def print_table(result: dict) -> None:
         line += " " + " ".join(f"{row['speedup'].get(p, float('nan')):10.2f}x" for p in pairs)
         focus = ms.get("apar") or ms[modes[0]]
         prefill = focus["prefill_share"]
-        line += f" {focus['fork_rate']:6.0%} {focus['tokens_per_step']:8.2f} {(prefill or 0):7.1%}"
+        line += f" {focus['fork_rate']:6.0%} {focus['tokens_per_step']:8.2f} {focus['step_ms']:7.1f} {(prefill or 0):7.1%}"
         print(line)
     print("speed-ups are ratios of total wall time; tokens/s ratios:",
           ", ".join(f"{k} {v:.2f}x" for k, v in result["speedup_tok_s"].items()) or "-")
