@@ -8,7 +8,8 @@ of the tuned model, and `base`, the untuned base model in AR. Metrics per answer
   model, given the question (lower is more fluent to an independent judge);
 - `tokens`, `list_items`, `stray_control`: structure.
 `delta_pct` compares APAR with AR of the same model, in % of AR. `--answers` reuses the
-answers of a `bench latency` JSON (its `hf` mode is the untuned base model's answers).
+answers of a `bench latency` JSON (its `hf` mode is the untuned base model's answers; without
+it, only the base model's answers are generated).
 """
 from __future__ import annotations
 
@@ -80,32 +81,38 @@ def structure(text: str) -> dict:
 
 
 def generate_answers(questions: list[dict], model: str, adapter: str | None, base_model: str, dtype: str,
-                     threads: int, max_tokens: int) -> dict[str, list[str]]:
+                     threads: int, max_tokens: int, modes: tuple[str, ...] = MODES) -> dict[str, list[str]]:
+    """Greedy answers of the given modes, batched: `apar`/`ar` of the tuned model, `base` untuned."""
     answers = {}
-    tuned = LLM(model, adapter=adapter, dtype=dtype, num_threads=threads)
     prompts = [q["prompt"] for q in questions]
-    for mode in ("apar", "ar"):
-        outs = tuned.generate(prompts, SamplingParams(max_tokens=max_tokens, mode=mode), use_tqdm=True)
-        answers[mode] = [o.text for o in outs]
-    del tuned
-    base = LLM(base_model, dtype=dtype, num_threads=threads)
-    outs = base.generate(prompts, SamplingParams(max_tokens=max_tokens, mode="ar"), use_tqdm=True)
-    answers["base"] = [o.text for o in outs]
+    tuned_modes = [m for m in modes if m != "base"]
+    if tuned_modes:
+        tuned = LLM(model, adapter=adapter, dtype=dtype, num_threads=threads)
+        for mode in tuned_modes:
+            outs = tuned.generate(prompts, SamplingParams(max_tokens=max_tokens, mode=mode), use_tqdm=True)
+            answers[mode] = [o.text for o in outs]
+        del tuned
+    if "base" in modes:
+        base = LLM(base_model, dtype=dtype, num_threads=threads)
+        outs = base.generate(prompts, SamplingParams(max_tokens=max_tokens, mode="ar"), use_tqdm=True)
+        answers["base"] = [o.text for o in outs]
     return answers
 
 
 def answers_from_latency(path: str, questions: list[dict]) -> dict[str, list[str]]:
-    """The answers a `bench latency` run recorded, for the same questions."""
+    """The answers a `bench latency` run recorded, for the same questions: `apar`, `ar`, and
+    `base` from its `hf` mode when it ran (the caller generates what is missing)."""
     data = json.loads(Path(path).read_text())
     by_id = {q["id"]: q["modes"] for q in data["questions"]}
     missing = [q["id"] for q in questions if q["id"] not in by_id]
     if missing:
         raise ValueError(f"{path} has no answers for questions {missing[:5]}; run latency on the same suite")
+    recorded = by_id[questions[0]["id"]]
+    for key in ("apar", "ar"):
+        if key not in recorded:
+            raise ValueError(f"{path} has no '{key}' answers (run latency with --modes ar,apar)")
     source = {"apar": "apar", "ar": "ar", "base": "hf"}
-    for key in source.values():
-        if key not in by_id[questions[0]["id"]]:
-            raise ValueError(f"{path} has no '{key}' answers (run latency with --modes ar,apar,hf)")
-    return {mode: [by_id[q["id"]][key]["text"] for q in questions] for mode, key in source.items()}
+    return {mode: [by_id[q["id"]][key]["text"] for q in questions] for mode, key in source.items() if key in recorded}
 
 
 def score(questions: list[dict], answers: dict[str, list[str]], refs: dict, judge_model: str) -> list[dict]:
@@ -197,10 +204,10 @@ def run_quality(questions: list[dict], answers: dict[str, list[str]], refs: dict
 
 def run(args) -> dict:
     questions = select(load_suite(args.suite), args.limit, args.per_category)
-    if args.answers:
-        answers = answers_from_latency(args.answers, questions)
-    else:
-        answers = generate_answers(questions, args.model, args.adapter, args.base_model, args.dtype, args.threads, args.max_tokens)
+    answers = answers_from_latency(args.answers, questions) if args.answers else {}
+    if missing := tuple(m for m in MODES if m not in answers):
+        answers |= generate_answers(questions, args.model, args.adapter, args.base_model, args.dtype, args.threads,
+                                    args.max_tokens, missing)
     result = run_quality(questions, answers, reference_answers(args.suite), args.base_model, args.threads)
     result["config"] = {"suite": args.suite, "model": args.model, "adapter": args.adapter, "judge": args.base_model,
                         "answers_from": args.answers, "max_tokens": args.max_tokens}
