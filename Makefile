@@ -53,7 +53,7 @@ bench: setup
 	$(VENV)/bin/parafork bench latency --suite mtbench --modes ar,apar,serial,sot --json results/latency_mtbench.json --plot results/latency_mtbench.png
 	$(VENV)/bin/parafork bench throughput --suite vicuna --concurrency 1,4,16,64 --kv-blocks 256,2048 --requests-per-client 1 --max-tokens 384 --json results/throughput.json --plot results/throughput.png
 	$(VENV)/bin/parafork bench quality --suite vicuna --answers results/latency_vicuna.json --json results/quality_vicuna.json --plot results/quality_vicuna.png
-	$(VENV)/bin/parafork bench quality --suite mtbench --json results/quality_mtbench.json --plot results/quality_mtbench.png
+	$(VENV)/bin/parafork bench quality --suite mtbench --answers results/latency_mtbench.json --json results/quality_mtbench.json --plot results/quality_mtbench.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache
