@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from parafork.bench import latency, quality, throughput
+from parafork.bench.common import machine_key
 from parafork.bench.suite import load_suite, reference_answers, select
 from parafork.cli import main
 
@@ -88,15 +89,17 @@ def test_an_interrupted_latency_run_resumes_from_its_checkpoint(tiny_dir, tmp_pa
     assert not partial.exists()  # a finished run leaves only its JSON
     # Stopped after question 1 (the last line cut short): the rerun keeps that record, redoes question 2.
     done = {**first["questions"][0], "modes": {m: {**r, "text": "kept"} for m, r in first["questions"][0]["modes"].items()}}
-    header = {"config": {k: v for k, v in first["config"].items() if k != "suite"}}  # run() adds the suite
+    config = {k: v for k, v in first["config"].items() if k != "suite"}  # run() adds the suite
+    header = {"config": {**config, "machine": machine_key()}}
     partial.write_text(json.dumps(header) + "\n" + json.dumps(done) + "\n" + '{"id": 2, "mod')
     resumed = latency.run(args)
     assert [q["modes"]["ar"]["text"] == "kept" for q in resumed["questions"]] == [True, False]
     assert resumed["questions"][1]["modes"]["ar"]["text"] == first["questions"][1]["modes"]["ar"]["text"]
     assert not partial.exists()
-    # A checkpoint of another configuration, or a record of another question under the same id, is not used.
-    partial.write_text(json.dumps({"config": {**header["config"], "max_tokens": 99}}) + "\n" + json.dumps(done) + "\n")
-    assert all(q["modes"]["ar"]["text"] != "kept" for q in latency.run(args)["questions"])
+    # A checkpoint of another configuration or CPU, or a record of another question under the same id, is not used.
+    for other in ({"max_tokens": 99}, {"machine": "Other CPU (AVX512)"}):
+        partial.write_text(json.dumps({"config": {**header["config"], **other}}) + "\n" + json.dumps(done) + "\n")
+        assert all(q["modes"]["ar"]["text"] != "kept" for q in latency.run(args)["questions"])
     partial.write_text(json.dumps(header) + "\n" + json.dumps({**done, "prompt": "another question"}) + "\n")
     assert all(q["modes"]["ar"]["text"] != "kept" for q in latency.run(args)["questions"])
 

@@ -32,7 +32,7 @@ def metadata(threads: int) -> dict:
         commit = "unknown"
     return {
         "commit": commit or "unknown",
-        "machine": f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {threads} torch threads",
+        "machine": f"{machine_key()}, {threads} torch threads",
         "native_bf16": cpu_has_fast_bf16(),
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
@@ -46,12 +46,19 @@ def write_json(result: dict, path: str | None) -> None:
         print(f"wrote {path}")
 
 
+def machine_key() -> str:
+    """What timings depend on besides the configuration: the CPU model and its kernels' level."""
+    return f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()})"
+
+
 class Checkpoint:
     """Per-question records appended as they finish (`OUT.json.partial.jsonl`), so a run
-    stopped midway resumes where it stopped; records of a different configuration are ignored."""
+    stopped midway resumes where it stopped; records of a different configuration, or timed on
+    another kind of CPU, are ignored."""
 
     def __init__(self, json_path: str | None, config: dict) -> None:
         self.path = Path(f"{json_path}.partial.jsonl") if json_path else None
+        config = {**config, "machine": machine_key()}
         self.records: dict[str, dict] = {}
         if self.path and self.path.is_file():
             lines = self.path.read_text(encoding="utf-8").splitlines()
