@@ -183,8 +183,10 @@ def print_table(result: dict) -> None:
 def plot(result: dict, path: str) -> None:
     plt = pyplot()
     categories = list(result["per_category"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for ax, metric in zip(axes, ("nll", "similarity")):
+    # Similarity only where the suite has reference answers (MT-Bench has them, Vicuna not).
+    metrics = [m for m in ("nll", "similarity") if any(result["metrics"][mode][m] is not None for mode in MODES)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
         width = 0.27
         for k, mode in enumerate(MODES):
             values = [result["per_category"][c]["metrics"][mode][metric] or 0 for c in categories]
