@@ -45,7 +45,7 @@ test-llamacpp: setup
 	  --outtype f16 --outfile $(LLAMADIR)/smollm2-apar-f16.gguf
 	PARAFORK_LLAMACPP_GGUF=$(LLAMADIR)/smollm2-apar-f16.gguf $(PY) -m pytest -q -rs tests/test_llamacpp.py
 
-# The papers' measurements, one command (about 4 hours on 2 cores); figures land in results/.
+# The papers' measurements, one command (about 5 hours on 2 cores); figures land in results/.
 # MT-Bench latency leaves out `hf` (HF generate, the slowest mode, measured on Vicuna).
 bench: setup
 	$(VENV)/bin/parafork bench engine --json results/engine.json
