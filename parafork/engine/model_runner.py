@@ -46,7 +46,7 @@ class _Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         weight = weight.detach().to(dtype).contiguous()
         self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
-        self.packed = dtype == torch.float32 and torch.backends.mkldnn.is_available() or (
+        self.packed = (dtype == torch.float32 and torch.backends.mkldnn.is_available()) or (
             dtype == torch.bfloat16 and cpu_has_fast_bf16()
         )
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 16) if self.packed else weight
