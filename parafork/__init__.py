@@ -1,5 +1,6 @@
 """parafork: auto-parallel auto-regressive (APAR) decoding."""
-from .engine.llm_engine import LLM, RequestOutput
+from .engine.engine import RequestOutput
+from .llm import LLM
 from .sampling import SamplingParams
 
 __all__ = ["LLM", "RequestOutput", "SamplingParams"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -10,7 +11,8 @@ import time
 import torch
 
 from .config import DTYPE_CHOICES, resolve_dtype
-from .sampling import SamplingParams
+from .engine.runner import BACKENDS
+from .sampling import MODES, SamplingParams
 
 DEMO_PROMPT = "What are the most effective ways to deal with stress?"
 
@@ -19,7 +21,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="bundled", help="'bundled', 'base', or a local HF folder (safetensors)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="auto: bf16 where the CPU computes it natively, float32 otherwise")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (not APAR threads)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="model runner: torch (parafork's own, Llama family), hf (any model, slow), auto")
+
+
+def _llm(args):
+    from .llm import LLM
+
+    return LLM(args.model, dtype=args.dtype, cpu_threads=args.threads, backend=args.backend)
 
 
 def _fork_rules(llm, name: str) -> list:
@@ -43,23 +53,21 @@ def cmd_generate_remote(args) -> int:
     from .remote import RemoteAPAR
 
     tokenizer, _ = models.load_tokenizer(models.resolve_model_path(args.model))
-    driver = RemoteAPAR(args.backend, args.served_name or args.model, tokenizer, api_key=args.api_key)
+    driver = RemoteAPAR(args.remote, args.served_name or args.model, tokenizer, api_key=args.api_key)
     run = driver.generate if args.mode == "apar" else driver.generate_ar
     out = run(args.prompt, max_tokens=args.max_tokens)
     print(out.text)
     print(
-        f"[{args.mode} via {args.backend}] {out.completion_tokens} tokens generated, {out.threads} threads, "
+        f"[{args.mode} via {args.remote}] {out.completion_tokens} tokens generated, {out.threads} threads, "
         f"{out.requests} requests, {out.seconds:.2f} s"
     )
     return 0
 
 
 def cmd_generate(args) -> int:
-    if args.backend:
+    if args.remote:
         return cmd_generate_remote(args)
-    from .engine.llm_engine import LLM
-
-    llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads)
+    llm = _llm(args)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -79,9 +87,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .engine.llm_engine import LLM
-
-    llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads)
+    llm = _llm(args)
     # A tuned model decides where to fork; an untuned one forks where the rule says.
     rule = args.fork_rule or ("none" if llm.adapter else "list")
     rules = _fork_rules(llm, rule)
@@ -109,9 +115,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    import importlib
+BENCHES = {
+    "engine": "raw engine speed: HF vs AR tokens/s, step time vs live threads",
+    "latency": "one request at a time: AR, APAR, serial, HF, SoT side by side, forks per category (paper Fig. 4)",
+    "throughput": "closed-loop load, batched AR vs APAR per KV budget (paper Fig. 5)",
+    "quality": "quality proxies: APAR vs AR answers and the untuned base model",
+    "driver": "APAR via the remote driver vs AR through the same OpenAI-compatible server",
+    "load": "many streaming clients against an OpenAI-compatible server: completed, lost, tok/s, p50/p99",
+}
 
+
+def cmd_bench(args) -> int:
     importlib.import_module(f".bench.{args.what}", __package__).run(args)
     return 0
 
@@ -164,15 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="answer one prompt, streamed, with the engine's figures")
     g.add_argument("prompt")
-    g.add_argument("--mode", default="apar", choices=["apar", "serial", "ar"])
+    g.add_argument("--mode", default="apar", choices=[m for m in MODES if m != "raw"])
     g.add_argument("--max-tokens", type=int, default=512)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--fork-rule", default="none", choices=["none", "list"], help="force forks (untuned models)")
-    g.add_argument("--backend", default=None, help="URL of an OpenAI-compatible server (…/v1): APAR over it")
-    g.add_argument("--api-key", default=None, help="with --backend")
-    g.add_argument("--served-name", default=None, help="with --backend: the model id the server knows")
+    g.add_argument("--remote", default=None, help="URL of an OpenAI-compatible server (…/v1): APAR over it")
+    g.add_argument("--api-key", default=None, help="with --remote")
+    g.add_argument("--served-name", default=None, help="with --remote: the model id the server knows")
     _add_engine_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -220,52 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (each prints a table; --json/--plot keep the figures)")
     benches = b.add_subparsers(dest="what", required=True)
-    for name, text in [
-        ("engine", "raw engine speed: HF vs AR tokens/s, step time vs live threads"),
-        ("forks", "where a model forks, per category"),
-        ("latency", "one request at a time: AR, APAR, HF, SoT side by side (paper Fig. 4)"),
-        ("throughput", "closed-loop load, batched AR vs APAR per KV budget (paper Fig. 5)"),
-        ("quality", "quality proxies: APAR vs AR answers and the untuned base model"),
-        ("driver", "APAR via the remote driver vs AR through the same OpenAI-compatible server"),
-        ("load", "many streaming clients against an OpenAI-compatible server: completed, lost, tok/s, p50/p99"),
-    ]:
+    for name, text in BENCHES.items():
         bb = benches.add_parser(name, help=text, description=text)
         _add_engine_args(bb)
-        bb.add_argument("--json", default=None, help="write all figures here")
-        if name == "engine":
-            bb.add_argument("--tokens", type=int, default=128, help="tokens per timed generation")
-            bb.add_argument("--steps", type=int, default=20, help="timed steps per thread count")
-            bb.add_argument("--gguf", default=None, help="the same model as GGUF: adds llama.cpp's AR tok/s")
-            continue
-        bb.add_argument("--suite", default="vicuna", help="'vicuna', 'mtbench', or a question.jsonl file")
-        bb.add_argument("--limit", type=int, default=None, help="first N questions")
-        bb.add_argument("--per-category", type=int, default=None, help="first N questions of each category")
-        bb.add_argument("--max-tokens", type=int, default=512, help="per answer, over all threads")
-        bb.add_argument("--adapter", default=None, help="a LoRA adapter folder to merge into --model")
-        if name == "forks":
-            bb.add_argument("--ar", action="store_true", help="also decode AR answers for the step ratio")
-            continue
-        if name in ("driver", "load"):
-            bb.add_argument("--url", default=None, help="server base URL (…/v1); default: start parafork's own")
-            bb.add_argument("--served-name", default=None, help="the model id the server knows (default: --model)")
-            bb.add_argument("--api-key", default=None)
-            if name == "driver":
-                bb.add_argument("--chunk", type=int, default=16, help="tokens per request of a thread that may fork")
-            else:
-                bb.add_argument("--clients", type=int, default=64)
-                bb.add_argument("--requests-per-client", type=int, default=4, help="sent one after another")
-                bb.add_argument("--mode", default="apar", choices=["apar", "serial", "ar"])
-            continue
-        bb.add_argument("--plot", default=None, help="write a PNG plot here")
-        bb.add_argument("--base-model", default="base", help="the untuned model (hf, sot, quality judge)")
-        if name == "latency":
-            bb.add_argument("--modes", default="ar,apar,serial,hf,sot", help="comma list of ar, apar, serial, hf, sot")
-        elif name == "throughput":
-            bb.add_argument("--concurrency", default="1,4,16,64", help="comma list of client counts")
-            bb.add_argument("--kv-blocks", default="2048", help="comma list of KV pool sizes (blocks)")
-            bb.add_argument("--requests-per-client", type=int, default=2)
-        else:
-            bb.add_argument("--answers", default=None, help="reuse the answers of a `bench latency` JSON")
+        importlib.import_module(f".bench.{name}", __package__).add_arguments(bb)
     b.set_defaults(func=cmd_bench)
     return parser
 

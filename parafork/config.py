@@ -1,4 +1,4 @@
-"""Engine configuration."""
+"""Engine configuration: one `EngineConfig`, passed whole to the engine and its runner."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,14 +36,14 @@ class EngineConfig:
     num_kv_blocks: int = 2048  # size of the KV pool (2048 x 16 = 32k tokens)
     max_batch_tokens: int = 2048  # tokens fed per forward (prefill is chunked to fit)
     max_model_len: int | None = None  # per thread context; default: the model's positions
-    num_threads: int | None = None  # torch CPU threads; None keeps torch's default
-    backend: str = "auto"  # "native" (Llama family), "hf" (any model, slow), "auto"
+    cpu_threads: int | None = None  # torch's CPU threads (not APAR threads); None keeps torch's default
+    backend: str = "auto"  # "torch" (parafork's Llama-family runner), "hf" (any model, slow), "auto"
     prefix_caching: bool = True  # reuse computed KV blocks of identical token prefixes across requests
 
     def __post_init__(self) -> None:
         resolve_dtype(self.dtype)  # validates
-        if self.backend not in ("auto", "native", "hf"):
-            raise ValueError(f"backend must be 'auto', 'native' or 'hf', got {self.backend!r}")
+        if self.backend not in ("auto", "torch", "hf"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'hf', got {self.backend!r}")
         for name in ("block_size", "num_kv_blocks", "max_batch_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

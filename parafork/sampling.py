@@ -1,12 +1,11 @@
-"""Sampling parameters, the APAR logit rules, and the sampler."""
+"""What a request asks for: `SamplingParams` and the decoding modes. Public and
+engine-free: the APAR rules and the sampler that apply them live in `engine/sampler.py`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Literal, Mapping, Protocol, Sequence, get_args
 
 import torch
-
-from .tokens import ControlTokens
 
 if TYPE_CHECKING:
     from .engine.thread import Thread
@@ -16,6 +15,7 @@ if TYPE_CHECKING:
 # baseline for APAR's parallel speed-up); ar: [Fork] banned; raw: [Fork] may be sampled and
 # stays in the text as a marker, no thread starts (for a driver that runs APAR elsewhere).
 Mode = Literal["apar", "serial", "ar", "raw"]
+MODES: tuple[str, ...] = get_args(Mode)
 FORKING_MODES = ("apar", "serial")
 
 
@@ -50,8 +50,8 @@ class SamplingParams:
             raise bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise bad(f"seed must be an integer or None, got {self.seed!r}")
-        if self.mode not in ("apar", "serial", "ar", "raw"):
-            raise bad(f"mode must be 'apar', 'serial', 'ar' or 'raw', got {self.mode!r}")
+        if self.mode not in MODES:
+            raise bad(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.logit_bias is not None and not all(
             isinstance(k, int) and not isinstance(k, bool) and k >= 0 and isinstance(v, (int, float)) and -100 <= v <= 100
             for k, v in self.logit_bias.items()
@@ -65,49 +65,3 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-
-def apply_apar_rules(logits: torch.Tensor, threads: Sequence[Thread], control: ControlTokens) -> None:
-    """The decoding rules of APAR, in place on `[B, V]` logits.
-
-    `[Child]` is never sampled. `[Fork]` is banned in AR mode, right after `[Fork]`/`[Child]`,
-    at the depth cap (a thread of depth d may fork only if d + 1 < max_depth), and when
-    the request already has max_threads threads. Raw mode leaves `[Fork]` to the caller.
-    Then each request's `logit_bias` is added.
-    """
-    logits[:, control.child_id] = float("-inf")
-    no_fork = [i for i, t in enumerate(threads) if _fork_banned(t, control)]
-    if no_fork:
-        logits[no_fork, control.fork_id] = float("-inf")
-    for i, t in enumerate(threads):
-        bias = t.request.params.logit_bias
-        if bias:
-            logits[i, list(bias)] += torch.tensor(list(bias.values()), dtype=logits.dtype)
-
-
-def _fork_banned(thread: Thread, control: ControlTokens) -> bool:
-    params = thread.request.params
-    if params.mode not in FORKING_MODES:
-        return params.mode == "ar"
-    return (
-        thread.last_token in (control.fork_id, control.child_id)
-        or thread.depth + 1 >= params.max_depth
-        or len(thread.request.threads) >= params.max_threads
-    )
-
-
-def sample(logits: torch.Tensor, threads: Sequence[Thread]) -> list[int]:
-    """One token per row: argmax for greedy requests, temperature + top-p otherwise."""
-    chosen = logits.argmax(dim=-1).tolist()
-    for i, thread in enumerate(threads):
-        params = thread.request.params
-        if params.greedy:
-            continue
-        probs = torch.softmax(logits[i] / params.temperature, dim=-1)
-        if params.top_p < 1:
-            sorted_probs, order = probs.sort(descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
-            probs = probs.scatter(0, order[drop], 0.0)
-        chosen[i] = int(torch.multinomial(probs, 1, generator=thread.generator))
-    return chosen

@@ -1,9 +1,10 @@
 """`parafork serve`: an OpenAI-compatible HTTP server over one APAR engine.
 
-One engine thread owns the `LLM` and runs its step loop; every client's request joins the
-same batch. HTTP handlers talk to it through a command queue (add, abort) and receive
-outputs on per-request asyncio queues. A client that disconnects aborts its request,
-which frees its KV blocks at once.
+One `EngineWorker` (an OS thread) owns the `LLM` and runs its step loop; every client's
+request joins the same batch. HTTP handlers never touch the engine: they talk to the worker
+through a command queue (add, abort) and receive outputs on per-request asyncio queues;
+`/metrics` reads the `EngineStats` snapshot the worker takes after each step. A client that
+disconnects aborts its request, which frees its KV blocks at once.
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine.llm_engine import LLM, RequestOutput
-from .sampling import SamplingParams
+from .engine.engine import EngineStats, RequestOutput
+from .llm import LLM
+from .sampling import Mode, SamplingParams
 
 
 class APIError(Exception):
@@ -37,30 +39,31 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-# ---- the engine thread ------------------------------------------------------------------
+# ---- the engine worker ------------------------------------------------------------------
 @dataclass
 class _Pending:
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
 
 
-class EngineThread:
-    """Owns the LLM; all engine calls happen on this thread."""
+class EngineWorker:
+    """Owns the LLM; every engine call happens on its OS thread."""
 
     def __init__(self, llm: LLM) -> None:
         self.llm = llm
         self.commands: queue.Queue = queue.Queue()
         self.pending: dict[str, _Pending] = {}
-        self.stats = {"forks": 0, "tokens": 0, "requests": 0}
-        self._stop = threading.Event()
+        self.stats: EngineStats = llm.stats()  # replaced whole after each step; read by /metrics
         self.thread = threading.Thread(target=self._run, name="parafork-engine", daemon=True)
         self.thread.start()
 
-    def submit(self, prompt, params: SamplingParams, loop: asyncio.AbstractEventLoop) -> tuple[str, _Pending]:
+    def submit(
+        self, prompt, params: SamplingParams, stream: bool, loop: asyncio.AbstractEventLoop
+    ) -> tuple[str, _Pending]:
         request_id = f"cmpl-{uuid.uuid4().hex[:24]}"
         pending = _Pending(loop)
         self.pending[request_id] = pending
-        self.commands.put(("add", request_id, prompt, params))
+        self.commands.put(("add", request_id, prompt, (params, stream)))
         return request_id, pending
 
     def abort(self, request_id: str) -> None:
@@ -79,11 +82,11 @@ class EngineThread:
                 self.pending.pop(request_id, None)
 
     def _handle(self, command: tuple) -> None:
-        kind, request_id, payload, params = command
+        kind, request_id, payload, extra = command
         if kind == "add":
+            params, stream = extra
             try:
-                self.llm.add_request(payload, params, request_id=request_id)
-                self.stats["requests"] += 1
+                self.llm.add_request(payload, params, request_id=request_id, stream=stream)
             except ValueError as e:
                 self._deliver(request_id, APIError(400, str(e)))
         elif kind == "abort":
@@ -110,6 +113,7 @@ class EngineThread:
                     self._deliver(request_id, APIError(503, "the server is shutting down", "server_error"))
                 return
             if not self.llm.has_unfinished_requests():
+                self.stats = self.llm.stats()
                 continue
             try:
                 outputs = self.llm.step()
@@ -119,17 +123,15 @@ class EngineThread:
                     self._deliver(request_id, APIError(500, f"engine error: {e}", "server_error"))
                 continue
             for out in outputs:
-                if out.finished:
-                    self.stats["tokens"] += out.num_generated_tokens
-                    self.stats["forks"] += out.num_threads - 1
                 if out.delta or out.finished:
                     self._deliver(out.request_id, out)
+            self.stats = self.llm.stats()
 
 
 # ---- request bodies ---------------------------------------------------------------------
 class ParaforkOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    mode: Literal["apar", "serial", "ar", "raw"] = "apar"
+    mode: Mode = "apar"
     max_depth: int = Field(2, ge=1, le=8)
     max_threads: int = Field(16, ge=1, le=64)
 
@@ -186,7 +188,7 @@ class CompletionBody(_Common):
 
 # ---- the app ----------------------------------------------------------------------------
 def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_tokens_limit: int = 4096) -> FastAPI:
-    engine = EngineThread(llm)
+    engine = EngineWorker(llm)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -228,17 +230,18 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_tokens
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> str:
-        live = [r for r in list(llm.requests.values()) if not r.finished]
+        stats = engine.stats  # one immutable snapshot, taken by the worker
         lines = {
-            "parafork_requests_live": len(live),
-            "parafork_threads_live": sum(len(r.live_threads) for r in live),
-            "parafork_kv_blocks_used": llm.blocks.num_blocks - llm.blocks.num_free,
-            "parafork_kv_blocks_free": llm.blocks.num_free,
-            "parafork_requests_total": engine.stats["requests"],
-            "parafork_forks_total": engine.stats["forks"],
-            "parafork_generated_tokens_total": engine.stats["tokens"],
-            "parafork_steps_total": llm.total_steps,
-            "parafork_prefix_cache_hit_tokens_total": llm.blocks.hit_tokens,
+            "parafork_requests_live": stats.requests_running + stats.requests_waiting,
+            "parafork_requests_waiting": stats.requests_waiting,
+            "parafork_threads_live": stats.threads_live,
+            "parafork_kv_blocks_used": stats.kv_blocks_total - stats.kv_blocks_free,
+            "parafork_kv_blocks_free": stats.kv_blocks_free,
+            "parafork_requests_total": stats.requests_total,
+            "parafork_forks_total": stats.forks_total,
+            "parafork_generated_tokens_total": stats.generated_tokens_total,
+            "parafork_steps_total": stats.steps_total,
+            "parafork_prefix_cache_hit_tokens_total": stats.prefix_cache_hit_tokens_total,
         }
         return "".join(f"{k} {v}\n" for k, v in lines.items())
 
@@ -250,7 +253,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_tokens
         check_model(body.model)
         params = body.sampling(max_tokens_limit)
         loop = asyncio.get_running_loop()
-        request_id, pending = engine.submit(prompt, params, loop)
+        request_id, pending = engine.submit(prompt, params, body.stream, loop)
         created = int(time.time())
         if body.stream:
             return StreamingResponse(
@@ -337,6 +340,6 @@ def _chunk(out: RequestOutput, kind: str, created: int, model: str, request_id: 
 def serve(args) -> None:
     import uvicorn
 
-    llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, num_kv_blocks=args.kv_blocks)
+    llm = LLM(args.model, dtype=args.dtype, cpu_threads=args.threads, num_kv_blocks=args.kv_blocks, backend=args.backend)
     app = create_app(llm, args.served_name or args.model, api_key=args.api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

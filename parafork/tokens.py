@@ -17,10 +17,6 @@ class ControlTokens:
     child_id: int
     eos_ids: frozenset[int]
 
-    @property
-    def control_ids(self) -> frozenset[int]:
-        return frozenset({self.fork_id, self.child_id})
-
 
 def register_control_tokens(tokenizer) -> ControlTokens:
     """Adds `[Fork]`/`[Child]` as special tokens (idempotent) and returns their ids."""

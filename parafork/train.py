@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import models
 from .data.extract import Node
-from .data.samples import IGNORE, PackedSample, Thread, pack, tree_threads
+from .data.samples import IGNORE, PackedSample, ThreadTokens, pack, tree_threads
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -57,7 +57,7 @@ def load_samples(cfg: TrainConfig, tokenizer, control) -> list[PackedSample]:
     samples = []
     for prompt, root in rows:
         prompt_ids = models.apply_chat_template(tokenizer, prompt)
-        threads: list[Thread] = tree_threads(prompt_ids, root, tokenizer, control)
+        threads: list[ThreadTokens] = tree_threads(prompt_ids, root, tokenizer, control)
         if sum(len(t.tokens) for t in threads) <= cfg.max_len:
             samples.append(pack(threads))
     return samples

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from parafork import models
-from parafork.engine.llm_engine import LLM
+from parafork.llm import LLM
 
 torch.set_num_threads(2)
 

@@ -3,6 +3,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parafork.engine.block_manager import BlockManager
+from parafork.engine.runner import BlockCopy
 from parafork.engine.thread import Request
 from parafork.sampling import SamplingParams
 
@@ -33,7 +34,7 @@ def test_fork_shares_full_blocks_and_copies_only_the_tail():
     req, child, copy, free_before = fork_after_prompt(bm, 10)
     parent = req.root
     assert child.block_table[:2] == parent.block_table[:2]
-    assert copy == (parent.block_table[2], child.block_table[2], 2)
+    assert copy == BlockCopy(parent.block_table[2], child.block_table[2], 2)
     assert bm.num_free == free_before - 1  # exactly one block copied
     assert [bm.ref_counts[b] for b in parent.block_table] == [2, 2, 1]
     bm.check_invariants()

@@ -1,10 +1,9 @@
 """The command line and the engine benchmark, on the tiny model."""
 import json
-from types import SimpleNamespace
 
 from parafork.bench import engine as bench_engine
 from parafork.cli import main
-from parafork.engine.llm_engine import LLM
+from parafork.llm import LLM
 from parafork.sampling import SamplingParams
 
 
@@ -23,13 +22,25 @@ def test_generate_reports_bad_input_as_an_error(tiny_dir, capsys):
 
 def test_bench_engine_writes_every_documented_key(tiny_dir, tmp_path):
     out = tmp_path / "bench.json"
-    args = SimpleNamespace(model=str(tiny_dir), dtype="float32", threads=1, tokens=8, steps=2, json=str(out), gguf=None)
-    result = bench_engine.run(args)
+    argv = ["bench", "engine", "--model", str(tiny_dir), "--dtype", "float32", "--threads", "1", "--tokens", "8",
+            "--steps", "2", "--json", str(out)]
+    assert main(argv) == 0
     saved = json.loads(out.read_text())
     for key in ("dtype", "hf_tok_s", "ar_tok_s", "ar_vs_hf", "step_ms", "bandwidth_gbs", "achieved_gbs"):
         assert key in saved
     assert set(saved["step_ms"]) == {"1", "2", "4", "8", "16"}
-    assert result["ar_vs_hf"] == result["ar_tok_s"] / result["hf_tok_s"]
+    assert saved["ar_vs_hf"] == saved["ar_tok_s"] / saved["hf_tok_s"]
+
+
+def test_step_timing_takes_blocks_and_sequence_ids_from_the_engine_and_gives_them_back(tiny_llm):
+    """The timed threads are forked through the block manager: the pool and the prefix cache
+    stay consistent, so a later request over the same tokens gets the same answer."""
+    ids = list(range(500, 530))
+    params = SamplingParams(max_tokens=8, mode="ar")
+    before = tiny_llm.generate({"prompt_token_ids": ids}, params)[0].token_ids
+    assert bench_engine.step_ms(tiny_llm, ids, threads=4, context=37, steps=2) > 0
+    tiny_llm.check_idle()
+    assert tiny_llm.generate({"prompt_token_ids": ids}, params)[0].token_ids == before
 
 
 def test_chunked_prefill_gives_the_same_answer(tiny_dir, tiny_llm):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from parafork import models
-from parafork.engine.llm_engine import LLM
+from parafork.llm import LLM
 from parafork.rules import ForceForks
 from parafork.sampling import SamplingParams
 
@@ -23,8 +23,7 @@ class LogitsRecorder:
 
 
 def assert_pool_full(llm) -> None:
-    assert llm.blocks.num_free == llm.blocks.num_blocks
-    llm.blocks.check_invariants()
+    llm.check_idle()  # every KV block and sequence id back in its pool
 
 
 def check_against_oracle(llm, hf, recorder: LogitsRecorder, atol: float) -> int:
@@ -35,7 +34,7 @@ def check_against_oracle(llm, hf, recorder: LogitsRecorder, atol: float) -> int:
     for thread, n, row in recorder.rows:
         by_thread.setdefault(thread.thread_id, []).append((n, row))
         threads[thread.thread_id] = thread
-    keep = torch.ones(llm.runner.vocab_size, dtype=torch.bool)
+    keep = torch.ones(llm.runner.info.vocab_size, dtype=torch.bool)
     keep[[ct.fork_id, ct.child_id]] = False  # the APAR rules edit these columns
     checked = 0
     for tid, rows in by_thread.items():
@@ -51,7 +50,7 @@ def check_against_oracle(llm, hf, recorder: LogitsRecorder, atol: float) -> int:
 
 @pytest.mark.model
 def test_ar_greedy_equals_hf_generate_token_for_token(base_llm, base_hf):
-    hits = base_llm.blocks.hit_tokens
+    hits = base_llm.block_manager.hit_tokens
     outs = base_llm.generate(PROMPTS, SamplingParams(max_tokens=40, mode="ar"))
     outs += base_llm.generate(PROMPTS[:1], SamplingParams(max_tokens=40, mode="ar"))
     for prompt, out in zip(PROMPTS, outs):
@@ -66,7 +65,7 @@ def test_ar_greedy_equals_hf_generate_token_for_token(base_llm, base_hf):
     # The repeated prompt's full blocks came from the prefix cache (the five ran together, so
     # they found nothing), so the equality above covers a cached prefix too.
     first = len(models.apply_chat_template(base_llm.tokenizer, PROMPTS[0]))
-    assert base_llm.blocks.hit_tokens - hits == (first - 1) // 16 * 16
+    assert base_llm.block_manager.hit_tokens - hits == (first - 1) // 16 * 16
     assert_pool_full(base_llm)
 
 
@@ -100,16 +99,21 @@ def test_forked_threads_see_exactly_their_ancestors_nested(tiny_llm, tiny_dir):
 
 def test_a_fork_does_not_change_the_parent(tiny_llm):
     """The parent's tokens are those of a plain run over the same context (the child's
-    writes into its copied tail block never reach the parent's blocks)."""
+    writes into its copied tail block never reach the parent's blocks): every token the
+    root sampled itself, before, between and after both forks, equals a fresh AR replay."""
     rec = LogitsRecorder()
     force = ForceForks(tiny_llm.control, frozenset({2, 5}), child_tokens=30)
     prompt = {"prompt_token_ids": list(range(200, 211))}
     out = tiny_llm.generate(prompt, SamplingParams(max_tokens=60, ignore_eos=True, logits_rules=[rec, force]))[0]
-    root = next(t for t, _, _ in rec.rows if t.parent is None)
-    # Teacher-force the root's own tokens through a fresh AR request and compare argmaxes.
-    replay = tiny_llm.generate({"prompt_token_ids": root.token_ids[:-1]}, SamplingParams(max_tokens=1, mode="ar"))[0]
-    assert replay.token_ids == [root.token_ids[-1]] or root.token_ids[-1] == tiny_llm.control.fork_id
     assert out.num_threads == 3
+    root = next(t for t, _, _ in rec.rows if t.parent is None)
+    fork_id = tiny_llm.control.fork_id
+    positions = [k for k in range(root.own_start, len(root.token_ids)) if root.token_ids[k] != fork_id]
+    assert [k - root.own_start for k in positions][:4] == [0, 1, 3, 4] and positions[-1] - root.own_start > 6
+    replays = tiny_llm.generate(
+        [{"prompt_token_ids": root.token_ids[:k]} for k in positions], SamplingParams(max_tokens=1, mode="ar")
+    )
+    assert [r.token_ids for r in replays] == [[root.token_ids[k]] for k in positions]
     assert_pool_full(tiny_llm)
 
 
@@ -136,7 +140,7 @@ def test_concurrent_requests_with_forks_equal_each_run_alone_on_the_real_model(b
 
 
 def test_tiny_pool_preempts_and_recomputes_without_losing_anything(tiny_dir):
-    from parafork.engine.llm_engine import LLM
+    from parafork.llm import LLM
 
     small = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=24, block_size=4)
     # Every thread ends by rule (not by the shared token budget), so scheduling cannot
@@ -154,24 +158,24 @@ def test_tiny_pool_preempts_and_recomputes_without_losing_anything(tiny_dir):
 
 
 def test_prefix_cache_reuses_blocks_across_requests_and_changes_no_output(tiny_dir, tiny_llm):
-    from parafork.engine.llm_engine import LLM
+    from parafork.llm import LLM
 
     uncached = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=256, block_size=4, prefix_caching=False)
     shared = list(range(500, 530))
     prompts = [{"prompt_token_ids": shared + [600 + i, 700 + i]} for i in range(3)] + [{"prompt_token_ids": shared}]
     force = ForceForks(tiny_llm.control, frozenset({3}), child_tokens=6, root_tokens=12)
     params = SamplingParams(max_tokens=60, logits_rules=[force])
-    hits = tiny_llm.blocks.hit_tokens
+    hits = tiny_llm.block_manager.hit_tokens
     for prompt in prompts:  # one after another: each finds the earlier ones' blocks
         assert tiny_llm.generate(prompt, params)[0].token_ids == uncached.generate(prompt, params)[0].token_ids
     # 30 shared tokens = 7 full blocks of 4, found by each of the last three requests.
-    assert tiny_llm.blocks.hit_tokens - hits == 3 * 28
-    assert uncached.blocks.hit_tokens == 0
+    assert tiny_llm.block_manager.hit_tokens - hits == 3 * 28
+    assert uncached.block_manager.hit_tokens == 0
     assert_pool_full(tiny_llm)
 
 
 def test_a_request_larger_than_the_pool_ends_cleanly(tiny_dir):
-    from parafork.engine.llm_engine import LLM
+    from parafork.llm import LLM
 
     small = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=6, block_size=4)
     out = small.generate({"prompt_token_ids": list(range(500, 515))}, SamplingParams(max_tokens=50, ignore_eos=True))[0]
@@ -187,7 +191,7 @@ def test_aborted_and_closed_streams_free_every_block(tiny_llm):
     rid = tiny_llm.add_request({"prompt_token_ids": list(range(50, 70))}, params)
     for _ in range(8):
         tiny_llm.step()
-    assert tiny_llm.blocks.num_free < tiny_llm.blocks.num_blocks
+    assert tiny_llm.block_manager.num_free < tiny_llm.block_manager.num_blocks
     tiny_llm.abort(rid)
     assert_pool_full(tiny_llm)
     stream = tiny_llm.stream([{"prompt_token_ids": list(range(70, 90))}] * 2, params)
@@ -248,11 +252,11 @@ def test_dtype_auto_follows_the_cpu_and_bf16_runs_on_any_cpu(tiny_dir, tiny_llm,
     """'auto' is bf16 only where oneDNN computes bf16 natively; an explicit bf16 still runs
     (unpacked) on CPUs without it instead of failing in oneDNN's weight packing."""
     from parafork import config
-    from parafork.engine import model_runner
+    from parafork.engine import torch_runner
 
     fast = fast_bf16 and config.cpu_has_fast_bf16()  # packing needs the real CPU feature
     monkeypatch.setattr(config, "cpu_has_fast_bf16", lambda: fast_bf16)
-    monkeypatch.setattr(model_runner, "cpu_has_fast_bf16", lambda: fast)
+    monkeypatch.setattr(torch_runner, "cpu_has_fast_bf16", lambda: fast)
     assert config.resolve_dtype("auto") == (torch.bfloat16 if fast_bf16 else torch.float32)
     bf16 = LLM(str(tiny_dir), dtype="bfloat16", num_kv_blocks=64, block_size=4)
     assert bf16.runner.layers[0].qkv.packed == fast
@@ -288,7 +292,7 @@ def test_models_refuse_unknown_names_and_pickled_weights(tmp_path):
 
 def test_hf_fallback_backend_gives_the_same_answers_with_forks(tiny_dir, tiny_llm):
     from parafork.engine.hf_runner import HFRunner
-    from parafork.engine.llm_engine import LLM
+    from parafork.llm import LLM
 
     slow = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=64, block_size=4, backend="hf")
     assert isinstance(slow.runner, HFRunner)

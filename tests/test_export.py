@@ -3,7 +3,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from parafork.cli import main
-from parafork.engine.llm_engine import LLM
+from parafork.llm import LLM
 from parafork.sampling import SamplingParams
 from parafork.tokens import CHILD, FORK
 

@@ -22,7 +22,7 @@ def running_with_two_threads(scheduler: Scheduler) -> Request:
     scheduler.add(req)
     run_step(scheduler)
     req.root.token_ids.append(FORK)
-    scheduler.blocks.fork(req.root, req.fork(req.root, CHILD))
+    scheduler.block_manager.fork(req.root, req.fork(req.root, CHILD))
     return req
 
 
@@ -30,7 +30,7 @@ def test_admission_leaves_a_free_block_for_every_thread_in_the_step():
     scheduler = Scheduler(BlockManager(num_blocks=12, block_size=4), max_batch_tokens=256)
     a = running_with_two_threads(scheduler)
     assert len(run_step(scheduler)) == 2  # root and child, the prompt's blocks shared
-    free = scheduler.blocks.num_free
+    free = scheduler.block_manager.num_free
     # b's prompt needs every free block but one: it would fit, but leave the two threads no room to grow.
     b = Request("b", [2] * 4 * (free - 1), SamplingParams(), arrival=1)
     scheduler.add(b)
@@ -41,4 +41,4 @@ def test_admission_leaves_a_free_block_for_every_thread_in_the_step():
     scheduler.remove(a)  # a ends: its blocks go back, and b gets in
     assert b in [t.request for t in run_step(scheduler)] and b in scheduler.running
     scheduler.remove(b)
-    assert scheduler.blocks.num_free == scheduler.blocks.num_blocks
+    assert scheduler.block_manager.num_free == scheduler.block_manager.num_blocks

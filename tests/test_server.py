@@ -10,7 +10,7 @@ import openai
 import pytest
 import uvicorn
 
-from parafork.engine.llm_engine import LLM
+from parafork.llm import LLM
 from parafork.server import create_app
 
 KEY = "test-key"
@@ -49,9 +49,9 @@ def client(url: str, key: str | None = KEY) -> openai.OpenAI:
 
 def wait_pool_full(llm, seconds: float = 10) -> None:
     deadline = time.time() + seconds
-    while llm.blocks.num_free != llm.blocks.num_blocks and time.time() < deadline:
+    while llm.block_manager.num_free != llm.block_manager.num_blocks and time.time() < deadline:
         time.sleep(0.05)
-    assert llm.blocks.num_free == llm.blocks.num_blocks
+    assert llm.block_manager.num_free == llm.block_manager.num_blocks
 
 
 def test_chat_streamed_and_not_give_the_same_answer(server):
@@ -228,7 +228,7 @@ def test_shutdown_lets_in_flight_requests_finish_and_nothing_hangs(tiny_dir):
     assert not thread.is_alive() and not req.is_alive()
     assert got.get("finish") == "length" or "error" in got
     assert not app.state.engine.thread.is_alive()
-    assert llm.blocks.num_free == llm.blocks.num_blocks
+    assert llm.block_manager.num_free == llm.block_manager.num_blocks
 
 
 def test_driver_benchmark_compares_apar_and_ar_through_one_server(server):

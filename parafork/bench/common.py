@@ -1,18 +1,66 @@
-"""What every benchmark shares: run metadata, JSON output, percentiles, timed engine runs."""
+"""What every benchmark shares: arguments, run metadata, JSON output, per-category grouping,
+plots, percentiles, timed engine runs."""
 from __future__ import annotations
 
 import json
 import platform
 import subprocess
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..config import cpu_has_fast_bf16
-from ..engine.llm_engine import LLM, Prompt, RequestOutput
+from ..engine.engine import RequestOutput
+from ..llm import LLM, Prompt
 from ..sampling import SamplingParams
+
+
+def add_suite_args(p, max_tokens: int = 512) -> None:
+    p.add_argument("--suite", default="vicuna", help="'vicuna', 'mtbench', or a question.jsonl file")
+    p.add_argument("--limit", type=int, default=None, help="first N questions")
+    p.add_argument("--per-category", type=int, default=None, help="first N questions of each category")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="per answer, over all threads")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder to merge into --model")
+
+
+def add_output_args(p, plot: bool = True) -> None:
+    p.add_argument("--json", default=None, help="write all figures here")
+    if plot:
+        p.add_argument("--plot", default=None, help="write a PNG plot here")
+
+
+def parse_list(text: str, flag: str, kind: type = str, allowed: tuple | None = None) -> list:
+    """A comma list for `flag`: each item of `kind` (positive for int), from `allowed` if given."""
+    try:
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    bad = [v for v in values if (allowed and v not in allowed) or (kind is int and v < 1)]
+    if not values or bad:
+        what = ", ".join(allowed) if allowed else "positive integers" if kind is int else "values"
+        raise ValueError(f"{flag} takes a comma list of {what}; got {text!r}")
+    return values
+
+
+def by_category(records: list[dict], summarize: Callable[[list[dict]], dict]) -> dict:
+    """`summarize` applied to each category's records, categories in sorted order."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[r["category"]].append(r)
+    return {category: summarize(rs) for category, rs in sorted(groups.items())}
+
+
+def grouped_bars(ax, categories: list[str], series: dict[str, list[float]]) -> None:
+    """One group of bars per category, one bar per series."""
+    width = 0.8 / max(1, len(series))
+    for k, (label, values) in enumerate(series.items()):
+        ax.bar([i + (k - (len(series) - 1) / 2) * width for i in range(len(categories))], values, width, label=label)
+    ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
+    ax.legend()
 
 
 def cpu_name() -> str:
@@ -143,7 +191,7 @@ def timed_run(llm: LLM, prompts: list[Prompt], params: SamplingParams) -> TimedR
                 if out.finished:
                     done[out.request_id] = out
             prefill_s = prefill_s or time.perf_counter() - start
-            peak = max(peak, llm.blocks.num_blocks - llm.blocks.num_free)
+            peak = max(peak, llm.block_manager.num_blocks - llm.block_manager.num_free)
     finally:
         for request_id in ids:
             llm.abort(request_id)

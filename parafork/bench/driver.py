@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import models
 from ..remote import RemoteAPAR
-from .common import Checkpoint, metadata, write_json
+from .common import Checkpoint, add_output_args, add_suite_args, metadata, write_json
 from .suite import load_suite, select
 
 
@@ -28,10 +28,10 @@ def local_server(model: str, adapter: str | None, dtype: str, threads: int) -> I
     """parafork's own server on a free loopback port, for as long as the block runs."""
     import uvicorn
 
-    from ..engine.llm_engine import LLM
+    from ..llm import LLM
     from ..server import create_app
 
-    llm = LLM(model, adapter=adapter, dtype=dtype, num_threads=threads)
+    llm = LLM(model, adapter=adapter, dtype=dtype, cpu_threads=threads)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -48,6 +48,29 @@ def local_server(model: str, adapter: str | None, dtype: str, threads: int) -> I
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+@contextmanager
+def target_server(args) -> Iterator[tuple[str, str, str | None]]:
+    """(URL, model id, API key) of `--url`, or of parafork's own server started for the block."""
+    if args.url:
+        yield args.url, args.served_name or args.model, args.api_key
+    else:
+        with local_server(args.model, args.adapter, args.dtype, args.threads) as url:
+            yield url, args.model, None
+
+
+def add_server_args(p) -> None:
+    add_suite_args(p)
+    add_output_args(p, plot=False)
+    p.add_argument("--url", default=None, help="server base URL (…/v1); default: start parafork's own")
+    p.add_argument("--served-name", default=None, help="the model id the server knows (default: --model)")
+    p.add_argument("--api-key", default=None)
+
+
+def add_arguments(p) -> None:
+    add_server_args(p)
+    p.add_argument("--chunk", type=int, default=16, help="tokens per request of a thread that may fork")
 
 
 MODES = ("apar", "serial", "ar")
@@ -90,13 +113,9 @@ def run_driver(url: str, served_name: str, tokenizer, questions: list[dict], max
 def run(args) -> dict:
     questions = select(load_suite(args.suite), args.limit, args.per_category)
     tokenizer, _ = models.load_tokenizer(models.resolve_model_path(args.model))
-    if args.url:
-        result = run_driver(args.url, args.served_name or args.model, tokenizer, questions, args.max_tokens, args.chunk,
-                            args.api_key, args.json)
-    else:
-        with local_server(args.model, args.adapter, args.dtype, args.threads) as url:
-            result = run_driver(url, args.model, tokenizer, questions, args.max_tokens, args.chunk, None, args.json,
-                                f"local parafork server: {args.model}")
+    with target_server(args) as (url, served_name, api_key):
+        server = None if args.url else f"local parafork server: {args.model}"
+        result = run_driver(url, served_name, tokenizer, questions, args.max_tokens, args.chunk, api_key, args.json, server)
     result.update(config={"url": args.url or "local parafork server", "model": args.model, "suite": args.suite,
                           "max_tokens": args.max_tokens, "chunk": args.chunk}, **metadata(args.threads))
     print(

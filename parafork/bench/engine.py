@@ -17,10 +17,11 @@ import time
 import torch
 
 from .. import models
-from ..engine.llm_engine import LLM
-from ..engine.model_runner import ThreadSlice
+from ..llm import LLM
+from ..engine.runner import SequenceSlice
+from ..engine.thread import Request
 from ..sampling import SamplingParams
-from .common import metadata, write_json
+from .common import add_output_args, metadata, write_json
 
 PROMPT = "Give me three tips for sleeping well."
 THREAD_COUNTS = (1, 2, 4, 8, 16)
@@ -78,26 +79,49 @@ def llamacpp_tokens_per_s(gguf: str, prompt_ids: list[int], tokens: int, threads
 
 
 def step_ms(llm: LLM, prompt_ids: list[int], threads: int, context: int, steps: int) -> float:
-    """Decode step time with `threads` live threads over one shared prefix of `context` tokens."""
-    runner, bs = llm.runner, llm.config.block_size
+    """Decode step time with `threads` live threads forked from one prompt of `context` tokens,
+    as APAR siblings are: blocks and sequence ids come from the engine's own pools (so the
+    prefix cache never sees blocks written behind its back) and go back at the end."""
+    runner, bm, seq_ids = llm.runner, llm.block_manager, llm.scheduler.seq_ids
     ids = (prompt_ids * (context // len(prompt_ids) + 1))[:context]
-    shared = list(range(-(-context // bs)))
-    runner.forward([ThreadSlice(ids, 0, shared)])
-    # Each thread owns blocks after the shared ones; all of them feed one token per step.
-    first_own = len(shared)
-    tables = [shared + [first_own + i * 2, first_own + i * 2 + 1] for i in range(threads)]
-    batch = [ThreadSlice([ids[-1]], context, table) for table in tables]
-    for _ in range(3):
-        runner.forward(batch)
-    start = time.perf_counter()
-    for _ in range(steps):
-        runner.forward(batch)
-    return (time.perf_counter() - start) / steps * 1e3
+    request = Request("bench-step", ids, SamplingParams(), arrival=-1)
+    root = request.root
+    root.seq_id = seq_ids.take()
+    bm.allocate(root, context)
+    runner.forward([SequenceSlice(root.seq_id, ids, 0, root.block_table)])
+    root.num_cached = context
+    children = []
+    for _ in range(threads):  # each feeds one token per step at position `context`
+        child = request.fork(root, ids[-1])
+        child.seq_id = seq_ids.take()
+        runner.fork(root.seq_id, child.seq_id, bm.fork(root, child))
+        bm.allocate(child, context + 1)
+        children.append(child)
+    batch = [SequenceSlice(c.seq_id, [ids[-1]], context, c.block_table) for c in children]
+    try:
+        for _ in range(3):
+            runner.forward(batch)
+        start = time.perf_counter()
+        for _ in range(steps):
+            runner.forward(batch)
+        return (time.perf_counter() - start) / steps * 1e3
+    finally:
+        for thread in [root, *children]:
+            bm.free(thread)
+            seq_ids.give_back(thread.seq_id)
+            runner.release(thread.seq_id)
+
+
+def add_arguments(p) -> None:
+    add_output_args(p, plot=False)
+    p.add_argument("--tokens", type=int, default=128, help="tokens per timed generation")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per thread count")
+    p.add_argument("--gguf", default=None, help="the same model as GGUF: adds llama.cpp's AR tok/s")
 
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
-    llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, num_kv_blocks=512)
+    llm = LLM(args.model, dtype=args.dtype, cpu_threads=args.threads, num_kv_blocks=512, backend=args.backend)
     dtype_name = str(llm.config.torch_dtype).removeprefix("torch.")  # what 'auto' chose here
     prompt_ids = models.apply_chat_template(llm.tokenizer, PROMPT)
     print(f"parafork bench engine: model={args.model} dtype={dtype_name} threads={args.threads} tokens={args.tokens}")
@@ -110,7 +134,7 @@ def run(args) -> dict:
     llamacpp = llamacpp_tokens_per_s(args.gguf, prompt_ids, args.tokens, args.threads) if args.gguf else None
     if llamacpp:
         print(f"  llama.cpp AR (--gguf)       {llamacpp:8.1f} tok/s   {llamacpp / hf:.2f}x HF, parafork AR {ar / llamacpp:.2f}x it")
-    achieved = llm.runner.weight_bytes * ar / 1e9
+    achieved = llm.runner.info.weight_bytes * ar / 1e9
     print(f"  achieved weight bandwidth   {achieved:8.1f} GB/s   {100 * achieved / bandwidth:.0f}% of measured")
     steps = {}
     for n in THREAD_COUNTS:
@@ -130,7 +154,7 @@ def run(args) -> dict:
         "bandwidth_gbs": bandwidth,
         "achieved_gbs": achieved,
         "achieved_pct": 100 * achieved / bandwidth,
-        "weight_bytes": llm.runner.weight_bytes,
+        "weight_bytes": llm.runner.info.weight_bytes,
         **metadata(torch.get_num_threads()),
     }
     write_json(result, args.json)

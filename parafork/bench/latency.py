@@ -9,24 +9,28 @@ with the same `max_tokens`:
 - `sot`: Skeleton-of-Thought prompting with the untuned base model on the parafork engine.
 
 Per answer: answer tokens (restored text, no control tokens), tokens sampled, decode steps,
-wall time, prefill time, threads, peak KV blocks and attention work (sum over fed tokens
-of the KV length each attends to). Speed-ups are ratios of total wall time; tokens/s
-ratios are given beside them, since the modes' answers differ in length.
+wall time, prefill time, threads, peak KV blocks, attention work (sum over fed tokens
+of the KV length each attends to), stray control tokens in the text and whether list
+numbering runs 1, 2, 3. Per mode and category: fork rate, threads per answer, tokens per
+step. Speed-ups are ratios of total wall time; tokens/s ratios are given beside them,
+since the modes' answers differ in length.
 """
 from __future__ import annotations
 
+import re
 import time
-from collections import defaultdict
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import models
 from ..config import EngineConfig, resolve_dtype
-from ..engine.llm_engine import LLM
+from ..llm import LLM
 from ..sampling import SamplingParams
+from ..tokens import CHILD, FORK
 from . import sot
-from .common import Checkpoint, metadata, pyplot, report, save_figure, timed_run
+from .common import (Checkpoint, add_output_args, add_suite_args, by_category, grouped_bars, metadata, parse_list,
+                     pyplot, report, save_figure, timed_run)
 from .suite import load_suite, select
 
 MODES = ("ar", "apar", "serial", "hf", "sot")
@@ -39,12 +43,25 @@ SPEEDUPS = {
 }
 
 
-def parse_modes(text: str) -> list[str]:
-    modes = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
-        raise ValueError(f"--modes takes a comma list of {', '.join(MODES)}; got {text!r}")
-    return modes
+def add_arguments(p) -> None:
+    add_suite_args(p)
+    add_output_args(p)
+    p.add_argument("--base-model", default="base", help="the untuned model (hf, sot)")
+    p.add_argument("--modes", default="ar,apar,serial,hf,sot", help="comma list of " + ", ".join(MODES))
+
+
+def numbering_intact(text: str) -> bool:
+    """Every run of top-level numbered items counts 1, 2, 3, ... without gaps."""
+    runs: list[list[int]] = []
+    for n in (int(m.group(1)) for m in re.finditer(r"^(\d{1,2})[.)]\s", text, re.M)):
+        if n == 1 or not runs:
+            runs.append([])
+        runs[-1].append(n)
+    return all(run == list(range(run[0], run[0] + len(run))) for run in runs)
+
+
+def answer_checks(text: str) -> dict:
+    return {"stray_control": text.count(FORK) + text.count(CHILD), "numbering_intact": numbering_intact(text)}
 
 
 class HFBaseline:
@@ -78,6 +95,7 @@ class HFBaseline:
             "threads": 1,
             "peak_kv_blocks": -(-total // self.block_size),  # positions held, in engine blocks
             "attn_work": (total - 1) * total // 2,  # every fed position k attends to k + 1 keys
+            **answer_checks(self.tokenizer.decode(answer, skip_special_tokens=False)),
         }
 
 
@@ -94,21 +112,7 @@ def _engine_record(llm: LLM, prompt: str, params: SamplingParams) -> dict:
         "threads": out.num_threads,
         "peak_kv_blocks": out.peak_kv_blocks,
         "attn_work": out.attention_work,
-    }
-
-
-def _sot_record(llm: LLM, prompt: str, max_tokens: int) -> dict:
-    a = sot.answer(llm, prompt, max_tokens)
-    return {
-        "text": a.text,
-        "tokens": len(llm.tokenizer.encode(a.text, add_special_tokens=False)),
-        "generated": a.generated,
-        "steps": a.steps,
-        "wall_s": a.wall_s,
-        "prefill_s": a.prefill_s,
-        "threads": max(1, a.points),
-        "peak_kv_blocks": a.peak_pool_blocks,
-        "attn_work": a.attention_work,
+        **answer_checks(out.text),
     }
 
 
@@ -135,6 +139,8 @@ def aggregate(records: list[dict]) -> dict:
         "attn_work": sum(r["attn_work"] for r in records),
         "fork_rate": sum(r["threads"] > 1 for r in records) / len(records),
         "threads_mean": sum(r["threads"] for r in records) / len(records),
+        "stray_control": sum(r.get("stray_control", 0) for r in records),
+        "numbering_intact": sum(r.get("numbering_intact", True) for r in records) / len(records),
     }
 
 
@@ -149,17 +155,12 @@ def speedups(modes: dict[str, dict]) -> tuple[dict, dict]:
 
 
 def summarize(questions: list[dict], modes: list[str]) -> dict:
-    by_category: dict[str, list[dict]] = defaultdict(list)
-    for q in questions:
-        by_category[q["category"]].append(q)
-    per_category = {}
-    for category, qs in sorted(by_category.items()):
+    def group(qs: list[dict]) -> dict:
         stats = {m: aggregate([q["modes"][m] for q in qs]) for m in modes}
         wall, rate = speedups(stats)
-        per_category[category] = {"modes": stats, "speedup": wall, "speedup_tok_s": rate}
-    overall = {m: aggregate([q["modes"][m] for q in questions]) for m in modes}
-    wall, rate = speedups(overall)
-    return {"modes": overall, "speedup": wall, "speedup_tok_s": rate, "per_category": per_category}
+        return {"modes": stats, "speedup": wall, "speedup_tok_s": rate}
+
+    return {**group(questions), "per_category": by_category(questions, group)}
 
 
 def run_latency(
@@ -176,7 +177,7 @@ def run_latency(
     """`checkpoint_to`: the JSON path; finished questions are kept beside it to resume from."""
     torch.set_num_threads(threads)
     # No prefix cache: a mode run after another on the same question must not find its prompt computed.
-    engine = dict(dtype=dtype, num_threads=threads, prefix_caching=False)
+    engine = dict(dtype=dtype, cpu_threads=threads, prefix_caching=False)
     tuned = LLM(model, adapter=adapter, **engine) if set(ENGINE_MODES) & set(modes) else None
     base = LLM(base_model, **engine) if "sot" in modes else None
     hf = HFBaseline(base_model, resolve_dtype(dtype), EngineConfig().block_size) if "hf" in modes else None
@@ -198,7 +199,8 @@ def run_latency(
             elif mode == "hf":
                 rec["modes"][mode] = hf.run(models.apply_chat_template(hf.tokenizer, q["prompt"]), max_tokens)
             else:
-                rec["modes"][mode] = _sot_record(base, q["prompt"], max_tokens)
+                answer = sot.answer(base, q["prompt"], max_tokens)
+                rec["modes"][mode] = {**answer, **answer_checks(answer["text"])}
         records.append(rec)
         checkpoint.add(rec)
     result = summarize(records, modes)
@@ -211,7 +213,7 @@ def print_table(result: dict) -> None:
     modes = result["config"]["modes"]
     pairs = [p for p in SPEEDUPS if p in result["speedup"]]
     head = f"{'category':15s} {'n':>3s} " + " ".join(f"{m + ' tok/s':>11s}" for m in modes)
-    head += " " + " ".join(f"{p:>11s}" for p in pairs) + f" {'forks':>6s} {'tok/step':>8s} {'step ms':>7s} {'prefill':>7s}"
+    head += " " + " ".join(f"{p:>11s}" for p in pairs) + f" {'forks':>6s} {'threads':>7s} {'tok/step':>8s} {'step ms':>7s} {'prefill':>7s} {'1,2,3':>5s} {'stray':>5s}"
     print(head)
     rows = list(result["per_category"].items()) + [("ALL", result)]
     for name, row in rows:
@@ -220,7 +222,8 @@ def print_table(result: dict) -> None:
         line += " " + " ".join(f"{row['speedup'].get(p, float('nan')):10.2f}x" for p in pairs)
         focus = ms.get("apar") or ms[modes[0]]
         prefill = focus["prefill_share"]
-        line += f" {focus['fork_rate']:6.0%} {focus['tokens_per_step']:8.2f} {focus['step_ms']:7.1f} {(prefill or 0):7.1%}"
+        line += f" {focus['fork_rate']:6.0%} {focus['threads_mean']:7.1f} {focus['tokens_per_step']:8.2f} {focus['step_ms']:7.1f}"
+        line += f" {(prefill or 0):7.1%} {focus['numbering_intact']:5.0%} {focus['stray_control']:5d}"
         print(line)
     print("speed-ups are ratios of total wall time; tokens/s ratios:",
           ", ".join(f"{k} {v:.2f}x" for k, v in result["speedup_tok_s"].items()) or "-")
@@ -232,23 +235,18 @@ def plot(result: dict, path: str) -> None:
     categories = list(result["per_category"]) + ["ALL"]
     rows = [result["per_category"][c] for c in categories[:-1]] + [result]
     fig, ax = plt.subplots(figsize=(max(6, len(categories) * 0.9), 3.8))
-    width = 0.8 / max(1, len(pairs))
-    for k, pair in enumerate(pairs):
-        xs = [i + (k - (len(pairs) - 1) / 2) * width for i in range(len(categories))]
-        ax.bar(xs, [r["speedup_tok_s"].get(pair, 0) for r in rows], width, label=pair.replace("_", " "))
+    grouped_bars(ax, categories, {p.replace("_", " "): [r["speedup_tok_s"].get(p, 0) for r in rows] for p in pairs})
     ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
     # Tokens/s, not wall time: the modes' answers differ in length (apar and serial excepted).
     ax.set_ylabel("speed-up (ratio of tokens/s)")
     ax.set_title(f"parafork bench latency ({result['date']}, {result['commit']})")
-    ax.legend()
     save_figure(fig, path)
 
 
 def run(args) -> dict:
     questions = select(load_suite(args.suite), args.limit, args.per_category)
     result = run_latency(
-        questions, parse_modes(args.modes), args.model, args.adapter, args.base_model, args.dtype, args.threads,
+        questions, parse_list(args.modes, "--modes", allowed=MODES), args.model, args.adapter, args.base_model, args.dtype, args.threads,
         args.max_tokens, args.json,
     )
     result["config"]["suite"] = args.suite

@@ -14,7 +14,7 @@ import time
 from tqdm.auto import tqdm
 
 from .common import metadata, percentile, write_json
-from .driver import local_server
+from .driver import add_server_args, target_server
 from .suite import load_suite, select
 
 
@@ -79,6 +79,13 @@ def run_load(url: str, served_name: str, prompts: list[str], clients: int, reque
     }
 
 
+def add_arguments(p) -> None:
+    add_server_args(p)
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--requests-per-client", type=int, default=4, help="sent one after another")
+    p.add_argument("--mode", default="apar", choices=["apar", "serial", "ar"])
+
+
 def _stats(values: list[float]) -> dict:
     return {"mean": sum(values) / len(values), "p50": percentile(values, 50), "p99": percentile(values, 99)}
 
@@ -87,11 +94,8 @@ def run(args) -> dict:
     prompts = [q["prompt"] for q in select(load_suite(args.suite), args.limit, args.per_category)]
     figures = dict(clients=args.clients, requests_per_client=args.requests_per_client, max_tokens=args.max_tokens,
                    mode=args.mode)
-    if args.url:
-        result = run_load(args.url, args.served_name or args.model, prompts, api_key=args.api_key, **figures)
-    else:
-        with local_server(args.model, args.adapter, args.dtype, args.threads) as url:
-            result = run_load(url, args.model, prompts, **figures)
+    with target_server(args) as (url, served_name, api_key):
+        result = run_load(url, served_name, prompts, api_key=api_key, **figures)
     result.update(config={"url": args.url or "local parafork server", "model": args.model, "suite": args.suite,
                           **figures}, **metadata(args.threads))
     print(

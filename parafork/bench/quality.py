@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -23,10 +22,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import models
-from ..engine.llm_engine import LLM
+from ..llm import LLM
 from ..sampling import SamplingParams
 from ..tokens import CHILD, FORK
-from .common import metadata, pyplot, report, save_figure
+from .common import add_output_args, add_suite_args, by_category, grouped_bars, metadata, pyplot, report, save_figure
 from .suite import load_suite, reference_answers, select
 
 MODES = ("apar", "ar", "base")
@@ -87,13 +86,13 @@ def generate_answers(questions: list[dict], model: str, adapter: str | None, bas
     prompts = [q["prompt"] for q in questions]
     tuned_modes = [m for m in modes if m != "base"]
     if tuned_modes:
-        tuned = LLM(model, adapter=adapter, dtype=dtype, num_threads=threads)
+        tuned = LLM(model, adapter=adapter, dtype=dtype, cpu_threads=threads)
         for mode in tuned_modes:
             outs = tuned.generate(prompts, SamplingParams(max_tokens=max_tokens, mode=mode), use_tqdm=True)
             answers[mode] = [o.text for o in outs]
         del tuned
     if "base" in modes:
-        base = LLM(base_model, dtype=dtype, num_threads=threads)
+        base = LLM(base_model, dtype=dtype, cpu_threads=threads)
         outs = base.generate(prompts, SamplingParams(max_tokens=max_tokens, mode="ar"), use_tqdm=True)
         answers["base"] = [o.text for o in outs]
     return answers
@@ -154,15 +153,11 @@ def _delta_pct(metrics: dict) -> dict:
 
 
 def summarize(records: list[dict]) -> dict:
-    by_category: dict[str, list[dict]] = defaultdict(list)
-    for r in records:
-        by_category[r["category"]].append(r)
-    per_category = {}
-    for category, rs in sorted(by_category.items()):
+    def group(rs: list[dict]) -> dict:
         metrics = _means(rs)
-        per_category[category] = {"answers": len(rs), "metrics": metrics, "delta_pct": _delta_pct(metrics)}
-    metrics = _means(records)
-    return {"metrics": metrics, "delta_pct": _delta_pct(metrics), "per_category": per_category}
+        return {"answers": len(rs), "metrics": metrics, "delta_pct": _delta_pct(metrics)}
+
+    return {**group(records), "per_category": by_category(records, group)}
 
 
 def print_table(result: dict) -> None:
@@ -171,7 +166,7 @@ def print_table(result: dict) -> None:
     def fmt(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
 
-    rows = list(result["per_category"].items()) + [("ALL", {**result, "answers": len(result["questions"])})]
+    rows = list(result["per_category"].items()) + [("ALL", result)]
     for name, row in rows:
         m, d = row["metrics"], row["delta_pct"]
         sims = "/".join(fmt(m[mode]["similarity"]) for mode in MODES)
@@ -187,13 +182,9 @@ def plot(result: dict, path: str) -> None:
     metrics = [m for m in ("nll", "similarity") if any(result["metrics"][mode][m] is not None for mode in MODES)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        width = 0.27
-        for k, mode in enumerate(MODES):
-            values = [result["per_category"][c]["metrics"][mode][metric] or 0 for c in categories]
-            ax.bar([i + (k - 1) * width for i in range(len(categories))], values, width, label=mode)
-        ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
+        per_mode = {m: [result["per_category"][c]["metrics"][m][metric] or 0 for c in categories] for m in MODES}
+        grouped_bars(ax, categories, per_mode)
         ax.set_ylabel({"nll": "NLL under base model (lower: more fluent)", "similarity": "cosine to GPT-4 reference"}[metric])
-        ax.legend()
     fig.suptitle(f"parafork bench quality ({result['date']}, {result['commit']})")
     save_figure(fig, path)
 
@@ -202,6 +193,13 @@ def run_quality(questions: list[dict], answers: dict[str, list[str]], refs: dict
     torch.set_num_threads(threads)
     records = score(questions, answers, refs, judge_model)
     return {**summarize(records), "questions": records, **metadata(threads)}
+
+
+def add_arguments(p) -> None:
+    add_suite_args(p)
+    add_output_args(p)
+    p.add_argument("--base-model", default="base", help="the untuned model: its answers, and the NLL judge")
+    p.add_argument("--answers", default=None, help="reuse the answers of a `bench latency` JSON")
 
 
 def run(args) -> dict:

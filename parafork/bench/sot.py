@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
 
-from ..engine.llm_engine import LLM
+from ..llm import LLM
 from ..sampling import SamplingParams
 from .common import timed_run
 
@@ -31,18 +30,6 @@ MAX_POINTS = 10
 POINT_TOKENS = 64  # "one or two short sentences"; small models do not stop by themselves
 
 
-@dataclass
-class SoTAnswer:
-    text: str
-    points: int  # parallel point requests (0 if the skeleton had no list)
-    generated: int  # tokens sampled over the skeleton and all points
-    steps: int  # engine steps: the skeleton's plus the batched points'
-    peak_pool_blocks: int
-    attention_work: int
-    wall_s: float
-    prefill_s: float  # the skeleton's first step
-
-
 def parse_skeleton(text: str) -> list[str]:
     """The outline points, in order, from `1. ...` lines (numbering as written)."""
     return [m.group(2) for m in POINT_RE.finditer(text)][:MAX_POINTS]
@@ -54,7 +41,9 @@ def _assistant_prefix(llm: LLM, prompt: str, prefix: str) -> dict:
     return {"prompt_token_ids": ids}
 
 
-def answer(llm: LLM, question: str, max_tokens: int) -> SoTAnswer:
+def answer(llm: LLM, question: str, max_tokens: int) -> dict:
+    """The SoT answer and its figures, keyed as `bench latency` records them (`threads`: the
+    parallel point requests, at least 1; `steps`: the skeleton's plus the batched points')."""
     start = time.perf_counter()
     skeleton_params = SamplingParams(max_tokens=min(SKELETON_TOKENS, max_tokens), mode="ar")
     first = timed_run(llm, [_assistant_prefix(llm, SKELETON_PROMPT.format(question=question), "1.")], skeleton_params)
@@ -76,13 +65,14 @@ def answer(llm: LLM, question: str, max_tokens: int) -> SoTAnswer:
     else:
         text = skeleton
     outputs = [o for run in runs for o in run.outputs]
-    return SoTAnswer(
-        text=text,
-        points=len(points),
-        generated=sum(o.num_generated_tokens for o in outputs),
-        steps=sum(run.steps for run in runs),
-        peak_pool_blocks=max(run.peak_pool_blocks for run in runs),
-        attention_work=sum(o.attention_work for o in outputs),
-        wall_s=time.perf_counter() - start,
-        prefill_s=first.prefill_s,
-    )
+    return {
+        "text": text,
+        "tokens": len(llm.tokenizer.encode(text, add_special_tokens=False)),
+        "generated": sum(o.num_generated_tokens for o in outputs),
+        "steps": sum(run.steps for run in runs),
+        "wall_s": time.perf_counter() - start,
+        "prefill_s": first.prefill_s,
+        "threads": max(1, len(points)),
+        "peak_kv_blocks": max(run.peak_pool_blocks for run in runs),
+        "attn_work": sum(o.attention_work for o in outputs),
+    }

@@ -12,22 +12,20 @@ import time
 
 from tqdm.auto import tqdm
 
-from ..engine.llm_engine import LLM
+from ..llm import LLM
 from ..sampling import SamplingParams
-from .common import metadata, percentile, pyplot, report, save_figure
+from .common import add_output_args, add_suite_args, metadata, parse_list, percentile, pyplot, report, save_figure
 from .suite import load_suite, select
 
 MODES = ("ar", "serial", "apar")  # serial: APAR's own answers, one thread at a time
 
 
-def parse_ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise ValueError(f"{flag} takes a comma list of positive integers; got {text!r}")
-    return values
+def add_arguments(p) -> None:
+    add_suite_args(p)
+    add_output_args(p)
+    p.add_argument("--concurrency", default="1,4,16,64", help="comma list of client counts")
+    p.add_argument("--kv-blocks", default="2048", help="comma list of KV pool sizes (blocks)")
+    p.add_argument("--requests-per-client", type=int, default=2)
 
 
 def closed_loop(llm: LLM, prompts: list[str], concurrency: int, params: SamplingParams, bar: tqdm) -> dict:
@@ -46,7 +44,7 @@ def closed_loop(llm: LLM, prompts: list[str], concurrency: int, params: Sampling
                     tokens += len(out.token_ids)
                     preemptions += out.num_preemptions
                     bar.update(1)
-            peak = max(peak, llm.blocks.num_blocks - llm.blocks.num_free)
+            peak = max(peak, llm.block_manager.num_blocks - llm.block_manager.num_free)
     finally:
         for request_id in sent:
             llm.abort(request_id)
@@ -81,7 +79,7 @@ def run_throughput(
     with tqdm(total=total, desc="throughput", unit="request") as bar:
         for blocks in kv_blocks:
             # No prefix cache: the mode that runs first must not warm the questions for the others.
-            llm = LLM(model, adapter=adapter, dtype=dtype, num_threads=threads, num_kv_blocks=blocks, prefix_caching=False)
+            llm = LLM(model, adapter=adapter, dtype=dtype, cpu_threads=threads, num_kv_blocks=blocks, prefix_caching=False)
             llm.generate("Hello", SamplingParams(max_tokens=4))  # warm-up
             for c in concurrency:
                 prompts = [questions[i % len(questions)]["prompt"] for i in range(c * requests_per_client)]
@@ -157,7 +155,7 @@ def plot(result: dict, path: str) -> None:
 def run(args) -> dict:
     questions = select(load_suite(args.suite), args.limit, args.per_category)
     result = run_throughput(
-        questions, parse_ints(args.concurrency, "--concurrency"), parse_ints(args.kv_blocks, "--kv-blocks"),
+        questions, parse_list(args.concurrency, "--concurrency", int), parse_list(args.kv_blocks, "--kv-blocks", int),
         args.model, args.adapter, args.dtype, args.threads, args.max_tokens, args.requests_per_client,
     )
     result["config"]["suite"] = args.suite

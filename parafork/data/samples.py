@@ -20,7 +20,9 @@ IGNORE = -100
 
 
 @dataclass
-class Thread:
+class ThreadTokens:
+    """One APAR thread of a training tree in its linear training form (not an engine `Thread`)."""
+
     tokens: list[int]
     start_pos: int  # position of tokens[0]
     parent: int | None  # index of the parent thread
@@ -34,7 +36,7 @@ class PackedSample:
     position_ids: torch.Tensor  # [L]
     labels: torch.Tensor  # [L], IGNORE where no loss
     allowed: torch.Tensor  # [L, L] bool: query i may attend to key j
-    threads: list[Thread]
+    threads: list[ThreadTokens]
 
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor:
         """The 4-D additive mask HF models take: [1, 1, L, L] of 0 / -inf."""
@@ -43,7 +45,7 @@ class PackedSample:
 
 
 def _thread_tokens(
-    node: Node, tokenizer, control: ControlTokens, threads: list[Thread], me: int, start: int, markers: bool
+    node: Node, tokenizer, control: ControlTokens, threads: list[ThreadTokens], me: int, start: int, markers: bool
 ) -> None:
     """Appends node's tokens to threads[me]; children become threads of their own. Without
     `markers` there are no [Fork]/[Child]/end tokens: a child simply continues the head."""
@@ -54,7 +56,7 @@ def _thread_tokens(
         if markers:
             threads[me].tokens.append(control.fork_id)
         fork_pos = start + len(threads[me].tokens) - 1
-        child = Thread([control.child_id] if markers else [], fork_pos + 1, me, fork_pos, first_label=0)
+        child = ThreadTokens([control.child_id] if markers else [], fork_pos + 1, me, fork_pos, first_label=0)
         threads.append(child)
         _thread_tokens(segment, tokenizer, control, threads, len(threads) - 1, fork_pos + 1, markers)
         if markers:
@@ -63,16 +65,16 @@ def _thread_tokens(
 
 def tree_threads(
     prompt_ids: list[int], root: Node, tokenizer, control: ControlTokens, markers: bool = True
-) -> list[Thread]:
+) -> list[ThreadTokens]:
     """The threads of a tree in the APAR linear form, root first, then depth first."""
-    threads = [Thread(list(prompt_ids), 0, None, None, first_label=len(prompt_ids) - 1)]
+    threads = [ThreadTokens(list(prompt_ids), 0, None, None, first_label=len(prompt_ids) - 1)]
     _thread_tokens(root, tokenizer, control, threads, 0, 0, markers)
     if markers:
         threads[0].tokens.append(min(control.eos_ids))
     return threads
 
 
-def pack(threads: list[Thread]) -> PackedSample:
+def pack(threads: list[ThreadTokens]) -> PackedSample:
     ids, pos, owner, labels = [], [], [], []
     for t, thread in enumerate(threads):
         n = len(thread.tokens)
@@ -95,8 +97,8 @@ def pack(threads: list[Thread]) -> PackedSample:
     return PackedSample(torch.tensor(ids), pos_t, torch.tensor(labels), allowed, threads)
 
 
-def full_context(threads: list[Thread], t: int) -> list[int]:
-    """Thread t as one causal sequence: its ancestors' tokens up to its fork, then its own.
+def full_context(threads: list[ThreadTokens], t: int) -> list[int]:
+    """ThreadTokens t as one causal sequence: its ancestors' tokens up to its fork, then its own.
     Token i of it sits at position i, so the reference's 1 + k separate samples are these."""
     thread = threads[t]
     if thread.parent is None:

@@ -6,8 +6,10 @@ child write different tokens into the rest of it). A finished thread drops its
 references at once, so its own blocks return to the pool while shared ones stay.
 
 Prefix cache: token i of every thread sits at position i, so a full block's K/V depends
-only on the tokens up to its end. Each computed full block is keyed by a hash chain over
-those tokens; a thread that starts with no cache (a new request, or a thread recomputed
+only on the tokens up to its end. Each computed full block is keyed by a BLAKE2b-128 chain
+over those tokens (the previous block's key, then this block's token ids), so a match
+means equal prefixes with collision odds of 2^-128 (Python's 64-bit `hash()` of tuples,
+used before, is not collision-safe for adversarial or merely very many prompts); a thread that starts with no cache (a new request, or a thread recomputed
 after preemption) takes every leading full block whose key is known instead of computing
 it. Freed blocks keep their key until the pool hands them out again (least recently freed
 first), so a prompt seen before, a driver's next round, or a preempted request's own
@@ -15,8 +17,11 @@ blocks are found again.
 """
 from __future__ import annotations
 
+from array import array
 from collections import deque
+from hashlib import blake2b
 
+from .runner import BlockCopy
 from .thread import Thread
 
 
@@ -29,8 +34,8 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.free_blocks: deque[int] = deque(range(num_blocks))
         self.prefix_caching = prefix_caching
-        self.cached: dict[int, int] = {}  # prefix key -> block holding that prefix's last block
-        self.block_key: dict[int, int] = {}  # block -> its key in `cached`
+        self.cached: dict[bytes, int] = {}  # prefix key -> block holding that prefix's last block
+        self.block_key: dict[int, bytes] = {}  # block -> its key in `cached`
         self.hit_tokens = 0  # tokens taken from the prefix cache instead of computed
 
     @property
@@ -41,18 +46,26 @@ class BlockManager:
         """New blocks `thread` needs to hold its first `num_tokens` tokens."""
         return max(0, -(-num_tokens // self.block_size) - len(thread.block_table))
 
-    def _take(self) -> int:
+    def _take(self, thread: Thread) -> int:
         block = self.free_blocks.popleft()
         assert self.ref_counts[block] == 0
         self.ref_counts[block] = 1
         key = self.block_key.pop(block, None)
         if key is not None:
             del self.cached[key]  # its content is about to be overwritten
+        self._hold(thread, block)
         return block
 
-    def _key(self, thread: Thread, index: int) -> int:
-        previous = thread.block_keys[index - 1] if index else None
-        return hash((previous, tuple(thread.token_ids[index * self.block_size : (index + 1) * self.block_size])))
+    @staticmethod
+    def _hold(thread: Thread, block: int) -> None:
+        """Counts the block for the thread's request (its distinct blocks give its KV footprint)."""
+        held = thread.request.held_blocks
+        held[block] = held.get(block, 0) + 1
+
+    def _key(self, thread: Thread, index: int) -> bytes:
+        h = blake2b(thread.block_keys[index - 1] if index else b"", digest_size=16)
+        h.update(array("q", thread.token_ids[index * self.block_size : (index + 1) * self.block_size]).tobytes())
+        return h.digest()
 
     def register(self, thread: Thread) -> None:
         """Records the keys of the thread's full blocks computed so far (after a forward)."""
@@ -80,6 +93,7 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 self.free_blocks.remove(block)
             self.ref_counts[block] += 1
+            self._hold(thread, block)
             thread.block_table.append(block)
             thread.block_keys.append(key)
         thread.num_cached = len(thread.block_table) * self.block_size
@@ -90,19 +104,20 @@ class BlockManager:
         need = self.blocks_needed(thread, num_tokens)
         if need > self.num_free:
             raise MemoryError(f"KV pool exhausted: need {need} blocks, {self.num_free} free")
-        thread.block_table.extend(self._take() for _ in range(need))
+        thread.block_table.extend(self._take(thread) for _ in range(need))
 
-    def fork(self, parent: Thread, child: Thread) -> tuple[int, int, int] | None:
+    def fork(self, parent: Thread, child: Thread) -> BlockCopy | None:
         """Gives `child` the parent's cached context: shared full blocks, a copied tail.
 
-        Returns `(src, dst, num_slots)` of the tail copy the model runner must make, or
-        None when the parent's cached tokens end on a block boundary (nothing to copy).
+        Returns the tail copy the runner must make, or None when the parent's cached
+        tokens end on a block boundary (nothing to copy).
         """
         cached = parent.num_cached
         full, tail = divmod(cached, self.block_size)
         shared = parent.block_table[:full]
         for block in shared:
             self.ref_counts[block] += 1
+            self._hold(child, block)
         child.block_table = list(shared)
         child.block_keys = parent.block_keys[:full]
         child.num_cached = cached
@@ -112,17 +127,21 @@ class BlockManager:
             # No room for the copy: the child recomputes its tail slots when it runs.
             child.num_cached = full * self.block_size
             return None
-        dst = self._take()
+        dst = self._take(child)
         child.block_table.append(dst)
-        return parent.block_table[full], dst, tail
+        return BlockCopy(parent.block_table[full], dst, tail)
 
     def free(self, thread: Thread) -> None:
         """Drops the thread's references; blocks nobody else holds return to the pool."""
+        held = thread.request.held_blocks
         for block in thread.block_table:
             self.ref_counts[block] -= 1
             assert self.ref_counts[block] >= 0
             if self.ref_counts[block] == 0:
                 self.free_blocks.append(block)
+            held[block] -= 1
+            if not held[block]:
+                del held[block]
         thread.block_table = []
         thread.block_keys = []
         thread.num_cached = 0

@@ -1,4 +1,4 @@
-"""The slow fallback backend: any HF causal LM, behind the model runner's interface.
+"""The slow fallback `Runner`: any HF causal LM.
 
 Its paged "KV cache" holds token ids instead of keys and values: each step it writes the
 new tokens into their slots, reads every thread's whole context back through its block
@@ -9,27 +9,36 @@ from __future__ import annotations
 
 import torch
 
-from .model_runner import ThreadSlice
+from .runner import BlockCopy, RunnerInfo, SequenceSlice
 
 
 class HFRunner:
-    def __init__(self, hf_model, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
-        self.model = hf_model.to(dtype)
-        self.block_size = block_size
-        self.vocab_size = hf_model.get_input_embeddings().weight.shape[0]
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in hf_model.parameters())
-        self.slot_tokens = torch.zeros(num_blocks * block_size, dtype=torch.long)
+    def __init__(self, hf_model, engine_config) -> None:
+        self.model = hf_model.to(engine_config.torch_dtype)
+        self.block_size = engine_config.block_size
+        self.info = RunnerInfo(
+            vocab_size=hf_model.get_input_embeddings().weight.shape[0],
+            max_position=hf_model.config.max_position_embeddings,
+            weight_bytes=sum(p.numel() * p.element_size() for p in hf_model.parameters()),
+            prefix_caching=True,
+            max_live_sequences=None,
+        )
+        self.slot_tokens = torch.zeros(engine_config.num_kv_blocks * engine_config.block_size, dtype=torch.long)
 
     def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         pos = torch.arange(start, end)
         return torch.tensor(block_table, dtype=torch.long)[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def copy_block(self, src: int, dst: int, num_slots: int) -> None:
-        s, d = src * self.block_size, dst * self.block_size
-        self.slot_tokens[d : d + num_slots] = self.slot_tokens[s : s + num_slots]
+    def fork(self, parent: int, child: int, copy: BlockCopy | None) -> None:
+        if copy is not None:
+            s, d = copy.src * self.block_size, copy.dst * self.block_size
+            self.slot_tokens[d : d + copy.num_slots] = self.slot_tokens[s : s + copy.num_slots]
+
+    def release(self, seq_id: int) -> None:
+        """Nothing to do: slots belong to blocks, which the engine's block manager frees."""
 
     @torch.inference_mode()
-    def forward(self, batch: list[ThreadSlice]) -> torch.Tensor:
+    def forward(self, batch: list[SequenceSlice]) -> torch.Tensor:
         contexts = []
         for s in batch:
             end = s.start_pos + len(s.token_ids)

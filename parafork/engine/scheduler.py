@@ -12,13 +12,19 @@ if, after its blocks, one free block is left for every thread already in the ste
 may open a new block soon). Without it, a preempted request came back as soon as its blocks
 were free, left no room to grow, and was preempted again: 64 APAR clients on 256 blocks
 thrashed (198 preemptions for 64 requests, throughput below serial decoding's).
+
+A thread holds a runner sequence id exactly while it holds KV: it takes one when it is
+first scheduled (or born by a fork) and gives it back when its blocks are freed (finished,
+aborted or preempted). Freed ids wait in `take_released()` for the engine to tell the runner.
 """
 from __future__ import annotations
 
 import bisect
+import heapq
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
+from .runner import BlockCopy
 from .thread import FinishReason, Request, Thread
 
 
@@ -31,12 +37,44 @@ class ScheduledBatch:
         return len(self.threads)
 
 
+class SequenceIds:
+    """Sequence ids for the runner: the smallest free id first, so ids stay dense (a
+    sequence-addressed backend has a hard cap, e.g. llama.cpp's `n_seq_max`)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self._free: list[int] = []
+        self._next = 0
+        self.live: set[int] = set()
+
+    @property
+    def room(self) -> int | None:
+        """Ids that can still be handed out (None: no limit)."""
+        return None if self.limit is None else self.limit - len(self.live)
+
+    def take(self) -> int:
+        if self.room == 0:
+            raise RuntimeError("no free sequence id")
+        if self._free:
+            seq_id = heapq.heappop(self._free)
+        else:
+            seq_id, self._next = self._next, self._next + 1
+        self.live.add(seq_id)
+        return seq_id
+
+    def give_back(self, seq_id: int) -> None:
+        self.live.remove(seq_id)
+        heapq.heappush(self._free, seq_id)
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_batch_tokens: int) -> None:
-        self.blocks = block_manager
+    def __init__(self, block_manager: BlockManager, max_batch_tokens: int, max_live_sequences: int | None = None) -> None:
+        self.block_manager = block_manager
         self.max_batch_tokens = max_batch_tokens
+        self.seq_ids = SequenceIds(max_live_sequences)
         self.waiting: list[Request] = []  # sorted by arrival
         self.running: list[Request] = []  # sorted by arrival
+        self._released: list[int] = []
 
     def add(self, request: Request) -> None:
         bisect.insort(self.waiting, request, key=lambda r: r.arrival)
@@ -45,20 +83,35 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def release(self, thread: Thread) -> None:
-        self.blocks.free(thread)
+    def free(self, thread: Thread) -> None:
+        """Frees the thread's KV blocks and its sequence id."""
+        self.block_manager.free(thread)
+        if thread.seq_id is not None:
+            self.seq_ids.give_back(thread.seq_id)
+            self._released.append(thread.seq_id)
+            thread.seq_id = None
+
+    def take_released(self) -> list[int]:
+        """Sequence ids freed since the last call (the runner must be told)."""
+        released, self._released = self._released, []
+        return released
+
+    def fork(self, parent: Thread, child: Thread) -> tuple[int, BlockCopy | None]:
+        """The child's sequence id and the tail-block copy; it shares the parent's KV."""
+        child.seq_id = self.seq_ids.take()
+        return child.seq_id, self.block_manager.fork(parent, child)
 
     def remove(self, request: Request) -> None:
         """Takes a finished or aborted request out and frees every block it holds."""
         for thread in request.threads:
-            self.blocks.free(thread)
+            self.free(thread)
         for queue in (self.waiting, self.running):
             if request in queue:
                 queue.remove(request)
 
     def _preempt(self, request: Request) -> None:
         for thread in request.threads:
-            self.blocks.free(thread)
+            self.free(thread)
         request.num_preemptions += 1
         self.running.remove(request)
         self.add(request)
@@ -67,7 +120,7 @@ class Scheduler:
         """Adds the request's live threads to the batch; returns the budget left, or None
         when the pool cannot hold them with `reserve` blocks to spare (the batch is left
         without them)."""
-        start = len(batch)
+        start, new_ids, room = len(batch), 0, self.seq_ids.room
         threads = request.live_threads
         if request.params.mode == "serial":
             threads = threads[-1:]  # the newest thread runs alone: depth first, in reading order
@@ -75,21 +128,27 @@ class Scheduler:
             if thread.num_cached == 0:
                 if any(len(t.pending) > 2 for t in threads if t.thread_id < thread.thread_id):
                     break  # recompute one thread at a time, so later ones find its blocks in the cache
-                self.blocks.match_prefix(thread)
+                self.block_manager.match_prefix(thread)
             n = min(len(thread.pending), budget)
             if n == 0:
                 continue
-            if self.blocks.blocks_needed(thread, thread.num_cached + n) > self.blocks.num_free - reserve:
+            new_ids += thread.seq_id is None
+            no_id = room is not None and new_ids > room
+            if no_id or self.block_manager.blocks_needed(thread, thread.num_cached + n) > self.block_manager.num_free - reserve:
                 del batch.threads[start:], batch.num_tokens[start:]
                 return None
-            self.blocks.allocate(thread, thread.num_cached + n)
+            self.block_manager.allocate(thread, thread.num_cached + n)
             batch.threads.append(thread)
             batch.num_tokens.append(n)
             budget -= n
+        for thread in batch.threads[start:]:  # ids only once the request's threads all fit
+            if thread.seq_id is None:
+                thread.seq_id = self.seq_ids.take()
         return budget
 
     def schedule(self) -> tuple[ScheduledBatch, list[Request]]:
-        """The next step's batch, and requests that can never fit the pool (to be failed)."""
+        """The next step's batch, and requests that can never fit the pool (taken out of the
+        queues with their finish reason and error set; the engine finishes them)."""
         batch = ScheduledBatch()
         unservable: list[Request] = []
         budget = self.max_batch_tokens
@@ -105,6 +164,7 @@ class Scheduler:
             if victim is request and len(self.running) == 1:
                 unservable.append(request)
                 self.running.remove(request)
+                self._fail(request)
             else:
                 self._preempt(victim)
         while self.waiting and budget > 0:
@@ -112,10 +172,11 @@ class Scheduler:
             left = self._schedule_request(request, batch, budget, reserve=len(batch))
             if left is None:
                 for thread in request.threads:  # a waiting request holds no blocks, matched ones included
-                    self.blocks.free(thread)
+                    self.free(thread)
                 if not self.running and not batch.threads:
                     self.waiting.pop(0)
                     unservable.append(request)
+                    self._fail(request)
                     continue
                 break
             self.waiting.pop(0)
@@ -123,7 +184,6 @@ class Scheduler:
             budget = left
         return batch, unservable
 
-
-def finish_unservable(request: Request, num_blocks: int) -> None:
-    request.finish_reason = FinishReason.LENGTH if request.num_generated else FinishReason.ERROR
-    request.error = f"the request needs more KV blocks than the whole pool has ({num_blocks})"
+    def _fail(self, request: Request) -> None:
+        request.finish_reason = FinishReason.LENGTH if request.num_generated else FinishReason.ERROR
+        request.error = f"the request needs more KV blocks than the whole pool has ({self.block_manager.num_blocks})"

@@ -35,10 +35,11 @@ class Thread:
     own_start: int  # index of this thread's first own token ([Child] for a child)
     depth: int = 0
     parent: Thread | None = None
-    thread_id: int = field(default_factory=lambda: next(_thread_ids))
+    thread_id: int = field(default_factory=lambda: next(_thread_ids))  # birth order, never reused
+    seq_id: int | None = None  # the runner's handle while the thread holds KV (reused after release)
     num_cached: int = 0  # leading tokens whose K/V sit in the cache
     block_table: list[int] = field(default_factory=list)
-    block_keys: list[int] = field(default_factory=list)  # prefix-cache keys of the full blocks computed
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the full blocks computed
     children: dict[int, Thread] = field(default_factory=dict)  # own index of a [Fork] -> child
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None  # per thread, so samples do not depend on batching
@@ -72,7 +73,8 @@ class Request:
         self.num_generated = 0  # tokens appended over all threads, control tokens included
         self.num_steps = 0  # forward passes this request took part in
         self.num_preemptions = 0
-        self.peak_blocks = 0
+        self.held_blocks: dict[int, int] = {}  # KV block -> how many of this request's threads hold it
+        self.peak_blocks = 0  # most distinct KV blocks held at once (after a step)
         self.attention_work = 0  # sum over fed tokens of the keys each one attends to
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
@@ -101,5 +103,3 @@ class Request:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def blocks_in_use(self) -> set[int]:
-        return {b for t in self.threads for b in t.block_table}

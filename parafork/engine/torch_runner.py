@@ -1,15 +1,16 @@
 """Batched Llama-family forward over a paged KV cache.
 
-The runner's whole interface: a batch of thread slices in (new token ids, first position,
-block table), logits of each slice's last token out; `copy_block` for the tail block of a
-fork. It knows nothing about requests, forks or sampling, so backends can be swapped.
+One `Runner` (see runner.py): a batch of sequence slices in (new token ids, first position,
+block table), logits of each slice's last token out. KV is addressed by block table alone,
+so a fork only copies the tail block it is told to and a release has nothing to do. It
+knows nothing about requests, APAR threads or sampling.
 
 Design choices for CPU decode (measured, see RESOURCES.md):
 - one flat token dimension for the linear layers (prefill and decode rows mixed, no padding);
-  queries are padded per thread only inside attention;
+  queries are padded per sequence only inside attention;
 - attention is plain matmul grouped by KV head (bf16 SDPA is pathological on CPU);
 - the KV cache is one preallocated tensor per layer, `[slots, 2, kv_heads, head_dim]`,
-  slot = block * block_size + offset; a step gathers each thread's slots once per layer;
+  slot = block * block_size + offset; a step gathers each sequence's slots once per layer;
 - q/k/v and gate/up are fused into one matmul each, the softmax scale is folded into the
   query weights, and the weights are pre-packed for oneDNN (about 2x faster GEMV in bf16;
   in fp32 it is what lets extra rows come nearly free on AVX2-only CPUs).
@@ -23,17 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import cpu_has_fast_bf16
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-
-
-@dataclass(frozen=True)
-class ThreadSlice:
-    """Work for one thread in one forward: feed `token_ids` starting at `start_pos`."""
-
-    token_ids: list[int]
-    start_pos: int
-    block_table: list[int]
+from .runner import SUPPORTED_ARCHITECTURES, BlockCopy, RunnerInfo, SequenceSlice
 
 
 class _Linear:
@@ -85,28 +76,23 @@ class _StepInputs:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
     cos: torch.Tensor  # [T, 1, D]
     sin: torch.Tensor  # [T, 1, D] (sign of the first half already flipped)
-    gather_slots: torch.Tensor  # [B*L] slots of each thread's whole context, thread-major
+    gather_slots: torch.Tensor  # [B*L] slots of each sequence's whole context, sequence-major
     attn_bias: torch.Tensor  # [B, 1, L, G*Q] 0 or -inf
-    num_threads: int
+    num_seqs: int
     max_kv: int
     query_index: torch.Tensor | None  # [B*Q] rows of the flat tokens, None when Q == 1
     valid_rows: torch.Tensor | None  # [T] rows of the padded [B*Q] layout that are real
-    last_rows: torch.Tensor  # [B] flat row of each thread's last token
+    last_rows: torch.Tensor  # [B] flat row of each sequence's last token
     max_q: int
 
 
-class ModelRunner:
-    SMALL_ATTENTION = 1024  # keys x threads below which attention runs in fp32 (faster on CPU)
+class TorchRunner:
+    SMALL_ATTENTION = 1024  # keys x sequences below which attention runs in fp32 (faster on CPU)
 
-    def __init__(
-        self,
-        hf_model,
-        num_blocks: int,
-        block_size: int,
-        dtype: torch.dtype = torch.bfloat16,
-        max_position: int | None = None,
-    ) -> None:
+    def __init__(self, hf_model, engine_config) -> None:
+        """Takes its own (packed, `engine_config.torch_dtype`) copy of `hf_model`'s weights."""
         config = hf_model.config
+        dtype, num_blocks, block_size = engine_config.torch_dtype, engine_config.num_kv_blocks, engine_config.block_size
         arch = (config.architectures or ["?"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"architecture {arch} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
@@ -125,11 +111,15 @@ class ModelRunner:
             self.embed = hf_model.get_input_embeddings().weight.detach().to(dtype)
             self.final_norm = hf_model.model.norm.weight.detach().to(dtype)
             self.lm_head = _Linear(hf_model.get_output_embeddings().weight, None, dtype)
-        self.vocab_size = self.embed.shape[0]
-        self.weight_bytes = self.lm_head.nbytes + sum(
-            l.qkv.nbytes + l.o.nbytes + l.gate_up.nbytes + l.down.nbytes for l in self.layers
+        weight_bytes = self.lm_head.nbytes + sum(l.qkv.nbytes + l.o.nbytes + l.gate_up.nbytes + l.down.nbytes for l in self.layers)
+        self.max_position = config.max_position_embeddings
+        self.info = RunnerInfo(
+            vocab_size=self.embed.shape[0],
+            max_position=self.max_position,
+            weight_bytes=weight_bytes,
+            prefix_caching=True,
+            max_live_sequences=None,
         )
-        self.max_position = max_position or config.max_position_embeddings
         self._init_rope(config)
         # Slot num_blocks*block_size is a scratch slot: padded keys point there.
         self.kv_cache = [
@@ -151,13 +141,17 @@ class ModelRunner:
         self.cos_table = angles.cos().to(self.dtype)
         self.sin_table = (angles.sin() * sign).to(self.dtype)
 
-    def copy_block(self, src: int, dst: int, num_slots: int) -> None:
-        """Copies the first `num_slots` KV slots of block `src` into block `dst`, in every layer."""
-        s, d = src * self.block_size, dst * self.block_size
-        for cache in self.kv_cache:
-            cache[d : d + num_slots].copy_(cache[s : s + num_slots])
+    def fork(self, parent: int, child: int, copy: BlockCopy | None) -> None:
+        """Full blocks are shared through the block tables; only the tail block is copied."""
+        if copy is not None:
+            s, d, n = copy.src * self.block_size, copy.dst * self.block_size, copy.num_slots
+            for cache in self.kv_cache:
+                cache[d : d + n].copy_(cache[s : s + n])
 
-    def _prepare(self, batch: list[ThreadSlice]) -> _StepInputs:
+    def release(self, seq_id: int) -> None:
+        """Nothing to do: a sequence's KV is its blocks, which the engine's block manager frees."""
+
+    def _prepare(self, batch: list[SequenceSlice]) -> _StepInputs:
         bs = self.block_size
         q_lens = [len(s.token_ids) for s in batch]
         kv_lens = [s.start_pos + q for s, q in zip(batch, q_lens)]
@@ -176,15 +170,15 @@ class ModelRunner:
         kv_len_t = torch.tensor(kv_lens)
         gather_slots = torch.where(key_pos[None, :] < kv_len_t[:, None], gather_slots, scratch_block * bs)
 
-        # Query positions, padded per thread to max_q (padding repeats the last real query).
+        # Query positions, padded per sequence to max_q (padding repeats the last real query).
         offsets = torch.arange(max_q)
         q_len_t = torch.tensor(q_lens)
         start_t = torch.tensor([s.start_pos for s in batch])
         q_pos = start_t[:, None] + torch.minimum(offsets[None, :], (q_len_t - 1)[:, None])  # [B, Q]
         valid = offsets[None, :] < q_len_t[:, None]
-        flat_pos = q_pos[valid]  # [T], thread-major, same order as the flat tokens
-        thread_of_row = torch.arange(num_b)[:, None].expand(num_b, max_q)[valid]
-        slot_mapping = tables[thread_of_row, flat_pos // bs] * bs + flat_pos % bs
+        flat_pos = q_pos[valid]  # [T], sequence-major, same order as the flat tokens
+        seq_of_row = torch.arange(num_b)[:, None].expand(num_b, max_q)[valid]
+        slot_mapping = tables[seq_of_row, flat_pos // bs] * bs + flat_pos % bs
 
         allowed = key_pos[None, :, None] <= q_pos[:, None, :]  # [B, L, Q]
         bias = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, float("-inf"))
@@ -205,7 +199,7 @@ class ModelRunner:
             sin=self.sin_table[flat_pos][:, None, :],
             gather_slots=gather_slots.reshape(-1),
             attn_bias=bias.contiguous(),
-            num_threads=num_b,
+            num_seqs=num_b,
             max_kv=max_kv,
             query_index=query_index,
             valid_rows=valid_rows,
@@ -227,7 +221,7 @@ class ModelRunner:
         cache = self.kv_cache[layer_idx]
         cache.index_copy_(0, inp.slot_mapping, kv_new)
 
-        num_b, max_q = inp.num_threads, inp.max_q
+        num_b, max_q = inp.num_seqs, inp.max_q
         q = qk[:, :h]
         if inp.query_index is not None:
             q = q.index_select(0, inp.query_index)
@@ -251,7 +245,7 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
-    def forward(self, batch: list[ThreadSlice]) -> torch.Tensor:
+    def forward(self, batch: list[SequenceSlice]) -> torch.Tensor:
         """Runs one step; returns float32 logits `[len(batch), vocab]` of each slice's last token."""
         inp = self._prepare(batch)
         x = self.embed[inp.token_ids]

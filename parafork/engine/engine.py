@@ -1,0 +1,253 @@
+"""The engine: requests in, one batched forward per step, restored token outputs out.
+
+One step is four phases:
+- schedule: the scheduler picks every live thread's pending tokens (and admits, preempts
+  or fails requests to fit the KV pool);
+- run: the runner computes each scheduled slice's last-token logits in one forward;
+- sample: the APAR rules, the request's own logits rules, then one token per thread;
+- account: a sampled `[Fork]` starts a child thread (sharing the parent's KV blocks), an end
+  token finishes its thread and frees its blocks at once, and requests that ran out of
+  budget or threads finish.
+
+The engine speaks token ids only; `LLM` (parafork/llm.py) adds prompts and text. Every
+sequence id the engine hands to the runner is released exactly once, and when no request
+is left every KV block and sequence id is back in its pool (`check_idle`).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from ..config import EngineConfig
+from ..restore import linearize
+from ..sampling import FORKING_MODES, SamplingParams
+from ..tokens import ControlTokens
+from .block_manager import BlockManager
+from .runner import Runner, SequenceSlice
+from .sampler import apply_apar_rules, sample
+from .scheduler import ScheduledBatch, Scheduler
+from .thread import FinishReason, Request, Thread
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    text: str  # restored answer in reading order (streaming: final text so far; else set when finished)
+    delta: str  # text that became final since the previous output of this request
+    token_ids: list[int]  # restored answer tokens, no control tokens
+    finished: bool
+    finish_reason: str | None
+    num_generated_tokens: int  # over all threads, control tokens included
+    num_steps: int  # forward passes the request took part in (decode steps)
+    num_threads: int
+    peak_kv_blocks: int
+    num_prompt_tokens: int
+    attention_work: int = 0  # sum over fed tokens of the KV length each attends to
+    num_preemptions: int = 0
+    error: str | None = None
+    complete: bool = False  # token_ids hold the whole tree (no thread may add tokens before their end)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot, taken on the engine's own thread; safe to hand to other threads."""
+
+    requests_waiting: int
+    requests_running: int
+    threads_live: int
+    sequences_live: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    steps_total: int
+    requests_total: int
+    generated_tokens_total: int
+    forks_total: int
+    prefix_cache_hit_tokens_total: int
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, runner: Runner, control: ControlTokens) -> None:
+        info = runner.info
+        if config.max_model_len and config.max_model_len > info.max_position:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's {info.max_position} positions")
+        config.max_model_len = config.max_model_len or info.max_position
+        if config.prefix_caching and not info.prefix_caching:
+            config.prefix_caching = False
+        self.config = config
+        self.runner = runner
+        self.control = control
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_batch_tokens, info.max_live_sequences)
+        self.seq_ids = self.scheduler.seq_ids
+        self.requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        self.total_steps = 0
+        self._counts = {"requests": 0, "tokens": 0, "forks": 0}
+
+    # ---- requests -------------------------------------------------------------------
+    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: bool = True) -> None:
+        """Queues a request. With `stream=False` its outputs carry tokens only once it has
+        finished, which spares restoring the growing tree at every step."""
+        vocab = self.runner.info.vocab_size
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if not all(isinstance(i, int) and 0 <= i < vocab for i in prompt_ids):
+            raise ValueError("prompt_token_ids must be token ids of this model's vocabulary")
+        if len(prompt_ids) >= self.config.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens; the model takes at most {self.config.max_model_len - 1}"
+            )
+        if -(-(len(prompt_ids) + 1) // self.config.block_size) > self.config.num_kv_blocks:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens, more than the whole KV pool holds")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias names a token id beyond the vocabulary ({vocab})")
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = Request(request_id, prompt_ids, params, next(self._arrivals))
+        request.streaming = stream
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        self._counts["requests"] += 1
+
+    def abort(self, request_id: str) -> None:
+        """Cancels a request; its KV blocks and sequence ids return to their pools at once."""
+        request = self.requests.pop(request_id, None)
+        if request is not None and not request.finished:
+            self._finish_request(request, FinishReason.ABORT)
+        self._release_sequences()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            requests_waiting=len(self.scheduler.waiting),
+            requests_running=len(self.scheduler.running),
+            threads_live=sum(len(r.live_threads) for r in self.scheduler.running),
+            sequences_live=len(self.seq_ids.live),
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_free=bm.num_free,
+            steps_total=self.total_steps,
+            requests_total=self._counts["requests"],
+            generated_tokens_total=self._counts["tokens"],
+            forks_total=self._counts["forks"],
+            prefix_cache_hit_tokens_total=bm.hit_tokens,
+        )
+
+    def check_idle(self) -> None:
+        """With no request left, every KV block and every sequence id is free."""
+        assert not self.scheduler.has_work, "requests are still queued or running"
+        bm = self.block_manager
+        assert bm.num_free == bm.num_blocks, f"{bm.num_blocks - bm.num_free} KV blocks still held"
+        assert not self.seq_ids.live, f"sequence ids still live: {sorted(self.seq_ids.live)}"
+        bm.check_invariants()
+
+    # ---- the step -------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One forward over all scheduled threads; outputs of the requests it touched."""
+        batch, failed = self.scheduler.schedule()
+        touched = {r.request_id: r for r in failed}
+        for request in failed:
+            self._finish_request(request, request.finish_reason)
+        self._release_sequences()
+        if batch.threads:
+            logits = self._run(batch)
+            rows, ready = self._advance(batch)
+            if ready:
+                self._sample(logits[rows], ready)
+            for thread in batch.threads:
+                touched[thread.request.request_id] = thread.request
+        return [self._account(request) for request in touched.values()]
+
+    def _run(self, batch: ScheduledBatch):
+        slices = [
+            SequenceSlice(t.seq_id, t.pending[:n], t.num_cached, t.block_table)
+            for t, n in zip(batch.threads, batch.num_tokens)
+        ]
+        self.total_steps += 1
+        return self.runner.forward(slices)
+
+    def _advance(self, batch: ScheduledBatch) -> tuple[list[int], list[Thread]]:
+        """Marks the fed tokens cached; the threads whose whole context is now fed sample."""
+        rows, ready = [], []
+        for i, (thread, n) in enumerate(zip(batch.threads, batch.num_tokens)):
+            # Token k (0-based position) attends to k + 1 keys; this slice holds positions c..c+n-1.
+            thread.request.attention_work += n * thread.num_cached + n * (n + 1) // 2
+            thread.num_cached += n
+            self.block_manager.register(thread)
+            if thread.num_cached == len(thread.token_ids):
+                rows.append(i)
+                ready.append(thread)
+        return rows, ready
+
+    def _sample(self, logits, ready: list[Thread]) -> None:
+        apply_apar_rules(logits, ready, self.control, fork_room=self.seq_ids.room)
+        for i, thread in enumerate(ready):
+            for rule in thread.request.params.logits_rules:
+                rule(thread, logits[i])
+        for thread, token in zip(ready, sample(logits, ready)):
+            self._apply_token(thread, token)
+
+    def _apply_token(self, thread: Thread, token: int) -> None:
+        request, params, control = thread.request, thread.request.params, self.control
+        thread.token_ids.append(token)
+        request.num_generated += 1
+        self._counts["tokens"] += 1
+        if token == control.fork_id and params.mode in FORKING_MODES:
+            child = request.fork(thread, control.child_id)
+            request.num_generated += 1
+            self._counts["forks"] += 1
+            self.runner.fork(thread.seq_id, *self.scheduler.fork(thread, child))
+        elif token in control.eos_ids and not params.ignore_eos:
+            self._finish_thread(thread, FinishReason.STOP)
+        elif len(thread.token_ids) >= self.config.max_model_len:
+            self._finish_thread(thread, FinishReason.LENGTH)
+
+    def _finish_thread(self, thread: Thread, reason: FinishReason) -> None:
+        thread.finish_reason = reason
+        self.scheduler.free(thread)
+        self._release_sequences()
+
+    def _finish_request(self, request: Request, reason: FinishReason) -> None:
+        for thread in request.live_threads:
+            thread.finish_reason = reason
+        request.finish_reason = request.finish_reason or reason
+        self.scheduler.remove(request)
+        self._release_sequences()
+
+    def _release_sequences(self) -> None:
+        for seq_id in self.scheduler.take_released():
+            self.runner.release(seq_id)
+
+    def _account(self, request: Request) -> RequestOutput:
+        if not request.finished:
+            request.num_steps += 1
+            request.peak_blocks = max(request.peak_blocks, len(request.held_blocks))
+            if request.num_generated >= request.params.max_tokens:
+                self._finish_request(request, FinishReason.LENGTH)
+            elif not request.live_threads:
+                self._finish_request(request, FinishReason.STOP)
+        tokens: list[int] = []
+        complete = False
+        if request.streaming or request.finished:
+            tokens, complete = linearize(request.root, self.control, final_only=True)
+        if request.finished:
+            self.requests.pop(request.request_id, None)  # its output carries everything needed
+        return RequestOutput(
+            request_id=request.request_id,
+            text="",
+            delta="",
+            token_ids=tokens,
+            finished=request.finished,
+            finish_reason=request.finish_reason.value if request.finish_reason else None,
+            num_generated_tokens=request.num_generated,
+            num_steps=request.num_steps,
+            num_threads=len(request.threads),
+            peak_kv_blocks=request.peak_blocks,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            attention_work=request.attention_work,
+            num_preemptions=request.num_preemptions,
+            error=request.error,
+            complete=complete,
+        )

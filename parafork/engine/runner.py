@@ -1,0 +1,101 @@
+"""The backend boundary: what the engine asks of a model runner, and nothing more.
+
+A runner holds the weights and the KV storage. The engine owns everything else: which
+threads run, their block tables, sampling, forks and restoration. Per step the engine
+hands the runner a batch of `SequenceSlice`s (a sequence id that stays the same for the
+thread's whole life, the new tokens, the position of the first one, the block table)
+and gets back each slice's last-token logits. Two explicit calls keep a backend that
+addresses KV by sequence (llama.cpp) in step with the engine:
+
+- `fork(parent, child, copy)`: `child` starts with `parent`'s cached context. A paged
+  backend shares the full blocks through the block tables it is given and only copies the
+  tail block named in `copy`; a sequence-addressed backend tags the parent's cells.
+- `release(seq_id)`: the sequence ended (finished, aborted, or preempted to be recomputed
+  later under a new id); a sequence-addressed backend frees its cells. Every sequence id
+  the engine used is released exactly once.
+
+`build_runner` loads only what the chosen backend needs.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SequenceSlice:
+    """Work for one sequence (an APAR thread) in one forward: feed `token_ids` at positions
+    `start_pos`, `start_pos + 1`, ...; its K/V live in the slots of `block_table`."""
+
+    seq_id: int
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+
+
+@dataclass(frozen=True)
+class BlockCopy:
+    """Copy the first `num_slots` KV slots of block `src` into block `dst` (a fork's tail)."""
+
+    src: int
+    dst: int
+    num_slots: int
+
+
+@dataclass(frozen=True)
+class RunnerInfo:
+    vocab_size: int
+    max_position: int  # positions the model takes; a thread's context never exceeds it
+    weight_bytes: int  # bytes of weights read per forward (for bandwidth figures)
+    prefix_caching: bool  # KV written for one sequence may be reused by another through its blocks
+    max_live_sequences: int | None  # None: no limit beyond the KV pool
+
+
+@runtime_checkable
+class Runner(Protocol):
+    info: RunnerInfo
+
+    def forward(self, batch: list[SequenceSlice]) -> torch.Tensor:
+        """float32 logits `[len(batch), vocab]` of each slice's last token."""
+        ...
+
+    def fork(self, parent: int, child: int, copy: BlockCopy | None) -> None: ...
+
+    def release(self, seq_id: int) -> None: ...
+
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+BACKENDS = ("auto", "torch", "hf")
+
+
+def build_runner(config, path: Path, tokenizer, adapter: Path | None) -> Runner:
+    """The runner `config.backend` names, its weights loaded once: "torch" (parafork's own
+    paged Llama-family forward), "hf" (any HF causal LM, slow), or "auto" (torch where the
+    architecture is supported). Reads the model's config.json first to choose."""
+    from transformers import AutoConfig
+
+    from .. import models
+
+    arch = (AutoConfig.from_pretrained(path).architectures or ["?"])[0]
+    backend = config.backend
+    if backend == "auto":
+        backend = "torch" if arch in SUPPORTED_ARCHITECTURES else "hf"
+    if backend == "torch" and arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"architecture {arch} is not supported by the torch backend ({', '.join(SUPPORTED_ARCHITECTURES)})")
+    if backend == "hf":
+        log.warning("%s runs on the slow HF fallback backend (recomputes contexts every step)", arch)
+        from .hf_runner import HFRunner
+
+        hf_model = models.load_hf_model(path, tokenizer, config.torch_dtype, adapter=adapter)
+        return HFRunner(hf_model, config)
+    from .torch_runner import TorchRunner
+
+    # The merged fp32 weights are the source; the runner keeps its own packed copy.
+    hf_model = models.load_hf_model(path, tokenizer, torch.float32, adapter=adapter)
+    return TorchRunner(hf_model, config)

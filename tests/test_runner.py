@@ -1,0 +1,117 @@
+"""The Runner protocol as the engine uses it: stable sequence ids, explicit forks and
+releases, each id released exactly once, and the pools empty after every request."""
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from parafork.engine.runner import BlockCopy, Runner, RunnerInfo
+from parafork.llm import LLM
+from parafork.rules import ForceForks
+from parafork.sampling import SamplingParams
+
+
+class RecordingRunner:
+    """Wraps a real runner and checks the calls a sequence-addressed backend relies on."""
+
+    def __init__(self, inner, max_live_sequences=None) -> None:
+        self.inner = inner
+        info = inner.info
+        self.info = RunnerInfo(info.vocab_size, info.max_position, info.weight_bytes, info.prefix_caching,
+                               max_live_sequences)
+        self.live: set[int] = set()
+        self.released: list[int] = []
+        self.idle: set[int] = set()  # released and not used since
+        self.forks: list[tuple[int, int, BlockCopy | None]] = []
+        self.most_live = 0
+
+    def forward(self, batch):
+        ids = [s.seq_id for s in batch]
+        assert len(set(ids)) == len(ids), "a sequence appears twice in one batch"
+        self.live.update(ids)
+        self.idle.difference_update(ids)
+        self.most_live = max(self.most_live, len(self.live))
+        if self.info.max_live_sequences is not None:
+            assert max(self.live) < self.info.max_live_sequences
+        return self.inner.forward(batch)
+
+    def fork(self, parent, child, copy):
+        assert parent in self.live, "fork from a sequence the runner never saw"
+        assert child not in self.live, "fork into a live sequence"
+        self.forks.append((parent, child, copy))
+        self.live.add(child)
+        self.idle.discard(child)
+        self.inner.fork(parent, child, copy)
+
+    def release(self, seq_id):
+        assert seq_id not in self.idle, "released twice"
+        self.idle.add(seq_id)
+        self.live.discard(seq_id)
+        self.released.append(seq_id)
+        self.inner.release(seq_id)
+
+
+@pytest.fixture()
+def recorded(tiny_dir):
+    def make(max_live_sequences=None, **config):
+        llm = LLM(str(tiny_dir), dtype="float32", block_size=4, **config)
+        llm.runner = RecordingRunner(llm.runner, max_live_sequences)
+        llm.scheduler.seq_ids.limit = max_live_sequences
+        return llm
+
+    return make
+
+
+def test_torch_runner_implements_the_protocol(tiny_llm):
+    assert isinstance(tiny_llm.runner, Runner)
+    assert tiny_llm.runner.info.vocab_size == len(tiny_llm.tokenizer)
+
+
+def test_every_sequence_is_forked_then_released_once(recorded):
+    llm = recorded(num_kv_blocks=256)
+    force = ForceForks(llm.control, frozenset({2, 5, 9}), child_tokens=6)
+    prompts = [{"prompt_token_ids": list(range(100 + i, 112 + i))} for i in range(3)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=60, logits_rules=[force]))
+    assert all(o.num_threads == 4 for o in outs)
+    runner = llm.runner
+    assert len(runner.forks) == 9 and not runner.live
+    assert len(runner.released) == 12  # 3 roots + 9 children, each released once
+    assert all(copy is None or copy.num_slots < 4 for _, _, copy in runner.forks)  # only a partial tail is copied
+    llm.check_idle()
+
+
+def test_a_cap_on_live_sequences_bans_forks_beyond_it_and_still_finishes(recorded):
+    llm = recorded(max_live_sequences=3, num_kv_blocks=256)
+    force = ForceForks(llm.control, frozenset({1, 2, 3, 4, 5}), child_tokens=4)
+    prompts = [{"prompt_token_ids": list(range(300 + i, 310 + i))} for i in range(2)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=50, logits_rules=[force]))
+    assert all(o.finished for o in outs)
+    assert sum(o.num_threads for o in outs) >= 3 and llm.runner.most_live <= 3
+    llm.check_idle()
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    blocks=st.integers(12, 40),
+    forks=st.sets(st.integers(1, 10), max_size=4),
+    abort_after=st.integers(0, 12),
+    stats_every=st.integers(1, 3),
+)
+def test_after_finish_abort_and_preemption_every_block_and_sequence_id_is_free(
+    recorded, blocks, forks, abort_after, stats_every
+):
+    llm = recorded(num_kv_blocks=blocks)
+    force = ForceForks(llm.control, frozenset(forks), child_tokens=8, root_tokens=14)
+    ids = [llm.add_request({"prompt_token_ids": list(range(500 + 3 * i, 516 + 3 * i))},
+                           SamplingParams(max_tokens=80, logits_rules=[force])) for i in range(4)]
+    steps = 0
+    while llm.has_unfinished_requests():
+        llm.step()
+        steps += 1
+        if steps == abort_after:
+            llm.abort(ids[1])
+        if steps % stats_every == 0:
+            with_ids = {t.seq_id for r in llm.requests.values() for t in r.threads if t.seq_id is not None}
+            assert llm.runner.live <= llm.scheduler.seq_ids.live == with_ids
+            assert llm.stats().sequences_live == len(with_ids)
+    assert not llm.runner.live
+    llm.check_idle()
