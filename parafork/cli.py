@@ -21,7 +21,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="bundled", help="'bundled', 'base', or a local HF folder (safetensors)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="auto: bf16 where the CPU computes it natively, float32 otherwise")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (not APAR threads)")
+    p.add_argument("--cpu-threads", type=int, default=2, help="torch CPU threads (not APAR threads)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="model runner: torch (parafork's own, Llama family), hf (any model, slow), auto")
 
@@ -29,7 +29,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 def _llm(args):
     from .llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, cpu_threads=args.threads, backend=args.backend)
+    return LLM(args.model, dtype=args.dtype, cpu_threads=args.cpu_threads, backend=args.backend)
 
 
 def _fork_rules(llm, name: str) -> list:
@@ -110,7 +110,7 @@ def cmd_demo(args) -> int:
     (ar, ar_s), (apar, apar_s) = results["ar"], results["apar"]
     print(
         f"\nAPAR vs AR: {ar.num_steps / max(apar.num_steps, 1):.2f}x fewer decode steps, "
-        f"{ar_s / apar_s:.2f}x wall-clock speed-up ({args.threads} CPU threads, {str(resolve_dtype(args.dtype)).removeprefix('torch.')})"
+        f"{ar_s / apar_s:.2f}x wall-clock speed-up ({args.cpu_threads} CPU threads, {str(resolve_dtype(args.dtype)).removeprefix('torch.')})"
     )
     return 0
 

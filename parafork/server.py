@@ -340,6 +340,6 @@ def _chunk(out: RequestOutput, kind: str, created: int, model: str, request_id: 
 def serve(args) -> None:
     import uvicorn
 
-    llm = LLM(args.model, dtype=args.dtype, cpu_threads=args.threads, num_kv_blocks=args.kv_blocks, backend=args.backend)
+    llm = LLM(args.model, dtype=args.dtype, cpu_threads=args.cpu_threads, num_kv_blocks=args.kv_blocks, backend=args.backend)
     app = create_app(llm, args.served_name or args.model, api_key=args.api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

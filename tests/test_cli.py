@@ -22,7 +22,7 @@ def test_generate_reports_bad_input_as_an_error(tiny_dir, capsys):
 
 def test_bench_engine_writes_every_documented_key(tiny_dir, tmp_path):
     out = tmp_path / "bench.json"
-    argv = ["bench", "engine", "--model", str(tiny_dir), "--dtype", "float32", "--threads", "1", "--tokens", "8",
+    argv = ["bench", "engine", "--model", str(tiny_dir), "--dtype", "float32", "--cpu-threads", "1", "--tokens", "8",
             "--steps", "2", "--json", str(out)]
     assert main(argv) == 0
     saved = json.loads(out.read_text())

@@ -56,7 +56,7 @@ def target_server(args) -> Iterator[tuple[str, str, str | None]]:
     if args.url:
         yield args.url, args.served_name or args.model, args.api_key
     else:
-        with local_server(args.model, args.adapter, args.dtype, args.threads) as url:
+        with local_server(args.model, args.adapter, args.dtype, args.cpu_threads) as url:
             yield url, args.model, None
 
 
@@ -117,7 +117,7 @@ def run(args) -> dict:
         server = None if args.url else f"local parafork server: {args.model}"
         result = run_driver(url, served_name, tokenizer, questions, args.max_tokens, args.chunk, api_key, args.json, server)
     result.update(config={"url": args.url or "local parafork server", "model": args.model, "suite": args.suite,
-                          "max_tokens": args.max_tokens, "chunk": args.chunk}, **metadata(args.threads))
+                          "max_tokens": args.max_tokens, "chunk": args.chunk}, **metadata(args.cpu_threads))
     print(
         f"driver over {result['config']['url']}: {len(questions)} questions, APAR forks in {result['fork_rate']:.0%} "
         f"({result['threads_mean']:.1f} threads, {result['requests_mean']:.1f} requests per answer)\n"

@@ -120,18 +120,18 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> dict:
-    torch.set_num_threads(args.threads)
-    llm = LLM(args.model, dtype=args.dtype, cpu_threads=args.threads, num_kv_blocks=512, backend=args.backend)
+    torch.set_num_threads(args.cpu_threads)
+    llm = LLM(args.model, dtype=args.dtype, cpu_threads=args.cpu_threads, num_kv_blocks=512, backend=args.backend)
     dtype_name = str(llm.config.torch_dtype).removeprefix("torch.")  # what 'auto' chose here
     prompt_ids = models.apply_chat_template(llm.tokenizer, PROMPT)
-    print(f"parafork bench engine: model={args.model} dtype={dtype_name} threads={args.threads} tokens={args.tokens}")
+    print(f"parafork bench engine: model={args.model} dtype={dtype_name} threads={args.cpu_threads} tokens={args.tokens}")
     bandwidth = read_bandwidth_gbs()
     print(f"  machine read bandwidth      {bandwidth:8.1f} GB/s")
     hf = hf_tokens_per_s(llm, prompt_ids, args.tokens, llm.config.torch_dtype)
     print(f"  HF generate                 {hf:8.1f} tok/s")
     ar = ar_tokens_per_s(llm, prompt_ids, args.tokens)
     print(f"  parafork AR (batch 1)       {ar:8.1f} tok/s   {ar / hf:.2f}x HF")
-    llamacpp = llamacpp_tokens_per_s(args.gguf, prompt_ids, args.tokens, args.threads) if args.gguf else None
+    llamacpp = llamacpp_tokens_per_s(args.gguf, prompt_ids, args.tokens, args.cpu_threads) if args.gguf else None
     if llamacpp:
         print(f"  llama.cpp AR (--gguf)       {llamacpp:8.1f} tok/s   {llamacpp / hf:.2f}x HF, parafork AR {ar / llamacpp:.2f}x it")
     achieved = llm.runner.info.weight_bytes * ar / 1e9
@@ -142,7 +142,7 @@ def run(args) -> dict:
         print(f"  step with {n:2d} live threads    {steps[n]:8.1f} ms   {steps[n] / steps[1]:.2f}x one thread")
     result = {
         "dtype": dtype_name,
-        "threads": args.threads,
+        "cpu_threads": args.cpu_threads,
         "tokens": args.tokens,
         "hf_tok_s": hf,
         "ar_tok_s": ar,

@@ -246,7 +246,7 @@ def plot(result: dict, path: str) -> None:
 def run(args) -> dict:
     questions = select(load_suite(args.suite), args.limit, args.per_category)
     result = run_latency(
-        questions, parse_list(args.modes, "--modes", allowed=MODES), args.model, args.adapter, args.base_model, args.dtype, args.threads,
+        questions, parse_list(args.modes, "--modes", allowed=MODES), args.model, args.adapter, args.base_model, args.dtype, args.cpu_threads,
         args.max_tokens, args.json,
     )
     result["config"]["suite"] = args.suite

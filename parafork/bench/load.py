@@ -13,6 +13,7 @@ import time
 
 from tqdm.auto import tqdm
 
+from ..sampling import MODES
 from .common import metadata, percentile, write_json
 from .driver import add_server_args, target_server
 from .suite import load_suite, select
@@ -83,7 +84,7 @@ def add_arguments(p) -> None:
     add_server_args(p)
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--requests-per-client", type=int, default=4, help="sent one after another")
-    p.add_argument("--mode", default="apar", choices=["apar", "serial", "ar"])
+    p.add_argument("--mode", default="apar", choices=[m for m in MODES if m != "raw"])
 
 
 def _stats(values: list[float]) -> dict:
@@ -97,7 +98,7 @@ def run(args) -> dict:
     with target_server(args) as (url, served_name, api_key):
         result = run_load(url, served_name, prompts, api_key=api_key, **figures)
     result.update(config={"url": args.url or "local parafork server", "model": args.model, "suite": args.suite,
-                          **figures}, **metadata(args.threads))
+                          **figures}, **metadata(args.cpu_threads))
     print(
         f"{result['clients']} clients, {result['requests']} streamed requests: {result['completed']} completed, "
         f"{result['errors']} errors, {result['lost']} lost; {result['tok_s']:.1f} answer tok/s over {result['wall_s']:.1f} s\n"

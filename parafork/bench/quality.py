@@ -206,9 +206,9 @@ def run(args) -> dict:
     questions = select(load_suite(args.suite), args.limit, args.per_category)
     answers = answers_from_latency(args.answers, questions) if args.answers else {}
     if missing := tuple(m for m in MODES if m not in answers):
-        answers |= generate_answers(questions, args.model, args.adapter, args.base_model, args.dtype, args.threads,
+        answers |= generate_answers(questions, args.model, args.adapter, args.base_model, args.dtype, args.cpu_threads,
                                     args.max_tokens, missing)
-    result = run_quality(questions, answers, reference_answers(args.suite), args.base_model, args.threads)
+    result = run_quality(questions, answers, reference_answers(args.suite), args.base_model, args.cpu_threads)
     result["config"] = {"suite": args.suite, "model": args.model, "adapter": args.adapter, "judge": args.base_model,
                         "answers_from": args.answers, "max_tokens": args.max_tokens}
     return report(result, args, print_table, plot)

@@ -156,7 +156,7 @@ def run(args) -> dict:
     questions = select(load_suite(args.suite), args.limit, args.per_category)
     result = run_throughput(
         questions, parse_list(args.concurrency, "--concurrency", int), parse_list(args.kv_blocks, "--kv-blocks", int),
-        args.model, args.adapter, args.dtype, args.threads, args.max_tokens, args.requests_per_client,
+        args.model, args.adapter, args.dtype, args.cpu_threads, args.max_tokens, args.requests_per_client,
     )
     result["config"]["suite"] = args.suite
     return report(result, args, print_table, plot)
