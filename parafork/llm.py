@@ -73,8 +73,9 @@ class LLM(Engine):
         params = params or SamplingParams()
         request_id = request_id or f"req-{next(self._ids)}"
         self.add(request_id, self.encode(prompt), params, stream)
-        # Raw mode shows [Fork] markers in the text; otherwise special tokens are hidden.
-        self._detokenizers[request_id] = Detokenizer(self.tokenizer, skip_special_tokens=params.mode != "raw")
+        # Raw mode shows [Fork] markers in the text; otherwise special tokens are hidden unless asked for.
+        skip = params.skip_special_tokens and params.mode != "raw"
+        self._detokenizers[request_id] = Detokenizer(self.tokenizer, skip_special_tokens=skip)
         return request_id
 
     def abort(self, request_id: str) -> None:

@@ -36,6 +36,7 @@ class SamplingParams:
     max_threads: int = 16  # per request, root included
     ignore_eos: bool = False  # for benchmarks of fixed length
     logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit (OpenAI semantics)
+    skip_special_tokens: bool = True  # in the text; raw mode shows [Fork] markers regardless
     logits_rules: Sequence[LogitsRule] = ()
 
     def __post_init__(self) -> None:

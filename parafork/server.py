@@ -136,7 +136,29 @@ class ParaforkOptions(BaseModel):
     max_threads: int = Field(16, ge=1, le=64)
 
 
+# Fields clients send that parafork does not implement yet: their "off" values are accepted (they
+# change nothing), any other value is refused with a 400 naming the field, never silently ignored.
+NOT_IMPLEMENTED = {
+    "stop": (None, "", []),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None,),
+}
+HARMLESS = ("user", "metadata", "stream_options", "service_tier", "store")  # do not change the answer
+
+
 class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")  # extras are checked in `sampling`, never dropped unseen
     model: str
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -144,11 +166,25 @@ class _Common(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None
     stream: bool = False
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1)
     logit_bias: dict[int, float] | None = None  # OpenAI sends token ids as strings; pydantic converts
+    skip_special_tokens: bool = True  # vLLM's extension; raw mode always shows the [Fork] markers
     parafork: ParaforkOptions = ParaforkOptions()
 
+    def check_extra_fields(self) -> None:
+        if self.n != 1:
+            raise APIError(400, "parameter 'n' > 1 is not supported by parafork yet", param="n")
+        for name, value in (self.model_extra or {}).items():
+            if name in HARMLESS:
+                continue
+            if name not in NOT_IMPLEMENTED:
+                raise APIError(400, f"unknown parameter {name!r}", param=name)
+            if value not in NOT_IMPLEMENTED[name]:
+                raise APIError(400, f"parameter {name!r} is not supported by parafork yet (it would change the result)",
+                               param=name)
+
     def sampling(self, limit: int) -> SamplingParams:
+        self.check_extra_fields()
         if self.logit_bias and not all(-100 <= v <= 100 for v in self.logit_bias.values()):
             raise APIError(400, "logit_bias values must be in [-100, 100]", param="logit_bias")
         max_tokens = self.max_completion_tokens or self.max_tokens or min(512, limit)
@@ -163,6 +199,7 @@ class _Common(BaseModel):
             max_depth=self.parafork.max_depth,
             max_threads=self.parafork.max_threads,
             logit_bias=self.logit_bias,
+            skip_special_tokens=self.skip_special_tokens,
         )
 
 

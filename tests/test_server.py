@@ -106,6 +106,40 @@ def test_bad_requests_get_openai_shaped_errors(server, body, status, param):
     wait_pool_full(llm)
 
 
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"stop": ["\n2."]}, "stop"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": 1.0}, "frequency_penalty"),
+        ({"logprobs": True}, "logprobs"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"n": 2}, "n"),
+        ({"temprature": 0.5}, "temprature"),  # a typo is refused, not ignored
+    ],
+)
+def test_parameters_that_would_change_the_answer_are_refused_not_ignored(server, extra, param):
+    url, llm = server
+    with pytest.raises(openai.BadRequestError) as err:
+        client(url).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4, extra_body=extra
+        )
+    assert err.value.body["param"] == param and param in err.value.body["message"]
+    wait_pool_full(llm)
+
+
+def test_off_values_and_harmless_fields_are_accepted(server):
+    url, _ = server
+    c = client(url)
+    plain = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=6, temperature=0)
+    same = c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=6, temperature=0,
+        presence_penalty=0, frequency_penalty=0, n=1, user="u-1", metadata={"k": "v"}, stop=None, logprobs=False,
+    )
+    assert same.choices[0].message.content == plain.choices[0].message.content
+
+
 def test_malformed_json_and_wrong_keys(server):
     url, _ = server
     req = urllib.request.Request(
