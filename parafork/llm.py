@@ -23,23 +23,55 @@ Prompt = Union[str, Sequence[dict], dict]
 
 
 class Detokenizer:
-    """Turns a request's growing final token prefix into text deltas; holds back split UTF-8."""
+    """A request's restored text: decodes the growing final token prefix, finds stop strings,
+    and hands out deltas that never hold a split UTF-8 character nor text that could still
+    turn out to begin a stop string."""
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer, skip_special_tokens: bool = True, stop: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self.stop = stop
         self.num_tokens = 0
         self.text = ""
+        self.emitted = 0  # characters of `text` handed out as deltas
+        self._searched = 0  # characters of `text` searched for stop strings
+        self.stopped = False
 
-    def update(self, tokens: list[int], complete: bool) -> str:
-        if len(tokens) == self.num_tokens and not complete:
-            return ""
+    def update(self, tokens: list[int], complete: bool) -> None:
+        if self.stopped or (len(tokens) == self.num_tokens and not complete):
+            return
         text = self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special_tokens)
         if not complete:
             text = text.rstrip("\ufffd")  # an incomplete multi-byte character
-        if not text.startswith(self.text):
-            return ""  # decoding shifted earlier text (rare); wait for a stable prefix
-        delta, self.text, self.num_tokens = text[len(self.text) :], text, len(tokens)
+        if text.startswith(self.text):  # else decoding shifted earlier text (rare): wait for a stable prefix
+            self.text, self.num_tokens = text, len(tokens)
+
+    def find_stop(self) -> int | None:
+        """Where the first stop string begins in the text, if one is there now."""
+        if not self.stop or self.stopped:
+            return None
+        start = max(0, self._searched - max(map(len, self.stop)) + 1)
+        found = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        self._searched = len(self.text)
+        return min(found) if found else None
+
+    def cut(self, index: int, tokens: list[int]) -> int:
+        """Ends the text before `index`; returns how many of `tokens` lie wholly before it."""
+        self.text, self.stopped = self.text[:index], True
+        lo, hi = 0, len(tokens)  # the longest token prefix whose text fits before the stop
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(self.tokenizer.decode(tokens[:mid], skip_special_tokens=self.skip_special_tokens)) <= index:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def delta(self, final: bool) -> str:
+        end = len(self.text)
+        if not final and not self.stopped:  # hold back a tail that may begin a stop string
+            end -= max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        delta, self.emitted = self.text[self.emitted : end], max(self.emitted, end)
         return delta
 
 
@@ -72,10 +104,11 @@ class LLM(Engine):
         only once the request has finished (the answer is restored and decoded once)."""
         params = params or SamplingParams()
         request_id = request_id or f"req-{next(self._ids)}"
-        self.add(request_id, self.encode(prompt), params, stream)
+        # Stop strings are looked for at every step, so such a request is restored at every step.
+        self.add(request_id, self.encode(prompt), params, stream or bool(params.stop))
         # Raw mode shows [Fork] markers in the text; otherwise special tokens are hidden unless asked for.
         skip = params.skip_special_tokens and params.mode != "raw"
-        self._detokenizers[request_id] = Detokenizer(self.tokenizer, skip_special_tokens=skip)
+        self._detokenizers[request_id] = Detokenizer(self.tokenizer, skip, params.stop)
         return request_id
 
     def abort(self, request_id: str) -> None:
@@ -83,14 +116,25 @@ class LLM(Engine):
         self._detokenizers.pop(request_id, None)
 
     def step(self) -> list[RequestOutput]:
-        """One engine step; the outputs carry text (final text so far, and its new part)."""
+        """One engine step; the outputs carry text (final text so far, and its new part). A stop
+        string in the restored text ends its request there: the text (and tokens, logprobs)
+        end before it, `finish_reason` is "stop", and the request's threads are freed."""
         outputs = super().step()
         for out in outputs:
             detokenizer = self._detokenizers.get(out.request_id)
             if detokenizer is None:
                 continue
             if out.token_ids or out.finished:
-                out.delta = detokenizer.update(out.token_ids, out.complete and out.finished)
+                detokenizer.update(out.token_ids, out.complete and out.finished)
+            stop_at = detokenizer.find_stop()
+            if stop_at is not None:
+                kept = detokenizer.cut(stop_at, out.token_ids)
+                out.token_ids = out.token_ids[:kept]
+                out.logprobs = out.logprobs[:kept] if out.logprobs is not None else None
+                if not out.finished:
+                    self.finish(out.request_id)
+                out.finished, out.finish_reason, out.complete = True, "stop", True
+            out.delta = detokenizer.delta(out.finished)
             out.text = detokenizer.text
             if out.finished:
                 del self._detokenizers[out.request_id]

@@ -25,6 +25,23 @@ class TreeNode(Protocol):
     def finished(self) -> bool: ...
 
 
+def _walk(node: TreeNode, control: ControlTokens, final_only: bool, tokens: list[int], origins: list | None) -> bool:
+    """Appends the restored tokens (and their (thread, own index) origins) in reading order;
+    returns whether the subtree is complete."""
+    complete = node.finished
+    for i, token in enumerate(node.own_tokens):
+        if token == control.fork_id and (child := node.children.get(i)) is not None:
+            child_complete = _walk(child, control, final_only, tokens, origins)
+            complete = complete and child_complete
+            if final_only and not child_complete:
+                return False
+        elif token != control.child_id and token not in control.eos_ids:
+            tokens.append(token)  # a [Fork] with no child is a raw-mode marker and stays
+            if origins is not None:
+                origins.append((node, i))
+    return complete
+
+
 def linearize(node: TreeNode, control: ControlTokens, final_only: bool = False) -> tuple[list[int], bool]:
     """Restored tokens of the tree in reading order, and whether the tree is complete.
 
@@ -32,19 +49,15 @@ def linearize(node: TreeNode, control: ControlTokens, final_only: bool = False) 
     tokens (the end of that thread's tokens so far): everything before it is final and
     can be streamed.
     """
-    out: list[int] = []
-    complete = node.finished
-    for i, token in enumerate(node.own_tokens):
-        if token == control.fork_id:
-            child = node.children.get(i)
-            if child is None:
-                out.append(token)  # a marker no thread was started for (raw mode)
-                continue
-            tokens, child_complete = linearize(child, control, final_only)
-            out.extend(tokens)
-            complete = complete and child_complete
-            if final_only and not child_complete:
-                return out, False
-        elif token != control.child_id and token not in control.eos_ids:
-            out.append(token)
-    return out, complete
+    tokens: list[int] = []
+    return tokens, _walk(node, control, final_only, tokens, None)
+
+
+def restore_origins(
+    node: TreeNode, control: ControlTokens, final_only: bool = False
+) -> tuple[list[int], list[tuple[TreeNode, int]], bool]:
+    """`linearize` plus the (thread, own index) of every restored token, so that values a
+    thread keeps beside its own tokens (log-probabilities) restore in the same order."""
+    tokens: list[int] = []
+    origins: list[tuple[TreeNode, int]] = []
+    return tokens, origins, _walk(node, control, final_only, tokens, origins)

@@ -37,6 +37,16 @@ class SamplingParams:
     ignore_eos: bool = False  # for benchmarks of fixed length
     logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit (OpenAI semantics)
     skip_special_tokens: bool = True  # in the text; raw mode shows [Fork] markers regardless
+    # The answer ends before the first of these strings in the restored text (reading order).
+    stop: str | Sequence[str] = ()
+    # Penalties per thread over what that thread sees (its ancestors' tokens up to its fork, then
+    # its own): OpenAI's frequency/presence over answer tokens, vLLM's repetition over the prompt too.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    # Log-probabilities of the restored tokens under the model (its raw distribution), plus the
+    # `logprobs` most likely alternatives per token; None: none.
+    logprobs: int | None = None
     logits_rules: Sequence[LogitsRule] = ()
 
     def __post_init__(self) -> None:
@@ -62,6 +72,24 @@ class SamplingParams:
             raise bad(f"max_depth must be >= 1, got {self.max_depth!r}")
         if not isinstance(self.max_threads, int) or self.max_threads < 1:
             raise bad(f"max_threads must be >= 1, got {self.max_threads!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not all(isinstance(x, str) and x for x in stop):
+            raise bad(f"stop takes non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
+                raise bad(f"{name} must be in [-2, 2], got {value!r}")
+        rp = self.repetition_penalty
+        if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not 0 < rp <= 10:
+            raise bad(f"repetition_penalty must be in (0, 10], got {rp!r}")
+        lp = self.logprobs
+        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= 20):
+            raise bad(f"logprobs must be None or an integer in [0, 20], got {lp!r}")
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1)
 
     @property
     def greedy(self) -> bool:

@@ -139,11 +139,6 @@ class ParaforkOptions(BaseModel):
 # Fields clients send that parafork does not implement yet: their "off" values are accepted (they
 # change nothing), any other value is refused with a 400 naming the field, never silently ignored.
 NOT_IMPLEMENTED = {
-    "stop": (None, "", []),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "best_of": (None, 1),
     "echo": (None, False),
     "suffix": (None, ""),
@@ -169,7 +164,22 @@ class _Common(BaseModel):
     n: int = Field(1, ge=1)
     logit_bias: dict[int, float] | None = None  # OpenAI sends token ids as strings; pydantic converts
     skip_special_tokens: bool = True  # vLLM's extension; raw mode always shows the [Fork] markers
+    stop: str | list[str] | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)  # vLLM's extension
     parafork: ParaforkOptions = ParaforkOptions()
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: Any) -> Any:
+        stops = [v] if isinstance(v, str) else v or []
+        if len(stops) > 4 or not all(stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return v
+
+    def logprobs_wanted(self) -> int | None:
+        return None
 
     def check_extra_fields(self) -> None:
         if self.n != 1:
@@ -200,6 +210,11 @@ class _Common(BaseModel):
             max_threads=self.parafork.max_threads,
             logit_bias=self.logit_bias,
             skip_special_tokens=self.skip_special_tokens,
+            stop=self.stop or (),
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logprobs=self.logprobs_wanted(),
         )
 
 
@@ -210,10 +225,21 @@ class ChatMessage(BaseModel):
 
 class ChatBody(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def logprobs_wanted(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionBody(_Common):
     prompt: str = Field(min_length=1)
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -291,23 +317,21 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_tokens
         params = body.sampling(max_tokens_limit)
         loop = asyncio.get_running_loop()
         request_id, pending = engine.submit(prompt, params, body.stream, loop)
-        created = int(time.time())
+        reply = _Reply(kind, request_id, model_name, llm.tokenizer)
         if body.stream:
-            return StreamingResponse(
-                _sse(request, request_id, pending, kind, created), media_type="text/event-stream"
-            )
+            return StreamingResponse(_sse(request, request_id, pending, reply), media_type="text/event-stream")
         try:
             while True:
                 out = await pending.outputs.get()
                 if isinstance(out, APIError):
                     raise out
                 if out.finished:
-                    return _final_body(out, kind, created, model_name, request_id)
+                    return reply.final(out)
         except asyncio.CancelledError:
             engine.abort(request_id)
             raise
 
-    async def _sse(request: Request, request_id: str, pending: _Pending, kind: str, created: int) -> AsyncIterator[str]:
+    async def _sse(request: Request, request_id: str, pending: _Pending, reply: _Reply) -> AsyncIterator[str]:
         try:
             while True:
                 try:
@@ -320,7 +344,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_tokens
                 if isinstance(out, APIError):
                     yield f"data: {json.dumps(error_body(out.message, out.type))}\n\n"
                     return
-                yield f"data: {json.dumps(_chunk(out, kind, created, model_name, request_id))}\n\n"
+                yield f"data: {json.dumps(reply.chunk(out))}\n\n"
                 if out.finished:
                     yield "data: [DONE]\n\n"
                     return
@@ -350,28 +374,58 @@ def _usage(out: RequestOutput) -> dict:
     }
 
 
-def _final_body(out: RequestOutput, kind: str, created: int, model: str, request_id: str) -> dict:
-    if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "finish_reason": out.finish_reason}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}
-        obj = "text_completion"
-    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": [choice], "usage": _usage(out)}
+class _Reply:
+    """OpenAI-shaped bodies for one request: the final one, or streamed chunks (each carrying
+    the log-probabilities of the tokens that became final since the previous chunk)."""
 
+    def __init__(self, kind: str, request_id: str, model: str, tokenizer) -> None:
+        self.kind, self.request_id, self.model, self.tokenizer = kind, request_id, model, tokenizer
+        self.created = int(time.time())
+        self.sent_tokens = 0
 
-def _chunk(out: RequestOutput, kind: str, created: int, model: str, request_id: str) -> dict:
-    reason = out.finish_reason if out.finished else None
-    if kind == "chat":
-        choice = {"index": 0, "delta": {"role": "assistant", "content": out.delta}, "finish_reason": reason}
-        obj = "chat.completion.chunk"
-    else:
-        choice = {"index": 0, "text": out.delta, "finish_reason": reason, "logprobs": None}
-        obj = "text_completion"
-    body = {"id": request_id, "object": obj, "created": created, "model": model, "choices": [choice]}
-    if out.finished:
-        body["usage"] = _usage(out)
-    return body
+    def _logprobs(self, out: RequestOutput, start: int, end: int) -> dict | None:
+        if out.logprobs is None:
+            return None
+        pieces = out.logprobs[start:end]
+        tokens = out.token_ids[start:end]
+        text = self.tokenizer.decode
+        if self.kind == "chat":
+            def entry(token: int, lp: float) -> dict:
+                s = text([token])
+                return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+            return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, v) for a, v in top]}
+                                for t, (lp, top) in zip(tokens, pieces)]}
+        return {
+            "tokens": [text([t]) for t in tokens],
+            "token_logprobs": [lp for lp, _ in pieces],
+            "top_logprobs": [{text([a]): v for a, v in top} for _, top in pieces],
+        }
+
+    def _body(self, choice: dict, obj: str) -> dict:
+        return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
+
+    def final(self, out: RequestOutput) -> dict:
+        logprobs = self._logprobs(out, 0, len(out.token_ids))
+        choice = {"index": 0, "finish_reason": out.finish_reason, "logprobs": logprobs}
+        if self.kind == "chat":
+            body = self._body({**choice, "message": {"role": "assistant", "content": out.text}}, "chat.completion")
+        else:
+            body = self._body({**choice, "text": out.text}, "text_completion")
+        return {**body, "usage": _usage(out)}
+
+    def chunk(self, out: RequestOutput) -> dict:
+        end = len(out.token_ids)
+        logprobs = self._logprobs(out, self.sent_tokens, end)
+        self.sent_tokens = max(self.sent_tokens, end)
+        choice = {"index": 0, "finish_reason": out.finish_reason if out.finished else None, "logprobs": logprobs}
+        if self.kind == "chat":
+            body = self._body({**choice, "delta": {"role": "assistant", "content": out.delta}}, "chat.completion.chunk")
+        else:
+            body = self._body({**choice, "text": out.delta}, "text_completion")
+        if out.finished:
+            body["usage"] = _usage(out)
+        return body
 
 
 def serve(args) -> None:

@@ -109,11 +109,8 @@ def test_bad_requests_get_openai_shaped_errors(server, body, status, param):
 @pytest.mark.parametrize(
     "extra, param",
     [
-        ({"stop": ["\n2."]}, "stop"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"frequency_penalty": 1.0}, "frequency_penalty"),
-        ({"logprobs": True}, "logprobs"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"best_of": 3}, "best_of"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"n": 2}, "n"),
         ({"temprature": 0.5}, "temprature"),  # a typo is refused, not ignored
@@ -136,8 +133,63 @@ def test_off_values_and_harmless_fields_are_accepted(server):
     same = c.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=6, temperature=0,
         presence_penalty=0, frequency_penalty=0, n=1, user="u-1", metadata={"k": "v"}, stop=None, logprobs=False,
+        extra_body={"best_of": 1, "response_format": {"type": "text"}},
     )
     assert same.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_stop_ends_the_answer_before_it_streamed_or_not(server):
+    url, llm = server
+    c = client(url)
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=24, temperature=0)
+    full = c.chat.completions.create(**ask).choices[0].message.content
+    stop = full[len(full) // 2 : len(full) // 2 + 5]
+    cut = full[: full.find(stop)]
+    assert stop.strip() and cut
+    reply = c.chat.completions.create(**ask, stop=[stop, "\u0000never"])
+    assert reply.choices[0].message.content == cut and reply.choices[0].finish_reason == "stop"
+    chunks = list(c.chat.completions.create(**ask, stop=stop, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == cut
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    text = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=24, temperature=0)
+    stop = text.choices[0].text[8:12]
+    cut = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=24, temperature=0, stop=stop)
+    assert cut.choices[0].text == text.choices[0].text[: text.choices[0].text.find(stop)]
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(**ask, stop=["a", "b", "c", "d", "e"])
+    wait_pool_full(llm)
+
+
+def test_penalties_reach_the_sampler(server):
+    url, _ = server
+    c = client(url)
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=24, temperature=0)
+    plain = c.chat.completions.create(**ask).choices[0].message.content
+    for extra in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"extra_body": {"repetition_penalty": 3.0}}):
+        assert c.chat.completions.create(**ask, **extra).choices[0].message.content != plain, extra
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(**ask, presence_penalty=2.5)
+
+
+def test_logprobs_chat_and_completions_streamed_or_not(server):
+    url, llm = server
+    c = client(url)
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0)
+    reply = c.chat.completions.create(**ask, logprobs=True, top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens == 8
+    assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 and e.top_logprobs[0].logprob >= e.logprob for e in content)
+    assert "".join(e.token for e in content) == reply.choices[0].message.content
+    chunks = list(c.chat.completions.create(**ask, logprobs=True, stream=True))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content])
+    assert c.chat.completions.create(**ask).choices[0].logprobs is None
+    text = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0, logprobs=3)
+    lp = text.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6 and all(len(t) == 3 for t in lp.top_logprobs)
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(**ask, top_logprobs=2)  # without logprobs: true
+    wait_pool_full(llm)
 
 
 def test_malformed_json_and_wrong_keys(server):

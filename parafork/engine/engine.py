@@ -19,12 +19,12 @@ import itertools
 from dataclasses import dataclass
 
 from ..config import EngineConfig
-from ..restore import linearize
+from ..restore import linearize, restore_origins
 from ..sampling import FORKING_MODES, SamplingParams
 from ..tokens import ControlTokens
 from .block_manager import BlockManager
 from .runner import Runner, SequenceSlice
-from .sampler import apply_apar_rules, sample
+from .sampler import apply_apar_rules, apply_penalties, model_logprobs, sample, token_logprob
 from .scheduler import ScheduledBatch, Scheduler
 from .thread import FinishReason, Request, Thread
 
@@ -46,6 +46,8 @@ class RequestOutput:
     num_preemptions: int = 0
     error: str | None = None
     complete: bool = False  # token_ids hold the whole tree (no thread may add tokens before their end)
+    # With SamplingParams.logprobs: per restored token, (log-probability, [(token, log-probability)] top).
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,12 @@ class Engine:
             self._finish_request(request, FinishReason.ABORT)
         self._release_sequences()
 
+    def finish(self, request_id: str) -> None:
+        """Ends a request as stopped (its text reached a stop string); frees it at once."""
+        request = self.requests.pop(request_id, None)
+        if request is not None and not request.finished:
+            self._finish_request(request, FinishReason.STOP)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work
 
@@ -182,11 +190,15 @@ class Engine:
         return rows, ready
 
     def _sample(self, logits, ready: list[Thread]) -> None:
+        logprobs = model_logprobs(logits, ready)  # the model's own distribution, before any rule
+        apply_penalties(logits, ready, self.control)
         apply_apar_rules(logits, ready, self.control, fork_room=self.seq_ids.room)
         for i, thread in enumerate(ready):
             for rule in thread.request.params.logits_rules:
                 rule(thread, logits[i])
-        for thread, token in zip(ready, sample(logits, ready)):
+        for i, (thread, token) in enumerate(zip(ready, sample(logits, ready))):
+            if thread.logprobs is not None:
+                thread.logprobs.append(token_logprob(logprobs[i], token, thread.request.params.logprobs))
             self._apply_token(thread, token)
 
     def _apply_token(self, thread: Thread, token: int) -> None:
@@ -229,8 +241,11 @@ class Engine:
             elif not request.live_threads:
                 self._finish_request(request, FinishReason.STOP)
         tokens: list[int] = []
-        complete = False
-        if request.streaming or request.finished:
+        complete, logprobs = False, None
+        if request.params.logprobs is not None and (request.streaming or request.finished):
+            tokens, origins, complete = restore_origins(request.root, self.control, final_only=True)
+            logprobs = [thread.logprobs[i] for thread, i in origins]
+        elif request.streaming or request.finished:
             tokens, complete = linearize(request.root, self.control, final_only=True)
         if request.finished:
             self.requests.pop(request.request_id, None)  # its output carries everything needed
@@ -250,4 +265,5 @@ class Engine:
             num_preemptions=request.num_preemptions,
             error=request.error,
             complete=complete,
+            logprobs=logprobs,
         )

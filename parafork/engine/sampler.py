@@ -1,5 +1,7 @@
 """The APAR decoding rules and the sampler: one token per thread from its logits row.
 
+Order per step: the model's own log-probabilities are read first (for `logprobs`), then
+penalties, the APAR rules and `logit_bias`, the request's logits rules, and the sample.
 Kept apart from `SamplingParams` (the public request parameters) so that the policy
 that walks engine threads lives inside the engine.
 """
@@ -36,6 +38,50 @@ def apply_apar_rules(
         bias = t.request.params.logit_bias
         if bias:
             logits[i, list(bias)] += torch.tensor(list(bias.values()), dtype=logits.dtype)
+
+
+def apply_penalties(logits: torch.Tensor, threads: Sequence[Thread], control: ControlTokens) -> None:
+    """Repetition control per thread, in place, over the tokens that thread sees (its context:
+    ancestors up to its fork, then its own; never a sibling's). `[Fork]`/`[Child]` are never
+    penalized, so penalties do not discourage forking.
+
+    - `frequency_penalty` f, `presence_penalty` p (OpenAI): over answer tokens (not the prompt),
+      logit -= f * count + p * (count > 0);
+    - `repetition_penalty` r (vLLM, CTRL): over prompt and answer tokens, a seen token's logit
+      is divided by r where positive, multiplied by r where negative.
+
+    Cost: one bincount over the thread's context per step, for penalized requests only.
+    """
+    for i, thread in enumerate(threads):
+        params = thread.request.params
+        if not params.penalized:
+            continue
+        row = logits[i]
+        context = torch.tensor(thread.token_ids, dtype=torch.long)
+        control_ids = torch.tensor([control.fork_id, control.child_id])
+        if params.repetition_penalty != 1:
+            seen = torch.unique(context)
+            seen = seen[~torch.isin(seen, control_ids)]
+            values, r = row[seen], params.repetition_penalty
+            row[seen] = torch.where(values > 0, values / r, values * r)
+        if params.frequency_penalty or params.presence_penalty:
+            counts = torch.bincount(context[len(thread.request.prompt_token_ids) :], minlength=row.shape[0])
+            counts = counts[: row.shape[0]].to(row.dtype)
+            counts[control_ids] = 0
+            row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def model_logprobs(logits: torch.Tensor, threads: Sequence[Thread]) -> dict[int, torch.Tensor]:
+    """Log-softmax of the raw logits rows of the threads whose request asks for `logprobs`."""
+    rows = [i for i, t in enumerate(threads) if t.request.params.logprobs is not None]
+    return dict(zip(rows, torch.log_softmax(logits[rows], dim=-1))) if rows else {}
+
+
+def token_logprob(row: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The sampled token's log-probability and the `top` most likely (token, log-probability)."""
+    best = row.topk(top) if top else None
+    alternatives = [(int(i), float(v)) for v, i in zip(best.values, best.indices)] if best is not None else []
+    return float(row[token]), alternatives
 
 
 def _fork_banned(thread: Thread, control: ControlTokens) -> bool:

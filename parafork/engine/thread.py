@@ -43,6 +43,8 @@ class Thread:
     children: dict[int, Thread] = field(default_factory=dict)  # own index of a [Fork] -> child
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None  # per thread, so samples do not depend on batching
+    # Per own token when the request asks for logprobs: (log-probability, top alternatives), None if forced.
+    logprobs: list | None = None
 
     @property
     def own_tokens(self) -> list[int]:
@@ -82,6 +84,8 @@ class Request:
 
     def _new_thread(self, token_ids: list[int], own_start: int, depth: int, parent: Thread | None) -> Thread:
         thread = Thread(self, token_ids, own_start, depth=depth, parent=parent)
+        if self.params.logprobs is not None:
+            thread.logprobs = [None] * (len(token_ids) - own_start)  # a child's forced [Child]
         if self.params.seed is not None:
             # Seeded by (seed, birth order in the request): other requests never shift the draws.
             thread.generator = torch.Generator().manual_seed(self.params.seed * 100_003 + len(self.threads))

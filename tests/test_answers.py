@@ -1,0 +1,149 @@
+"""What a request asks of its answer, on the tiny model: stop strings on the restored text,
+penalties per thread, the model's log-probabilities in reading order."""
+import random
+
+import pytest
+import torch
+
+from parafork import models
+from parafork.engine.sampler import apply_penalties
+from parafork.engine.thread import Request
+from parafork.rules import ForceForks
+from parafork.sampling import SamplingParams
+from parafork.tokens import ControlTokens
+
+PROMPT = {"prompt_token_ids": list(range(700, 716))}
+
+
+class ThreadLog:
+    def __init__(self) -> None:
+        self.threads = {}
+
+    def __call__(self, thread, logits) -> None:
+        self.threads[thread.thread_id] = thread
+
+
+def forked_answer(llm, **params):
+    log = ThreadLog()
+    force = ForceForks(llm.control, frozenset({3, 8}), child_tokens=10, root_tokens=14)
+    out = llm.generate(PROMPT, SamplingParams(max_tokens=200, logits_rules=[log, force], **params))[0]
+    return out, log
+
+
+def child_text(llm, log) -> str:
+    child = next(t for t in log.threads.values() if t.parent is not None)
+    return llm.tokenizer.decode(child.own_tokens, skip_special_tokens=True)
+
+
+def test_a_stop_string_inside_a_childs_body_ends_the_restored_text_there(tiny_llm):
+    full, log = forked_answer(tiny_llm)
+    assert full.num_threads == 3
+    body = child_text(tiny_llm, log)
+    stop = body[len(body) // 3 : len(body) // 3 + 6]
+    index = full.text.find(stop)
+    assert stop.strip() and 0 < index < len(full.text) - len(stop)
+    out, _ = forked_answer(tiny_llm, stop=["never appears \x00", stop])
+    assert out.text == full.text[:index] and out.finish_reason == "stop" and out.finished
+    # Tokens (and logprobs, usage) keep what lies wholly before the stop: a token the stop begins in goes.
+    kept = tiny_llm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    assert out.text.startswith(kept) and len(out.text) - len(kept) < 16
+    assert out.num_generated_tokens < full.num_generated_tokens  # it stopped early, not at the end
+    tiny_llm.check_idle()
+
+
+def test_streamed_deltas_never_show_text_a_stop_string_will_remove(tiny_llm):
+    full, log = forked_answer(tiny_llm)
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 7]
+    index = full.text.find(stop)
+    force = ForceForks(tiny_llm.control, frozenset({3, 8}), child_tokens=10, root_tokens=14)
+    params = SamplingParams(max_tokens=200, logits_rules=[force], stop=stop)
+    deltas, outs = [], []
+    for out in tiny_llm.stream(PROMPT, params):
+        deltas.append(out.delta)
+        outs.append(out)
+    assert "".join(deltas) == full.text[:index] == outs[-1].text
+    assert outs[-1].finish_reason == "stop"
+    tiny_llm.check_idle()
+
+
+def test_stop_strings_are_validated():
+    for bad in ("", [""], [3], ["ok", None]):
+        with pytest.raises(ValueError, match="stop"):
+            SamplingParams(stop=bad)
+    assert SamplingParams(stop="x").stop == ("x",)
+
+
+def _oracle(row: list[float], context: list[int], prompt_len: int, params: SamplingParams, ct: ControlTokens):
+    """Penalties as specified, in plain Python over one thread's context."""
+    row = list(row)
+    control = {ct.fork_id, ct.child_id}
+    if params.repetition_penalty != 1:
+        for tok in set(context) - control:
+            row[tok] = row[tok] / params.repetition_penalty if row[tok] > 0 else row[tok] * params.repetition_penalty
+    answer = [t for t in context[prompt_len:] if t not in control]
+    for tok in set(answer):
+        row[tok] -= params.frequency_penalty * answer.count(tok) + params.presence_penalty
+    return row
+
+
+def test_penalties_change_logits_exactly_as_specified_and_ignore_siblings():
+    ct = ControlTokens(fork_id=60, child_id=61, eos_ids=frozenset({0}))
+    rng = random.Random(0)
+    params = SamplingParams(frequency_penalty=0.7, presence_penalty=0.3, repetition_penalty=1.3)
+    request = Request("r", [5, 6, 7, 5], params, 0)
+    root = request.root
+    root.token_ids += [8, 9, 8, ct.fork_id]
+    first = request.fork(root, ct.child_id)
+    first.token_ids += [10, 11, 10, 10]
+    root.token_ids += [12, ct.fork_id]
+    second = request.fork(root, ct.child_id)
+    second.token_ids += [13, 8]
+    threads = [root, first, second]
+    logits = torch.tensor([[rng.uniform(-3, 3) for _ in range(64)] for _ in threads])
+    expected = [_oracle(logits[i].tolist(), t.token_ids, 4, params, ct) for i, t in enumerate(threads)]
+    apply_penalties(logits, threads, ct)
+    for i, thread in enumerate(threads):
+        assert logits[i].tolist() == pytest.approx(expected[i], abs=1e-5)
+    # The second child never sees the first child's tokens (10, 11).
+    untouched = torch.tensor([[1.0] * 64] * 3)
+    apply_penalties(untouched, threads, ct)
+    assert untouched[2, 10] == 1.0 and untouched[2, 11] == 1.0 and untouched[2, 13] < 1.0
+    assert untouched[:, ct.fork_id].tolist() == [1.0] * 3  # forking is never penalized
+    off = torch.tensor([[1.0] * 64])
+    apply_penalties(off, [Request("s", [5], SamplingParams(), 0).root], ct)
+    assert off.tolist() == [[1.0] * 64]
+
+
+def test_penalties_change_the_answer_and_are_validated(tiny_llm):
+    plain = tiny_llm.generate(PROMPT, SamplingParams(max_tokens=30, mode="ar"))[0]
+    penalized = tiny_llm.generate(PROMPT, SamplingParams(max_tokens=30, mode="ar", frequency_penalty=2.0))[0]
+    assert len(set(penalized.token_ids)) > len(set(plain.token_ids))  # fewer repeats
+    for kwargs in ({"frequency_penalty": 3}, {"presence_penalty": -2.5}, {"repetition_penalty": 0}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            SamplingParams(**kwargs)
+
+
+def test_logprobs_of_greedy_tokens_equal_a_separate_forward(tiny_llm, tiny_dir):
+    hf = models.load_hf_model(tiny_dir, tiny_llm.tokenizer, torch.float32)
+    out = tiny_llm.generate(PROMPT, SamplingParams(max_tokens=12, mode="ar", logprobs=3))[0]
+    ids = PROMPT["prompt_token_ids"] + out.token_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)
+    assert len(out.logprobs) == len(out.token_ids) == 12
+    for k, (token, (lp, top)) in enumerate(zip(out.token_ids, out.logprobs)):
+        row = ref[len(PROMPT["prompt_token_ids"]) - 1 + k]
+        assert lp == pytest.approx(float(row[token]), abs=1e-4)
+        assert [t for t, _ in top] == row.topk(3).indices.tolist()
+    tiny_llm.check_idle()
+
+
+def test_logprobs_follow_the_restored_tokens_in_reading_order(tiny_llm):
+    out, _ = forked_answer(tiny_llm, logprobs=3)
+    assert out.num_threads == 3 and len(out.logprobs) == len(out.token_ids)
+    # Greedy: every restored token is its thread's argmax among the tokens the APAR rules allow
+    # (the raw distribution may rank the banned [Fork]/[Child] higher), so it is the first such alternative.
+    control = {tiny_llm.control.fork_id, tiny_llm.control.child_id}
+    for token, (lp, top) in zip(out.token_ids, out.logprobs):
+        allowed = [(t, v) for t, v in top if t not in control]
+        assert allowed[0] == (token, lp)
+    assert forked_answer(tiny_llm)[0].logprobs is None
