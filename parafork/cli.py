@@ -14,7 +14,6 @@ from .config import DTYPE_CHOICES, resolve_dtype
 from .engine.runner import BACKENDS
 from .sampling import MODES, SamplingParams
 
-DEMO_PROMPT = "What are the most effective ways to deal with stress?"
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -87,32 +86,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    llm = _llm(args)
-    # A tuned model decides where to fork; an untuned one forks where the rule says.
-    rule = args.fork_rule or ("none" if llm.adapter else "list")
-    rules = _fork_rules(llm, rule)
-    print(f"Prompt: {args.prompt}\n")
-    if rules:
-        print(
-            "Note: this model is not tuned for APAR, so it forks where a rule says (after each numbered\n"
-            "item's head); threads, KV sharing and restoration are the real engine, the text quality is not.\n"
-        )
-    llm.generate(args.prompt, SamplingParams(max_tokens=8))  # warm-up
-    results = {}
-    for mode in ("ar", "apar"):
-        params = SamplingParams(max_tokens=args.max_tokens, mode=mode, logits_rules=rules)
-        start = time.perf_counter()
-        out = llm.generate(args.prompt, params)[0]
-        results[mode] = (out, time.perf_counter() - start)
-        print(f"===== {mode.upper()} =====\n{out.text}\n")
-    for mode, (out, seconds) in results.items():
-        _print_figures(mode, out, seconds)
-    (ar, ar_s), (apar, apar_s) = results["ar"], results["apar"]
-    print(
-        f"\nAPAR vs AR: {ar.num_steps / max(apar.num_steps, 1):.2f}x fewer decode steps, "
-        f"{ar_s / apar_s:.2f}x wall-clock speed-up ({args.cpu_threads} CPU threads, {str(resolve_dtype(args.dtype)).removeprefix('torch.')})"
-    )
-    return 0
+    from .demo import main
+
+    return main(args)
 
 
 BENCHES = {
@@ -190,10 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(g)
     g.set_defaults(func=cmd_generate)
 
-    d = sub.add_parser("demo", help="APAR vs AR on a real prompt, with the speed-up")
-    d.add_argument("--prompt", default=DEMO_PROMPT)
-    d.add_argument("--max-tokens", type=int, default=400)
-    d.add_argument("--fork-rule", default=None, choices=["none", "list"], help="default: list unless tuned")
+    d = sub.add_parser("demo", help="APAR live on a real prompt, against the same answer decoded serially and the base model")
+    d.add_argument("--prompt", default="What are the most effective ways to deal with stress?")
+    d.add_argument("--max-tokens", type=int, default=512)
+    d.add_argument("--no-live", dest="live", action="store_false", help="no live thread view (also when not a terminal)")
     _add_engine_args(d)
     d.set_defaults(func=cmd_demo)
 

@@ -1,7 +1,9 @@
 """Engine configuration: one `EngineConfig`, passed whole to the engine and its runner."""
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -16,6 +18,21 @@ def cpu_has_fast_bf16() -> bool:
     costs, and every extra row costs as much again, so parallel threads gain nothing.
     """
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key() -> str:
+    """What timings depend on besides the configuration: the CPU model and its kernels' level."""
+    return f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -35,6 +35,7 @@ class SamplingParams:
     max_depth: int = 2  # root + children; raise for nested forks
     max_threads: int = 16  # per request, root included
     ignore_eos: bool = False  # for benchmarks of fixed length
+    plan_budget: bool = True  # fork only with room for the body, parents wait near the end (engine/budget.py)
     logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit (OpenAI semantics)
     skip_special_tokens: bool = True  # in the text; raw mode shows [Fork] markers regardless
     # The answer ends before the first of these strings in the restored text (reading order).

@@ -134,6 +134,7 @@ class ParaforkOptions(BaseModel):
     mode: Mode = "apar"
     max_depth: int = Field(2, ge=1, le=8)
     max_threads: int = Field(16, ge=1, le=64)
+    plan_budget: bool = True
 
 
 # Fields clients send that parafork does not implement yet: their "off" values are accepted (they
@@ -208,6 +209,7 @@ class _Common(BaseModel):
             mode=self.parafork.mode,
             max_depth=self.parafork.max_depth,
             max_threads=self.parafork.max_threads,
+            plan_budget=self.parafork.plan_budget,
             logit_bias=self.logit_bias,
             skip_special_tokens=self.skip_special_tokens,
             stop=self.stop or (),

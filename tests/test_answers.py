@@ -4,6 +4,8 @@ import random
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from parafork import models
 from parafork.engine.sampler import apply_penalties
@@ -147,3 +149,37 @@ def test_logprobs_follow_the_restored_tokens_in_reading_order(tiny_llm):
         allowed = [(t, v) for t, v in top if t not in control]
         assert allowed[0] == (token, lp)
     assert forked_answer(tiny_llm)[0].logprobs is None
+
+
+def _cut_children(llm, forks, child_tokens, root_tokens, max_tokens, plan_budget=True):
+    log = ThreadLog()
+    force = ForceForks(llm.control, frozenset(forks), child_tokens=child_tokens, root_tokens=root_tokens)
+    params = SamplingParams(max_tokens=max_tokens, logits_rules=[log, force], plan_budget=plan_budget, max_threads=64)
+    out = llm.generate(PROMPT, params)[0]
+    request = next(iter(log.threads.values())).request
+    cut = [t for t in request.threads if t.parent is not None and t.finish_reason.value != "stop"]
+    return out, cut
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    forks=st.sets(st.integers(1, 30), max_size=8),
+    child_tokens=st.integers(1, 37),  # own tokens [Child] + body + end <= the default expected body (40)
+    root_tokens=st.integers(4, 60),
+    max_tokens=st.integers(10, 250),
+)
+def test_with_budget_planning_no_body_is_cut_inside_the_answer(tiny_llm, forks, child_tokens, root_tokens, max_tokens):
+    """Bodies no longer than expected always finish: if the budget runs out, only the root is
+    cut, at the end of the restored text."""
+    out, cut = _cut_children(tiny_llm, forks, child_tokens, root_tokens, max_tokens)
+    assert not cut
+    assert out.num_generated_tokens <= max_tokens
+    tiny_llm.check_idle()
+
+
+def test_without_budget_planning_the_same_request_cuts_bodies_mid_answer(tiny_llm):
+    case = dict(forks={2, 4, 6, 8}, child_tokens=30, root_tokens=12, max_tokens=70)
+    out, cut = _cut_children(tiny_llm, plan_budget=False, **case)
+    assert cut and out.finish_reason == "length"
+    planned, cut = _cut_children(tiny_llm, **case)
+    assert not cut and planned.num_threads < out.num_threads  # fewer forks, all of them finished

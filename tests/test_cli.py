@@ -50,3 +50,26 @@ def test_chunked_prefill_gives_the_same_answer(tiny_dir, tiny_llm):
     assert [o.token_ids for o in chunked.generate(prompts, params)] == [
         o.token_ids for o in tiny_llm.generate(prompts, params)
     ]
+
+
+def test_demo_shows_threads_live_and_compares_like_with_like(tiny_llm, capsys):
+    from dataclasses import replace
+
+    from parafork import demo
+    from parafork.rules import ForceForks
+
+    force = ForceForks(tiny_llm.control, frozenset({3, 7}), child_tokens=6, root_tokens=10)
+    prompt = {"prompt_token_ids": list(range(600, 612))}
+    apar = demo.run_apar(tiny_llm, prompt, SamplingParams(max_tokens=200, logits_rules=[force]), live=True)
+    shown = capsys.readouterr().out
+    assert apar.out.finished and apar.out.num_threads == 3
+    assert "APAR threads" in shown and "done" in shown  # the live table, with both children finished
+    tiny_llm.check_idle()
+    serial = demo.Run("serial", replace(apar.out, num_steps=apar.out.num_steps * 2), apar.seconds * 2)
+    base = demo.Run("base", replace(apar.out, finish_reason="length"), apar.seconds * 3)
+    same, _, machine = demo.verdict(apar, serial, base, "Some CPU, float32, 2 CPU threads")
+    assert "2.00x faster" in same and "identical text" in same and machine.endswith("2 CPU threads")
+    other = demo.Run("serial", replace(apar.out, text=apar.out.text + "!"), apar.seconds * 2)
+    differ = demo.verdict(apar, other, base, "m")
+    assert "tokens/s" in differ[0] and "wall clock would not compare" in differ[0]
+    assert "base model's (cut at max_tokens)" in differ[1] and "APAR answer (complete)" in differ[1]

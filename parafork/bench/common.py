@@ -3,7 +3,6 @@ plots, percentiles, timed engine runs."""
 from __future__ import annotations
 
 import json
-import platform
 import subprocess
 import time
 from collections import defaultdict
@@ -13,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from ..config import cpu_has_fast_bf16
+from ..config import cpu_has_fast_bf16, machine_key
 from ..engine.engine import RequestOutput
 from ..llm import LLM, Prompt
 from ..sampling import SamplingParams
@@ -63,16 +62,6 @@ def grouped_bars(ax, categories: list[str], series: dict[str, list[float]]) -> N
     ax.legend()
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def metadata(threads: int) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -92,11 +81,6 @@ def write_json(result: dict, path: str | None) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(result, indent=2))
         print(f"wrote {path}")
-
-
-def machine_key() -> str:
-    """What timings depend on besides the configuration: the CPU model and its kernels' level."""
-    return f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 class Checkpoint:

@@ -124,6 +124,12 @@ class Engine:
         if request is not None and not request.finished:
             self._finish_request(request, FinishReason.STOP)
 
+    def request_tree(self, request_id: str) -> Thread | None:
+        """The root thread of a live request, for display on the engine's own thread (the demo's
+        live view); None once the request has ended. Callers must not change it."""
+        request = self.requests.get(request_id)
+        return request.root if request is not None else None
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work
 

@@ -13,6 +13,7 @@ import torch
 
 from ..sampling import FORKING_MODES
 from ..tokens import ControlTokens
+from .budget import may_fork
 from .thread import Thread
 
 
@@ -23,7 +24,8 @@ def apply_apar_rules(
 
     `[Child]` is never sampled. `[Fork]` is banned in AR mode, right after `[Fork]`/`[Child]`,
     at the depth cap (a thread of depth d may fork only if d + 1 < max_depth), when the
-    request already has max_threads threads, and for all but the first `fork_room` threads
+    request already has max_threads threads, when the budget left has no room for another
+    body (`budget.py`), and for all but the first `fork_room` threads
     that may fork (the runner's free sequence ids; None: no limit). Raw mode leaves
     `[Fork]` to the caller. Then each request's `logit_bias` is added.
     """
@@ -92,6 +94,7 @@ def _fork_banned(thread: Thread, control: ControlTokens) -> bool:
         thread.last_token in (control.fork_id, control.child_id)
         or thread.depth + 1 >= params.max_depth
         or len(thread.request.threads) >= params.max_threads
+        or not may_fork(thread)
     )
 
 

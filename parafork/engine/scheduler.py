@@ -24,6 +24,7 @@ import heapq
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
+from .budget import held
 from .runner import BlockCopy
 from .thread import FinishReason, Request, Thread
 
@@ -121,7 +122,7 @@ class Scheduler:
         when the pool cannot hold them with `reserve` blocks to spare (the batch is left
         without them)."""
         start, new_ids, room = len(batch), 0, self.seq_ids.room
-        threads = request.live_threads
+        threads = [t for t in request.live_threads if not held(t)]  # parents wait for children near the end
         if request.params.mode == "serial":
             threads = threads[-1:]  # the newest thread runs alone: depth first, in reading order
         for thread in threads:
