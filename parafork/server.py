@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
@@ -58,13 +58,15 @@ class EngineWorker:
         self.thread.start()
 
     def submit(
-        self, prompt, params: SamplingParams, stream: bool, loop: asyncio.AbstractEventLoop
-    ) -> tuple[str, _Pending]:
-        request_id = f"cmpl-{uuid.uuid4().hex[:24]}"
-        pending = _Pending(loop)
-        self.pending[request_id] = pending
-        self.commands.put(("add", request_id, prompt, (params, stream)))
-        return request_id, pending
+        self, prompt, choices: list[SamplingParams], stream: bool, loop: asyncio.AbstractEventLoop
+    ) -> list[tuple[str, _Pending]]:
+        """One engine request per choice (`n`), all of the same prompt."""
+        base = f"cmpl-{uuid.uuid4().hex[:24]}"
+        ids = [base] + [f"{base}-{i}" for i in range(1, len(choices))]
+        pendings = [_Pending(loop) for _ in choices]
+        self.pending.update(zip(ids, pendings))
+        self.commands.put(("add", ids, prompt, (choices, stream)))
+        return list(zip(ids, pendings))
 
     def abort(self, request_id: str) -> None:
         self.commands.put(("abort", request_id, None, None))
@@ -83,20 +85,31 @@ class EngineWorker:
 
     def _handle(self, command: tuple) -> None:
         kind, request_id, payload, extra = command
-        if kind == "add":
-            params, stream = extra
+        if kind == "add":  # the first choice now; the others after the next step, so that they
+            choices, stream = extra  # take the prompt's KV blocks from the prefix cache
+            first, *others = zip(request_id, choices)
             try:
-                self.llm.add_request(payload, params, request_id=request_id, stream=stream)
+                self.llm.add_request(payload, first[1], request_id=first[0], stream=stream)
             except ValueError as e:
-                self._deliver(request_id, APIError(400, str(e)))
+                for rid in request_id:
+                    self._deliver(rid, APIError(400, str(e)))
+                return
+            self.deferred += [(rid, payload, params, stream) for rid, params in others]
         elif kind == "abort":
             self.llm.abort(request_id)
             self.pending.pop(request_id, None)
         elif kind == "drain":
             self._drain_deadline = payload
 
+    def _add_deferred(self) -> None:
+        deferred, self.deferred = self.deferred, []
+        for request_id, prompt, params, stream in deferred:
+            if request_id in self.pending:  # not aborted meanwhile
+                self.llm.add_request(prompt, params, request_id=request_id, stream=stream)
+
     def _run(self) -> None:
         self._drain_deadline: float | None = None
+        self.deferred: list[tuple] = []
         while True:
             block = not self.llm.has_unfinished_requests() and self._drain_deadline is None
             try:
@@ -125,6 +138,7 @@ class EngineWorker:
             for out in outputs:
                 if out.delta or out.finished:
                     self._deliver(out.request_id, out)
+            self._add_deferred()
             self.stats = self.llm.stats()
 
 
@@ -162,7 +176,7 @@ class _Common(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None
     stream: bool = False
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=8)
     logit_bias: dict[int, float] | None = None  # OpenAI sends token ids as strings; pydantic converts
     skip_special_tokens: bool = True  # vLLM's extension; raw mode always shows the [Fork] markers
     stop: str | list[str] | None = None
@@ -183,8 +197,6 @@ class _Common(BaseModel):
         return None
 
     def check_extra_fields(self) -> None:
-        if self.n != 1:
-            raise APIError(400, "parameter 'n' > 1 is not supported by parafork yet", param="n")
         for name, value in (self.model_extra or {}).items():
             if name in HARMLESS:
                 continue
@@ -317,42 +329,61 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_tokens
     async def run(request: Request, prompt, body: _Common, kind: str):
         check_model(body.model)
         params = body.sampling(max_tokens_limit)
-        loop = asyncio.get_running_loop()
-        request_id, pending = engine.submit(prompt, params, body.stream, loop)
-        reply = _Reply(kind, request_id, model_name, llm.tokenizer)
-        if body.stream:
-            return StreamingResponse(_sse(request, request_id, pending, reply), media_type="text/event-stream")
-        try:
+        # Choice i is seeded seed + i: each equals a single request with that seed.
+        choices = [params if params.seed is None else replace(params, seed=params.seed + i) for i in range(body.n)]
+        submitted = engine.submit(prompt, choices, body.stream, asyncio.get_running_loop())
+        ids = [request_id for request_id, _ in submitted]
+        reply = _Reply(kind, ids[0], model_name, llm.tokenizer, body.n)
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def forward(index: int, pending: _Pending) -> None:
             while True:
-                out = await pending.outputs.get()
+                item = await pending.outputs.get()
+                await merged.put((index, item))
+                if isinstance(item, APIError) or item.finished:
+                    return
+
+        tasks = [asyncio.ensure_future(forward(i, p)) for i, (_, p) in enumerate(submitted)]
+        if body.stream:
+            return StreamingResponse(_sse(request, ids, merged, tasks, reply), media_type="text/event-stream")
+        finals: dict[int, RequestOutput] = {}
+        try:
+            while len(finals) < body.n:
+                index, out = await merged.get()
                 if isinstance(out, APIError):
                     raise out
                 if out.finished:
-                    return reply.final(out)
-        except asyncio.CancelledError:
-            engine.abort(request_id)
-            raise
+                    finals[index] = out
+            return reply.final([finals[i] for i in range(body.n)])
+        finally:
+            for task in tasks:
+                task.cancel()
+            for request_id in ids:
+                if request_id in engine.pending:  # an error or a cancel left it running
+                    engine.abort(request_id)
 
-    async def _sse(request: Request, request_id: str, pending: _Pending, reply: _Reply) -> AsyncIterator[str]:
+    async def _sse(request: Request, ids: list[str], merged: asyncio.Queue, tasks: list, reply: _Reply) -> AsyncIterator[str]:
+        finished = 0
         try:
-            while True:
+            while finished < len(ids):
                 try:
-                    out = await asyncio.wait_for(pending.outputs.get(), timeout=1.0)
+                    index, out = await asyncio.wait_for(merged.get(), timeout=1.0)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
-                        engine.abort(request_id)
                         return
                     continue
                 if isinstance(out, APIError):
                     yield f"data: {json.dumps(error_body(out.message, out.type))}\n\n"
                     return
-                yield f"data: {json.dumps(reply.chunk(out))}\n\n"
-                if out.finished:
-                    yield "data: [DONE]\n\n"
-                    return
+                finished += out.finished
+                yield f"data: {json.dumps(reply.chunk(index, out, last=finished == len(ids)))}\n\n"
+            yield "data: [DONE]\n\n"
         finally:
-            if request_id in engine.pending:  # the client went away mid-stream
-                engine.abort(request_id)
+            for task in tasks:
+                task.cancel()
+            for request_id in ids:
+                if request_id in engine.pending:  # the client went away mid-stream
+                    engine.abort(request_id)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request, body: ChatBody):
@@ -366,13 +397,19 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_tokens
     return app
 
 
-def _usage(out: RequestOutput) -> dict:
-    completion = len(out.token_ids)
+def _usage(outs: list[RequestOutput]) -> dict:
+    """The prompt counted once; completions, threads and generated tokens summed over the choices."""
+    completion = sum(len(o.token_ids) for o in outs)
+    prompt = outs[0].num_prompt_tokens
     return {
-        "prompt_tokens": out.num_prompt_tokens,
+        "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "total_tokens": out.num_prompt_tokens + completion,
-        "parafork": {"decode_steps": out.num_steps, "threads": out.num_threads, "generated_tokens": out.num_generated_tokens},
+        "total_tokens": prompt + completion,
+        "parafork": {
+            "decode_steps": max(o.num_steps for o in outs),
+            "threads": sum(o.num_threads for o in outs),
+            "generated_tokens": sum(o.num_generated_tokens for o in outs),
+        },
     }
 
 
@@ -380,10 +417,11 @@ class _Reply:
     """OpenAI-shaped bodies for one request: the final one, or streamed chunks (each carrying
     the log-probabilities of the tokens that became final since the previous chunk)."""
 
-    def __init__(self, kind: str, request_id: str, model: str, tokenizer) -> None:
+    def __init__(self, kind: str, request_id: str, model: str, tokenizer, n: int = 1) -> None:
         self.kind, self.request_id, self.model, self.tokenizer = kind, request_id, model, tokenizer
         self.created = int(time.time())
-        self.sent_tokens = 0
+        self.sent_tokens = [0] * n  # per choice
+        self.finals: dict[int, RequestOutput] = {}
 
     def _logprobs(self, out: RequestOutput, start: int, end: int) -> dict | None:
         if out.logprobs is None:
@@ -404,29 +442,33 @@ class _Reply:
             "top_logprobs": [{text([a]): v for a, v in top} for _, top in pieces],
         }
 
-    def _body(self, choice: dict, obj: str) -> dict:
-        return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
+    def _body(self, choices: list[dict], obj: str) -> dict:
+        return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
-    def final(self, out: RequestOutput) -> dict:
-        logprobs = self._logprobs(out, 0, len(out.token_ids))
-        choice = {"index": 0, "finish_reason": out.finish_reason, "logprobs": logprobs}
-        if self.kind == "chat":
-            body = self._body({**choice, "message": {"role": "assistant", "content": out.text}}, "chat.completion")
-        else:
-            body = self._body({**choice, "text": out.text}, "text_completion")
-        return {**body, "usage": _usage(out)}
+    def final(self, outs: list[RequestOutput]) -> dict:
+        choices = []
+        for index, out in enumerate(outs):
+            choice = {"index": index, "finish_reason": out.finish_reason, "logprobs": self._logprobs(out, 0, len(out.token_ids))}
+            if self.kind == "chat":
+                choices.append({**choice, "message": {"role": "assistant", "content": out.text}})
+            else:
+                choices.append({**choice, "text": out.text})
+        return {**self._body(choices, "chat.completion" if self.kind == "chat" else "text_completion"), "usage": _usage(outs)}
 
-    def chunk(self, out: RequestOutput) -> dict:
+    def chunk(self, index: int, out: RequestOutput, last: bool) -> dict:
+        """Choice `index`'s new text; the chunk that ends the last choice carries the usage of all."""
         end = len(out.token_ids)
-        logprobs = self._logprobs(out, self.sent_tokens, end)
-        self.sent_tokens = max(self.sent_tokens, end)
-        choice = {"index": 0, "finish_reason": out.finish_reason if out.finished else None, "logprobs": logprobs}
+        logprobs = self._logprobs(out, self.sent_tokens[index], end)
+        self.sent_tokens[index] = max(self.sent_tokens[index], end)
+        choice = {"index": index, "finish_reason": out.finish_reason if out.finished else None, "logprobs": logprobs}
         if self.kind == "chat":
-            body = self._body({**choice, "delta": {"role": "assistant", "content": out.delta}}, "chat.completion.chunk")
+            body = self._body([{**choice, "delta": {"role": "assistant", "content": out.delta}}], "chat.completion.chunk")
         else:
-            body = self._body({**choice, "text": out.delta}, "text_completion")
+            body = self._body([{**choice, "text": out.delta}], "text_completion")
         if out.finished:
-            body["usage"] = _usage(out)
+            self.finals[index] = out
+        if last:
+            body["usage"] = _usage([self.finals[i] for i in sorted(self.finals)])
         return body
 
 

@@ -112,7 +112,7 @@ def test_bad_requests_get_openai_shaped_errors(server, body, status, param):
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"best_of": 3}, "best_of"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"n": 2}, "n"),
+        ({"n": 9}, "n"),
         ({"temprature": 0.5}, "temprature"),  # a typo is refused, not ignored
     ],
 )
@@ -136,6 +136,35 @@ def test_off_values_and_harmless_fields_are_accepted(server):
         extra_body={"best_of": 1, "response_format": {"type": "text"}},
     )
     assert same.choices[0].message.content == plain.choices[0].message.content
+
+
+def _metric(url: str, name: str) -> int:
+    text = urllib.request.urlopen(f"{url}/metrics").read().decode()
+    return int(text.split(f"{name} ")[1].split()[0])
+
+
+def test_n_choices_follow_their_seeds_and_share_the_prompt(server):
+    url, llm = server
+    c = client(url)
+    story = "Write a very long story about a dragon who learns to cook, in many chapters."
+    ask = dict(model="tiny", messages=[{"role": "user", "content": story}], max_tokens=10, temperature=1.0)
+    prompt_len = c.chat.completions.create(**ask, seed=1).usage.prompt_tokens
+    hits = _metric(url, "parafork_prefix_cache_hit_tokens_total")
+    reply = c.chat.completions.create(**ask, n=3, seed=11)
+    assert [ch.index for ch in reply.choices] == [0, 1, 2]
+    texts = [ch.message.content for ch in reply.choices]
+    assert len(set(texts)) == 3  # independent samples
+    # The two later choices took the prompt's full blocks from the cache (block size 4).
+    assert _metric(url, "parafork_prefix_cache_hit_tokens_total") - hits >= 2 * ((prompt_len - 1) // 4 * 4)
+    singles = [c.chat.completions.create(**ask, seed=11 + i) for i in range(3)]
+    assert [r.choices[0].message.content for r in singles] == texts  # choice i == one request with seed + i
+    assert reply.usage.completion_tokens == sum(r.usage.completion_tokens for r in singles)
+    assert reply.usage.prompt_tokens == prompt_len
+    chunks = list(c.chat.completions.create(**ask, n=2, seed=11, stream=True))
+    streamed = ["".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices[0].index == i) for i in range(2)]
+    assert streamed == texts[:2]
+    assert sum(ch.usage is not None for ch in chunks) == 1 and chunks[-1].usage.completion_tokens > 0
+    wait_pool_full(llm)
 
 
 def test_stop_ends_the_answer_before_it_streamed_or_not(server):

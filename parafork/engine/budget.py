@@ -14,11 +14,11 @@ on while `SamplingParams.plan_budget` (the default):
 
 A child's expected body is the mean length (own tokens: `[Child]`, body, end token) of the
 request's children that finished so far, `DEFAULT_BODY_TOKENS` before any has. A child
-still needs max(expected - written, expected / 4): one that has outgrown the mean is
-likely to go on for a while (with a floor of 1 token, the bundled model's demo answer had
-its root open two more items while an overlong body ran into the budget). When a body runs
-far longer than expected the budget can still run out inside the answer; `finish_reason`
-is then "length".
+still needs max(expected - written, written / 2): one that has outgrown the mean is likely
+to go on for a while. (With a floor of 1 token, then of expected / 4, the bundled model's
+demo answer still had its root write two more items while an overlong body ran into the
+budget.) When a body runs far longer than expected the budget can still run out inside the
+answer; `finish_reason` is then "length".
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def expected_body(request: Request) -> float:
 
 
 def _need(threads, expected: float) -> float:
-    return sum(max(expected - len(t.own_tokens), expected / 4) for t in threads)
+    return sum(max(expected - len(t.own_tokens), len(t.own_tokens) / 2) for t in threads)
 
 
 def _left(request: Request) -> int:
