@@ -7,6 +7,7 @@ turning restored tokens into text deltas, and the generate/stream loops.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from typing import Iterator, Sequence, Union
 
 import torch
@@ -16,7 +17,8 @@ from . import models
 from .config import EngineConfig
 from .engine.engine import Engine, RequestOutput
 from .engine.runner import build_runner
-from .sampling import SamplingParams
+from .rules import NoRepeatedHeads
+from .sampling import FORKING_MODES, SamplingParams
 
 # A prompt is a user message (chat template applied), a list of chat messages, or raw ids.
 Prompt = Union[str, Sequence[dict], dict]
@@ -85,6 +87,7 @@ class LLM(Engine):
         self.adapter = config.adapter or models.default_adapter(model)
         super().__init__(config, build_runner(config, path, self.tokenizer, self.adapter), control)
         self._detokenizers: dict[str, Detokenizer] = {}
+        self._head_guard = NoRepeatedHeads(control, self.tokenizer)
         self._ids = itertools.count()
 
     def encode(self, prompt: Prompt) -> list[int]:
@@ -103,6 +106,8 @@ class LLM(Engine):
         """Queues a prompt; returns its request id. With `stream=False`, outputs carry text
         only once the request has finished (the answer is restored and decoded once)."""
         params = params or SamplingParams()
+        if params.no_repeat_heads and params.mode in FORKING_MODES:
+            params = replace(params, logits_rules=(*params.logits_rules, self._head_guard))
         request_id = request_id or f"req-{next(self._ids)}"
         # Stop strings are looked for at every step, so such a request is restored at every step.
         self.add(request_id, self.encode(prompt), params, stream or bool(params.stop))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .engine.budget import may_fork
 from .engine.thread import Thread
 from .tokens import ControlTokens
 
@@ -88,3 +89,92 @@ class ListItemForks:
                 logits[list(self.control.eos_ids)] = float("-inf")
             elif int(logits.argmax()) in self._paragraph_set:
                 force_token(logits, min(self.control.eos_ids))
+
+
+# A list item's line: numbering or a bullet, optional bold, then the head (up to ':' or '.').
+ITEM_LINE = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*•])\s+(?:\*\*)?(.*)$")
+
+
+def normalize_head(head: str) -> str:
+    """Lower case, markdown and punctuation dropped, spaces collapsed."""
+    return " ".join(re.sub(r"[^\w\s]", " ", head.lower()).split())
+
+
+def list_heads(text: str) -> list[str]:
+    """The normalized heads of the list items in `text`, in order."""
+    heads = []
+    for line in text.split("\n"):
+        m = ITEM_LINE.match(line)
+        if m:
+            heads.append(normalize_head(re.split(r"[:.]|\*\*", m.group(1), maxsplit=1)[0]))
+    return [h for h in heads if h]
+
+
+@dataclass
+class NoRepeatedHeads:
+    """Keeps list items' heads from repeating (measured on the bundled model: see the README).
+
+    - While a thread writes a list item's line, and the head so far (after its numbering) is a
+      non-empty prefix of an earlier item's head in what the thread sees (its ancestors' text up
+      to its fork, then its own), the token that would continue into that earlier head is
+      banned, and once the head so far equals an earlier one, so are the tokens that would end
+      it (':', '.', '**'): a head may share its first words with another ("Seek support" after
+      "Seek help") but not repeat it.
+    - A child whose body reaches a line break and would start a numbered or bulleted line
+      ends there instead: the next item is its parent's to write (the bundled model's children
+      sometimes wrote the next head, or their own head again).
+    - A parent at the start of a line that may no longer fork (the budget has no room for
+      another body, `engine/budget.py`) does not open a new item: it concludes or ends
+      (the bundled model otherwise ended answers on a bare head such as "14. Stay focused:").
+
+    Added by `LLM` to forking requests with `SamplingParams.no_repeat_heads`.
+    """
+
+    control: ControlTokens
+    tokenizer: object
+    _starting: dict = field(default_factory=dict, init=False)
+
+    def _tokens_starting(self, pattern: str) -> list[int]:
+        """Token ids whose text (leading spaces dropped) starts with `pattern` (computed once each)."""
+        if pattern not in self._starting:
+            pieces = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+            text = [self.tokenizer.convert_tokens_to_string([p]).lstrip() if p else "" for p in pieces]
+            self._starting[pattern] = [i for i, t in enumerate(text) if re.match(pattern, t)]
+        return self._starting[pattern]
+
+    def item_starts(self) -> list[int]:
+        """Token ids whose text starts a numbered or bulleted line."""
+        return self._tokens_starting(r"\d|[-*•]")
+
+    def __call__(self, thread: Thread, logits: torch.Tensor) -> None:
+        decode = self.tokenizer.decode
+        if thread.children and not may_fork(thread):
+            own = decode(thread.own_tokens[-8:], skip_special_tokens=True)
+            if own.endswith("\n"):
+                logits[self.item_starts()] = float("-inf")
+                return
+        if thread.parent is not None:
+            own = decode(thread.own_tokens, skip_special_tokens=True)
+            if own.strip() and own.rstrip(" ").endswith("\n"):
+                nxt = decode([int(logits.argmax())], skip_special_tokens=True).lstrip()
+                if re.match(r"\d|[-*•]", nxt):
+                    force_token(logits, min(self.control.eos_ids))
+                    return
+        text = decode(thread.token_ids[len(thread.request.prompt_token_ids) :], skip_special_tokens=True)
+        *before, line = text.split("\n")
+        m = ITEM_LINE.match(line)
+        if not m or not m.group(1).strip() or ":" in m.group(1):
+            return
+        current = m.group(1)
+        banned = set()
+        for earlier in before:
+            e = ITEM_LINE.match(earlier)
+            head = re.split(r"[:.]|\*\*", e.group(1), maxsplit=1)[0].rstrip() if e else ""
+            if len(head) > len(current) and head.lower().startswith(current.lower()):
+                continuation = self.tokenizer.encode(head[len(current) :], add_special_tokens=False)
+                if continuation:
+                    banned.add(continuation[0])
+            elif head and head.lower() == current.rstrip().lower():
+                banned.update(self._tokens_starting(r"[:.]|\*\*"))
+        if banned:
+            logits[sorted(banned)] = float("-inf")

@@ -36,6 +36,7 @@ class SamplingParams:
     max_threads: int = 16  # per request, root included
     ignore_eos: bool = False  # for benchmarks of fixed length
     plan_budget: bool = True  # fork only with room for the body, parents wait near the end (engine/budget.py)
+    no_repeat_heads: bool = True  # a forking thread may not repeat an earlier item's head (rules.NoRepeatedHeads)
     logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit (OpenAI semantics)
     skip_special_tokens: bool = True  # in the text; raw mode shows [Fork] markers regardless
     # The answer ends before the first of these strings in the restored text (reading order).

@@ -149,6 +149,7 @@ class ParaforkOptions(BaseModel):
     max_depth: int = Field(2, ge=1, le=8)
     max_threads: int = Field(16, ge=1, le=64)
     plan_budget: bool = True
+    no_repeat_heads: bool = True
 
 
 # Fields clients send that parafork does not implement yet: their "off" values are accepted (they
@@ -222,6 +223,7 @@ class _Common(BaseModel):
             max_depth=self.parafork.max_depth,
             max_threads=self.parafork.max_threads,
             plan_budget=self.parafork.plan_budget,
+            no_repeat_heads=self.parafork.no_repeat_heads,
             logit_bias=self.logit_bias,
             skip_special_tokens=self.skip_special_tokens,
             stop=self.stop or (),

@@ -183,3 +183,74 @@ def test_without_budget_planning_the_same_request_cuts_bodies_mid_answer(tiny_ll
     assert cut and out.finish_reason == "length"
     planned, cut = _cut_children(tiny_llm, **case)
     assert not cut and planned.num_threads < out.num_threads  # fewer forks, all of them finished
+
+
+def test_a_forking_thread_cannot_repeat_an_earlier_items_head(tiny_llm):
+    from parafork.rules import NoRepeatedHeads, list_heads
+
+    tok, ct = tiny_llm.tokenizer, tiny_llm.control
+    guard = NoRepeatedHeads(ct, tok)
+    request = Request("r", [1, 2, 3], SamplingParams(), 0)
+    root = request.root
+
+    def write(text: str, fork: bool = False) -> None:
+        root.token_ids.extend(tok.encode(text, add_special_tokens=False) + ([ct.fork_id] if fork else []))
+        if fork:
+            request.fork(root, ct.child_id)
+
+    def banned() -> list[int]:
+        logits = torch.zeros(len(tok))
+        guard(root, logits)
+        return torch.nonzero(logits == float("-inf")).flatten().tolist()
+
+    write("Tips:\n1. Get enough sleep:", fork=True)
+    write("\n2. **Seek help**:", fork=True)
+    write("\n3. Get")
+    assert banned() == [tok.encode(" enough sleep", add_special_tokens=False)[0]]
+    write(" regular")  # sharing a first word is fine, and nothing earlier starts "Get regular"
+    assert banned() == []
+    write(" exercise:", fork=True)
+    write("\n4. Seek")
+    assert banned() == [tok.encode(" help", add_special_tokens=False)[0]]
+    write(" help")  # now equal to an earlier head: what would end it is banned, not what goes on
+    ends = banned()
+    assert tok.encode(":", add_special_tokens=False)[0] in ends and tok.encode(".", add_special_tokens=False)[0] in ends
+    assert tok.encode(" and", add_special_tokens=False)[0] not in ends
+    write(" from friends:", fork=True)
+    child = request.threads[1]
+    child.token_ids.extend(tok.encode(" Aim for eight hours.", add_special_tokens=False))
+    logits = torch.zeros(len(tok))
+    guard(child, logits)  # a body is not a head
+    assert not torch.isinf(logits).any()
+    # A body that reaches a line break and would start the next item ends instead.
+    child.token_ids.extend(tok.encode("\n", add_special_tokens=False))
+    logits = torch.zeros(len(tok))
+    logits[tok.encode("2", add_special_tokens=False)[0]] = 5.0
+    guard(child, logits)
+    assert int(logits.argmax()) in ct.eos_ids and torch.isinf(logits).sum() == len(tok) - 1
+    # A child writing an item line of its own may not repeat a head it sees in its ancestors' text.
+    child.token_ids.extend(tok.encode("- Get", add_special_tokens=False))
+    logits = torch.zeros(len(tok))
+    guard(child, logits)
+    assert torch.nonzero(logits == float("-inf")).flatten().tolist() == [tok.encode(" enough sleep", add_special_tokens=False)[0]]
+    assert list_heads("1. **Get enough sleep**: a\n2. Seek help. b\n- get  enough sleep!") == [
+        "get enough sleep", "seek help", "get enough sleep"]
+
+
+def test_a_parent_without_budget_for_another_body_does_not_open_a_new_item(tiny_llm):
+    from parafork.rules import NoRepeatedHeads
+
+    tok, ct = tiny_llm.tokenizer, tiny_llm.control
+    guard = NoRepeatedHeads(ct, tok)
+    for max_tokens, closes in ((40, True), (400, False)):
+        request = Request("r", [1, 2, 3], SamplingParams(max_tokens=max_tokens), 0)
+        root = request.root
+        root.token_ids.extend(tok.encode("Tips:\n1. Sleep well:", add_special_tokens=False) + [ct.fork_id])
+        request.fork(root, ct.child_id)
+        request.num_generated = 12
+        root.token_ids.extend(tok.encode("\n", add_special_tokens=False))
+        logits = torch.zeros(len(tok))
+        guard(root, logits)
+        two = tok.encode("2", add_special_tokens=False)[0]
+        assert bool(torch.isinf(logits[two])) == closes
+        assert not torch.isinf(logits[min(ct.eos_ids)])  # it may always end

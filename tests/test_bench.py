@@ -58,7 +58,10 @@ def test_answer_checks():
     assert latency.numbering_intact("1. a\n2. b\n3. c\n\nThen:\n1. x\n2. y")
     assert not latency.numbering_intact("1. a\n3. b")
     assert latency.numbering_intact("no list at all")
-    assert latency.answer_checks("1. a [Fork]\n2. b") == {"stray_control": 1, "numbering_intact": True}
+    assert latency.answer_checks("1. a [Fork]\n2. b") == {
+        "stray_control": 1, "numbering_intact": True, "repeated_head": False, "cut": False}
+    checks = latency.answer_checks("1. Sleep well: x\n2. **sleep well** y\n3. Eat", "length")
+    assert checks["repeated_head"] and checks["cut"]
 
 
 def test_latency_figures_agree_with_hf_and_the_engine(tiny_dir, tmp_path):
@@ -69,7 +72,7 @@ def test_latency_figures_agree_with_hf_and_the_engine(tiny_dir, tmp_path):
     for mode in ("ar", "apar", "serial", "hf", "sot"):
         assert set(saved["modes"][mode]) >= {
             "tokens", "steps", "wall_s", "tok_s", "peak_kv_blocks", "attn_work", "fork_rate", "threads_mean", "step_ms",
-            "stray_control", "numbering_intact",
+            "stray_control", "numbering_intact", "repeated_head_rate", "cut_rate",
         }
     apar = saved["modes"]["apar"]
     decode_s = apar["wall_s"] - sum(q["modes"]["apar"]["prefill_s"] for q in saved["questions"])

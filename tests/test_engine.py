@@ -1,7 +1,8 @@
 """The engine against the HF oracle: AR exactness, fork exactness, batching, KV accounting.
 
-Forced forks here test the mechanics, so budget planning (which may ban a fork the rule wants,
-tested in test_answers.py) is off in those requests: `plan_budget=False`."""
+Forced forks here test the mechanics, so the answer policies that may ban a fork or end a body
+the rule wants (budget planning, the head guard; tested in test_answers.py) are off in those
+requests: `plan_budget=False, no_repeat_heads=False`."""
 from __future__ import annotations
 
 import pytest
@@ -76,7 +77,7 @@ def test_ar_greedy_equals_hf_generate_token_for_token(base_llm, base_hf):
 def test_forked_threads_see_exactly_their_ancestors_on_the_real_model(base_llm, base_hf):
     rec = LogitsRecorder()
     force = ForceForks(base_llm.control, frozenset({6, 15, 22}), child_tokens=12)
-    out = base_llm.generate(PROMPTS[0], SamplingParams(plan_budget=False, max_tokens=90, logits_rules=[rec, force]))[0]
+    out = base_llm.generate(PROMPTS[0], SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=90, logits_rules=[rec, force]))[0]
     assert out.num_threads == 4
     assert check_against_oracle(base_llm, base_hf, rec, atol=1e-4) >= 45
     assert_pool_full(base_llm)
@@ -92,7 +93,7 @@ def test_forked_threads_see_exactly_their_ancestors_nested(tiny_llm, tiny_dir):
             logits.fill_(float("-inf"))
             logits[tiny_llm.control.fork_id] = 0
 
-    params = SamplingParams(plan_budget=False, max_tokens=120, max_depth=3, max_threads=16, logits_rules=[rec, nested])
+    params = SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=120, max_depth=3, max_threads=16, logits_rules=[rec, nested])
     out = tiny_llm.generate({"prompt_token_ids": list(range(100, 113))}, params)[0]
     assert out.num_threads > 4
     assert max(t.depth for t, _, _ in rec.rows) == 2
@@ -107,7 +108,7 @@ def test_a_fork_does_not_change_the_parent(tiny_llm):
     rec = LogitsRecorder()
     force = ForceForks(tiny_llm.control, frozenset({2, 5}), child_tokens=30)
     prompt = {"prompt_token_ids": list(range(200, 211))}
-    out = tiny_llm.generate(prompt, SamplingParams(plan_budget=False, max_tokens=60, ignore_eos=True, logits_rules=[rec, force]))[0]
+    out = tiny_llm.generate(prompt, SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=60, ignore_eos=True, logits_rules=[rec, force]))[0]
     assert out.num_threads == 3
     root = next(t for t, _, _ in rec.rows if t.parent is None)
     fork_id = tiny_llm.control.fork_id
@@ -123,7 +124,7 @@ def test_a_fork_does_not_change_the_parent(tiny_llm):
 def test_concurrent_requests_with_forks_equal_each_run_alone(tiny_llm):
     force = ForceForks(tiny_llm.control, frozenset({3, 9, 14}), child_tokens=7)
     prompts = [{"prompt_token_ids": list(range(300 + 7 * i, 310 + 9 * i))} for i in range(6)]
-    params = [SamplingParams(plan_budget=False, max_tokens=30 + 5 * i, logits_rules=[force]) for i in range(6)]
+    params = [SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=30 + 5 * i, logits_rules=[force]) for i in range(6)]
     together = tiny_llm.generate(prompts, params)
     alone = [tiny_llm.generate(p, q)[0] for p, q in zip(prompts, params)]
     for a, b in zip(together, alone):
@@ -135,7 +136,7 @@ def test_concurrent_requests_with_forks_equal_each_run_alone(tiny_llm):
 @pytest.mark.model
 def test_concurrent_requests_with_forks_equal_each_run_alone_on_the_real_model(base_llm):
     force = ForceForks(base_llm.control, frozenset({5, 11}), child_tokens=10)
-    params = SamplingParams(plan_budget=False, max_tokens=50, logits_rules=[force])
+    params = SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=50, logits_rules=[force])
     together = base_llm.generate(PROMPTS[:3], params)
     for prompt, out in zip(PROMPTS[:3], together):
         assert base_llm.generate(prompt, params)[0].token_ids == out.token_ids
@@ -167,7 +168,7 @@ def test_prefix_cache_reuses_blocks_across_requests_and_changes_no_output(tiny_d
     shared = list(range(500, 530))
     prompts = [{"prompt_token_ids": shared + [600 + i, 700 + i]} for i in range(3)] + [{"prompt_token_ids": shared}]
     force = ForceForks(tiny_llm.control, frozenset({3}), child_tokens=6, root_tokens=12)
-    params = SamplingParams(plan_budget=False, max_tokens=60, logits_rules=[force])
+    params = SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=60, logits_rules=[force])
     hits = tiny_llm.block_manager.hit_tokens
     for prompt in prompts:  # one after another: each finds the earlier ones' blocks
         assert tiny_llm.generate(prompt, params)[0].token_ids == uncached.generate(prompt, params)[0].token_ids
@@ -206,7 +207,7 @@ def test_aborted_and_closed_streams_free_every_block(tiny_llm):
 
 def test_stream_deltas_add_up_to_the_final_text_in_reading_order(tiny_llm):
     force = ForceForks(tiny_llm.control, frozenset({3, 8}), child_tokens=6)
-    params = SamplingParams(plan_budget=False, max_tokens=60, logits_rules=[force])
+    params = SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=60, logits_rules=[force])
     prompt = {"prompt_token_ids": list(range(600, 620))}
     final = tiny_llm.generate(prompt, params)[0]
     pieces = list(tiny_llm.stream(prompt, params))
@@ -216,12 +217,12 @@ def test_stream_deltas_add_up_to_the_final_text_in_reading_order(tiny_llm):
 
 def test_seeded_sampling_does_not_depend_on_the_batch(tiny_llm):
     force = ForceForks(tiny_llm.control, frozenset({3}), child_tokens=8)
-    params = SamplingParams(plan_budget=False, max_tokens=30, temperature=0.8, top_p=0.9, seed=7, logits_rules=[force])
+    params = SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=30, temperature=0.8, top_p=0.9, seed=7, logits_rules=[force])
     prompt = {"prompt_token_ids": list(range(700, 712))}
     alone = tiny_llm.generate(prompt, params)[0]
     crowd = tiny_llm.generate([prompt, {"prompt_token_ids": [5, 6, 7]}], [params, SamplingParams(max_tokens=20)])[0]
     assert alone.token_ids == crowd.token_ids
-    other = tiny_llm.generate(prompt, SamplingParams(plan_budget=False, max_tokens=30, temperature=0.8, seed=8, logits_rules=[force]))[0]
+    other = tiny_llm.generate(prompt, SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=30, temperature=0.8, seed=8, logits_rules=[force]))[0]
     assert other.token_ids != alone.token_ids
 
 
@@ -234,7 +235,7 @@ def test_apar_rules_caps(tiny_llm):
             logits[ct.fork_id] = 0
 
     rec = LogitsRecorder()
-    params = SamplingParams(plan_budget=False, max_tokens=80, max_threads=5, max_depth=2, logits_rules=[always_fork, rec])
+    params = SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=80, max_threads=5, max_depth=2, logits_rules=[always_fork, rec])
     out = tiny_llm.generate({"prompt_token_ids": [10, 11, 12]}, params)[0]
     assert out.num_threads == 5
     threads = {t.thread_id: t for t, _, _ in rec.rows}.values()
@@ -301,7 +302,7 @@ def test_hf_fallback_backend_gives_the_same_answers_with_forks(tiny_dir, tiny_ll
     assert isinstance(slow.runner, HFRunner)
     force = ForceForks(slow.control, frozenset({2, 5}), child_tokens=5, root_tokens=9)
     prompts = [{"prompt_token_ids": list(range(30, 41))}, {"prompt_token_ids": list(range(60, 66))}]
-    params = SamplingParams(plan_budget=False, max_tokens=60, logits_rules=[force])
+    params = SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=60, logits_rules=[force])
     assert [o.token_ids for o in slow.generate(prompts, params)] == [o.token_ids for o in tiny_llm.generate(prompts, params)]
     assert_pool_full(slow)
 
@@ -309,10 +310,10 @@ def test_hf_fallback_backend_gives_the_same_answers_with_forks(tiny_dir, tiny_ll
 def test_raw_mode_keeps_fork_markers_in_the_text_and_starts_no_thread(tiny_llm):
     ct = tiny_llm.control
     prompt = {"prompt_token_ids": list(range(120, 130))}
-    params = SamplingParams(plan_budget=False, max_tokens=6, mode="raw", logit_bias={ct.fork_id: 100})
+    params = SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=6, mode="raw", logit_bias={ct.fork_id: 100})
     out = tiny_llm.generate(prompt, params)[0]
     assert out.num_threads == 1 and out.token_ids.count(ct.fork_id) == 6 and out.text.count("[Fork]") == 6
-    apar = tiny_llm.generate(prompt, SamplingParams(plan_budget=False, max_tokens=6, mode="apar", logit_bias={ct.fork_id: 100}))[0]
+    apar = tiny_llm.generate(prompt, SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=6, mode="apar", logit_bias={ct.fork_id: 100}))[0]
     assert apar.num_threads > 1 and "[Fork]" not in apar.text
     with pytest.raises(ValueError, match="vocabulary"):
         tiny_llm.generate(prompt, SamplingParams(max_tokens=2, logit_bias={10**7: 1.0}))
@@ -322,8 +323,8 @@ def test_raw_mode_keeps_fork_markers_in_the_text_and_starts_no_thread(tiny_llm):
 def test_serial_mode_decodes_the_same_tree_one_thread_at_a_time(tiny_llm):
     force = ForceForks(tiny_llm.control, frozenset({2, 5, 8}), child_tokens=7, root_tokens=14)
     prompt = {"prompt_token_ids": list(range(300, 321))}
-    apar = tiny_llm.generate(prompt, SamplingParams(plan_budget=False, max_tokens=200, logits_rules=[force]))[0]
-    serial = tiny_llm.generate(prompt, SamplingParams(plan_budget=False, max_tokens=200, mode="serial", logits_rules=[force]))[0]
+    apar = tiny_llm.generate(prompt, SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=200, logits_rules=[force]))[0]
+    serial = tiny_llm.generate(prompt, SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=200, mode="serial", logits_rules=[force]))[0]
     assert serial.token_ids == apar.token_ids and serial.num_threads == apar.num_threads == 4
     # One sampled token per step: every generated token but the forced [Child]s.
     assert serial.num_steps == serial.num_generated_tokens - (serial.num_threads - 1)

@@ -18,7 +18,7 @@ def test_exported_folder_answers_the_same_and_servers_print_the_control_tokens(t
     assert tokenizer.decode(ids, skip_special_tokens=True) == f"a{FORK}b{CHILD}c"
     # parafork itself serves the exported folder as it serves the original: same forks, same text.
     exported = LLM(str(out), dtype="float32", num_kv_blocks=256, block_size=4)
-    params = SamplingParams(plan_budget=False, max_tokens=24, logit_bias={tiny_llm.control.fork_id: 6.0})
+    params = SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=24, logit_bias={tiny_llm.control.fork_id: 6.0})
     mine, theirs = tiny_llm.generate("List three fruits.", params)[0], exported.generate("List three fruits.", params)[0]
     assert mine.num_threads > 1 and FORK not in theirs.text and CHILD not in theirs.text
     assert (theirs.text, theirs.num_threads) == (mine.text, mine.num_threads)

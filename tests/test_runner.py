@@ -70,7 +70,7 @@ def test_every_sequence_is_forked_then_released_once(recorded):
     llm = recorded(num_kv_blocks=256)
     force = ForceForks(llm.control, frozenset({2, 5, 9}), child_tokens=6)
     prompts = [{"prompt_token_ids": list(range(100 + i, 112 + i))} for i in range(3)]
-    outs = llm.generate(prompts, SamplingParams(plan_budget=False, max_tokens=60, logits_rules=[force]))
+    outs = llm.generate(prompts, SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=60, logits_rules=[force]))
     assert all(o.num_threads == 4 for o in outs)
     runner = llm.runner
     assert len(runner.forks) == 9 and not runner.live
@@ -83,7 +83,7 @@ def test_a_cap_on_live_sequences_bans_forks_beyond_it_and_still_finishes(recorde
     llm = recorded(max_live_sequences=3, num_kv_blocks=256)
     force = ForceForks(llm.control, frozenset({1, 2, 3, 4, 5}), child_tokens=4)
     prompts = [{"prompt_token_ids": list(range(300 + i, 310 + i))} for i in range(2)]
-    outs = llm.generate(prompts, SamplingParams(plan_budget=False, max_tokens=50, logits_rules=[force]))
+    outs = llm.generate(prompts, SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=50, logits_rules=[force]))
     assert all(o.finished for o in outs)
     assert sum(o.num_threads for o in outs) >= 3 and llm.runner.most_live <= 3
     llm.check_idle()
@@ -102,7 +102,7 @@ def test_after_finish_abort_and_preemption_every_block_and_sequence_id_is_free(
     llm = recorded(num_kv_blocks=blocks)
     force = ForceForks(llm.control, frozenset(forks), child_tokens=8, root_tokens=14)
     ids = [llm.add_request({"prompt_token_ids": list(range(500 + 3 * i, 516 + 3 * i))},
-                           SamplingParams(plan_budget=False, max_tokens=80, logits_rules=[force])) for i in range(4)]
+                           SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=80, logits_rules=[force])) for i in range(4)]
     steps = 0
     while llm.has_unfinished_requests():
         llm.step()

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .. import models
 from ..config import EngineConfig, resolve_dtype
 from ..llm import LLM
+from ..rules import list_heads
 from ..sampling import SamplingParams
 from ..tokens import CHILD, FORK
 from . import sot
@@ -60,8 +61,14 @@ def numbering_intact(text: str) -> bool:
     return all(run == list(range(run[0], run[0] + len(run))) for run in runs)
 
 
-def answer_checks(text: str) -> dict:
-    return {"stray_control": text.count(FORK) + text.count(CHILD), "numbering_intact": numbering_intact(text)}
+def answer_checks(text: str, finish_reason: str | None = None) -> dict:
+    heads = list_heads(text)
+    return {
+        "stray_control": text.count(FORK) + text.count(CHILD),
+        "numbering_intact": numbering_intact(text),
+        "repeated_head": len(set(heads)) < len(heads),  # two item heads equal after normalizing
+        "cut": finish_reason == "length",  # the budget ran out with a thread unfinished
+    }
 
 
 class HFBaseline:
@@ -95,7 +102,8 @@ class HFBaseline:
             "threads": 1,
             "peak_kv_blocks": -(-total // self.block_size),  # positions held, in engine blocks
             "attn_work": (total - 1) * total // 2,  # every fed position k attends to k + 1 keys
-            **answer_checks(self.tokenizer.decode(answer, skip_special_tokens=False)),
+            **answer_checks(self.tokenizer.decode(answer, skip_special_tokens=False),
+                            "length" if len(answer) == len(out) == max_tokens else "stop"),
         }
 
 
@@ -112,7 +120,7 @@ def _engine_record(llm: LLM, prompt: str, params: SamplingParams) -> dict:
         "threads": out.num_threads,
         "peak_kv_blocks": out.peak_kv_blocks,
         "attn_work": out.attention_work,
-        **answer_checks(out.text),
+        **answer_checks(out.text, out.finish_reason),
     }
 
 
@@ -141,6 +149,8 @@ def aggregate(records: list[dict]) -> dict:
         "threads_mean": sum(r["threads"] for r in records) / len(records),
         "stray_control": sum(r.get("stray_control", 0) for r in records),
         "numbering_intact": sum(r.get("numbering_intact", True) for r in records) / len(records),
+        "repeated_head_rate": sum(r.get("repeated_head", False) for r in records) / len(records),
+        "cut_rate": sum(r.get("cut", False) for r in records) / len(records),
     }
 
 
