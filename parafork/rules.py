@@ -125,13 +125,17 @@ class NoRepeatedHeads:
       sometimes wrote the next head, or their own head again).
     - A parent at the start of a line that may no longer fork (the budget has no room for
       another body, `engine/budget.py`) does not open a new item: it concludes or ends
-      (the bundled model otherwise ended answers on a bare head such as "14. Stay focused:").
+      (the bundled model otherwise ended answers on a bare head such as "14. Stay focused:");
+      the check leaves room for the head itself (`HEAD_TOKENS`), since children keep using the
+      budget while it is written. (Banning the end token after a bare head instead made the
+      model skip the body and write a conclusion that the budget then cut.)
 
     Added by `LLM` to forking requests with `SamplingParams.no_repeat_heads`.
     """
 
     control: ControlTokens
     tokenizer: object
+    HEAD_TOKENS = 12  # a list item's numbering and head, in tokens
     _starting: dict = field(default_factory=dict, init=False)
 
     def _tokens_starting(self, pattern: str) -> list[int]:
@@ -148,7 +152,7 @@ class NoRepeatedHeads:
 
     def __call__(self, thread: Thread, logits: torch.Tensor) -> None:
         decode = self.tokenizer.decode
-        if thread.children and not may_fork(thread):
+        if thread.children and not may_fork(thread, extra=self.HEAD_TOKENS):
             own = decode(thread.own_tokens[-8:], skip_special_tokens=True)
             if own.endswith("\n"):
                 logits[self.item_starts()] = float("-inf")

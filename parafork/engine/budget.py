@@ -41,13 +41,14 @@ def _left(request: Request) -> int:
     return request.params.max_tokens - request.num_generated
 
 
-def may_fork(thread: Thread) -> bool:
+def may_fork(thread: Thread, extra: int = 0) -> bool:
+    """Whether the budget left has room for another body (and `extra` tokens before its fork)."""
     request = thread.request
     if not request.params.plan_budget:
         return True
     expected = expected_body(request)
     live_children = [t for t in request.threads if t.parent is not None and not t.finished]
-    return _left(request) >= _need(live_children, expected) + expected + 1 + PARENT_RESERVE
+    return _left(request) >= _need(live_children, expected) + expected + 1 + PARENT_RESERVE + extra
 
 
 def held(thread: Thread) -> bool:
