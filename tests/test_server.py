@@ -14,6 +14,7 @@ from parafork.llm import LLM
 from parafork.server import create_app
 
 KEY = "test-key"
+STORY = dict(model="tiny", messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=24, temperature=0)
 
 
 def free_port() -> int:
@@ -167,11 +168,14 @@ def test_n_choices_follow_their_seeds_and_share_the_prompt(server):
     wait_pool_full(llm)
 
 
+def story(c: openai.OpenAI, **extra) -> str:
+    return c.chat.completions.create(**STORY, **extra).choices[0].message.content
+
+
 def test_stop_ends_the_answer_before_it_streamed_or_not(server):
     url, llm = server
-    c = client(url)
-    ask = dict(model="tiny", messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=24, temperature=0)
-    full = c.chat.completions.create(**ask).choices[0].message.content
+    c, ask = client(url), STORY
+    full = story(c)
     stop = full[len(full) // 2 : len(full) // 2 + 5]
     cut = full[: full.find(stop)]
     assert stop.strip() and cut
@@ -190,14 +194,12 @@ def test_stop_ends_the_answer_before_it_streamed_or_not(server):
 
 
 def test_penalties_reach_the_sampler(server):
-    url, _ = server
-    c = client(url)
-    ask = dict(model="tiny", messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=24, temperature=0)
-    plain = c.chat.completions.create(**ask).choices[0].message.content
+    c = client(server[0])
+    plain = story(c)
     for extra in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"extra_body": {"repetition_penalty": 3.0}}):
-        assert c.chat.completions.create(**ask, **extra).choices[0].message.content != plain, extra
+        assert story(c, **extra) != plain, extra
     with pytest.raises(openai.BadRequestError):
-        c.chat.completions.create(**ask, presence_penalty=2.5)
+        story(c, presence_penalty=2.5)
 
 
 def test_logprobs_chat_and_completions_streamed_or_not(server):
