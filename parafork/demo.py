@@ -46,7 +46,7 @@ def _thread_lines(llm: LLM, root, width: int = 70) -> list[tuple[str, str, bool]
         for index, child in sorted(thread.children.items()):
             head = llm.tokenizer.decode(thread.own_tokens[:index], skip_special_tokens=True).rstrip().split("\n")[-1]
             body = llm.tokenizer.decode(child.own_tokens, skip_special_tokens=True).strip().replace("\n", " ")
-            lines.append((head[-36:], body[-width:], child.finished))
+            lines.append((head[:40], body[-width:], child.finished))
             walk(child)
 
     walk(root)

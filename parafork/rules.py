@@ -154,7 +154,7 @@ class NoRepeatedHeads:
         decode = self.tokenizer.decode
         if thread.children and not may_fork(thread, extra=self.HEAD_TOKENS):
             own = decode(thread.own_tokens[-8:], skip_special_tokens=True)
-            if own.endswith("\n"):
+            if own.rstrip(" \t").endswith("\n"):  # at a line's start (indentation included)
                 logits[self.item_starts()] = float("-inf")
                 return
         if thread.parent is not None:

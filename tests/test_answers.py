@@ -249,8 +249,10 @@ def test_a_parent_without_budget_for_another_body_does_not_open_a_new_item(tiny_
         request.fork(root, ct.child_id)
         request.num_generated = 12
         root.token_ids.extend(tok.encode("\n", add_special_tokens=False))
-        logits = torch.zeros(len(tok))
-        guard(root, logits)
         two = tok.encode("2", add_special_tokens=False)[0]
-        assert bool(torch.isinf(logits[two])) == closes
+        for indent in ("", "    "):  # an indented bullet opens an item too
+            root.token_ids.extend(tok.encode(indent, add_special_tokens=False))
+            logits = torch.zeros(len(tok))
+            guard(root, logits)
+            assert bool(torch.isinf(logits[two])) == closes
         assert not torch.isinf(logits[min(ct.eos_ids)])  # it may always end
