@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from . import models
 from .config import EngineConfig
 from .engine.engine import Engine, RequestOutput
+from .engine.thread import FinishReason
 from .engine.runner import build_runner
 from .rules import NoRepeatedHeads
 from .sampling import FORKING_MODES, SamplingParams
@@ -137,7 +138,7 @@ class LLM(Engine):
                 out.token_ids = out.token_ids[:kept]
                 out.logprobs = out.logprobs[:kept] if out.logprobs is not None else None
                 if not out.finished:
-                    self.finish(out.request_id)
+                    super().abort(out.request_id, FinishReason.STOP)  # the detokenizer stays until below
                 out.finished, out.finish_reason, out.complete = True, "stop", True
             out.delta = detokenizer.delta(out.finished)
             out.text = detokenizer.text

@@ -100,13 +100,15 @@ def normalize_head(head: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", head.lower()).split())
 
 
+def item_head(line: str) -> str | None:
+    """The head of a list item's line (up to ':', '.' or a closing '**'); None if not an item."""
+    m = ITEM_LINE.match(line)
+    return re.split(r"[:.]|\*\*", m.group(1), maxsplit=1)[0].rstrip() if m else None
+
+
 def list_heads(text: str) -> list[str]:
     """The normalized heads of the list items in `text`, in order."""
-    heads = []
-    for line in text.split("\n"):
-        m = ITEM_LINE.match(line)
-        if m:
-            heads.append(normalize_head(re.split(r"[:.]|\*\*", m.group(1), maxsplit=1)[0]))
+    heads = [normalize_head(h) for h in map(item_head, text.split("\n")) if h is not None]
     return [h for h in heads if h]
 
 
@@ -136,6 +138,7 @@ class NoRepeatedHeads:
     control: ControlTokens
     tokenizer: object
     HEAD_TOKENS = 12  # a list item's numbering and head, in tokens
+    TAIL_TOKENS = 32  # a head still being written lies within the answer's last this many tokens
     _starting: dict = field(default_factory=dict, init=False)
 
     def _tokens_starting(self, pattern: str) -> list[int]:
@@ -151,29 +154,26 @@ class NoRepeatedHeads:
         return self._tokens_starting(r"\d|[-*•]")
 
     def __call__(self, thread: Thread, logits: torch.Tensor) -> None:
-        decode = self.tokenizer.decode
-        if thread.children and not may_fork(thread, extra=self.HEAD_TOKENS):
-            own = decode(thread.own_tokens[-8:], skip_special_tokens=True)
-            if own.rstrip(" \t").endswith("\n"):  # at a line's start (indentation included)
+        # Only the answer's last line matters unless a head is being written: decode a short tail
+        # first (every forking thread passes here at every step) and the whole text only then.
+        answer = thread.token_ids[len(thread.request.prompt_token_ids) :]
+        tail = self.tokenizer.decode(answer[-self.TAIL_TOKENS :], skip_special_tokens=True)
+        if "\n" not in tail:
+            return  # deep in a long line: no item is being opened or named
+        line = tail.rsplit("\n", 1)[1]
+        if not line.strip(" \t"):  # at a line's start (indentation included)
+            if thread.children and not may_fork(thread, extra=self.HEAD_TOKENS):
                 logits[self.item_starts()] = float("-inf")
-                return
-        if thread.parent is not None:
-            own = decode(thread.own_tokens, skip_special_tokens=True)
-            if own.strip() and own.rstrip(" ").endswith("\n"):
-                nxt = decode([int(logits.argmax())], skip_special_tokens=True).lstrip()
-                if re.match(r"\d|[-*•]", nxt):
-                    force_token(logits, min(self.control.eos_ids))
-                    return
-        text = decode(thread.token_ids[len(thread.request.prompt_token_ids) :], skip_special_tokens=True)
-        *before, line = text.split("\n")
+            elif thread.parent is not None and self._own_line_start(thread) and int(logits.argmax()) in self.item_starts():
+                force_token(logits, min(self.control.eos_ids))
+            return
         m = ITEM_LINE.match(line)
         if not m or not m.group(1).strip() or ":" in m.group(1):
             return
         current = m.group(1)
         banned = set()
-        for earlier in before:
-            e = ITEM_LINE.match(earlier)
-            head = re.split(r"[:.]|\*\*", e.group(1), maxsplit=1)[0].rstrip() if e else ""
+        for earlier in self.tokenizer.decode(answer, skip_special_tokens=True).split("\n")[:-1]:
+            head = item_head(earlier) or ""
             if len(head) > len(current) and head.lower().startswith(current.lower()):
                 continuation = self.tokenizer.encode(head[len(current) :], add_special_tokens=False)
                 if continuation:
@@ -182,3 +182,8 @@ class NoRepeatedHeads:
                 banned.update(self._tokens_starting(r"[:.]|\*\*"))
         if banned:
             logits[sorted(banned)] = float("-inf")
+
+    def _own_line_start(self, thread: Thread) -> bool:
+        """The line break that starts the current line is the child's own (its body has begun)."""
+        own = self.tokenizer.decode(thread.own_tokens[-8:], skip_special_tokens=True)
+        return len(thread.own_tokens) > 2 and own.rstrip(" \t").endswith("\n")

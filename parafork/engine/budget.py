@@ -54,8 +54,8 @@ def may_fork(thread: Thread, extra: int = 0) -> bool:
 def held(thread: Thread) -> bool:
     """True while `thread` should wait for its live descendants (see the module's rules)."""
     request = thread.request
-    if not request.params.plan_budget:
-        return False
+    if not thread.children or not request.params.plan_budget:
+        return False  # a thread that never forked has nothing to wait for (the common, cheap case)
     descendants = []
     for t in request.threads:
         if t.finished or t is thread:

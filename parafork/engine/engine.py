@@ -111,18 +111,12 @@ class Engine:
         self.scheduler.add(request)
         self._counts["requests"] += 1
 
-    def abort(self, request_id: str) -> None:
-        """Cancels a request; its KV blocks and sequence ids return to their pools at once."""
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
+        """Ends a request now (cancelled, or `STOP` when its text reached a stop string); its
+        KV blocks and sequence ids return to their pools at once."""
         request = self.requests.pop(request_id, None)
         if request is not None and not request.finished:
-            self._finish_request(request, FinishReason.ABORT)
-        self._release_sequences()
-
-    def finish(self, request_id: str) -> None:
-        """Ends a request as stopped (its text reached a stop string); frees it at once."""
-        request = self.requests.pop(request_id, None)
-        if request is not None and not request.finished:
-            self._finish_request(request, FinishReason.STOP)
+            self._finish_request(request, reason)
 
     def request_tree(self, request_id: str) -> Thread | None:
         """The root thread of a live request, for display on the engine's own thread (the demo's
