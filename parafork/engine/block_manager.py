@@ -9,7 +9,8 @@ Prefix cache: token i of every thread sits at position i, so a full block's K/V 
 only on the tokens up to its end. Each computed full block is keyed by a BLAKE2b-128 chain
 over those tokens (the previous block's key, then this block's token ids), so a match
 means equal prefixes with collision odds of 2^-128 (Python's 64-bit `hash()` of tuples,
-used before, is not collision-safe for adversarial or merely very many prompts); a thread that starts with no cache (a new request, or a thread recomputed
+used before, is not collision-safe for adversarial or merely very many prompts); a thread
+that starts with no cache (a new request, or a thread recomputed
 after preemption) takes every leading full block whose key is known instead of computing
 it. Freed blocks keep their key until the pool hands them out again (least recently freed
 first), so a prompt seen before, a driver's next round, or a preempted request's own
