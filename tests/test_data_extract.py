@@ -4,7 +4,7 @@ import json
 import pytest
 
 from parafork.data.extract import Node, extract
-from parafork.data.sharegpt import first_turns, iter_conversations
+from parafork.data.sharegpt import exchanges, iter_conversations, messages
 
 NUMBERED_BOLD = """Here are some tips:
 
@@ -105,5 +105,56 @@ def test_truncated_sharegpt_file_keeps_every_whole_conversation(tmp_path):
     path.write_text(cut)
     got = list(iter_conversations(path))
     assert [c["id"] for c in got] == ["0", "1"]
-    assert first_turns(got[1]) == ("q1", "a1")
-    assert first_turns({"conversations": [{"from": "gpt", "value": "x"}]}) is None
+    assert [(e["prompt"], e["answer"]) for e in exchanges(got[1])] == [("q1", "a1")]
+    assert list(exchanges({"conversations": [{"from": "gpt", "value": "x"}]})) == []
+
+
+def _turns(*values):
+    return {"conversations": [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(values)]}
+
+
+def test_every_assistant_turn_is_an_exchange_with_the_chat_before_it_as_context():
+    conv = _turns("q0", "a0", "q1", "a1", "q2", "a2")
+    got = list(exchanges(conv))
+    assert [(e["turn"], e["prompt"], e["answer"]) for e in got] == [(0, "q0", "a0"), (1, "q1", "a1"), (2, "q2", "a2")]
+    assert got[0]["context"] == []
+    assert got[2]["context"] == [
+        {"role": "user", "content": "q0"}, {"role": "assistant", "content": "a0"},
+        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+    ]
+    assert messages(got[2])[-1] == {"role": "user", "content": "q2"} and len(messages(got[2])) == 5
+    assert messages({"prompt": "v1 record"}) == [{"role": "user", "content": "v1 record"}]  # v1 data has no context
+
+
+def test_context_keeps_the_newest_whole_exchanges_that_fit():
+    conv = _turns("q" * 10, "a" * 50, "Q" * 10, "A" * 20, "last", "answer")
+    last = list(exchanges(conv, max_context_chars=40))[-1]
+    assert [m["content"] for m in last["context"]] == ["Q" * 10, "A" * 20]  # 30 chars fit, 60 more do not
+    assert list(exchanges(conv, max_context_chars=10))[-1]["context"] == []  # always starts with a user turn
+    # A turn out of order (or not text) ends the conversation there.
+    broken = {"conversations": _turns("q0", "a0")["conversations"] + [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}
+    assert len(list(exchanges(broken))) == 1
+    assert list(exchanges(_turns("q0", "", "q1", "a1"))) == []
+
+
+SENTENCE_HEADS = """Try these:
+
+1. Go to bed at the same time every night. Your body clock learns the rhythm and sleep comes sooner.
+2. Keep the bedroom cool and dark. A cool room helps the body drop its temperature for deep sleep.
+3. **Avoid caffeine late:** coffee after lunch can keep you awake for hours.
+
+Good night!"""
+
+
+def test_numbered_items_with_a_plain_first_sentence_as_head():
+    e = extract(SENTENCE_HEADS)
+    assert e.kind == "numbered-sentence" and e.root.text() == SENTENCE_HEADS
+    assert [c.text() for c in e.root.children][:2] == [
+        " Your body clock learns the rhythm and sleep comes sooner.",
+        " A cool room helps the body drop its temperature for deep sleep.",
+    ]
+    assert e.root.segments[0].endswith("1. Go to bed at the same time every night.")
+    # Bullets need a bold or colon head; a one-sentence item has no body to fork.
+    assert extract(SENTENCE_HEADS.replace("1.", "-").replace("2.", "-").replace("3.", "-")).kind != "bullets"
+    one_sentence = "Steps:\n\n1. Open the door and walk in.\n2. Close the door behind you.\n3. Sit down and rest."
+    assert extract(one_sentence).kind == "paragraphs" or extract(one_sentence).root is None

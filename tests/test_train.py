@@ -67,3 +67,61 @@ def test_the_bundled_adapter_loads_offline_and_the_model_forks_by_itself(base_ll
     assert out.num_steps < out.num_generated_tokens / 2  # threads decode side by side
     untuned = base_llm.generate(prompt, SamplingParams(max_tokens=400))[0]
     assert untuned.num_threads == 1  # the base model has never seen [Fork]
+
+
+def test_rows_mix_checked_trees_flat_copies_and_plain_answers(tiny_dir, tmp_path):
+    from parafork.train import encode_row, load_rows
+
+    write_data(tmp_path / "data")
+    cfg = TrainConfig(data=str(tmp_path / "data"), out="unused", model=str(tiny_dir), flat_ratio=0.5, plain_ratio=0.25)
+    rows = load_rows(cfg)  # unchecked: trees.jsonl
+    assert sum(1 for _, _, apar in rows if not apar) == 1  # half of the 2 trees again in flat form
+    assert sum(1 for _, root, apar in rows if apar and not root.children) == 1  # plain: 3 rows x 1/3
+    tokenizer, control = models.load_tokenizer(tiny_dir)
+    flat = next(r for r in rows if not r[2])
+    sample = encode_row(flat, tokenizer, control, 1024)
+    ids = sample.input_ids.tolist()
+    assert control.fork_id not in ids and control.child_id not in ids and len(sample.threads) == 1
+    assert ids[-1] in control.eos_ids and tokenizer.decode(ids).count(flat[1].text()) == 1
+    assert encode_row(flat, tokenizer, control, 10) is None  # too long for max_len
+    # A checked folder trains on checked.jsonl; demoted answers join the plain ones.
+    (tmp_path / "data" / "checked.jsonl").write_text((tmp_path / "data" / "trees.jsonl").read_text().splitlines()[0] + "\n")
+    (tmp_path / "data" / "demoted.jsonl").write_text(json.dumps({"prompt": "d", "answer": "demoted answer"}) + "\n")
+    rows = load_rows(TrainConfig(**{**cfg.__dict__, "flat_ratio": 1.0, "plain_ratio": 0.5}))
+    assert sum(1 for _, root, apar in rows if apar and root.children) == 1
+    assert sorted(root.text() for _, root, apar in rows if apar and not root.children) == ["Hello! How can I help?", "demoted answer"]
+
+
+def test_a_run_resumes_from_a_checkpoint_written_under_another_compute_dtype(tiny_dir, tmp_path):
+    write_data(tmp_path / "data")
+    cfg = TrainConfig(
+        data=str(tmp_path / "data"), out=str(tmp_path / "run"), model=str(tiny_dir),
+        steps=4, accum=2, lr=1e-2, warmup=1, rank=4, save_every=1, threads=1, autocast="bf16",
+    )
+    train(TrainConfig(**{**cfg.__dict__, "steps": 2}))  # bf16 autocast (emulated where not native)
+    state = train(TrainConfig(**{**cfg.__dict__, "autocast": "fp32"}))
+    assert state["step"] == 4 and [r["step"] for r in state["log"]] == [1, 2, 3, 4]
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+
+
+def test_warm_start_from_an_adapter_keeps_its_weights_at_step_zero(tiny_dir, tmp_path):
+    from parafork.train import build_model
+
+    write_data(tmp_path / "data")
+    cfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), model=str(tiny_dir),
+                      steps=2, accum=2, lr=1e-2, warmup=1, rank=4, threads=1)
+    train(cfg)
+    tokenizer, control = models.load_tokenizer(tiny_dir)
+    warm = build_model(TrainConfig(**{**cfg.__dict__, "init_adapter": str(tmp_path / "run" / "adapter")}), tokenizer, control)
+    trained = {n: p for n, p in warm.named_parameters() if p.requires_grad}
+    assert any("trainable_tokens" in n for n in trained) and any("lora_A" in n for n in trained)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    lora_b = [v for k, v in saved.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # it learned something...
+    loaded = [p for n, p in trained.items() if "lora_B" in n]
+    assert sum(float(p.detach().abs().sum()) for p in loaded) == pytest.approx(sum(float(v.abs().sum()) for v in lora_b))  # ...kept

@@ -5,14 +5,18 @@ with the same `max_tokens`:
 - `ar`, `apar`: the parafork engine with the tuned model, forking off and on;
 - `serial`: the tuned model's APAR tree decoded one thread at a time (the same answers as
   `apar`, at AR's pace): `apar_vs_serial` is APAR's parallel speed-up on identical output;
+- `base`: the untuned base model, plain AR, on the parafork engine (what a user runs without APAR);
 - `hf`: HF `generate` with the untuned base model (the reference implementation's baseline);
 - `sot`: Skeleton-of-Thought prompting with the untuned base model on the parafork engine.
 
 Per answer: answer tokens (restored text, no control tokens), tokens sampled, decode steps,
 wall time, prefill time, threads, peak KV blocks, attention work (sum over fed tokens
-of the KV length each attends to), stray control tokens in the text and whether list
-numbering runs 1, 2, 3. Per mode and category: fork rate, threads per answer, tokens per
-step. Speed-ups are ratios of total wall time; tokens/s ratios are given beside them,
+of the KV length each attends to), stray control tokens in the text, whether list
+numbering runs 1, 2, 3, `repeated_head` (two item heads equal after removing numbering,
+punctuation and case), `cut` (`max_tokens` ran out with a thread unfinished) and, for `ar`,
+`early_stop` (an AR answer under 60 tokens where APAR forks: the tuned model ending after
+a head when it may not fork). Per mode and category: fork rate, threads per answer, tokens
+per step and the rates of those checks. Speed-ups are ratios of total wall time; tokens/s ratios are given beside them,
 since the modes' answers differ in length.
 """
 from __future__ import annotations
@@ -34,11 +38,13 @@ from .common import (Checkpoint, add_output_args, add_suite_args, by_category, g
                      pyplot, report, save_figure, timed_run)
 from .suite import load_suite, select
 
-MODES = ("ar", "apar", "serial", "hf", "sot")
+MODES = ("ar", "apar", "serial", "base", "hf", "sot")
+EARLY_STOP_TOKENS = 60
 ENGINE_MODES = ("ar", "apar", "serial")
 SPEEDUPS = {
     "apar_vs_ar": ("apar", "ar"),
     "apar_vs_serial": ("apar", "serial"),
+    "apar_vs_base": ("apar", "base"),
     "apar_vs_hf": ("apar", "hf"),
     "sot_vs_ar": ("sot", "ar"),
 }
@@ -47,8 +53,8 @@ SPEEDUPS = {
 def add_arguments(p) -> None:
     add_suite_args(p)
     add_output_args(p)
-    p.add_argument("--base-model", default="base", help="the untuned model (hf, sot)")
-    p.add_argument("--modes", default="ar,apar,serial,hf,sot", help="comma list of " + ", ".join(MODES))
+    p.add_argument("--base-model", default="base", help="the untuned model (base, hf, sot)")
+    p.add_argument("--modes", default="ar,apar,serial,base,hf,sot", help="comma list of " + ", ".join(MODES))
 
 
 def numbering_intact(text: str) -> bool:
@@ -151,7 +157,15 @@ def aggregate(records: list[dict]) -> dict:
         "numbering_intact": sum(r.get("numbering_intact", True) for r in records) / len(records),
         "repeated_head_rate": sum(r.get("repeated_head", False) for r in records) / len(records),
         "cut_rate": sum(r.get("cut", False) for r in records) / len(records),
+        "early_stop_rate": sum(r.get("early_stop", False) for r in records) / len(records),
     }
+
+
+def mark_early_stops(record: dict) -> None:
+    """`early_stop` on a question's `ar` answer: under 60 tokens where its `apar` answer forks."""
+    modes = record["modes"]
+    if "ar" in modes and "apar" in modes:
+        modes["ar"]["early_stop"] = modes["ar"]["tokens"] < EARLY_STOP_TOKENS and modes["apar"]["threads"] > 1
 
 
 def speedups(modes: dict[str, dict]) -> tuple[dict, dict]:
@@ -189,7 +203,7 @@ def run_latency(
     # No prefix cache: a mode run after another on the same question must not find its prompt computed.
     engine = dict(dtype=dtype, cpu_threads=threads, prefix_caching=False)
     tuned = LLM(model, adapter=adapter, **engine) if set(ENGINE_MODES) & set(modes) else None
-    base = LLM(base_model, **engine) if "sot" in modes else None
+    base = LLM(base_model, **engine) if {"sot", "base"} & set(modes) else None
     hf = HFBaseline(base_model, resolve_dtype(dtype), EngineConfig().block_size) if "hf" in modes else None
     for llm in filter(None, (tuned, base)):
         llm.generate("Hello", SamplingParams(max_tokens=4))  # warm-up
@@ -206,11 +220,14 @@ def run_latency(
         for mode in modes:
             if mode in ENGINE_MODES:
                 rec["modes"][mode] = _engine_record(tuned, q["prompt"], SamplingParams(max_tokens=max_tokens, mode=mode))
+            elif mode == "base":
+                rec["modes"][mode] = _engine_record(base, q["prompt"], SamplingParams(max_tokens=max_tokens, mode="ar"))
             elif mode == "hf":
                 rec["modes"][mode] = hf.run(models.apply_chat_template(hf.tokenizer, q["prompt"]), max_tokens)
             else:
                 answer = sot.answer(base, q["prompt"], max_tokens)
                 rec["modes"][mode] = {**answer, **answer_checks(answer["text"])}
+        mark_early_stops(rec)
         records.append(rec)
         checkpoint.add(rec)
     result = summarize(records, modes)

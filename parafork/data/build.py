@@ -1,10 +1,14 @@
-"""`parafork data`: ShareGPT first turns -> paragraph trees (JSONL), statistics and a histogram.
+"""`parafork data`: every ShareGPT exchange -> paragraph trees (JSONL), statistics and plots.
 
-Answers with no structure that pass the filters are kept apart as plain samples, so
-training can mix them in (the model must keep writing plain answers where nothing forks).
+Every assistant turn counts, with the chat before it as context (`sharegpt.exchanges`);
+an answer seen before (ShareGPT repeats some) is skipped. Answers with no structure that
+pass the filters are kept apart as plain samples, so training can mix them in (the model
+must keep writing plain answers where nothing forks). The branch-independence check is a
+second, resumable step (`independence.check_folder`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import Counter
@@ -13,8 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .extract import Node, extract
-from .independence import DEFAULT_THRESHOLD, merge_dependent, score_tree
-from .sharegpt import first_turns, iter_conversations, packaged_sharegpt_path
+from .sharegpt import MAX_CONTEXT_CHARS, exchanges, iter_conversations, packaged_sharegpt_path
 
 
 def build(
@@ -22,115 +25,187 @@ def build(
     out_dir: Path,
     limit: int | None = None,
     seed: int = 0,
-    check_model: str | None = None,
-    threshold: float = DEFAULT_THRESHOLD,
+    max_context_chars: int = MAX_CONTEXT_CHARS,
 ) -> dict:
-    """Extracts trees; with `check_model`, that model judges each branch's independence
-    and dependent branches are merged back (see `independence.py`)."""
+    """Writes trees.jsonl and plain.jsonl (each shuffled), stats.json and stats.png."""
     path = Path(input_path) if input_path else packaged_sharegpt_path()
     out_dir.mkdir(parents=True, exist_ok=True)
     trees, plain = [], []
     reasons: Counter[str] = Counter()
-    seen = 0
+    seen_answers: set[bytes] = set()
+    exchanges_seen = 0
     for conv in tqdm(iter_conversations(path), desc="extract", unit=" conv"):
-        pair = first_turns(conv)
-        if pair is None:
-            reasons["not a human/gpt first turn"] += 1
-            continue
-        seen += 1
-        prompt, answer = pair
-        e = extract(answer)
-        reasons[e.reason] += 1
-        record = {"id": conv.get("id"), "prompt": prompt, "answer": answer}
-        if e.root is not None:
-            trees.append({**record, "kind": e.kind, "tree": e.root.to_json()})
-        elif e.reason == "no structure":
-            plain.append(record)
+        for ex in exchanges(conv, max_context_chars):
+            exchanges_seen += 1
+            digest = hashlib.blake2b(ex["answer"].encode(), digest_size=16).digest()
+            if digest in seen_answers:
+                reasons["repeated answer"] += 1
+                continue
+            seen_answers.add(digest)
+            e = extract(ex["answer"])
+            reasons[e.reason] += 1
+            record = {"key": f"{conv.get('id')}:{ex['turn']}", **ex}
+            if e.root is not None:
+                trees.append({**record, "kind": e.kind, "tree": e.root.to_json()})
+            elif e.reason == "no structure":
+                plain.append(record)
         if limit and len(trees) >= limit:
             break
     random.Random(seed).shuffle(trees)
     random.Random(seed).shuffle(plain)
-    check = check_independence(trees, plain, check_model, threshold) if check_model else None
     for name, rows in (("trees.jsonl", trees), ("plain.jsonl", plain)):
-        with open(out_dir / name, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    stats = _stats(trees, plain, reasons, seen, path)
-    if check:
-        stats["independence"] = check
+        write_jsonl(out_dir / name, rows)
+    stats = {"source": str(path), "exchanges": exchanges_seen, "rejected": dict(reasons), **tree_stats(trees, plain)}
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
-    _histogram(trees, out_dir / "branches.png")
+    plot_stats(trees, out_dir / "stats.png")
     return stats
 
 
-def check_independence(trees: list[dict], plain: list[dict], model_name: str, threshold: float) -> dict:
-    """Scores every branch, merges dependent ones back, moves trees left with < 2 branches to
-    the plain answers (in place). Returns the counts before and after."""
-    import torch
-
-    from .. import models
-
-    path = models.resolve_model_path(model_name)
-    tokenizer, control = models.load_tokenizer(path)
-    model = models.load_hf_model(path, tokenizer, torch.float32)
-    before = {"trees": len(trees), "branches": sum(_count(t["tree"])[0] - 1 for t in trees)}
-    kept, dependence = [], []
-    for record in tqdm(trees, desc="independence", unit=" tree"):
-        root = Node.from_json(record["tree"])
-        scores = score_tree(model, tokenizer, control, models.apply_chat_template(tokenizer, record["prompt"]), root)
-        dependence += [s.dependence for s in scores]
-        merged = merge_dependent(root, scores, threshold)
-        if len(merged.children) >= 2 or (merged.children and merged.depth() > 2):
-            kept.append({**record, "tree": merged.to_json(), "dependence": [round(s.dependence, 3) for s in scores]})
-        else:
-            plain.append({k: record[k] for k in ("id", "prompt", "answer")})
-    trees[:] = kept
-    dependence.sort()
-    return {
-        "model": model_name,
-        "threshold_nats_per_token": threshold,
-        "before": before,
-        "after": {"trees": len(trees), "branches": sum(_count(t["tree"])[0] - 1 for t in trees)},
-        "dependence_median": dependence[len(dependence) // 2] if dependence else 0.0,
-        "dependence_p90": dependence[int(len(dependence) * 0.9)] if dependence else 0.0,
-    }
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _count(tree: list) -> tuple[int, int]:
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _shape(tree: list) -> tuple[int, int]:
     """(threads, depth) of a tree in JSON form."""
-    kids = [_count(s) for s in tree if isinstance(s, list)]
+    kids = [_shape(s) for s in tree if isinstance(s, list)]
     return 1 + sum(k[0] for k in kids), 1 + max((k[1] for k in kids), default=0)
 
 
-def _stats(trees: list[dict], plain: list[dict], reasons: Counter, seen: int, path: Path) -> dict:
-    threads = [_count(t["tree"])[0] for t in trees]
-    depths = Counter(_count(t["tree"])[1] for t in trees)
-    lengths = sorted(len(t["answer"]) for t in trees)
+def items(tree: list) -> list[tuple[str, str]]:
+    """(head, body) of every branch of a tree in JSON form, depth first: the head is the
+    parent's text on the line before the fork, the body the branch's whole text."""
+    out = []
+    for i, s in enumerate(tree):
+        if isinstance(s, list):
+            before = tree[i - 1] if i and isinstance(tree[i - 1], str) else ""
+            out.append((before.rsplit("\n", 1)[-1], Node.from_json(s).text()))
+            out += items(s)
+    return out
+
+
+def _quantiles(values: list[int]) -> dict:
+    v = sorted(values)
+    if not v:
+        return {}
+    return {"p10": v[len(v) // 10], "median": v[len(v) // 2], "p90": v[len(v) * 9 // 10], "mean": round(sum(v) / len(v), 1)}
+
+
+def tree_stats(trees: list[dict], plain: list[dict]) -> dict:
+    """Counts and length distributions (characters) of a set of trees."""
+    pieces = [p for t in trees for p in items(t["tree"])]
     return {
-        "source": str(path),
-        "first_turns": seen,
         "trees": len(trees),
+        "branches": sum(_shape(t["tree"])[0] - 1 for t in trees),
         "plain": len(plain),
-        "kinds": dict(Counter(t["kind"] for t in trees)),
-        "rejected": dict(reasons),
-        "threads_mean": sum(threads) / max(len(threads), 1),
-        "depths": {str(k): v for k, v in sorted(depths.items())},
-        "answer_chars_median": lengths[len(lengths) // 2] if lengths else 0,
+        "kinds": dict(Counter(t["kind"] for t in trees).most_common()),
+        "with_context": sum(1 for t in trees if t.get("context")),
+        "depths": {str(k): v for k, v in sorted(Counter(_shape(t["tree"])[1] for t in trees).items())},
+        "items_per_tree": _quantiles([sum(isinstance(s, list) for s in t["tree"]) for t in trees]),
+        "head_chars": _quantiles([len(h.strip()) for h, _ in pieces]),
+        "body_chars": _quantiles([len(b.strip()) for _, b in pieces]),
+        "answer_chars": _quantiles([len(t["answer"]) for t in trees]),
     }
 
 
-def _histogram(trees: list[dict], path: Path) -> None:
+def plot_stats(trees: list[dict], path: Path) -> None:
+    """Four panels: items per tree, head and body lengths, depth, kinds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    threads = [_count(t["tree"])[0] - 1 for t in trees]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(threads, bins=range(0, max(threads, default=1) + 2), color="#4a7", edgecolor="white")
-    ax.set_xlabel("branches (child threads) per tree")
-    ax.set_ylabel("trees")
-    ax.set_title(f"{len(trees)} paragraph trees")
+    pieces = [p for t in trees for p in items(t["tree"])]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    per_tree = [sum(isinstance(s, list) for s in t["tree"]) for t in trees]
+    axes[0, 0].hist(per_tree, bins=range(0, min(max(per_tree, default=1), 30) + 2), color="#4a7", edgecolor="white")
+    axes[0, 0].set(xlabel="items (top-level branches) per tree", ylabel="trees")
+    heads = [min(len(h.strip()), 200) for h, _ in pieces]
+    bodies = [min(len(b.strip()), 1500) for _, b in pieces]
+    axes[0, 1].hist(heads, bins=40, color="#37a", alpha=0.8, label="head (<=200)")
+    axes[0, 1].hist([b / 7.5 for b in bodies], bins=40, color="#d73", alpha=0.5, label="body / 7.5 (<=1500)")
+    axes[0, 1].set(xlabel="characters", ylabel="branches")
+    axes[0, 1].legend()
+    depths = Counter(_shape(t["tree"])[1] for t in trees)
+    axes[1, 0].bar([str(k) for k in sorted(depths)], [depths[k] for k in sorted(depths)], color="#777")
+    axes[1, 0].set(xlabel="depth (threads on the longest root-to-leaf path)", ylabel="trees")
+    kinds = Counter(t["kind"] for t in trees).most_common()
+    axes[1, 1].barh([k for k, _ in kinds], [n for _, n in kinds], color="#a5c")
+    axes[1, 1].set(xlabel="trees")
+    fig.suptitle(f"{len(trees)} paragraph trees, {len(pieces)} branches")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def check_folder(folder: Path, model_name: str = "base", threshold: float | None = None, limit: int | None = None) -> dict:
+    """Scores the branches of `folder`'s trees in file order (resumable: scores.jsonl gains a
+    line per tree, and trees already scored are skipped), then writes the checked set:
+    checked.jsonl (dependent branches merged back; trees left with < 2 branches and depth 2
+    move to demoted.jsonl, plain answers) and check.json (trees and branches before/after)."""
+    import time
+
+    import torch
+
+    from .. import models
+    from .independence import DEFAULT_THRESHOLD, BranchScore, merge_dependent, score_tree
+    from .sharegpt import messages
+
+    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    trees = read_jsonl(folder / "trees.jsonl")[:limit]
+    scores_path = folder / "scores.jsonl"
+    done = {r["key"]: r for r in read_jsonl(scores_path)} if scores_path.exists() else {}
+    todo = [t for t in trees if t["key"] not in done]
+    seconds = 0.0
+    if todo:
+        path = models.resolve_model_path(model_name)
+        tokenizer, control = models.load_tokenizer(path)
+        model = models.load_hf_model(path, tokenizer, torch.float32)
+        with open(scores_path, "a", encoding="utf-8") as out:
+            bar = tqdm(todo, desc="independence", unit=" tree")
+            for record in bar:
+                start = time.perf_counter()
+                prompt_ids = models.apply_chat_template(tokenizer, messages(record))
+                found = score_tree(model, tokenizer, control, prompt_ids, Node.from_json(record["tree"]))
+                row = {"key": record["key"], "alone": [round(s.alone, 4) for s in found],
+                       "serial": [round(s.serial, 4) for s in found]}
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+                done[record["key"]] = row
+                seconds += time.perf_counter() - start
+    kept, demoted, dependence = [], [], []
+    for record in trees:
+        row = done.get(record["key"])
+        if row is None:
+            continue
+        found = [BranchScore(a, s) for a, s in zip(row["alone"], row["serial"])]
+        dependence += [s.dependence for s in found]
+        merged = merge_dependent(Node.from_json(record["tree"]), found, threshold)
+        if len(merged.children) >= 2 or (merged.children and merged.depth() > 2):
+            kept.append({**record, "tree": merged.to_json()})
+        else:
+            demoted.append({k: v for k, v in record.items() if k not in ("kind", "tree")})
+    scored = [t for t in trees if t["key"] in done]
+    write_jsonl(folder / "checked.jsonl", kept)
+    write_jsonl(folder / "demoted.jsonl", demoted)
+    dependence.sort()
+    report = {
+        "model": model_name,
+        "threshold_nats_per_token": threshold,
+        "scored_trees": len(scored),
+        "of_trees": len(read_jsonl(folder / "trees.jsonl")),
+        "before": {k: tree_stats(scored, [])[k] for k in ("trees", "branches")},
+        "after": {k: tree_stats(kept, [])[k] for k in ("trees", "branches")},
+        "demoted_to_plain": len(demoted),
+        "dependence_median": dependence[len(dependence) // 2] if dependence else 0.0,
+        "dependence_p90": dependence[len(dependence) * 9 // 10] if dependence else 0.0,
+        "trees_per_second_this_run": round(len(todo) / seconds, 3) if seconds else None,
+    }
+    (folder / "check.json").write_text(json.dumps(report, indent=2))
+    return report

@@ -8,7 +8,8 @@ thread) restores to the answer token for token.
 Kinds, tried in this order: a numbered list, a bullet list (each item's head stays in
 the parent, its details become a child; a nested list inside the details becomes the
 child's own tree), then paragraphs (each paragraph's first sentence stays in the root,
-the rest becomes a child). Answers with code, maths, tables, links, HTML or CJK text are
+the rest becomes a child). A list item's head is a bold title or text up to a colon; in a
+numbered list it may also be a plain first sentence (kind "numbered-sentence"). Answers with code, maths, tables, links, HTML or CJK text are
 rejected, as are pieces too short to be worth a thread.
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ ITEM = {
 BOLD_HEAD = re.compile(r"\*\*[^*\n]{2,100}?\*\*:?|__[^_\n]{2,100}?__:?")
 COLON_HEAD = re.compile(r"[^\n:]{2,100}?:(?=\s)")
 SENTENCE_END = re.compile(r"[.!?](?=\s)")
+MAX_SENTENCE_HEAD = 150  # chars: a longer first sentence is a body, not a head
 
 
 @dataclass
@@ -71,7 +73,7 @@ class Node:
 
 @dataclass
 class Extraction:
-    kind: str | None  # "numbered", "bullets", "paragraphs", or None when rejected
+    kind: str | None  # "numbered", "numbered-sentence", "bullets", "paragraphs", or None when rejected
     root: Node | None
     reason: str  # why it was rejected, or "ok"
 
@@ -83,17 +85,22 @@ def rejection(answer: str) -> str | None:
     return None
 
 
-def _split_item(body: str) -> tuple[str, str] | None:
-    """(head, details) of one list item's text after its marker, or None."""
+def _split_item(body: str, sentences: bool) -> tuple[str, str, bool] | None:
+    """(head, details, whether the head is a plain sentence) of one list item's text after
+    its marker, or None."""
     for pattern in (BOLD_HEAD, COLON_HEAD):
         m = pattern.match(body)
         if m:
-            return body[: m.end()], body[m.end() :]
+            return body[: m.end()], body[m.end() :], False
+    m = SENTENCE_END.search(body) if sentences else None
+    if m and m.end() <= MAX_SENTENCE_HEAD and "\n" not in body[: m.end()]:
+        return body[: m.end()], body[m.end() :], True
     return None
 
 
-def _list_tree(text: str, kind: str) -> Node | None:
-    """The list of `kind` at the top indentation of `text` as a tree, or None."""
+def _list_tree(text: str, kind: str) -> tuple[Node, bool] | None:
+    """The list of `kind` at the top indentation of `text` as a tree, and whether any of its
+    heads (nested lists included) is a plain sentence; or None."""
     items = [m for m in ITEM[kind].finditer(text) if m.group("indent") == ""]
     if len(items) < MIN_ITEMS:
         return None
@@ -102,6 +109,7 @@ def _list_tree(text: str, kind: str) -> Node | None:
         if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
             return None
     segments: list[Segment] = [text[: items[0].start()]]
+    any_sentence = False
     for i, m in enumerate(items):
         block = text[m.start() : items[i + 1].start() if i + 1 < len(items) else len(text)]
         rest = ""
@@ -112,19 +120,21 @@ def _list_tree(text: str, kind: str) -> Node | None:
                 block, rest = block[: tail.start()], block[tail.start() :]
         stripped = block.rstrip()
         start = m.end() - 1 - m.start()  # the item's first character after its marker
-        split = _split_item(stripped[start:])
+        split = _split_item(stripped[start:], sentences=kind == "numbered")
         if split is None:
             return None
-        head, details = split
+        head, details, sentence = split
         if len(stripped[:start] + head) < MIN_LIST_PIECE or len(details.strip()) < MIN_LIST_PIECE:
             return None
+        nested = _nested(details)
+        any_sentence |= sentence or (nested is not None and nested[1])
         segments[-1] += stripped[:start] + head
-        segments.append(_nested(details) or Node([details]))
+        segments.append(nested[0] if nested else Node([details]))
         segments.append(block[len(stripped) :] + rest)
-    return Node(segments)
+    return Node(segments), any_sentence
 
 
-def _nested(details: str) -> Node | None:
+def _nested(details: str) -> tuple[Node, bool] | None:
     """A list indented inside an item's details, as the child's own tree (depth 2+)."""
     lines = details.split("\n")
     indents = [len(l) - len(l.lstrip()) for l in lines[1:] if l.strip()]
@@ -133,11 +143,11 @@ def _nested(details: str) -> Node | None:
     width = min(indents)
     dedented = "\n".join([lines[0]] + [l[width:] for l in lines[1:]])
     for kind in ITEM:
-        tree = _list_tree(dedented, kind)
-        if tree is not None:
-            tree = _reindent(tree, width)
+        found = _list_tree(dedented, kind)
+        if found is not None:
+            tree = _reindent(found[0], width)
             # Blank or under-indented lines do not survive the round trip: keep such details flat.
-            return tree if tree.text() == details else None
+            return (tree, found[1]) if tree.text() == details else None
     return None
 
 
@@ -178,8 +188,10 @@ def extract(answer: str) -> Extraction:
     if reason:
         return Extraction(None, None, reason)
     for kind in ITEM:
-        tree = _list_tree(answer, kind)
-        if tree is not None:
+        found = _list_tree(answer, kind)
+        if found is not None:
+            tree, sentence_heads = found
+            kind += "-sentence" if sentence_heads else ""
             break
     else:
         kind, tree = "paragraphs", _paragraph_tree(answer)

@@ -41,11 +41,34 @@ def iter_conversations(path: Path) -> Iterator[dict]:
             yield obj
 
 
-def first_turns(conversation: dict) -> tuple[str, str] | None:
-    """(user prompt, assistant answer) of the first exchange, or None."""
+MAX_CONTEXT_CHARS = 1500  # earlier turns kept before an exchange, newest first (about 400 tokens)
+
+
+def exchanges(conversation: dict, max_context_chars: int = MAX_CONTEXT_CHARS) -> Iterator[dict]:
+    """Every (user prompt, assistant answer) exchange of a conversation, each with the chat
+    before it as `context` (OpenAI-style messages). The context keeps the newest whole
+    exchanges whose text fits in `max_context_chars`, so it always starts with a user turn;
+    an exchange whose turns are not human-then-gpt strings ends the conversation there."""
     turns = conversation.get("conversations") or []
-    if len(turns) >= 2 and turns[0].get("from") == "human" and turns[1].get("from") == "gpt":
-        prompt, answer = turns[0].get("value"), turns[1].get("value")
-        if isinstance(prompt, str) and isinstance(answer, str) and prompt.strip() and answer.strip():
-            return prompt, answer
-    return None
+    pairs: list[tuple[str, str]] = []
+    for i in range(0, len(turns) - 1, 2):
+        user, gpt = turns[i], turns[i + 1]
+        if (user.get("from"), gpt.get("from")) != ("human", "gpt"):
+            return
+        prompt, answer = user.get("value"), gpt.get("value")
+        if not (isinstance(prompt, str) and isinstance(answer, str) and prompt.strip() and answer.strip()):
+            return
+        context: list[dict] = []
+        size = 0
+        for before_prompt, before_answer in reversed(pairs):
+            size += len(before_prompt) + len(before_answer)
+            if size > max_context_chars:
+                break
+            context[:0] = [{"role": "user", "content": before_prompt}, {"role": "assistant", "content": before_answer}]
+        yield {"turn": len(pairs), "context": context, "prompt": prompt, "answer": answer}
+        pairs.append((prompt, answer))
+
+
+def messages(record: dict) -> list[dict]:
+    """A data record's chat up to its answer: its context (absent in v1 data), then its prompt."""
+    return list(record.get("context") or []) + [{"role": "user", "content": record["prompt"]}]
