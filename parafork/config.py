@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+BACKENDS = ("auto", "torch", "hf", "llamacpp")
+GGUF_QUANTS = ("f16", "q8_0")
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 DTYPE_CHOICES = ("auto", "bfloat16", "float32")
 
@@ -54,13 +56,18 @@ class EngineConfig:
     max_batch_tokens: int = 2048  # tokens fed per forward (prefill is chunked to fit)
     max_model_len: int | None = None  # per thread context; default: the model's positions
     cpu_threads: int | None = None  # torch's CPU threads (not APAR threads); None keeps torch's default
-    backend: str = "auto"  # "torch" (parafork's Llama-family runner), "hf" (any model, slow), "auto"
+    backend: str = "auto"  # "torch" (parafork's Llama-family runner), "hf" (any model, slow), "llamacpp" (GGUF), "auto"
+    quant: str | None = None  # llamacpp: weights of an exported GGUF ("f16", "q8_0"); None: f16, or a .gguf as it is
     prefix_caching: bool = True  # reuse computed KV blocks of identical token prefixes across requests
 
     def __post_init__(self) -> None:
         resolve_dtype(self.dtype)  # validates
-        if self.backend not in ("auto", "torch", "hf"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'hf', got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.quant is not None and self.quant not in GGUF_QUANTS:
+            raise ValueError(f"quant must be one of {', '.join(GGUF_QUANTS)}, got {self.quant!r}")
+        if self.quant is not None and self.backend != "llamacpp":
+            raise ValueError("quant applies to backend='llamacpp' only")
         for name in ("block_size", "num_kv_blocks", "max_batch_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

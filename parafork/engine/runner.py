@@ -55,6 +55,7 @@ class RunnerInfo:
     weight_bytes: int  # bytes of weights read per forward (for bandwidth figures)
     prefix_caching: bool  # KV written for one sequence may be reused by another through its blocks
     max_live_sequences: int | None  # None: no limit beyond the KV pool
+    control_tokens: bool = True  # the model's vocabulary has [Fork]/[Child]: forking modes need them
 
 
 @runtime_checkable
@@ -71,17 +72,23 @@ class Runner(Protocol):
 
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-BACKENDS = ("auto", "torch", "hf")
 
 
 def build_runner(config, path: Path, tokenizer, adapter: Path | None) -> Runner:
     """The runner `config.backend` names, its weights loaded once: "torch" (parafork's own
-    paged Llama-family forward), "hf" (any HF causal LM, slow), or "auto" (torch where the
+    paged Llama-family forward), "hf" (any HF causal LM, slow), "llamacpp" (a GGUF file, or
+    the model exported to one), or "auto" (llamacpp for a GGUF file, else torch where the
     architecture is supported). Reads the model's config.json first to choose."""
     from transformers import AutoConfig
 
     from .. import models
 
+    if config.backend == "llamacpp" or path.suffix == ".gguf":
+        if config.backend not in ("auto", "llamacpp"):
+            raise ValueError(f"{path.name} is a GGUF file: it runs on backend='llamacpp' only")
+        from .llamacpp_runner import LlamaCppRunner
+
+        return LlamaCppRunner(models.gguf_for(config, path, adapter), config, len(tokenizer))
     arch = (AutoConfig.from_pretrained(path).architectures or ["?"])[0]
     backend = config.backend
     if backend == "auto":

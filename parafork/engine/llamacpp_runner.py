@@ -1,0 +1,116 @@
+"""A `Runner` over llama.cpp (GGUF weights): APAR threads as llama.cpp sequences.
+
+llama.cpp's KV cells carry sets of sequence ids. With one unified cache (`kv_unified`), a
+fork is `llama_memory_seq_cp(parent -> child)`: the child's id is added to the parent's
+cells, nothing is copied. A release is `llama_memory_seq_rm(seq)`: cells no sequence refers
+to any more are free. One `llama_decode` per engine step carries every slice's tokens, each
+tagged with its sequence id, with an output row for each slice's last token.
+
+The engine's block tables are not used here (cells are found by llama.cpp); the engine's
+block pool still bounds the KV in use: the context has `num_kv_blocks * block_size` cells
+and llama.cpp never needs more cells than the engine counts blocks for (a fork's tail is
+shared here, copied there). Cross-request prefix caching is off (`prefix_caching=False`).
+
+Sequence ids are the engine's (`Scheduler.seq_ids`, smallest free first), capped at
+`MAX_SEQUENCES` (llama.cpp's `n_seq_max`; it allocates per-sequence state for each).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .llamacpp_api import load
+from .runner import BlockCopy, RunnerInfo, SequenceSlice
+
+MAX_SEQUENCES = 64
+
+
+class LlamaCppRunner:
+    def __init__(self, gguf: Path, engine_config, vocab_size: int) -> None:
+        """`vocab_size`: the tokenizer's; logits of ids the GGUF lacks are -inf."""
+        self.ffi, self.lib = ffi, lib = load()
+        self.model = lib.llama_model_load_from_file(str(gguf).encode(), lib.llama_model_default_params())
+        if self.model == ffi.NULL:
+            raise ValueError(f"llama.cpp could not load {gguf}")
+        self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
+        params = lib.llama_context_default_params()
+        params.n_ctx = engine_config.num_kv_blocks * engine_config.block_size
+        params.n_batch = params.n_ubatch = engine_config.max_batch_tokens
+        params.n_seq_max = MAX_SEQUENCES
+        params.kv_unified = True  # one cache for all sequences: only then do forks share cells
+        threads = engine_config.cpu_threads or torch.get_num_threads()
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        self.ctx = lib.llama_init_from_model(self.model, params)
+        if self.ctx == ffi.NULL:
+            lib.llama_model_free(self.model)
+            raise ValueError(f"llama.cpp could not create a context of {params.n_ctx} cells for {gguf}")
+        self.memory = lib.llama_get_memory(self.ctx)
+        self.capacity = engine_config.max_batch_tokens
+        self.batch = lib.llama_batch_init(self.capacity, 0, 1)
+        self.info = RunnerInfo(
+            vocab_size=max(vocab_size, self.n_vocab),
+            max_position=lib.llama_model_n_ctx_train(self.model),
+            weight_bytes=lib.llama_model_size(self.model),
+            prefix_caching=False,
+            max_live_sequences=MAX_SEQUENCES,
+            control_tokens=vocab_size <= self.n_vocab,  # the control tokens come last in the tokenizer
+        )
+        self.live: set[int] = set()  # sequence ids holding cells
+
+    def __del__(self) -> None:
+        lib = getattr(self, "lib", None)
+        if lib is not None and getattr(self, "ctx", None) is not None:
+            lib.llama_batch_free(self.batch)
+            lib.llama_free(self.ctx)
+            lib.llama_model_free(self.model)
+            self.ctx = None
+
+    def fork(self, parent: int, child: int, copy: BlockCopy | None) -> None:
+        """The child's id is added to every cell of the parent (no copy, tail included)."""
+        self.lib.llama_memory_seq_rm(self.memory, child, -1, -1)
+        self.lib.llama_memory_seq_cp(self.memory, parent, child, -1, -1)
+        self.live.add(child)
+
+    def release(self, seq_id: int) -> None:
+        self.lib.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+        self.live.discard(seq_id)
+
+    def cells_in_use(self, seq_id: int) -> tuple[int, int]:
+        """(first, last) position the sequence holds, (-1, -1) when it holds none."""
+        return self.lib.llama_memory_seq_pos_min(self.memory, seq_id), self.lib.llama_memory_seq_pos_max(self.memory, seq_id)
+
+    @torch.inference_mode()
+    def forward(self, batch: list[SequenceSlice]) -> torch.Tensor:
+        lib, b = self.lib, self.batch
+        total = sum(len(s.token_ids) for s in batch)
+        if total > self.capacity:
+            raise ValueError(f"{total} tokens in one step; the llama.cpp batch holds {self.capacity}")
+        n, rows = 0, []
+        for s in batch:
+            if s.start_pos <= lib.llama_memory_seq_pos_max(self.memory, s.seq_id):
+                # Recomputing from here (a fork without its tail): drop what the sequence holds beyond.
+                lib.llama_memory_seq_rm(self.memory, s.seq_id, s.start_pos, -1)
+            for i, token in enumerate(s.token_ids):
+                if not 0 <= token < self.n_vocab:
+                    raise ValueError(f"token id {token} is not in this GGUF's vocabulary of {self.n_vocab}")
+                b.token[n] = token
+                b.pos[n] = s.start_pos + i
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = s.seq_id
+                b.logits[n] = 0
+                n += 1
+            b.logits[n - 1] = 1
+            rows.append(n - 1)
+            self.live.add(s.seq_id)
+        b.n_tokens = n
+        code = lib.llama_decode(self.ctx, b)
+        if code != 0:
+            raise RuntimeError(f"llama_decode returned {code}" + (" (no free KV cells)" if code == 1 else ""))
+        out = torch.full((len(batch), self.info.vocab_size), float("-inf"))
+        for r, row in enumerate(rows):
+            ptr = lib.llama_get_logits_ith(self.ctx, row)
+            out[r, : self.n_vocab] = torch.from_numpy(np.frombuffer(self.ffi.buffer(ptr, 4 * self.n_vocab), dtype=np.float32))
+        return out
