@@ -10,8 +10,7 @@ import time
 
 import torch
 
-from .config import DTYPE_CHOICES, resolve_dtype
-from .engine.runner import BACKENDS
+from .config import BACKENDS, DTYPE_CHOICES, resolve_dtype
 from .sampling import MODES, SamplingParams
 
 

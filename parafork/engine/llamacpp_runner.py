@@ -37,8 +37,10 @@ class LlamaCppRunner:
         self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
         params = lib.llama_context_default_params()
         params.n_ctx = engine_config.num_kv_blocks * engine_config.block_size
-        params.n_batch = params.n_ubatch = engine_config.max_batch_tokens
+        # A step never feeds more tokens than the engine's pool has cells for.
+        params.n_batch = params.n_ubatch = min(engine_config.max_batch_tokens, params.n_ctx)
         params.n_seq_max = MAX_SEQUENCES
+        params.n_outputs_max = MAX_SEQUENCES  # one output row per slice, at most one slice per sequence
         params.kv_unified = True  # one cache for all sequences: only then do forks share cells
         threads = engine_config.cpu_threads or torch.get_num_threads()
         params.n_threads = params.n_threads_batch = threads
@@ -48,7 +50,7 @@ class LlamaCppRunner:
             lib.llama_model_free(self.model)
             raise ValueError(f"llama.cpp could not create a context of {params.n_ctx} cells for {gguf}")
         self.memory = lib.llama_get_memory(self.ctx)
-        self.capacity = engine_config.max_batch_tokens
+        self.capacity = params.n_batch
         self.batch = lib.llama_batch_init(self.capacity, 0, 1)
         self.info = RunnerInfo(
             vocab_size=max(vocab_size, self.n_vocab),
@@ -114,3 +116,49 @@ class LlamaCppRunner:
             ptr = lib.llama_get_logits_ith(self.ctx, row)
             out[r, : self.n_vocab] = torch.from_numpy(np.frombuffer(self.ffi.buffer(ptr, 4 * self.n_vocab), dtype=np.float32))
         return out
+
+
+def reference_greedy(gguf: Path, prompt_ids: list[int], max_tokens: int, threads: int, stop_ids=()) -> tuple[list[int], float]:
+    """llama.cpp on its own: one sequence, the prompt in one `llama_decode`, then one token
+    per call, argmax of the logits; no engine. (token ids, seconds of the token loop).
+    The baseline of `bench engine --backend llamacpp` and the oracle of its tests."""
+    import time
+
+    ffi, lib = load()
+    model = lib.llama_model_load_from_file(str(gguf).encode(), lib.llama_model_default_params())
+    if model == ffi.NULL:
+        raise ValueError(f"llama.cpp could not load {gguf}")
+    params = lib.llama_context_default_params()
+    params.n_ctx = len(prompt_ids) + max_tokens + 1
+    params.n_batch = params.n_ubatch = max(len(prompt_ids), 1)
+    params.n_seq_max = 1
+    params.n_threads = params.n_threads_batch = threads
+    params.no_perf = True
+    ctx = lib.llama_init_from_model(model, params)
+    batch = lib.llama_batch_init(max(len(prompt_ids), 1), 0, 1)
+    n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
+    try:
+        def decode(tokens: list[int], start: int) -> np.ndarray:
+            batch.n_tokens = len(tokens)
+            for i, t in enumerate(tokens):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, start + i, 1, 0
+                batch.seq_id[i][0] = 0
+            batch.logits[len(tokens) - 1] = 1
+            if lib.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+            return np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(ctx, len(tokens) - 1), 4 * n_vocab), dtype=np.float32)
+
+        logits = decode(list(prompt_ids), 0)
+        out: list[int] = []
+        start = time.perf_counter()
+        while len(out) < max_tokens:
+            token = int(logits.argmax())
+            out.append(token)
+            if token in stop_ids or len(out) == max_tokens:
+                break
+            logits = decode([token], len(prompt_ids) + len(out) - 1)
+        return out, time.perf_counter() - start
+    finally:
+        lib.llama_batch_free(batch)
+        lib.llama_free(ctx)
+        lib.llama_model_free(model)

@@ -1,0 +1,115 @@
+"""The llama.cpp backend (threads as llama.cpp sequences in one unified KV cache) against
+llama.cpp on its own: the same GGUF, token for token; forks against separate runs; every
+sequence and KV cell free after any request ends."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from parafork import models
+from parafork.engine.llamacpp_api import load
+from parafork.engine.llamacpp_runner import MAX_SEQUENCES, LlamaCppRunner, reference_greedy
+from parafork.engine.runner import SequenceSlice
+from parafork.llm import LLM
+from parafork.rules import ForceForks
+from parafork.sampling import SamplingParams
+from parafork.tokens import CHILD, FORK
+
+from .conftest import PROMPTS
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_dir, tmp_path_factory):
+    """The tiny random model (with [Fork]/[Child]) converted by llama.cpp's own converter."""
+    from parafork.export import export_gguf
+
+    return export_gguf(tiny_dir, tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf", None, "f16")
+
+
+def tiny_llamacpp(tiny_gguf, **config):
+    return LLM(str(tiny_gguf), **{"cpu_threads": 1, "num_kv_blocks": 256, "block_size": 4, **config})
+
+
+def test_ar_on_the_backend_equals_llamacpps_own_greedy_loop(base_dir):
+    llm = LLM("base", backend="llamacpp", cpu_threads=2, num_kv_blocks=64)
+    gguf = models.base_gguf_path()  # "base" without quant: the shipped Q4_1 file itself
+    for prompt in PROMPTS[:2]:
+        ids = llm.encode(prompt)
+        own, _ = reference_greedy(gguf, ids, 48, threads=2, stop_ids=llm.control.eos_ids)
+        out = llm.generate(prompt, SamplingParams(max_tokens=48, mode="ar"))[0]
+        assert out.token_ids == [t for t in own if t not in llm.control.eos_ids]
+    with pytest.raises(ValueError, match=r"no \[Fork\]/\[Child\] tokens"):
+        llm.generate("hi", SamplingParams(mode="apar"))
+    llm.check_idle()
+
+
+def test_a_forked_sequence_sees_exactly_its_parents_context(tiny_gguf, tiny_llm):
+    from parafork.config import EngineConfig
+
+    runner = LlamaCppRunner(tiny_gguf, EngineConfig(num_kv_blocks=64, block_size=4, cpu_threads=1), len(tiny_llm.tokenizer))
+    prompt = list(range(300, 320))
+    runner.forward([SequenceSlice(0, prompt, 0, [])])
+    runner.fork(0, 1, None)  # the child shares all 20 cells of the parent
+    fork, child = tiny_llm.control.fork_id, tiny_llm.control.child_id
+    both = runner.forward([SequenceSlice(0, [fork, 7, 8], 20, []), SequenceSlice(1, [fork, child, 9], 20, [])])
+    # Separate single-sequence runs over each one's whole context, in sequences nobody else used.
+    alone_parent = runner.forward([SequenceSlice(10, prompt + [fork, 7, 8], 0, [])])[0]
+    alone_child = runner.forward([SequenceSlice(11, prompt + [fork, child, 9], 0, [])])[0]
+    n = runner.n_vocab
+    np.testing.assert_allclose(both[0, :n].numpy(), alone_parent[:n].numpy(), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(both[1, :n].numpy(), alone_child[:n].numpy(), atol=1e-3, rtol=0)
+    assert runner.cells_in_use(1) == (0, 22) and runner.cells_in_use(0) == (0, 22)
+    for s in (0, 1, 10, 11):
+        runner.release(s)
+        assert runner.cells_in_use(s) == (-1, -1)
+
+
+def test_concurrent_forked_requests_equal_each_run_alone(tiny_gguf):
+    llm = tiny_llamacpp(tiny_gguf)
+    force = ForceForks(llm.control, frozenset({2, 6}), child_tokens=10, root_tokens=14)
+    params = SamplingParams(max_tokens=200, logits_rules=[force], plan_budget=False, no_repeat_heads=False)
+    prompts = [{"prompt_token_ids": list(range(400 + 5 * i, 420 + 5 * i))} for i in range(3)]
+    together = llm.generate(prompts, params)
+    for prompt, out in zip(prompts, together):
+        assert out.num_threads == 3 and out.finish_reason == "stop"
+        assert llm.generate(prompt, params)[0].token_ids == out.token_ids
+    llm.check_idle()
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(blocks=st.integers(14, 40), forks=st.sets(st.integers(1, 10), max_size=4), abort_after=st.integers(0, 12))
+def test_after_finish_abort_and_preemption_every_sequence_and_cell_is_free(tiny_gguf, blocks, forks, abort_after):
+    llm = tiny_llamacpp(tiny_gguf, num_kv_blocks=blocks)
+    force = ForceForks(llm.control, frozenset(forks), child_tokens=8, root_tokens=14)
+    params = SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=80, logits_rules=[force])
+    ids = [llm.add_request({"prompt_token_ids": list(range(500 + 3 * i, 516 + 3 * i))}, params) for i in range(4)]
+    steps = 0
+    while llm.has_unfinished_requests():
+        llm.step()
+        steps += 1
+        if steps == abort_after:
+            llm.abort(ids[1])
+        with_ids = {t.seq_id for r in llm.requests.values() for t in r.threads if t.seq_id is not None}
+        assert llm.runner.live == with_ids
+    llm.check_idle()
+    assert not llm.runner.live
+    assert all(llm.runner.cells_in_use(s) == (-1, -1) for s in range(MAX_SEQUENCES))
+
+
+def test_the_exported_gguf_keeps_the_control_tokens(tiny_gguf, tiny_llm):
+    tokenizer, control = models.load_tokenizer(tiny_gguf)
+    assert (control.fork_id, control.child_id) == (tiny_llm.control.fork_id, tiny_llm.control.child_id)
+    ffi, lib = load()
+    params = lib.llama_model_default_params()
+    params.vocab_only = True
+    model = lib.llama_model_load_from_file(str(tiny_gguf).encode(), params)
+    try:
+        vocab = lib.llama_model_get_vocab(model)
+        assert ffi.string(lib.llama_vocab_get_text(vocab, control.fork_id)).decode() == FORK
+        assert ffi.string(lib.llama_vocab_get_text(vocab, control.child_id)).decode() == CHILD
+        text = f"a{FORK}b{CHILD}".encode()
+        out = ffi.new("llama_token[]", 32)
+        n = lib.llama_tokenize(vocab, text, len(text), out, 32, False, False)
+        assert control.fork_id in list(out[0:n]) and control.child_id in list(out[0:n])
+    finally:
+        lib.llama_model_free(model)
