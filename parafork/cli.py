@@ -10,24 +10,27 @@ import time
 
 import torch
 
-from .config import BACKENDS, DTYPE_CHOICES, resolve_dtype
+from .config import BACKENDS, DTYPE_CHOICES, GGUF_QUANTS, resolve_dtype
 from .sampling import MODES, SamplingParams
 
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="bundled", help="'bundled', 'base', or a local HF folder (safetensors)")
+    p.add_argument("--model", default="bundled", help="'bundled', 'base', a local HF folder (safetensors) or a .gguf file")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="auto: bf16 where the CPU computes it natively, float32 otherwise")
     p.add_argument("--cpu-threads", type=int, default=2, help="torch CPU threads (not APAR threads)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="model runner: torch (parafork's own, Llama family), hf (any model, slow), auto")
+                   help="model runner: torch (parafork's own, Llama family), hf (any model, slow), "
+                        "llamacpp (GGUF through llama.cpp), auto (llamacpp for a .gguf, else torch)")
+    p.add_argument("--quant", default=None, choices=GGUF_QUANTS,
+                   help="llamacpp: weights of the GGUF exported from --model (default f16; 'base': the shipped Q4_1)")
 
 
 def _llm(args):
     from .llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, cpu_threads=args.cpu_threads, backend=args.backend)
+    return LLM(args.model, dtype=args.dtype, cpu_threads=args.cpu_threads, backend=args.backend, quant=args.quant)
 
 
 def _fork_rules(llm, name: str) -> list:
@@ -135,13 +138,19 @@ def cmd_serve(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export
+    from .export import export, export_gguf
 
+    if args.gguf:
+        out = export_gguf(args.model, args.gguf, args.adapter, args.outtype)
+        print(f"wrote {out} ({args.outtype}, llama.cpp's converter; [Fork]/[Child] as user-defined tokens)")
+        return 0
+    if not args.out:
+        raise SystemExit("parafork export: give --out FOLDER (HF safetensors) or --gguf FILE")
     # The file's dtype, not a compute choice: 'auto' writes bf16 (half the size of fp32).
     dtype = torch.bfloat16 if args.dtype == "auto" else resolve_dtype(args.dtype)
     out = export(args.model, args.out, args.adapter, dtype)
     print(f"wrote {out} (merged weights, safetensors; [Fork]/[Child] as plain added tokens)")
-    print("GGUF for llama.cpp: python convert_hf_to_gguf.py", out, "--outtype f16 --outfile MODEL.gguf")
+    print("GGUF for llama.cpp: parafork export --gguf MODEL.gguf --outtype f16|q8_0")
     return 0
 
 
@@ -202,8 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(sv)
     sv.set_defaults(func=cmd_serve)
 
-    ex = sub.add_parser("export", help="the tuned model as a plain HF folder for vLLM, SGLang, llama.cpp")
-    ex.add_argument("--out", required=True, help="a new folder")
+    ex = sub.add_parser("export", help="the tuned model as a plain HF folder (vLLM, SGLang) or a GGUF file (llama.cpp)")
+    ex.add_argument("--out", default=None, help="a new folder (HF safetensors)")
+    ex.add_argument("--gguf", default=None, help="instead: one GGUF file, through llama.cpp's converter")
+    ex.add_argument("--outtype", default="f16", choices=GGUF_QUANTS, help="with --gguf: the weights' type")
     ex.add_argument("--adapter", default=None, help="LoRA adapter to merge (default: the bundled one for 'bundled')")
     _add_engine_args(ex)
     ex.set_defaults(func=cmd_export)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 BACKENDS = ("auto", "torch", "hf", "llamacpp")
-GGUF_QUANTS = ("f16", "q8_0")
+GGUF_QUANTS = ("f16", "q8_0")  # what llama.cpp's converter writes (the pinned library exports no quantizer)
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 DTYPE_CHOICES = ("auto", "bfloat16", "float32")
 

@@ -112,11 +112,11 @@ def verdict(apar: Run, serial: Run, base: Run, machine: str) -> list[str]:
 def main(args) -> int:
     from .config import machine_key
 
-    tuned = LLM(args.model, dtype=args.dtype, cpu_threads=args.cpu_threads, backend=args.backend)
+    tuned = LLM(args.model, dtype=args.dtype, cpu_threads=args.cpu_threads, backend=args.backend, quant=args.quant)
     if not tuned.adapter:
         print("parafork demo needs an APAR-tuned model (the 'bundled' one); this one never forks.", file=sys.stderr)
         return 2
-    base = LLM("base", dtype=args.dtype, cpu_threads=args.cpu_threads, backend=args.backend)
+    base = LLM("base", dtype=args.dtype, cpu_threads=args.cpu_threads, backend=args.backend, quant=args.quant)
     params = dict(max_tokens=args.max_tokens)
     live = args.live and sys.stdout.isatty()
     print(f"Prompt: {args.prompt}\n")

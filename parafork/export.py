@@ -92,23 +92,29 @@ def llamacpp_sources() -> Path:
 
 def export_gguf(model: str | os.PathLike, out: str | os.PathLike, adapter: str | os.PathLike | None = None,
                 outtype: str = "f16") -> Path:
-    """`model` (with its adapter) merged and converted to one GGUF file by llama.cpp's own
-    converter; `[Fork]`/`[Child]` become user-defined tokens with the same ids."""
+    """`model` (with its adapter) merged and written as one GGUF file by llama.cpp's own
+    converter, f16 or q8_0 (the converter quantizes q8_0 itself; the pinned library does not
+    export llama.cpp's quantizer, so there is no q4_0 here). `[Fork]`/`[Child]` become
+    user-defined tokens with the same ids."""
     import subprocess
     import sys
     import tempfile
 
+    from .config import GGUF_QUANTS
+
+    if outtype not in GGUF_QUANTS:
+        raise ValueError(f"outtype must be one of {', '.join(GGUF_QUANTS)}, got {outtype!r}")
     out = Path(out)
     converter = llamacpp_sources() / "convert_hf_to_gguf.py"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
     with tempfile.TemporaryDirectory() as tmp:
         folder = export(model, Path(tmp) / "hf", adapter, torch.float32)
-        partial = out.with_name(out.name + ".partial")
-        out.parent.mkdir(parents=True, exist_ok=True)
         result = subprocess.run(
             [sys.executable, str(converter), str(folder), "--outtype", outtype, "--outfile", str(partial)],
             capture_output=True, text=True,
         )
         if result.returncode != 0:
             raise RuntimeError(f"llama.cpp's converter failed:\n{result.stderr[-3000:]}")
-        partial.rename(out)
+    partial.rename(out)
     return out

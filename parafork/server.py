@@ -477,6 +477,7 @@ class _Reply:
 def serve(args) -> None:
     import uvicorn
 
-    llm = LLM(args.model, dtype=args.dtype, cpu_threads=args.cpu_threads, num_kv_blocks=args.kv_blocks, backend=args.backend)
+    llm = LLM(args.model, dtype=args.dtype, cpu_threads=args.cpu_threads, num_kv_blocks=args.kv_blocks, backend=args.backend,
+              quant=args.quant)
     app = create_app(llm, args.served_name or args.model, api_key=args.api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

@@ -14,6 +14,7 @@ from parafork.cli import main
 def _args(tiny_dir, tmp_path, **extra) -> SimpleNamespace:
     base = dict(
         model=str(tiny_dir), base_model=str(tiny_dir), adapter=None, dtype="float32", cpu_threads=1, suite="vicuna",
+        backend="auto", quant=None,
         limit=None, per_category=None, max_tokens=12, json=str(tmp_path / "out.json"), plot=str(tmp_path / "out.png"),
     )
     return SimpleNamespace(**{**base, **extra})

@@ -32,6 +32,17 @@ def test_bench_engine_writes_every_documented_key(tiny_dir, tmp_path):
     assert saved["ar_vs_hf"] == saved["ar_tok_s"] / saved["hf_tok_s"]
 
 
+def test_bench_engine_on_llamacpp_compares_with_llamacpp_alone_on_the_same_gguf(tiny_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "engine", "--model", str(tiny_dir), "--backend", "llamacpp", "--quant", "q8_0", "--cpu-threads", "1",
+            "--tokens", "8", "--steps", "2", "--json", str(out)]
+    assert main(argv) == 0
+    saved = json.loads(out.read_text())
+    assert saved["backend"] == "llamacpp" and saved["quant"] == "q8_0" and saved["gguf"].endswith("-q8_0.gguf")
+    assert saved["hf_tok_s"] is None and saved["ar_vs_llamacpp"] == saved["ar_tok_s"] / saved["llamacpp_own_tok_s"]
+    assert set(saved["step_ms"]) == {"1", "2", "4", "8", "16"}
+
+
 def test_step_timing_takes_blocks_and_sequence_ids_from_the_engine_and_gives_them_back(tiny_llm):
     """The timed threads are forked through the block manager: the pool and the prefix cache
     stay consistent, so a later request over the same tokens gets the same answer."""

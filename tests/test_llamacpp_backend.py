@@ -26,16 +26,17 @@ def tiny_gguf(tiny_dir, tmp_path_factory):
     return export_gguf(tiny_dir, tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf", None, "f16")
 
 
-def tiny_llamacpp(tiny_gguf, **config):
-    return LLM(str(tiny_gguf), **{"cpu_threads": 1, "num_kv_blocks": 256, "block_size": 4, **config})
+def tiny_llamacpp(tiny_dir, **config):
+    """The tiny model on llama.cpp: exported once into the cache (tokenizer from its HF folder)."""
+    return LLM(str(tiny_dir), backend="llamacpp", **{"cpu_threads": 1, "num_kv_blocks": 256, "block_size": 4, **config})
 
 
 def test_ar_on_the_backend_equals_llamacpps_own_greedy_loop(base_dir):
-    llm = LLM("base", backend="llamacpp", cpu_threads=2, num_kv_blocks=64)
+    llm = LLM("base", backend="llamacpp", cpu_threads=1, num_kv_blocks=64)
     gguf = models.base_gguf_path()  # "base" without quant: the shipped Q4_1 file itself
     for prompt in PROMPTS[:2]:
         ids = llm.encode(prompt)
-        own, _ = reference_greedy(gguf, ids, 48, threads=2, stop_ids=llm.control.eos_ids)
+        own, _ = reference_greedy(gguf, ids, 48, threads=1, stop_ids=llm.control.eos_ids)
         out = llm.generate(prompt, SamplingParams(max_tokens=48, mode="ar"))[0]
         assert out.token_ids == [t for t in own if t not in llm.control.eos_ids]
     with pytest.raises(ValueError, match=r"no \[Fork\]/\[Child\] tokens"):
@@ -64,8 +65,8 @@ def test_a_forked_sequence_sees_exactly_its_parents_context(tiny_gguf, tiny_llm)
         assert runner.cells_in_use(s) == (-1, -1)
 
 
-def test_concurrent_forked_requests_equal_each_run_alone(tiny_gguf):
-    llm = tiny_llamacpp(tiny_gguf)
+def test_concurrent_forked_requests_equal_each_run_alone(tiny_dir):
+    llm = tiny_llamacpp(tiny_dir)
     force = ForceForks(llm.control, frozenset({2, 6}), child_tokens=10, root_tokens=14)
     params = SamplingParams(max_tokens=200, logits_rules=[force], plan_budget=False, no_repeat_heads=False)
     prompts = [{"prompt_token_ids": list(range(400 + 5 * i, 420 + 5 * i))} for i in range(3)]
@@ -78,8 +79,8 @@ def test_concurrent_forked_requests_equal_each_run_alone(tiny_gguf):
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(blocks=st.integers(14, 40), forks=st.sets(st.integers(1, 10), max_size=4), abort_after=st.integers(0, 12))
-def test_after_finish_abort_and_preemption_every_sequence_and_cell_is_free(tiny_gguf, blocks, forks, abort_after):
-    llm = tiny_llamacpp(tiny_gguf, num_kv_blocks=blocks)
+def test_after_finish_abort_and_preemption_every_sequence_and_cell_is_free(tiny_dir, blocks, forks, abort_after):
+    llm = tiny_llamacpp(tiny_dir, num_kv_blocks=blocks)
     force = ForceForks(llm.control, frozenset(forks), child_tokens=8, root_tokens=14)
     params = SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=80, logits_rules=[force])
     ids = [llm.add_request({"prompt_token_ids": list(range(500 + 3 * i, 516 + 3 * i))}, params) for i in range(4)]

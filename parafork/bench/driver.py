@@ -24,14 +24,15 @@ from .suite import load_suite, select
 
 
 @contextmanager
-def local_server(model: str, adapter: str | None, dtype: str, threads: int) -> Iterator[str]:
+def local_server(model: str, adapter: str | None, dtype: str, threads: int, backend: str = "auto",
+                 quant: str | None = None) -> Iterator[str]:
     """parafork's own server on a free loopback port, for as long as the block runs."""
     import uvicorn
 
     from ..llm import LLM
     from ..server import create_app
 
-    llm = LLM(model, adapter=adapter, dtype=dtype, cpu_threads=threads)
+    llm = LLM(model, adapter=adapter, dtype=dtype, cpu_threads=threads, backend=backend, quant=quant)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -56,7 +57,7 @@ def target_server(args) -> Iterator[tuple[str, str, str | None]]:
     if args.url:
         yield args.url, args.served_name or args.model, args.api_key
     else:
-        with local_server(args.model, args.adapter, args.dtype, args.cpu_threads) as url:
+        with local_server(args.model, args.adapter, args.dtype, args.cpu_threads, args.backend, args.quant) as url:
             yield url, args.model, None
 
 

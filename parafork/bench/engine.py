@@ -6,9 +6,10 @@
   APAR siblings do;
 - achieved weight bandwidth (weight bytes x steps/s) against this machine's read
   bandwidth, measured here by summing a buffer larger than the caches;
-- with `--gguf` (the same model as GGUF, e.g. from `parafork export` + llama.cpp's
-  converter) and llama-cpp-python installed: llama.cpp's AR tokens/s on the same prompt,
-  as the CPU reference line.
+- llama.cpp on its own (`reference_greedy`: one sequence, greedy, no engine) on the same
+  GGUF and prompt: with `--backend llamacpp` the GGUF the engine runs (`ar_vs_llamacpp`
+  compares like with like), with the torch backend a `--gguf` file if given;
+- with the torch backend, HF `generate` at batch 1.
 """
 from __future__ import annotations
 
@@ -62,20 +63,12 @@ def ar_tokens_per_s(llm: LLM, prompt_ids: list[int], tokens: int) -> float:
     return tokens / seconds
 
 
-def llamacpp_tokens_per_s(gguf: str, prompt_ids: list[int], tokens: int, threads: int) -> float:
-    try:
-        from llama_cpp import Llama
-    except ImportError as e:
-        raise ValueError("--gguf needs llama-cpp-python (make test-llamacpp installs it)") from e
-    llama = Llama(model_path=gguf, n_ctx=len(prompt_ids) + tokens + 8, n_threads=threads, n_batch=512, verbose=False)
+def llamacpp_tokens_per_s(gguf, prompt_ids: list[int], tokens: int, threads: int) -> float:
+    """llama.cpp alone, greedy, exactly `tokens` tokens (end of turn not checked), best of two."""
+    from ..engine.llamacpp_runner import reference_greedy
 
-    def decode(n: int) -> None:  # greedy, end-of-sequence ignored: exactly n tokens
-        for k, _ in enumerate(llama.generate(prompt_ids, top_k=1, temp=0.0, reset=True), 1):
-            if k == n:
-                break
-
-    decode(4)  # warm-up
-    return tokens / _timed(lambda: decode(tokens))
+    reference_greedy(gguf, prompt_ids, 4, threads)  # warm-up
+    return max(tokens / reference_greedy(gguf, prompt_ids, tokens, threads)[1] for _ in range(2))
 
 
 def step_ms(llm: LLM, prompt_ids: list[int], threads: int, context: int, steps: int) -> float:
@@ -116,24 +109,30 @@ def add_arguments(p) -> None:
     add_output_args(p, plot=False)
     p.add_argument("--tokens", type=int, default=128, help="tokens per timed generation")
     p.add_argument("--steps", type=int, default=20, help="timed steps per thread count")
-    p.add_argument("--gguf", default=None, help="the same model as GGUF: adds llama.cpp's AR tok/s")
+    p.add_argument("--gguf", default=None, help="torch backend: the same model as GGUF, for llama.cpp's own AR tok/s")
 
 
 def run(args) -> dict:
     torch.set_num_threads(args.cpu_threads)
-    llm = LLM(args.model, dtype=args.dtype, cpu_threads=args.cpu_threads, num_kv_blocks=512, backend=args.backend)
-    dtype_name = str(llm.config.torch_dtype).removeprefix("torch.")  # what 'auto' chose here
+    llm = LLM(args.model, dtype=args.dtype, cpu_threads=args.cpu_threads, num_kv_blocks=512, backend=args.backend,
+              quant=args.quant)
+    on_llamacpp = hasattr(llm.runner, "gguf")
+    dtype_name = f"gguf {args.quant or 'as given'}" if on_llamacpp else str(llm.config.torch_dtype).removeprefix("torch.")
+    gguf = llm.runner.gguf if on_llamacpp else args.gguf
     prompt_ids = models.apply_chat_template(llm.tokenizer, PROMPT)
-    print(f"parafork bench engine: model={args.model} dtype={dtype_name} threads={args.cpu_threads} tokens={args.tokens}")
+    print(f"parafork bench engine: model={args.model} backend={'llamacpp' if on_llamacpp else args.backend} "
+          f"weights={dtype_name} threads={args.cpu_threads} tokens={args.tokens}")
     bandwidth = read_bandwidth_gbs()
     print(f"  machine read bandwidth      {bandwidth:8.1f} GB/s")
-    hf = hf_tokens_per_s(llm, prompt_ids, args.tokens, llm.config.torch_dtype)
-    print(f"  HF generate                 {hf:8.1f} tok/s")
+    hf = None if on_llamacpp else hf_tokens_per_s(llm, prompt_ids, args.tokens, llm.config.torch_dtype)
+    if hf:
+        print(f"  HF generate                 {hf:8.1f} tok/s")
+    own = llamacpp_tokens_per_s(gguf, prompt_ids, args.tokens, args.cpu_threads) if gguf else None
+    if own:
+        print(f"  llama.cpp alone (same GGUF) {own:8.1f} tok/s")
     ar = ar_tokens_per_s(llm, prompt_ids, args.tokens)
-    print(f"  parafork AR (batch 1)       {ar:8.1f} tok/s   {ar / hf:.2f}x HF")
-    llamacpp = llamacpp_tokens_per_s(args.gguf, prompt_ids, args.tokens, args.cpu_threads) if args.gguf else None
-    if llamacpp:
-        print(f"  llama.cpp AR (--gguf)       {llamacpp:8.1f} tok/s   {llamacpp / hf:.2f}x HF, parafork AR {ar / llamacpp:.2f}x it")
+    print(f"  parafork AR (batch 1)       {ar:8.1f} tok/s" + (f"   {ar / hf:.2f}x HF" if hf else "")
+          + (f"   {ar / own:.2f}x llama.cpp alone" if own else ""))
     achieved = llm.runner.info.weight_bytes * ar / 1e9
     print(f"  achieved weight bandwidth   {achieved:8.1f} GB/s   {100 * achieved / bandwidth:.0f}% of measured")
     steps = {}
@@ -141,14 +140,17 @@ def run(args) -> dict:
         steps[n] = step_ms(llm, prompt_ids, n, context=len(prompt_ids) + args.tokens, steps=args.steps)
         print(f"  step with {n:2d} live threads    {steps[n]:8.1f} ms   {steps[n] / steps[1]:.2f}x one thread")
     result = {
+        "backend": "llamacpp" if on_llamacpp else args.backend,
         "dtype": dtype_name,
+        "quant": args.quant,
         "cpu_threads": args.cpu_threads,
         "tokens": args.tokens,
         "hf_tok_s": hf,
         "ar_tok_s": ar,
-        "ar_vs_hf": ar / hf,
-        "llamacpp_tok_s": llamacpp,
-        "gguf": args.gguf,
+        "ar_vs_hf": ar / hf if hf else None,
+        "llamacpp_own_tok_s": own,
+        "ar_vs_llamacpp": ar / own if own else None,
+        "gguf": str(gguf) if gguf else None,
         "step_ms": {str(n): ms for n, ms in steps.items()},
         "step_ratio_8_vs_1": steps[8] / steps[1],
         "bandwidth_gbs": bandwidth,

@@ -197,18 +197,20 @@ def run_latency(
     threads: int = 2,
     max_tokens: int = 512,
     checkpoint_to: str | None = None,
+    backend: str = "auto",
+    quant: str | None = None,
 ) -> dict:
     """`checkpoint_to`: the JSON path; finished questions are kept beside it to resume from."""
     torch.set_num_threads(threads)
     # No prefix cache: a mode run after another on the same question must not find its prompt computed.
-    engine = dict(dtype=dtype, cpu_threads=threads, prefix_caching=False)
+    engine = dict(dtype=dtype, cpu_threads=threads, prefix_caching=False, backend=backend, quant=quant)
     tuned = LLM(model, adapter=adapter, **engine) if set(ENGINE_MODES) & set(modes) else None
     base = LLM(base_model, **engine) if {"sot", "base"} & set(modes) else None
     hf = HFBaseline(base_model, resolve_dtype(dtype), EngineConfig().block_size) if "hf" in modes else None
     for llm in filter(None, (tuned, base)):
         llm.generate("Hello", SamplingParams(max_tokens=4))  # warm-up
     given = {"model": model, "adapter": adapter, "base_model": base_model, "dtype": dtype, "threads": threads,
-             "max_tokens": max_tokens, "modes": modes}
+             "max_tokens": max_tokens, "modes": modes, "backend": backend, "quant": quant}
     checkpoint = Checkpoint(checkpoint_to, given)  # names as given, not paths: a clone elsewhere resumes too
     config = {**given, "adapter": str(tuned.adapter) if tuned and tuned.adapter else None}
     records = []
@@ -274,7 +276,7 @@ def run(args) -> dict:
     questions = select(load_suite(args.suite), args.limit, args.per_category)
     result = run_latency(
         questions, parse_list(args.modes, "--modes", allowed=MODES), args.model, args.adapter, args.base_model, args.dtype, args.cpu_threads,
-        args.max_tokens, args.json,
+        args.max_tokens, args.json, args.backend, args.quant,
     )
     result["config"]["suite"] = args.suite
     return report(result, args, print_table, plot)

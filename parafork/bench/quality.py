@@ -80,19 +80,20 @@ def structure(text: str) -> dict:
 
 
 def generate_answers(questions: list[dict], model: str, adapter: str | None, base_model: str, dtype: str,
-                     threads: int, max_tokens: int, modes: tuple[str, ...] = MODES) -> dict[str, list[str]]:
+                     threads: int, max_tokens: int, modes: tuple[str, ...] = MODES, backend: str = "auto",
+                     quant: str | None = None) -> dict[str, list[str]]:
     """Greedy answers of the given modes, batched: `apar`/`ar` of the tuned model, `base` untuned."""
     answers = {}
     prompts = [q["prompt"] for q in questions]
     tuned_modes = [m for m in modes if m != "base"]
     if tuned_modes:
-        tuned = LLM(model, adapter=adapter, dtype=dtype, cpu_threads=threads)
+        tuned = LLM(model, adapter=adapter, dtype=dtype, cpu_threads=threads, backend=backend, quant=quant)
         for mode in tuned_modes:
             outs = tuned.generate(prompts, SamplingParams(max_tokens=max_tokens, mode=mode), use_tqdm=True)
             answers[mode] = [o.text for o in outs]
         del tuned
     if "base" in modes:
-        base = LLM(base_model, dtype=dtype, cpu_threads=threads)
+        base = LLM(base_model, dtype=dtype, cpu_threads=threads, backend=backend, quant=quant)
         outs = base.generate(prompts, SamplingParams(max_tokens=max_tokens, mode="ar"), use_tqdm=True)
         answers["base"] = [o.text for o in outs]
     return answers
@@ -207,8 +208,9 @@ def run(args) -> dict:
     answers = answers_from_latency(args.answers, questions) if args.answers else {}
     if missing := tuple(m for m in MODES if m not in answers):
         answers |= generate_answers(questions, args.model, args.adapter, args.base_model, args.dtype, args.cpu_threads,
-                                    args.max_tokens, missing)
+                                    args.max_tokens, missing, args.backend, args.quant)
     result = run_quality(questions, answers, reference_answers(args.suite), args.base_model, args.cpu_threads)
     result["config"] = {"suite": args.suite, "model": args.model, "adapter": args.adapter, "judge": args.base_model,
-                        "answers_from": args.answers, "max_tokens": args.max_tokens}
+                        "answers_from": args.answers, "max_tokens": args.max_tokens, "backend": args.backend,
+                        "quant": args.quant}
     return report(result, args, print_table, plot)

@@ -73,13 +73,16 @@ def run_throughput(
     threads: int = 2,
     max_tokens: int = 256,
     requests_per_client: int = 2,
+    backend: str = "auto",
+    quant: str | None = None,
 ) -> dict:
     runs = []
     total = sum(c * requests_per_client for c in concurrency) * len(kv_blocks) * len(MODES)
     with tqdm(total=total, desc="throughput", unit="request") as bar:
         for blocks in kv_blocks:
             # No prefix cache: the mode that runs first must not warm the questions for the others.
-            llm = LLM(model, adapter=adapter, dtype=dtype, cpu_threads=threads, num_kv_blocks=blocks, prefix_caching=False)
+            llm = LLM(model, adapter=adapter, dtype=dtype, cpu_threads=threads, num_kv_blocks=blocks, prefix_caching=False,
+                      backend=backend, quant=quant)
             llm.generate("Hello", SamplingParams(max_tokens=4))  # warm-up
             for c in concurrency:
                 prompts = [questions[i % len(questions)]["prompt"] for i in range(c * requests_per_client)]
@@ -90,6 +93,7 @@ def run_throughput(
             del llm
     return {
         "config": {"model": model, "adapter": adapter, "dtype": dtype, "threads": threads, "max_tokens": max_tokens,
+                   "backend": backend, "quant": quant,
                    "concurrency": concurrency, "kv_blocks": kv_blocks, "requests_per_client": requests_per_client},
         "runs": runs,
         "comparison": compare(runs),
@@ -157,6 +161,7 @@ def run(args) -> dict:
     result = run_throughput(
         questions, parse_list(args.concurrency, "--concurrency", int), parse_list(args.kv_blocks, "--kv-blocks", int),
         args.model, args.adapter, args.dtype, args.cpu_threads, args.max_tokens, args.requests_per_client,
+        args.backend, args.quant,
     )
     result["config"]["suite"] = args.suite
     return report(result, args, print_table, plot)

@@ -31,6 +31,7 @@ class LlamaCppRunner:
     def __init__(self, gguf: Path, engine_config, vocab_size: int) -> None:
         """`vocab_size`: the tokenizer's; logits of ids the GGUF lacks are -inf."""
         self.ffi, self.lib = ffi, lib = load()
+        self.gguf = Path(gguf)
         self.model = lib.llama_model_load_from_file(str(gguf).encode(), lib.llama_model_default_params())
         if self.model == ffi.NULL:
             raise ValueError(f"llama.cpp could not load {gguf}")
@@ -120,7 +121,8 @@ class LlamaCppRunner:
 
 def reference_greedy(gguf: Path, prompt_ids: list[int], max_tokens: int, threads: int, stop_ids=()) -> tuple[list[int], float]:
     """llama.cpp on its own: one sequence, the prompt in one `llama_decode`, then one token
-    per call, argmax of the logits; no engine. (token ids, seconds of the token loop).
+    per call, argmax of the logits; no engine. (token ids, seconds from the prompt's decode
+    to the last token, as an engine request's wall time counts them).
     The baseline of `bench engine --backend llamacpp` and the oracle of its tests."""
     import time
 
@@ -148,9 +150,9 @@ def reference_greedy(gguf: Path, prompt_ids: list[int], max_tokens: int, threads
                 raise RuntimeError("llama_decode failed")
             return np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(ctx, len(tokens) - 1), 4 * n_vocab), dtype=np.float32)
 
+        start = time.perf_counter()
         logits = decode(list(prompt_ids), 0)
         out: list[int] = []
-        start = time.perf_counter()
         while len(out) < max_tokens:
             token = int(logits.argmax())
             out.append(token)
