@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-llamacpp bench clean
+.PHONY: setup demo test bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -28,22 +28,6 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
-
-# APAR through llama.cpp's server (tests/test_llamacpp.py; skipped by `make test`): builds
-# llama-cpp-python from source (about 11 minutes), exports the tuned model and converts it
-# to GGUF with the converter in llama.cpp's sources (the sdist's vendor/llama.cpp).
-LLAMACPP_VERSION := 0.3.36
-LLAMADIR := .cache/llamacpp
-test-llamacpp: setup
-	$(PIP) install -q 'llama-cpp-python[server]==$(LLAMACPP_VERSION)' sentencepiece
-	test -f $(LLAMADIR)/src/convert_hf_to_gguf.py || ( \
-	  $(PIP) download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMACPP_VERSION) -d $(LLAMADIR) && mkdir -p $(LLAMADIR)/src && \
-	  tar xzf $(LLAMADIR)/llama_cpp_python-*.tar.gz -C $(LLAMADIR)/src --strip-components=3 --wildcards \
-	    '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/*' )
-	test -d $(LLAMADIR)/smollm2-apar || $(VENV)/bin/parafork export --out $(LLAMADIR)/smollm2-apar
-	test -f $(LLAMADIR)/smollm2-apar-f16.gguf || $(PY) $(LLAMADIR)/src/convert_hf_to_gguf.py $(LLAMADIR)/smollm2-apar \
-	  --outtype f16 --outfile $(LLAMADIR)/smollm2-apar-f16.gguf
-	PARAFORK_LLAMACPP_GGUF=$(LLAMADIR)/smollm2-apar-f16.gguf $(PY) -m pytest -q -rs tests/test_llamacpp.py
 
 # The papers' measurements, one command (about 5 hours on 2 cores); figures land in results/.
 # MT-Bench latency leaves out `hf` (HF generate, the slowest mode, measured on Vicuna).

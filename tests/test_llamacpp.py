@@ -1,58 +1,23 @@
-"""APAR through llama.cpp's server (llama-cpp-python[server]) with the tuned model as GGUF.
-
-Needs what CI does not build (about 12 minutes): `make test-llamacpp` installs
-llama-cpp-python, exports the bundled model, converts it to GGUF with llama.cpp's
-converter and runs this file with PARAFORK_LLAMACPP_GGUF set. Without them it is skipped,
-and pytest prints why.
-"""
-import os
+"""APAR driven over llama.cpp's own batching server (llama-server in-process through
+xllamacpp: parallel slots, continuous batching) with the tuned model exported to GGUF."""
 import re
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
 from parafork import models
+from parafork.bench.driver import llamacpp_server
+from parafork.config import EngineConfig
 from parafork.remote import RemoteAPAR
-
-from .test_server import free_port
-
-pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is not installed (make test-llamacpp)")
-GGUF = os.environ.get("PARAFORK_LLAMACPP_GGUF")
-if not GGUF or not os.path.isfile(GGUF):
-    pytest.skip("PARAFORK_LLAMACPP_GGUF names no GGUF of the tuned model (make test-llamacpp)", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
-def llamacpp_url():
-    port = free_port()
-    log = open(os.path.join(os.path.dirname(GGUF), "llama-server.log"), "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", GGUF, "--host", "127.0.0.1", "--port", str(port),
-         "--n_ctx", "4096", "--n_threads", "2"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/models", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"llama.cpp server did not start; see {log.name}")
-                time.sleep(0.5)
+def llamacpp_url(base_dir):
+    gguf = models.gguf_for(EngineConfig(model="bundled", backend="llamacpp"), base_dir, models.BUNDLED_ADAPTER)
+    with llamacpp_server(gguf, slots=8, threads=2, n_ctx=8192) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
 
 
-def test_apar_through_the_llamacpp_server_forks_and_restores_the_list(llamacpp_url, base_dir):
+def test_apar_through_llamacpps_server_forks_and_restores_the_list(llamacpp_url, base_dir):
     tokenizer, _ = models.load_tokenizer(base_dir)
     driver = RemoteAPAR(llamacpp_url, "gguf", tokenizer)
     prompt = "What are the most effective ways to deal with stress?"
@@ -66,11 +31,3 @@ def test_apar_through_the_llamacpp_server_forks_and_restores_the_list(llamacpp_u
     assert all(len(item.split()) > 5 for item in items)
     ar = driver.generate_ar(prompt, max_tokens=300)
     assert ar.threads == 1 and "[Fork]" not in ar.text and ar.text
-
-
-def test_bench_engine_measures_the_llamacpp_reference_line(base_dir):
-    from parafork.bench.engine import llamacpp_tokens_per_s
-
-    tokenizer, _ = models.load_tokenizer(base_dir)
-    prompt_ids = models.apply_chat_template(tokenizer, "Give me three tips for sleeping well.")
-    assert llamacpp_tokens_per_s(GGUF, prompt_ids, tokens=16, threads=2) > 0

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 from tqdm.auto import tqdm
@@ -52,10 +53,43 @@ def local_server(model: str, adapter: str | None, dtype: str, threads: int, back
 
 
 @contextmanager
+def llamacpp_server(gguf, slots: int, threads: int, n_ctx: int = 8192) -> Iterator[str]:
+    """llama.cpp's own server (llama-server, in-process through xllamacpp) on a free loopback
+    port: `slots` parallel slots, continuous batching, for as long as the block runs."""
+    import xllamacpp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    params = xllamacpp.CommonParams()
+    params.model.path = str(gguf)
+    params.n_parallel = slots
+    params.n_ctx = n_ctx  # shared by the slots
+    params.cont_batching = True
+    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads
+    params.hostnames = ["127.0.0.1"]
+    params.port = port
+    server = xllamacpp.Server(params)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        del server  # stops its main loop and frees the model
+
+
+@contextmanager
 def target_server(args) -> Iterator[tuple[str, str, str | None]]:
-    """(URL, model id, API key) of `--url`, or of parafork's own server started for the block."""
+    """(URL, model id, API key) of `--url`, of llama.cpp's server (`--llamacpp-slots N`) on the
+    GGUF of --model, or of parafork's own server, started for the block."""
     if args.url:
         yield args.url, args.served_name or args.model, args.api_key
+    elif getattr(args, "llamacpp_slots", None):
+        from ..config import EngineConfig
+
+        config = EngineConfig(model=args.model, backend="llamacpp", quant=args.quant)
+        path = models.resolve_model_path(args.model)
+        adapter = Path(args.adapter) if args.adapter else models.default_adapter(args.model)
+        with llamacpp_server(models.gguf_for(config, path, adapter), args.llamacpp_slots, args.cpu_threads) as url:
+            yield url, "gguf", None
     else:
         with local_server(args.model, args.adapter, args.dtype, args.cpu_threads, args.backend, args.quant) as url:
             yield url, args.model, None
@@ -65,6 +99,8 @@ def add_server_args(p) -> None:
     add_suite_args(p)
     add_output_args(p, plot=False)
     p.add_argument("--url", default=None, help="server base URL (…/v1); default: start parafork's own")
+    p.add_argument("--llamacpp-slots", type=int, default=None,
+                   help="instead: start llama.cpp's own server (xllamacpp) with this many parallel slots on --model as GGUF")
     p.add_argument("--served-name", default=None, help="the model id the server knows (default: --model)")
     p.add_argument("--api-key", default=None)
 
@@ -115,9 +151,10 @@ def run(args) -> dict:
     questions = select(load_suite(args.suite), args.limit, args.per_category)
     tokenizer, _ = models.load_tokenizer(models.resolve_model_path(args.model))
     with target_server(args) as (url, served_name, api_key):
-        server = None if args.url else f"local parafork server: {args.model}"
+        server = None if args.url else (f"llama.cpp server, {args.llamacpp_slots} slots: {args.model}" if
+                                        getattr(args, "llamacpp_slots", None) else f"local parafork server: {args.model}")
         result = run_driver(url, served_name, tokenizer, questions, args.max_tokens, args.chunk, api_key, args.json, server)
-    result.update(config={"url": args.url or "local parafork server", "model": args.model, "suite": args.suite,
+    result.update(config={"url": args.url or server, "model": args.model, "suite": args.suite,
                           "max_tokens": args.max_tokens, "chunk": args.chunk}, **metadata(args.cpu_threads))
     print(
         f"driver over {result['config']['url']}: {len(questions)} questions, APAR forks in {result['fork_rate']:.0%} "
