@@ -56,6 +56,12 @@ def test_nested_list_becomes_a_depth_three_tree():
     assert e.root.text() == NESTED
 
 
+def test_a_tab_indented_nested_list_keeps_its_tabs():
+    tabbed = NESTED.replace("\n   - ", "\n\t* ")
+    e = extract(tabbed)
+    assert e.kind == "numbered" and e.root.depth() == 3 and e.root.text() == tabbed
+
+
 def test_bullets_and_paragraphs():
     assert extract(BULLETS).kind == "bullets" and len(extract(BULLETS).root.children) == 3
     e = extract(PARAGRAPHS)

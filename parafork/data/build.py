@@ -115,38 +115,40 @@ def tree_stats(trees: list[dict], plain: list[dict]) -> dict:
 
 
 def plot_stats(trees: list[dict], path: Path) -> None:
-    """Four panels: items per tree, head and body lengths, depth, kinds."""
+    """Five panels: items per tree, head and body lengths, depth, kinds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pieces = [p for t in trees for p in items(t["tree"])]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     per_tree = [sum(isinstance(s, list) for s in t["tree"]) for t in trees]
     axes[0, 0].hist(per_tree, bins=range(0, min(max(per_tree, default=1), 30) + 2), color="#4a7", edgecolor="white")
     axes[0, 0].set(xlabel="items (top-level branches) per tree", ylabel="trees")
-    heads = [min(len(h.strip()), 200) for h, _ in pieces]
-    bodies = [min(len(b.strip()), 1500) for _, b in pieces]
-    axes[0, 1].hist(heads, bins=40, color="#37a", alpha=0.8, label="head (<=200)")
-    axes[0, 1].hist([b / 7.5 for b in bodies], bins=40, color="#d73", alpha=0.5, label="body / 7.5 (<=1500)")
-    axes[0, 1].set(xlabel="characters", ylabel="branches")
-    axes[0, 1].legend()
+    axes[0, 1].hist([min(len(h.strip()), 250) for h, _ in pieces], bins=50, color="#37a")
+    axes[0, 1].set(xlabel="head characters (250+ in the last bin)", ylabel="branches")
+    axes[0, 2].hist([min(len(b.strip()), 1500) for _, b in pieces], bins=50, color="#d73")
+    axes[0, 2].set(xlabel="body characters (1500+ in the last bin)", ylabel="branches")
     depths = Counter(_shape(t["tree"])[1] for t in trees)
     axes[1, 0].bar([str(k) for k in sorted(depths)], [depths[k] for k in sorted(depths)], color="#777")
     axes[1, 0].set(xlabel="depth (threads on the longest root-to-leaf path)", ylabel="trees")
     kinds = Counter(t["kind"] for t in trees).most_common()
     axes[1, 1].barh([k for k, _ in kinds], [n for _, n in kinds], color="#a5c")
     axes[1, 1].set(xlabel="trees")
+    axes[1, 2].axis("off")
+    axes[1, 2].text(0, 0.5, f"{len(trees)} trees\n{len(pieces)} branches\n"
+                    f"{sum(1 for t in trees if t.get('context'))} with earlier turns as context", fontsize=12)
     fig.suptitle(f"{len(trees)} paragraph trees, {len(pieces)} branches")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def check_folder(folder: Path, model_name: str = "base", threshold: float | None = None, limit: int | None = None) -> dict:
     """Scores the branches of `folder`'s trees in file order (resumable: scores.jsonl gains a
-    line per tree, and trees already scored are skipped), then writes the checked set:
+    line per tree, and trees already scored with as many branches are skipped; the last line
+    of a key counts), then writes the checked set:
     checked.jsonl (dependent branches merged back; trees left with < 2 branches and depth 2
     move to demoted.jsonl, plain answers) and check.json (trees and branches before/after)."""
     import time
@@ -161,7 +163,8 @@ def check_folder(folder: Path, model_name: str = "base", threshold: float | None
     trees = read_jsonl(folder / "trees.jsonl")[:limit]
     scores_path = folder / "scores.jsonl"
     done = {r["key"]: r for r in read_jsonl(scores_path)} if scores_path.exists() else {}
-    todo = [t for t in trees if t["key"] not in done]
+    # A tree re-extracted with other branches since it was scored is scored again.
+    todo = [t for t in trees if len(done.get(t["key"], {}).get("alone", ())) != _shape(t["tree"])[0] - 1]
     seconds = 0.0
     if todo:
         path = models.resolve_model_path(model_name)

@@ -141,22 +141,22 @@ def _nested(details: str) -> tuple[Node, bool] | None:
     if not indents or min(indents) == 0:
         return None
     width = min(indents)
+    pad = next(l[:width] for l in lines[1:] if l.strip())  # spaces or tabs, as written
     dedented = "\n".join([lines[0]] + [l[width:] for l in lines[1:]])
     for kind in ITEM:
         found = _list_tree(dedented, kind)
         if found is not None:
-            tree = _reindent(found[0], width)
+            tree = _reindent(found[0], pad)
             # Blank or under-indented lines do not survive the round trip: keep such details flat.
             return (tree, found[1]) if tree.text() == details else None
     return None
 
 
-def _reindent(node: Node, width: int) -> Node:
+def _reindent(node: Node, pad: str) -> Node:
     """Puts back the indentation that `_nested` removed, so text stays exact."""
-    pad = " " * width
     out: list[Segment] = []
     for s in node.segments:
-        out.append(s.replace("\n", "\n" + pad) if isinstance(s, str) else _reindent(s, width))
+        out.append(s.replace("\n", "\n" + pad) if isinstance(s, str) else _reindent(s, pad))
     return Node(out)
 
 
