@@ -99,7 +99,7 @@ BENCHES = {
     "throughput": "closed-loop load, batched AR vs APAR per KV budget (paper Fig. 5)",
     "quality": "quality proxies: APAR vs AR answers and the untuned base model",
     "driver": "APAR via the remote driver vs AR through the same OpenAI-compatible server",
-    "load": "many streaming clients against an OpenAI-compatible server: completed, lost, tok/s, p50/p99",
+    "soak": "minutes of random load (answers, cancels, bad inputs) on a server: lost, errors, tok/s, RSS, pool at the end",
 }
 
 

@@ -314,6 +314,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_tokens
             "parafork_requests_live": stats.requests_running + stats.requests_waiting,
             "parafork_requests_waiting": stats.requests_waiting,
             "parafork_threads_live": stats.threads_live,
+            "parafork_sequences_live": stats.sequences_live,
             "parafork_kv_blocks_used": stats.kv_blocks_total - stats.kv_blocks_free,
             "parafork_kv_blocks_free": stats.kv_blocks_free,
             "parafork_requests_total": stats.requests_total,

@@ -364,16 +364,19 @@ def test_driver_benchmark_compares_apar_and_ar_through_one_server(server):
     wait_pool_full(llm)
 
 
-def test_load_benchmark_counts_every_request_and_loses_none(server):
-    from parafork.bench.load import run_load
+def test_soak_sends_answers_cancels_and_bad_inputs_and_loses_nothing(server):
+    from parafork.bench.soak import run_soak
 
     url, llm = server
     prompts = ["Tell me things.", "Hi.", "Name three rivers."]
-    result = run_load(f"{url}/v1", "tiny", prompts, clients=16, requests_per_client=2, max_tokens=12, api_key=KEY)
-    assert (result["requests"], result["completed"], result["errors"], result["lost"]) == (32, 32, 0, 0)
-    assert result["tokens"] == 32 * 12 and result["latency_p50"] <= result["latency_p99"]
-    assert 0 < result["ttft_p50"] <= result["latency_p99"]
-    refused = run_load(f"{url}/v1", "tiny", prompts, clients=2, requests_per_client=1, max_tokens=4, api_key="wrong")
-    assert (refused["completed"], refused["errors"], refused["lost"]) == (0, 2, 0)
-    assert "AuthenticationError" in refused["error_samples"][0]
+    result = run_soak(f"{url}/v1", "tiny", prompts, clients=6, minutes=0.25, api_key=KEY, seed=1, rss=lambda: 100.0)
+    kinds = result["by_kind"]
+    assert kinds.get("answer", 0) > 10 and kinds.get("bad", 0) > 0 and kinds.get("cancel", 0) > 0, kinds
+    assert result["lost"] == 0 and result["errors"] == {} and result["bad_accepted"] == []
+    assert result["answers_complete"] == kinds["answer"] and result["bad_refused"] == kinds["bad"]
+    assert result["cancelled"] == kinds["cancel"] and result["tokens"] > 0
+    assert result["kv_blocks_used_at_end"] == 0 and result["sequences_live_at_end"] == 0
+    assert result["rss_mib"] and result["rss_growth_after_warmup"] == 0.0
+    refused = run_soak(f"{url}/v1", "tiny", prompts, clients=2, minutes=0.02, api_key="wrong", seed=2)
+    assert refused["answers_complete"] == 0 and set(refused["errors"]) <= {"HTTP 401"} and refused["lost"] == 0
     wait_pool_full(llm)
