@@ -114,3 +114,48 @@ def test_the_exported_gguf_keeps_the_control_tokens(tiny_gguf, tiny_llm):
         assert control.fork_id in list(out[0:n]) and control.child_id in list(out[0:n])
     finally:
         lib.llama_model_free(model)
+
+
+def test_latency_bench_and_generate_run_on_the_llamacpp_backend(tiny_dir, tmp_path, capsys):
+    import json
+    from types import SimpleNamespace
+
+    from parafork.bench import latency
+    from parafork.cli import main
+
+    args = SimpleNamespace(
+        model=str(tiny_dir), base_model=str(tiny_dir), adapter=None, dtype="float32", cpu_threads=1, suite="vicuna",
+        backend="llamacpp", quant="q8_0", limit=2, per_category=None, max_tokens=10, json=str(tmp_path / "lat.json"),
+        plot=None, modes="ar,apar,serial",
+    )
+    latency.run(args)
+    saved = json.loads((tmp_path / "lat.json").read_text())
+    assert saved["config"]["backend"] == "llamacpp" and saved["config"]["quant"] == "q8_0"
+    assert all(q["modes"]["ar"]["tokens"] > 0 for q in saved["questions"])
+    assert main(["generate", "Hi", "--model", str(tiny_dir), "--backend", "llamacpp", "--max-tokens", "6",
+                 "--mode", "ar", "--cpu-threads", "1"]) == 0
+    with pytest.raises(ValueError, match="quant applies to backend='llamacpp' only"):
+        LLM(str(tiny_dir), quant="q8_0")
+
+
+def test_the_openai_server_answers_from_the_llamacpp_backend(tiny_dir):
+    import openai
+
+    from parafork.server import create_app
+
+    from .test_server import start_server
+
+    llm = tiny_llamacpp(tiny_dir)
+    url, srv, thread = start_server(create_app(llm, "tiny-gguf"))
+    try:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        msgs = [{"role": "user", "content": "Tell me three things."}]
+        full = c.chat.completions.create(model="tiny-gguf", messages=msgs, max_tokens=12, temperature=0)
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model="tiny-gguf", messages=msgs, max_tokens=12, temperature=0, stream=True) if ch.choices)
+        assert full.usage.completion_tokens == 12 and streamed == full.choices[0].message.content
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+    llm.check_idle()
+    assert all(llm.runner.cells_in_use(s) == (-1, -1) for s in range(MAX_SEQUENCES))
