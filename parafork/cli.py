@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind, default in [
         ("steps", int, 300), ("accum", int, 8), ("lr", float, 3e-4), ("warmup", int, 10), ("rank", int, 8),
         ("plain-ratio", float, 0.25), ("flat-ratio", float, 0.3), ("embed-lr-scale", float, 10.0),
-        ("max-len", int, 1024), ("save-every", int, 10), ("threads", int, 2), ("seed", int, 0),
+        ("max-len", int, 1024), ("save-every", int, 10), ("cpu-threads", int, 2), ("seed", int, 0),
     ]:
         t.add_argument(f"--{name}", type=kind, default=default)
     t.add_argument("--init-adapter", default=None, help="warm start from an adapter folder ('bundled': the shipped one)")

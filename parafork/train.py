@@ -59,7 +59,7 @@ class TrainConfig:
     autocast: str = "auto"  # "auto": bf16 where the CPU computes it natively; "bf16"; "fp32"
     max_len: int = 1024  # packed tokens; longer samples are skipped
     save_every: int = 10
-    threads: int = 2
+    cpu_threads: int = 2  # torch CPU threads
     seed: int = 0
 
 
@@ -136,7 +136,7 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def train(cfg: TrainConfig) -> dict:
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.cpu_threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     ckpt = out / "checkpoint"
@@ -249,7 +249,7 @@ LoRA (rank {cfg.rank}, all linear layers) plus the `[Fork]`/`[Child]` embedding 
 - data: `{cfg.data}` ({num_samples} rows: trees, {cfg.flat_ratio:.0%} of them again in flat form, plain answers at {cfg.plain_ratio:.0%})
 - steps: {state['step']} x {cfg.accum} samples, lr {cfg.lr} (warm-up {cfg.warmup}, cosine), {state['tokens']} tokens
 - loss per answer token: {first:.3f} (first 5 steps) -> {last:.3f} (last 5 steps)
-- speed: {state['tokens'] / max(state['seconds'], 1e-9):.0f} packed tokens/s on {cfg.threads} CPU threads
+- speed: {state['tokens'] / max(state['seconds'], 1e-9):.0f} packed tokens/s on {cfg.cpu_threads} CPU threads
 - command: `parafork train --data {cfg.data} --out {cfg.out} --steps {cfg.steps} --accum {cfg.accum} --lr {cfg.lr} --rank {cfg.rank} --flat-ratio {cfg.flat_ratio}{f" --init-adapter {cfg.init_adapter}" if cfg.init_adapter else ""}`
 """
     )

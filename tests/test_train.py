@@ -32,7 +32,7 @@ def test_tiny_run_lowers_loss_resumes_and_the_adapter_loads(tiny_dir, tmp_path):
     write_data(tmp_path / "data")
     cfg = TrainConfig(
         data=str(tmp_path / "data"), out=str(tmp_path / "run"), model=str(tiny_dir),
-        steps=16, accum=3, lr=3e-2, warmup=1, rank=4, plain_ratio=0.34, save_every=4, threads=1,
+        steps=16, accum=3, lr=3e-2, warmup=1, rank=4, plain_ratio=0.34, save_every=4, cpu_threads=1,
     )
     half = train(TrainConfig(**{**cfg.__dict__, "steps": 8}))
     assert half["step"] == 8 and (tmp_path / "run" / "checkpoint" / "optimizer.pt").is_file()
@@ -96,7 +96,7 @@ def test_a_run_resumes_from_a_checkpoint_written_under_another_compute_dtype(tin
     write_data(tmp_path / "data")
     cfg = TrainConfig(
         data=str(tmp_path / "data"), out=str(tmp_path / "run"), model=str(tiny_dir),
-        steps=4, accum=2, lr=1e-2, warmup=1, rank=4, save_every=1, threads=1, autocast="bf16",
+        steps=4, accum=2, lr=1e-2, warmup=1, rank=4, save_every=1, cpu_threads=1, autocast="bf16",
     )
     train(TrainConfig(**{**cfg.__dict__, "steps": 2}))  # bf16 autocast (emulated where not native)
     state = train(TrainConfig(**{**cfg.__dict__, "autocast": "fp32"}))
@@ -112,7 +112,7 @@ def test_warm_start_from_an_adapter_keeps_its_weights_at_step_zero(tiny_dir, tmp
 
     write_data(tmp_path / "data")
     cfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), model=str(tiny_dir),
-                      steps=2, accum=2, lr=1e-2, warmup=1, rank=4, threads=1)
+                      steps=2, accum=2, lr=1e-2, warmup=1, rank=4, cpu_threads=1)
     train(cfg)
     tokenizer, control = models.load_tokenizer(tiny_dir)
     warm = build_model(TrainConfig(**{**cfg.__dict__, "init_adapter": str(tmp_path / "run" / "adapter")}), tokenizer, control)
