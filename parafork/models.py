@@ -122,6 +122,8 @@ def gguf_for(config, path: Path, adapter: Path | None) -> Path:
     if path.suffix == ".gguf":
         if config.quant:
             raise ValueError(f"{path.name} is loaded as it is: quant={config.quant!r} would need re-quantizing it")
+        if adapter:
+            raise ValueError(f"an adapter cannot be merged into {path.name}: export the model with it (parafork export --gguf)")
         return path
     if str(config.model) == "base" and config.quant is None:
         return base_gguf_path()

@@ -97,6 +97,15 @@ def test_after_finish_abort_and_preemption_every_sequence_and_cell_is_free(tiny_
     assert all(llm.runner.cells_in_use(s) == (-1, -1) for s in range(MAX_SEQUENCES))
 
 
+def test_a_gguf_file_is_loaded_as_it_is(tiny_gguf, tmp_path):
+    with pytest.raises(ValueError, match="re-quantizing"):
+        LLM(str(tiny_gguf), backend="llamacpp", quant="q8_0")
+    with pytest.raises(ValueError, match="adapter cannot be merged"):
+        LLM(str(tiny_gguf), adapter=str(tmp_path))
+    with pytest.raises(ValueError, match="runs on backend='llamacpp' only"):
+        LLM(str(tiny_gguf), backend="torch")
+
+
 def test_the_exported_gguf_keeps_the_control_tokens(tiny_gguf, tiny_llm):
     tokenizer, control = models.load_tokenizer(tiny_gguf)
     assert (control.fork_id, control.child_id) == (tiny_llm.control.fork_id, tiny_llm.control.child_id)
