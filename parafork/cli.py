@@ -200,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument(f"--{name}", type=kind, default=default)
     t.add_argument("--init-adapter", default=None, help="warm start from an adapter folder ('bundled': the shipped one)")
     t.add_argument("--autocast", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 where native")
+    t.add_argument("--device", default="auto", help="auto: a CUDA GPU when there is one, else cpu")
     t.set_defaults(func=cmd_train)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")

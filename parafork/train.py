@@ -12,8 +12,9 @@ predicted (the prompt and context are read, not scored).
 
 Every `--save-every` optimizer steps it writes `OUT/checkpoint/` (adapter, optimizer and
 scheduler state, data position, loss log) and a loss plot; a new run with the same OUT
-resumes from there, also on another CPU or compute dtype: parameters and optimizer state
-are float32; bf16 is only autocast for the forward where the CPU computes it natively.
+resumes from there, also on another CPU, device or compute dtype: parameters and optimizer
+state are float32; bf16 is only autocast for the forward, on a GPU or where the CPU computes
+it natively. A CUDA GPU is used when there is one (`device`); CPU training keeps working.
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ class TrainConfig:
     flat_ratio: float = 0.3  # share of trees that also appear in flat form (no markers)
     embed_lr_scale: float = 10.0  # learning rate of the [Fork]/[Child] rows, times lr
     init_adapter: str | None = None  # warm start: an adapter folder ("bundled": the shipped one)
-    autocast: str = "auto"  # "auto": bf16 where the CPU computes it natively; "bf16"; "fp32"
+    autocast: str = "auto"  # "auto": bf16 on a GPU or where the CPU computes it natively; "bf16"; "fp32"
+    device: str = "auto"  # "auto": a CUDA GPU when there is one, else "cpu"
     max_len: int = 1024  # packed tokens; longer samples are skipped
     save_every: int = 10
     cpu_threads: int = 2  # torch CPU threads
@@ -98,14 +100,15 @@ def encode_row(row: Row, tokenizer, control, max_len: int) -> PackedSample | Non
 def sample_loss(model, sample: PackedSample) -> tuple[torch.Tensor, int]:
     """Summed next-token loss over the sample's labelled tokens, and their count; logits only
     where a token is predicted."""
+    device = next(model.parameters()).device
     where = (sample.labels != IGNORE).nonzero().flatten()
     logits = model(
-        input_ids=sample.input_ids[None],
-        position_ids=sample.position_ids[None],
-        attention_mask=sample.attention_bias(torch.float32),
-        logits_to_keep=where,
+        input_ids=sample.input_ids[None].to(device),
+        position_ids=sample.position_ids[None].to(device),
+        attention_mask=sample.attention_bias(torch.float32).to(device),
+        logits_to_keep=where.to(device),
     ).logits[0]
-    loss = F.cross_entropy(logits.float(), sample.labels[where], reduction="sum")
+    loss = F.cross_entropy(logits.float(), sample.labels[where].to(device), reduction="sum")
     return loss, len(where)
 
 
@@ -144,7 +147,9 @@ def train(cfg: TrainConfig) -> dict:
     rows = load_rows(cfg)
     if not rows:
         raise ValueError(f"no training data in {cfg.data}")
-    model = build_model(cfg, tokenizer, control)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    model = build_model(cfg, tokenizer, control).to(device)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(
@@ -152,7 +157,7 @@ def train(cfg: TrainConfig) -> dict:
          {"params": [p for n, p in named if "trainable_tokens" in n], "lr": cfg.lr * cfg.embed_lr_scale}],
         lr=cfg.lr, weight_decay=0.0,
     )
-    bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and cpu_has_fast_bf16())
+    bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and (device.type == "cuda" or cpu_has_fast_bf16()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg))
     state = {"step": 0, "cursor": 0, "log": [], "tokens": 0, "seconds": 0.0}
     if (ckpt / "state.json").exists():
@@ -160,8 +165,8 @@ def train(cfg: TrainConfig) -> dict:
         from safetensors.torch import load_file
 
         set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=device))
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True, map_location="cpu"))
         state = json.loads((ckpt / "state.json").read_text())
         print(f"resuming from step {state['step']}")
     model.train()
@@ -182,7 +187,7 @@ def train(cfg: TrainConfig) -> dict:
                 batch.append(sample)
         labelled = sum(int((s.labels != IGNORE).sum()) for s in batch)
         for sample in batch:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss, _ = sample_loss(model, sample)
             (loss / labelled).backward()
             total_loss += loss.item()
