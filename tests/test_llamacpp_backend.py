@@ -135,10 +135,13 @@ def test_latency_bench_and_generate_run_on_the_llamacpp_backend(tiny_dir, tmp_pa
     args = SimpleNamespace(
         model=str(tiny_dir), base_model=str(tiny_dir), adapter=None, dtype="float32", cpu_threads=1, suite="vicuna",
         backend="llamacpp", quant="q8_0", limit=2, per_category=None, max_tokens=10, json=str(tmp_path / "lat.json"),
-        plot=None, modes="ar,apar,serial",
+        plot=None, modes="ar,apar,serial,llamacpp",
     )
     latency.run(args)
     saved = json.loads((tmp_path / "lat.json").read_text())
+    for q in saved["questions"]:  # the engine's AR on llama.cpp is llama.cpp's own greedy loop
+        assert q["modes"]["ar"]["text"] == q["modes"]["llamacpp"]["text"]
+    assert {"apar_vs_llamacpp", "ar_vs_llamacpp"} <= set(saved["speedup_tok_s"])
     assert saved["config"]["backend"] == "llamacpp" and saved["config"]["quant"] == "q8_0"
     assert all(q["modes"]["ar"]["tokens"] > 0 for q in saved["questions"])
     assert main(["generate", "Hi", "--model", str(tiny_dir), "--backend", "llamacpp", "--max-tokens", "6",

@@ -7,6 +7,9 @@ with the same `max_tokens`:
   `apar`, at AR's pace): `apar_vs_serial` is APAR's parallel speed-up on identical output;
 - `base`: the untuned base model, plain AR, on the parafork engine (what a user runs without APAR);
 - `hf`: HF `generate` with the untuned base model (the reference implementation's baseline);
+- `llamacpp`: with `--backend llamacpp`, llama.cpp on its own (one sequence, greedy, no engine)
+  on the GGUF the engine runs, `[Fork]` banned: `apar_vs_llamacpp` is APAR on llama.cpp against
+  llama.cpp's own AR;
 - `sot`: Skeleton-of-Thought prompting with the untuned base model on the parafork engine.
 
 Per answer: answer tokens (restored text, no control tokens), tokens sampled, decode steps,
@@ -38,7 +41,7 @@ from .common import (Checkpoint, add_output_args, add_suite_args, by_category, g
                      pyplot, report, save_figure, timed_run)
 from .suite import load_suite, select
 
-MODES = ("ar", "apar", "serial", "base", "hf", "sot")
+MODES = ("ar", "apar", "serial", "base", "hf", "sot", "llamacpp")
 EARLY_STOP_TOKENS = 60
 ENGINE_MODES = ("ar", "apar", "serial")
 SPEEDUPS = {
@@ -46,6 +49,8 @@ SPEEDUPS = {
     "apar_vs_serial": ("apar", "serial"),
     "apar_vs_base": ("apar", "base"),
     "apar_vs_hf": ("apar", "hf"),
+    "apar_vs_llamacpp": ("apar", "llamacpp"),
+    "ar_vs_llamacpp": ("ar", "llamacpp"),
     "sot_vs_ar": ("sot", "ar"),
 }
 
@@ -127,6 +132,28 @@ def _engine_record(llm: LLM, prompt: str, params: SamplingParams) -> dict:
         "peak_kv_blocks": out.peak_kv_blocks,
         "attn_work": out.attention_work,
         **answer_checks(out.text, out.finish_reason),
+    }
+
+
+def _llamacpp_record(llm: LLM, prompt: str, max_tokens: int, threads: int) -> dict:
+    """llama.cpp alone on the GGUF `llm` runs (its runner's file), greedy AR, `[Fork]` banned."""
+    from ..engine.llamacpp_runner import reference_greedy
+
+    gguf = getattr(llm.runner, "gguf", None)
+    if gguf is None:
+        raise ValueError("mode llamacpp needs --backend llamacpp (llama.cpp alone on the same GGUF)")
+    prompt_ids = llm.encode(prompt)
+    eos = llm.control.eos_ids
+    out, wall = reference_greedy(gguf, prompt_ids, max_tokens, threads, stop_ids=eos,
+                                 banned=(llm.control.fork_id, llm.control.child_id))
+    answer = [t for t in out if t not in eos]
+    text = llm.tokenizer.decode(answer, skip_special_tokens=True)
+    total = len(prompt_ids) + len(out)
+    return {
+        "text": text, "tokens": len(answer), "generated": len(out), "steps": len(out), "wall_s": wall,
+        "prefill_s": None, "threads": 1, "peak_kv_blocks": -(-total // llm.config.block_size),
+        "attn_work": (total - 1) * total // 2,
+        **answer_checks(text, "length" if len(answer) == len(out) == max_tokens else "stop"),
     }
 
 
@@ -224,6 +251,8 @@ def run_latency(
                 rec["modes"][mode] = _engine_record(tuned, q["prompt"], SamplingParams(max_tokens=max_tokens, mode=mode))
             elif mode == "base":
                 rec["modes"][mode] = _engine_record(base, q["prompt"], SamplingParams(max_tokens=max_tokens, mode="ar"))
+            elif mode == "llamacpp":
+                rec["modes"][mode] = _llamacpp_record(tuned, q["prompt"], max_tokens, threads)
             elif mode == "hf":
                 rec["modes"][mode] = hf.run(models.apply_chat_template(hf.tokenizer, q["prompt"]), max_tokens)
             else:

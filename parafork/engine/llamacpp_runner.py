@@ -119,7 +119,8 @@ class LlamaCppRunner:
         return out
 
 
-def reference_greedy(gguf: Path, prompt_ids: list[int], max_tokens: int, threads: int, stop_ids=()) -> tuple[list[int], float]:
+def reference_greedy(gguf: Path, prompt_ids: list[int], max_tokens: int, threads: int, stop_ids=(),
+                     banned=()) -> tuple[list[int], float]:
     """llama.cpp on its own: one sequence, the prompt in one `llama_decode`, then one token
     per call, argmax of the logits; no engine. (token ids, seconds from the prompt's decode
     to the last token, as an engine request's wall time counts them).
@@ -154,6 +155,9 @@ def reference_greedy(gguf: Path, prompt_ids: list[int], max_tokens: int, threads
         logits = decode(list(prompt_ids), 0)
         out: list[int] = []
         while len(out) < max_tokens:
+            if banned:
+                logits = logits.copy()
+                logits[[b for b in banned if b < n_vocab]] = -np.inf
             token = int(logits.argmax())
             out.append(token)
             if token in stop_ids or len(out) == max_tokens:
