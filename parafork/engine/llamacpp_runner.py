@@ -91,7 +91,7 @@ class LlamaCppRunner:
         total = sum(len(s.token_ids) for s in batch)
         if total > self.capacity:
             raise ValueError(f"{total} tokens in one step; the llama.cpp batch holds {self.capacity}")
-        n, rows = 0, []
+        n = 0
         for s in batch:
             if s.start_pos <= lib.llama_memory_seq_pos_max(self.memory, s.seq_id):
                 # Recomputing from here (a fork without its tail): drop what the sequence holds beyond.
@@ -106,16 +106,17 @@ class LlamaCppRunner:
                 b.logits[n] = 0
                 n += 1
             b.logits[n - 1] = 1
-            rows.append(n - 1)
             self.live.add(s.seq_id)
         b.n_tokens = n
         code = lib.llama_decode(self.ctx, b)
         if code != 0:
             raise RuntimeError(f"llama_decode returned {code}" + (" (no free KV cells)" if code == 1 else ""))
-        out = torch.full((len(batch), self.info.vocab_size), float("-inf"))
-        for r, row in enumerate(rows):
-            ptr = lib.llama_get_logits_ith(self.ctx, row)
-            out[r, : self.n_vocab] = torch.from_numpy(np.frombuffer(self.ffi.buffer(ptr, 4 * self.n_vocab), dtype=np.float32))
+        # Output rows are stored contiguously, in batch order: one copy for all of them.
+        rows_logits = np.frombuffer(self.ffi.buffer(lib.llama_get_logits(self.ctx), 4 * len(batch) * self.n_vocab),
+                                    dtype=np.float32).reshape(len(batch), self.n_vocab)
+        out = torch.from_numpy(rows_logits.copy())
+        if self.info.vocab_size > self.n_vocab:  # tokenizer ids the GGUF lacks (the control tokens)
+            out = torch.cat([out, out.new_full((len(batch), self.info.vocab_size - self.n_vocab), float("-inf"))], 1)
         return out
 
 
