@@ -116,9 +116,9 @@ def run(args) -> dict:
     torch.set_num_threads(args.cpu_threads)
     llm = LLM(args.model, dtype=args.dtype, cpu_threads=args.cpu_threads, num_kv_blocks=512, backend=args.backend,
               quant=args.quant)
-    on_llamacpp = hasattr(llm.runner, "gguf")
+    on_llamacpp = llm.runner.info.gguf is not None
     dtype_name = f"gguf {args.quant or 'as given'}" if on_llamacpp else str(llm.config.torch_dtype).removeprefix("torch.")
-    gguf = llm.runner.gguf if on_llamacpp else args.gguf
+    gguf = llm.runner.info.gguf or args.gguf
     prompt_ids = models.apply_chat_template(llm.tokenizer, PROMPT)
     print(f"parafork bench engine: model={args.model} backend={'llamacpp' if on_llamacpp else args.backend} "
           f"weights={dtype_name} threads={args.cpu_threads} tokens={args.tokens}")

@@ -139,7 +139,7 @@ def _llamacpp_record(llm: LLM, prompt: str, max_tokens: int, threads: int) -> di
     """llama.cpp alone on the GGUF `llm` runs (its runner's file), greedy AR, `[Fork]` banned."""
     from ..engine.llamacpp_runner import reference_greedy
 
-    gguf = getattr(llm.runner, "gguf", None)
+    gguf = llm.runner.info.gguf
     if gguf is None:
         raise ValueError("mode llamacpp needs --backend llamacpp (llama.cpp alone on the same GGUF)")
     prompt_ids = llm.encode(prompt)

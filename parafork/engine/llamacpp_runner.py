@@ -60,6 +60,7 @@ class LlamaCppRunner:
             prefix_caching=False,
             max_live_sequences=MAX_SEQUENCES,
             control_tokens=vocab_size <= self.n_vocab,  # the control tokens come last in the tokenizer
+            gguf=self.gguf,
         )
         self.live: set[int] = set()  # sequence ids holding cells
 

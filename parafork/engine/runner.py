@@ -56,6 +56,7 @@ class RunnerInfo:
     prefix_caching: bool  # KV written for one sequence may be reused by another through its blocks
     max_live_sequences: int | None  # None: no limit beyond the KV pool
     control_tokens: bool = True  # the model's vocabulary has [Fork]/[Child]: forking modes need them
+    gguf: Path | None = None  # the GGUF file the weights come from (llama.cpp), for baselines on the same file
 
 
 @runtime_checkable
