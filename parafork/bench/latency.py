@@ -101,21 +101,28 @@ class HFBaseline:
                 eos_token_id=self.eos, pad_token_id=self.eos[0],
             )[0, len(prompt_ids):].tolist()
         wall = time.perf_counter() - start
-        answer = [t for t in out if t not in self.eos]
-        total = len(prompt_ids) + len(out)
-        return {
-            "text": self.tokenizer.decode(answer, skip_special_tokens=True),
-            "tokens": len(answer),
-            "generated": len(out),
-            "steps": len(out),
-            "wall_s": wall,
-            "prefill_s": None,
-            "threads": 1,
-            "peak_kv_blocks": -(-total // self.block_size),  # positions held, in engine blocks
-            "attn_work": (total - 1) * total // 2,  # every fed position k attends to k + 1 keys
-            **answer_checks(self.tokenizer.decode(answer, skip_special_tokens=False),
-                            "length" if len(answer) == len(out) == max_tokens else "stop"),
-        }
+        return single_sequence_record(self.tokenizer, prompt_ids, out, self.eos, wall, max_tokens, self.block_size)
+
+
+def single_sequence_record(tokenizer, prompt_ids: list[int], out: list[int], eos, wall: float, max_tokens: int,
+                           block_size: int) -> dict:
+    """The record of a plain one-sequence greedy run outside the engine (HF generate, llama.cpp
+    alone): its KV and attention work in closed form, in the engine's units."""
+    answer = [t for t in out if t not in eos]
+    total = len(prompt_ids) + len(out)
+    return {
+        "text": tokenizer.decode(answer, skip_special_tokens=True),
+        "tokens": len(answer),
+        "generated": len(out),
+        "steps": len(out),
+        "wall_s": wall,
+        "prefill_s": None,
+        "threads": 1,
+        "peak_kv_blocks": -(-total // block_size),  # positions held, in engine blocks
+        "attn_work": (total - 1) * total // 2,  # every fed position k attends to k + 1 keys
+        **answer_checks(tokenizer.decode(answer, skip_special_tokens=False),
+                        "length" if len(answer) == len(out) == max_tokens else "stop"),
+    }
 
 
 def _engine_record(llm: LLM, prompt: str, params: SamplingParams) -> dict:
@@ -143,18 +150,10 @@ def _llamacpp_record(llm: LLM, prompt: str, max_tokens: int, threads: int) -> di
     if gguf is None:
         raise ValueError("mode llamacpp needs --backend llamacpp (llama.cpp alone on the same GGUF)")
     prompt_ids = llm.encode(prompt)
-    eos = llm.control.eos_ids
-    out, wall = reference_greedy(gguf, prompt_ids, max_tokens, threads, stop_ids=eos,
+    out, wall = reference_greedy(gguf, prompt_ids, max_tokens, threads, stop_ids=llm.control.eos_ids,
                                  banned=(llm.control.fork_id, llm.control.child_id))
-    answer = [t for t in out if t not in eos]
-    text = llm.tokenizer.decode(answer, skip_special_tokens=True)
-    total = len(prompt_ids) + len(out)
-    return {
-        "text": text, "tokens": len(answer), "generated": len(out), "steps": len(out), "wall_s": wall,
-        "prefill_s": None, "threads": 1, "peak_kv_blocks": -(-total // llm.config.block_size),
-        "attn_work": (total - 1) * total // 2,
-        **answer_checks(text, "length" if len(answer) == len(out) == max_tokens else "stop"),
-    }
+    return single_sequence_record(llm.tokenizer, prompt_ids, out, llm.control.eos_ids, wall, max_tokens,
+                                  llm.config.block_size)
 
 
 def aggregate(records: list[dict]) -> dict:

@@ -160,7 +160,8 @@ def check_folder(folder: Path, model_name: str = "base", threshold: float | None
     from .sharegpt import messages
 
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
-    trees = read_jsonl(folder / "trees.jsonl")[:limit]
+    all_trees = read_jsonl(folder / "trees.jsonl")
+    trees = all_trees[:limit]
     scores_path = folder / "scores.jsonl"
     done = {r["key"]: r for r in read_jsonl(scores_path)} if scores_path.exists() else {}
     # A tree re-extracted with other branches since it was scored is scored again.
@@ -202,9 +203,9 @@ def check_folder(folder: Path, model_name: str = "base", threshold: float | None
         "model": model_name,
         "threshold_nats_per_token": threshold,
         "scored_trees": len(scored),
-        "of_trees": len(read_jsonl(folder / "trees.jsonl")),
-        "before": {k: tree_stats(scored, [])[k] for k in ("trees", "branches")},
-        "after": {k: tree_stats(kept, [])[k] for k in ("trees", "branches")},
+        "of_trees": len(all_trees),
+        "before": {"trees": len(scored), "branches": sum(_shape(t["tree"])[0] - 1 for t in scored)},
+        "after": {"trees": len(kept), "branches": sum(_shape(t["tree"])[0] - 1 for t in kept)},
         "demoted_to_plain": len(demoted),
         "dependence_median": dependence[len(dependence) // 2] if dependence else 0.0,
         "dependence_p90": dependence[len(dependence) * 9 // 10] if dependence else 0.0,
