@@ -15,7 +15,8 @@ from .sampling import MODES, SamplingParams
 
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
+def _add_engine_args(p: argparse.ArgumentParser, speculative: bool = True) -> None:
+    """`speculative`: offer --speculative (benches choose their modes' drafting themselves)."""
     p.add_argument("--model", default="bundled", help="'bundled', 'base', a local HF folder (safetensors) or a .gguf file")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="auto: bf16 where the CPU computes it natively, float32 otherwise")
@@ -25,12 +26,21 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "llamacpp (GGUF through llama.cpp), auto (llamacpp for a .gguf, else torch)")
     p.add_argument("--quant", default=None, choices=GGUF_QUANTS,
                    help="llamacpp: weights of the GGUF exported from --model (default f16; 'base': the shipped Q4_1)")
+    if speculative:
+        p.add_argument("--speculative", default=None, choices=["ngram"],
+                       help="requests draft tokens by n-gram lookup and verify them in every thread, unless they say 'off'")
+
+
+def engine_options(args) -> dict:
+    """The `EngineConfig` fields every command takes from `_add_engine_args` (the model apart)."""
+    return dict(dtype=args.dtype, cpu_threads=args.cpu_threads, backend=args.backend, quant=args.quant,
+                speculative=getattr(args, "speculative", None))
 
 
 def _llm(args):
     from .llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, cpu_threads=args.cpu_threads, backend=args.backend, quant=args.quant)
+    return LLM(args.model, **engine_options(args))
 
 
 def _fork_rules(llm, name: str) -> list:
@@ -42,10 +52,11 @@ def _fork_rules(llm, name: str) -> list:
 
 
 def _print_figures(label: str, out, seconds: float) -> None:
+    drafts = (f", drafts {out.num_accepted_tokens}/{out.num_draft_tokens} accepted" if out.num_draft_tokens else "")
     print(
         f"[{label}] {out.num_generated_tokens} tokens, {out.num_steps} steps, {out.num_threads} threads, "
         f"peak KV {out.peak_kv_blocks} blocks, {seconds:.2f} s, "
-        f"{out.num_generated_tokens / seconds:.1f} tok/s, finish={out.finish_reason}"
+        f"{out.num_generated_tokens / seconds:.1f} tok/s, finish={out.finish_reason}{drafts}"
     )
 
 
@@ -217,14 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--gguf", default=None, help="instead: one GGUF file, through llama.cpp's converter")
     ex.add_argument("--outtype", default="f16", choices=GGUF_QUANTS, help="with --gguf: the weights' type")
     ex.add_argument("--adapter", default=None, help="LoRA adapter to merge (default: the bundled one for 'bundled')")
-    _add_engine_args(ex)
+    _add_engine_args(ex, speculative=False)
     ex.set_defaults(func=cmd_export)
 
     b = sub.add_parser("bench", help="benchmarks (each prints a table; --json/--plot keep the figures)")
     benches = b.add_subparsers(dest="what", required=True)
     for name, text in BENCHES.items():
         bb = benches.add_parser(name, help=text, description=text)
-        _add_engine_args(bb)
+        _add_engine_args(bb, speculative=False)
         importlib.import_module(f".bench.{name}", __package__).add_arguments(bb)
     b.set_defaults(func=cmd_bench)
     return parser

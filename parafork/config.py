@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 BACKENDS = ("auto", "torch", "hf", "llamacpp")
+SPECULATIVE_METHODS = (None, "ngram")
 GGUF_QUANTS = ("f16", "q8_0")  # what llama.cpp's converter writes (the pinned library exports no quantizer)
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 DTYPE_CHOICES = ("auto", "bfloat16", "float32")
@@ -59,6 +60,7 @@ class EngineConfig:
     backend: str = "auto"  # "torch" (parafork's Llama-family runner), "hf" (any model, slow), "llamacpp" (GGUF), "auto"
     quant: str | None = None  # llamacpp: weights of an exported GGUF ("f16", "q8_0"); None: f16, or a .gguf as it is
     prefix_caching: bool = True  # reuse computed KV blocks of identical token prefixes across requests
+    speculative: str | None = None  # "ngram": requests draft and verify (engine/speculation.py) unless they say "off"
 
     def __post_init__(self) -> None:
         resolve_dtype(self.dtype)  # validates
@@ -68,6 +70,8 @@ class EngineConfig:
             raise ValueError(f"quant must be one of {', '.join(GGUF_QUANTS)}, got {self.quant!r}")
         if self.quant is not None and self.backend != "llamacpp":
             raise ValueError("quant applies to backend='llamacpp' only")
+        if self.speculative not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative must be None or one of {', '.join(SPECULATIVE_METHODS[1:])}, got {self.speculative!r}")
         for name in ("block_size", "num_kv_blocks", "max_batch_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

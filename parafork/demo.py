@@ -110,13 +110,14 @@ def verdict(apar: Run, serial: Run, base: Run, machine: str) -> list[str]:
 
 
 def main(args) -> int:
+    from .cli import engine_options
     from .config import machine_key
 
-    tuned = LLM(args.model, dtype=args.dtype, cpu_threads=args.cpu_threads, backend=args.backend, quant=args.quant)
+    tuned = LLM(args.model, **engine_options(args))
     if not tuned.adapter:
         print("parafork demo needs an APAR-tuned model (the 'bundled' one); this one never forks.", file=sys.stderr)
         return 2
-    base = LLM("base", dtype=args.dtype, cpu_threads=args.cpu_threads, backend=args.backend, quant=args.quant)
+    base = LLM("base", **engine_options(args))
     params = dict(max_tokens=args.max_tokens)
     live = args.live and sys.stdout.isatty()
     print(f"Prompt: {args.prompt}\n")

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 Mode = Literal["apar", "serial", "ar", "raw"]
 MODES: tuple[str, ...] = get_args(Mode)
 FORKING_MODES = ("apar", "serial")
+MAX_DRAFT_TOKENS = 8  # the most draft tokens a thread verifies per step (sizes llama.cpp's output rows)
 
 
 class LogitsRule(Protocol):
@@ -49,6 +50,10 @@ class SamplingParams:
     # Log-probabilities of the restored tokens under the model (its raw distribution), plus the
     # `logprobs` most likely alternatives per token; None: none.
     logprobs: int | None = None
+    # Speculative decoding inside every thread (engine/speculation.py): "ngram" drafts up to
+    # `num_draft_tokens` tokens per step by prompt lookup; "off" never; None: the engine's default.
+    speculative: Literal["ngram", "off"] | None = None
+    num_draft_tokens: int = 4
     logits_rules: Sequence[LogitsRule] = ()
 
     def __post_init__(self) -> None:
@@ -85,6 +90,11 @@ class SamplingParams:
         rp = self.repetition_penalty
         if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not 0 < rp <= 10:
             raise bad(f"repetition_penalty must be in (0, 10], got {rp!r}")
+        if self.speculative not in (None, "ngram", "off"):
+            raise bad(f"speculative must be None, 'ngram' or 'off', got {self.speculative!r}")
+        k = self.num_draft_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT_TOKENS:
+            raise bad(f"num_draft_tokens must be an integer in [1, {MAX_DRAFT_TOKENS}], got {k!r}")
         lp = self.logprobs
         if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= 20):
             raise bad(f"logprobs must be None or an integer in [0, 20], got {lp!r}")

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine.engine import EngineStats, RequestOutput
 from .llm import LLM
-from .sampling import Mode, SamplingParams
+from .sampling import MAX_DRAFT_TOKENS, Mode, SamplingParams
 
 
 class APIError(Exception):
@@ -150,6 +150,8 @@ class ParaforkOptions(BaseModel):
     max_threads: int = Field(16, ge=1, le=64)
     plan_budget: bool = True
     no_repeat_heads: bool = True
+    speculative: Literal["ngram", "off"] | None = None  # None: the server's --speculative
+    num_draft_tokens: int = Field(4, ge=1, le=MAX_DRAFT_TOKENS)
 
 
 # Fields clients send that parafork does not implement yet: their "off" values are accepted (they
@@ -224,6 +226,8 @@ class _Common(BaseModel):
             max_threads=self.parafork.max_threads,
             plan_budget=self.parafork.plan_budget,
             no_repeat_heads=self.parafork.no_repeat_heads,
+            speculative=self.parafork.speculative,
+            num_draft_tokens=self.parafork.num_draft_tokens,
             logit_bias=self.logit_bias,
             skip_special_tokens=self.skip_special_tokens,
             stop=self.stop or (),
@@ -412,6 +416,8 @@ def _usage(outs: list[RequestOutput]) -> dict:
             "decode_steps": max(o.num_steps for o in outs),
             "threads": sum(o.num_threads for o in outs),
             "generated_tokens": sum(o.num_generated_tokens for o in outs),
+            "draft_tokens": sum(o.num_draft_tokens for o in outs),
+            "accepted_draft_tokens": sum(o.num_accepted_tokens for o in outs),
         },
     }
 
@@ -478,7 +484,8 @@ class _Reply:
 def serve(args) -> None:
     import uvicorn
 
-    llm = LLM(args.model, dtype=args.dtype, cpu_threads=args.cpu_threads, num_kv_blocks=args.kv_blocks, backend=args.backend,
-              quant=args.quant)
+    from .cli import engine_options
+
+    llm = LLM(args.model, num_kv_blocks=args.kv_blocks, **engine_options(args))
     app = create_app(llm, args.served_name or args.model, api_key=args.api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

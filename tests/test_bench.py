@@ -14,7 +14,7 @@ from parafork.cli import main
 def _args(tiny_dir, tmp_path, **extra) -> SimpleNamespace:
     base = dict(
         model=str(tiny_dir), base_model=str(tiny_dir), adapter=None, dtype="float32", cpu_threads=1, suite="vicuna",
-        backend="auto", quant=None,
+        backend="auto", quant=None, spec=None,
         limit=None, per_category=None, max_tokens=12, json=str(tmp_path / "out.json"), plot=str(tmp_path / "out.png"),
     )
     return SimpleNamespace(**{**base, **extra})
@@ -107,6 +107,20 @@ def test_latency_figures_agree_with_hf_and_the_engine(tiny_dir, tmp_path):
         total = prompt + ar["generated"]
         assert ar["attn_work"] == (total - 1) * total // 2
         assert ar["steps"] == ar["generated"] and ar["threads"] == 1
+
+
+def test_latency_with_spec_adds_the_speculative_modes_and_their_figures(tiny_dir, tmp_path):
+    result = latency.run(_args(tiny_dir, tmp_path, modes="ar,apar,serial", spec="ngram", limit=2, max_tokens=40, plot=None))
+    assert result["config"]["modes"] == ["ar", "apar", "serial", "ar+spec", "apar+spec"]
+    assert {"apar_spec_vs_apar", "apar_spec_vs_serial", "ar_spec_vs_ar"} <= set(result["speedup_tok_s"])
+    spec = result["modes"]["ar+spec"]
+    assert spec["acceptance"] > 0 and spec["accepted_per_step"] > 0 and result["modes"]["ar"]["acceptance"] == 0
+    for q in result["questions"]:  # greedy: drafts change the steps, not the answer
+        for mode in ("ar", "apar"):
+            assert q["modes"][f"{mode}+spec"]["same_as_plain"] and q["modes"][f"{mode}+spec"]["text"] == q["modes"][mode]["text"]
+        ar, spec = q["modes"]["ar"], q["modes"]["ar+spec"]
+        assert spec["steps"] == ar["steps"] - spec["accepted"]
+    assert result["per_category"]["generic"]["modes"]["apar+spec"]["acceptance"] >= 0
 
 
 def test_an_interrupted_latency_run_resumes_from_its_checkpoint(tiny_dir, tmp_path):

@@ -1,6 +1,8 @@
 """The llama.cpp backend (threads as llama.cpp sequences in one unified KV cache) against
 llama.cpp on its own: the same GGUF, token for token; forks against separate runs; every
 sequence and KV cell free after any request ends."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -78,11 +80,12 @@ def test_concurrent_forked_requests_equal_each_run_alone(tiny_dir):
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(blocks=st.integers(14, 40), forks=st.sets(st.integers(1, 10), max_size=4), abort_after=st.integers(0, 12))
-def test_after_finish_abort_and_preemption_every_sequence_and_cell_is_free(tiny_dir, blocks, forks, abort_after):
+@given(blocks=st.integers(14, 40), forks=st.sets(st.integers(1, 10), max_size=4), abort_after=st.integers(0, 12),
+       spec=st.sampled_from(["off", "ngram"]))
+def test_after_finish_abort_and_preemption_every_sequence_and_cell_is_free(tiny_dir, blocks, forks, abort_after, spec):
     llm = tiny_llamacpp(tiny_dir, num_kv_blocks=blocks)
     force = ForceForks(llm.control, frozenset(forks), child_tokens=8, root_tokens=14)
-    params = SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=80, logits_rules=[force])
+    params = SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=80, logits_rules=[force], speculative=spec)
     ids = [llm.add_request({"prompt_token_ids": list(range(500 + 3 * i, 516 + 3 * i))}, params) for i in range(4)]
     steps = 0
     while llm.has_unfinished_requests():
@@ -94,6 +97,40 @@ def test_after_finish_abort_and_preemption_every_sequence_and_cell_is_free(tiny_
         assert llm.runner.live == with_ids
     llm.check_idle()
     assert not llm.runner.live
+    assert all(llm.runner.cells_in_use(s) == (-1, -1) for s in range(MAX_SEQUENCES))
+
+
+def test_drafts_on_llamacpp_give_the_same_tokens_and_leave_no_rejected_cell(tiny_dir, base_dir):
+    # The shipped Q4_1 GGUF, AR: drafts verified by llama.cpp equal llama.cpp's own greedy loop.
+    base = LLM("base", backend="llamacpp", cpu_threads=1, num_kv_blocks=64)
+    accepted = 0
+    for prompt in PROMPTS[:2]:
+        own, _ = reference_greedy(models.base_gguf_path(), base.encode(prompt), 64, threads=1, stop_ids=base.control.eos_ids)
+        out = base.generate(prompt, SamplingParams(max_tokens=64, mode="ar", speculative="ngram"))[0]
+        assert out.token_ids == [t for t in own if t not in base.control.eos_ids]
+        accepted += out.num_accepted_tokens
+    assert accepted > 0
+    # The tiny model with forks: the same tree as without drafts; after every step a sequence
+    # holds cells up to its last cached token and no further (rejected positions removed).
+    llm = tiny_llamacpp(tiny_dir)
+    force = ForceForks(llm.control, frozenset({2, 6}), child_tokens=20, root_tokens=24)
+    params = SamplingParams(max_tokens=300, logits_rules=[force], plan_budget=False, no_repeat_heads=False)
+    prompts = [{"prompt_token_ids": list(range(400 + 5 * i, 420 + 5 * i))} for i in range(3)]
+    plain = llm.generate(prompts, params)
+    ids = [llm.add_request(p, replace(params, speculative="ngram"), stream=False) for p in prompts]
+    outs = {}
+    while llm.has_unfinished_requests():
+        for out in llm.step():
+            if out.finished:
+                outs[out.request_id] = out
+        for request in llm.requests.values():
+            for t in request.threads:
+                if t.seq_id is not None and t.num_cached:
+                    assert llm.runner.cells_in_use(t.seq_id)[1] == t.num_cached - 1
+    assert [outs[i].token_ids for i in ids] == [o.token_ids for o in plain]
+    assert sum(outs[i].num_accepted_tokens for i in ids) > 0
+    assert sum(outs[i].num_draft_tokens - outs[i].num_accepted_tokens for i in ids) > 0  # rejections happened
+    llm.check_idle()
     assert all(llm.runner.cells_in_use(s) == (-1, -1) for s in range(MAX_SEQUENCES))
 
 
@@ -135,7 +172,7 @@ def test_latency_bench_and_generate_run_on_the_llamacpp_backend(tiny_dir, tmp_pa
     args = SimpleNamespace(
         model=str(tiny_dir), base_model=str(tiny_dir), adapter=None, dtype="float32", cpu_threads=1, suite="vicuna",
         backend="llamacpp", quant="q8_0", limit=2, per_category=None, max_tokens=10, json=str(tmp_path / "lat.json"),
-        plot=None, modes="ar,apar,serial,llamacpp",
+        plot=None, modes="ar,apar,serial,llamacpp", spec=None,
     )
     latency.run(args)
     saved = json.loads((tmp_path / "lat.json").read_text())

@@ -202,6 +202,23 @@ def test_penalties_reach_the_sampler(server):
         story(c, presence_penalty=2.5)
 
 
+def test_speculative_drafts_through_the_server(server):
+    url, llm = server
+    c = client(url)
+    body = dict(model="tiny", messages=[{"role": "user", "content": "Count."}], max_tokens=48, temperature=0)
+    plain = c.chat.completions.create(**body, extra_body={"parafork": {"mode": "ar"}})
+    drafted = c.chat.completions.create(**body, extra_body={"parafork": {"mode": "ar", "speculative": "ngram",
+                                                                         "num_draft_tokens": 3}})
+    assert drafted.choices[0].message.content == plain.choices[0].message.content
+    usage = drafted.usage.model_extra["parafork"]
+    assert usage["accepted_draft_tokens"] > 0 and usage["draft_tokens"] >= usage["accepted_draft_tokens"]
+    assert plain.usage.model_extra["parafork"]["draft_tokens"] == 0
+    for bad in ({"speculative": "eagle"}, {"speculative": "ngram", "num_draft_tokens": 9}):
+        with pytest.raises(openai.BadRequestError):
+            c.chat.completions.create(**body, extra_body={"parafork": bad})
+    wait_pool_full(llm)
+
+
 def test_logprobs_chat_and_completions_streamed_or_not(server):
     url, llm = server
     c = client(url)

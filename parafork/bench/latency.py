@@ -10,7 +10,11 @@ with the same `max_tokens`:
 - `llamacpp`: with `--backend llamacpp`, llama.cpp on its own (one sequence, greedy, no engine)
   on the GGUF the engine runs, `[Fork]` banned: `apar_vs_llamacpp` is APAR on llama.cpp against
   llama.cpp's own AR;
-- `sot`: Skeleton-of-Thought prompting with the untuned base model on the parafork engine.
+- `sot`: Skeleton-of-Thought prompting with the untuned base model on the parafork engine;
+- `ar+spec`, `apar+spec` (with `--spec ngram`): `ar` and `apar` with n-gram drafts verified inside
+  every thread (engine/speculation.py); per mode and category the draft acceptance and the
+  accepted draft tokens per step, per answer whether it equals the answer without drafts
+  (`same_as_plain`; greedy, so it should, unless the shared budget ran out at another point).
 
 Per answer: answer tokens (restored text, no control tokens), tokens sampled, decode steps,
 wall time, prefill time, threads, peak KV blocks, attention work (sum over fed tokens
@@ -41,10 +45,13 @@ from .common import (Checkpoint, add_output_args, add_suite_args, by_category, g
                      pyplot, report, save_figure, timed_run)
 from .suite import load_suite, select
 
-MODES = ("ar", "apar", "serial", "base", "hf", "sot", "llamacpp")
+MODES = ("ar", "apar", "serial", "base", "hf", "sot", "llamacpp", "ar+spec", "apar+spec")
 EARLY_STOP_TOKENS = 60
-ENGINE_MODES = ("ar", "apar", "serial")
+ENGINE_MODES = ("ar", "apar", "serial", "ar+spec", "apar+spec")
 SPEEDUPS = {
+    "apar_spec_vs_apar": ("apar+spec", "apar"),
+    "apar_spec_vs_serial": ("apar+spec", "serial"),
+    "ar_spec_vs_ar": ("ar+spec", "ar"),
     "apar_vs_ar": ("apar", "ar"),
     "apar_vs_serial": ("apar", "serial"),
     "apar_vs_base": ("apar", "base"),
@@ -60,6 +67,7 @@ def add_arguments(p) -> None:
     add_output_args(p)
     p.add_argument("--base-model", default="base", help="the untuned model (base, hf, sot)")
     p.add_argument("--modes", default="ar,apar,serial,base,hf,sot", help="comma list of " + ", ".join(MODES))
+    p.add_argument("--spec", default=None, choices=["ngram"], help="add modes ar+spec and apar+spec (speculative drafts)")
 
 
 def numbering_intact(text: str) -> bool:
@@ -138,6 +146,8 @@ def _engine_record(llm: LLM, prompt: str, params: SamplingParams) -> dict:
         "threads": out.num_threads,
         "peak_kv_blocks": out.peak_kv_blocks,
         "attn_work": out.attention_work,
+        "drafted": out.num_draft_tokens,
+        "accepted": out.num_accepted_tokens,
         **answer_checks(out.text, out.finish_reason),
     }
 
@@ -184,14 +194,22 @@ def aggregate(records: list[dict]) -> dict:
         "repeated_head_rate": sum(r.get("repeated_head", False) for r in records) / len(records),
         "cut_rate": sum(r.get("cut", False) for r in records) / len(records),
         "early_stop_rate": sum(r.get("early_stop", False) for r in records) / len(records),
+        # Speculative modes: accepted / drafted tokens, accepted draft tokens per decode step.
+        "acceptance": sum(r.get("accepted", 0) for r in records) / max(1, sum(r.get("drafted", 0) for r in records)),
+        "accepted_per_step": sum(r.get("accepted", 0) for r in records) / max(1, steps),
+        "same_as_plain_rate": sum(r.get("same_as_plain", True) for r in records) / len(records),
     }
 
 
 def mark_early_stops(record: dict) -> None:
-    """`early_stop` on a question's `ar` answer: under 60 tokens where its `apar` answer forks."""
+    """`early_stop` on a question's `ar` answer: under 60 tokens where its `apar` answer forks;
+    `same_as_plain` on a speculative answer: equal to the answer of the mode without drafts."""
     modes = record["modes"]
     if "ar" in modes and "apar" in modes:
         modes["ar"]["early_stop"] = modes["ar"]["tokens"] < EARLY_STOP_TOKENS and modes["apar"]["threads"] > 1
+    for mode in ("ar", "apar"):
+        if mode in modes and f"{mode}+spec" in modes:
+            modes[f"{mode}+spec"]["same_as_plain"] = modes[f"{mode}+spec"]["text"] == modes[mode]["text"]
 
 
 def speedups(modes: dict[str, dict]) -> tuple[dict, dict]:
@@ -247,7 +265,9 @@ def run_latency(
         rec = {**q, "modes": {}}
         for mode in modes:
             if mode in ENGINE_MODES:
-                rec["modes"][mode] = _engine_record(tuned, q["prompt"], SamplingParams(max_tokens=max_tokens, mode=mode))
+                plain, spec = mode.removesuffix("+spec"), "ngram" if mode.endswith("+spec") else "off"
+                params = SamplingParams(max_tokens=max_tokens, mode=plain, speculative=spec)
+                rec["modes"][mode] = _engine_record(tuned, q["prompt"], params)
             elif mode == "base":
                 rec["modes"][mode] = _engine_record(base, q["prompt"], SamplingParams(max_tokens=max_tokens, mode="ar"))
             elif mode == "llamacpp":
@@ -281,6 +301,8 @@ def print_table(result: dict) -> None:
         prefill = focus["prefill_share"]
         line += f" {focus['fork_rate']:6.0%} {focus['threads_mean']:7.1f} {focus['tokens_per_step']:8.2f} {focus['step_ms']:7.1f}"
         line += f" {(prefill or 0):7.1%} {focus['numbering_intact']:5.0%} {focus['stray_control']:5d}"
+        line += "".join(f" {m} accept {ms[m]['acceptance']:.0%} {ms[m]['accepted_per_step']:.2f}/step"
+                        for m in modes if m.endswith("+spec"))
         print(line)
     print("speed-ups are ratios of total wall time; tokens/s ratios:",
           ", ".join(f"{k} {v:.2f}x" for k, v in result["speedup_tok_s"].items()) or "-")
@@ -302,8 +324,11 @@ def plot(result: dict, path: str) -> None:
 
 def run(args) -> dict:
     questions = select(load_suite(args.suite), args.limit, args.per_category)
+    modes = parse_list(args.modes, "--modes", allowed=MODES)
+    if args.spec:
+        modes += [m for m in ("ar+spec", "apar+spec") if m not in modes]
     result = run_latency(
-        questions, parse_list(args.modes, "--modes", allowed=MODES), args.model, args.adapter, args.base_model, args.dtype, args.cpu_threads,
+        questions, modes, args.model, args.adapter, args.base_model, args.dtype, args.cpu_threads,
         args.max_tokens, args.json, args.backend, args.quant,
     )
     result["config"]["suite"] = args.suite

@@ -132,6 +132,18 @@ class BlockManager:
         child.block_table.append(dst)
         return BlockCopy(parent.block_table[full], dst, tail)
 
+    def truncate(self, thread: Thread, num_tokens: int) -> None:
+        """Cuts the thread's block table to the blocks its first `num_tokens` tokens need (after a
+        rejected draft); the blocks cut were taken for the draft, so only this thread held them."""
+        keep = -(-num_tokens // self.block_size)
+        held = thread.request.held_blocks
+        for block in thread.block_table[keep:]:
+            assert self.ref_counts[block] == 1 and held[block] == 1, "a draft's block is shared"
+            self.ref_counts[block] = 0
+            self.free_blocks.append(block)
+            del held[block]
+        del thread.block_table[keep:]
+
     def free(self, thread: Thread) -> None:
         """Drops the thread's references; blocks nobody else holds return to the pool."""
         held = thread.request.held_blocks

@@ -22,6 +22,7 @@ from ..config import EngineConfig
 from ..restore import linearize, restore_origins
 from ..sampling import FORKING_MODES, SamplingParams
 from ..tokens import ControlTokens
+from . import speculation
 from .block_manager import BlockManager
 from .runner import Runner, SequenceSlice
 from .sampler import apply_apar_rules, apply_penalties, model_logprobs, sample, token_logprob
@@ -44,6 +45,8 @@ class RequestOutput:
     num_prompt_tokens: int
     attention_work: int = 0  # sum over fed tokens of the KV length each attends to
     num_preemptions: int = 0
+    num_draft_tokens: int = 0  # speculative draft tokens fed (engine/speculation.py)
+    num_accepted_tokens: int = 0  # of which the model's own samples agreed with
     error: str | None = None
     complete: bool = False  # token_ids hold the whole tree (no thread may add tokens before their end)
     # With SamplingParams.logprobs: per restored token, (log-probability, [(token, log-probability)] top).
@@ -165,52 +168,119 @@ class Engine:
             self._finish_request(request, request.finish_reason)
         self._release_sequences()
         if batch.threads:
+            self._draft(batch)
             logits = self._run(batch)
             rows, ready = self._advance(batch)
             if ready:
-                self._sample(logits[rows], ready)
+                self._sample(logits, rows, ready)
             for thread in batch.threads:
                 touched[thread.request.request_id] = thread.request
         return [self._account(request) for request in touched.values()]
 
+    def _speculates(self, thread: Thread) -> bool:
+        method = thread.request.params.speculative
+        return (method or self.config.speculative or "off") != "off"
+
+    def _draft(self, batch: ScheduledBatch) -> None:
+        """Drafts for the threads that sample this step and speculate (speculation.py)."""
+        for i, (thread, n) in enumerate(zip(batch.threads, batch.num_tokens)):
+            if n != len(thread.pending) or not self._speculates(thread):
+                continue
+            request, params = thread.request, thread.request.params
+            # Room for every draft token to be accepted and one more sampled after them.
+            room = min(params.max_tokens - request.num_generated, self.config.max_model_len - len(thread.token_ids)) - 1
+            k = min(speculation.draft_length(thread.draft_stats, params.num_draft_tokens, self.runner.info.draft_row_cost), room)
+            if k <= 0:
+                thread.draft_stats.idle()
+                continue
+            thread.draft = self.scheduler.add_draft(batch, i, speculation.propose(thread, k, self.control))
+
     def _run(self, batch: ScheduledBatch):
         slices = [
-            SequenceSlice(t.seq_id, t.pending[:n], t.num_cached, t.block_table)
+            SequenceSlice(t.seq_id, t.pending[:n] + t.draft, t.num_cached, t.block_table, 1 + len(t.draft))
             for t, n in zip(batch.threads, batch.num_tokens)
         ]
         self.total_steps += 1
         return self.runner.forward(slices)
 
     def _advance(self, batch: ScheduledBatch) -> tuple[list[int], list[Thread]]:
-        """Marks the fed tokens cached; the threads whose whole context is now fed sample."""
-        rows, ready = [], []
-        for i, (thread, n) in enumerate(zip(batch.threads, batch.num_tokens)):
-            # Token k (0-based position) attends to k + 1 keys; this slice holds positions c..c+n-1.
-            thread.request.attention_work += n * thread.num_cached + n * (n + 1) // 2
+        """Marks the fed tokens cached; the threads whose whole context is now fed sample.
+        Returns each of those threads' first logits row, and the threads."""
+        rows, ready, row = [], [], 0
+        for thread, n in zip(batch.threads, batch.num_tokens):
+            fed = n + len(thread.draft)
+            # Token k (0-based position) attends to k + 1 keys; this slice holds positions c..c+fed-1.
+            thread.request.attention_work += fed * thread.num_cached + fed * (fed + 1) // 2
             thread.num_cached += n
             self.block_manager.register(thread)
             if thread.num_cached == len(thread.token_ids):
-                rows.append(i)
+                rows.append(row)
                 ready.append(thread)
+            row += 1 + len(thread.draft)
         return rows, ready
 
-    def _sample(self, logits, ready: list[Thread]) -> None:
-        logprobs = model_logprobs(logits, ready)  # the model's own distribution, before any rule
-        apply_penalties(logits, ready, self.control)
-        apply_apar_rules(logits, ready, self.control, fork_room=self.seq_ids.room)
-        for i, thread in enumerate(ready):
+    def _choose(self, logits, threads: list[Thread]) -> list[tuple[int, tuple | None]]:
+        """One token per row (and its logprob entry where asked for), with every rule applied
+        over each thread's tokens so far; `logits` is changed in place."""
+        logprobs = model_logprobs(logits, threads)  # the model's own distribution, before any rule
+        apply_penalties(logits, threads, self.control)
+        apply_apar_rules(logits, threads, self.control, fork_room=self.seq_ids.room)
+        for i, thread in enumerate(threads):
             for rule in thread.request.params.logits_rules:
                 rule(thread, logits[i])
-        for i, (thread, token) in enumerate(zip(ready, sample(logits, ready))):
-            if thread.logprobs is not None:
-                thread.logprobs.append(token_logprob(logprobs[i], token, thread.request.params.logprobs))
-            self._apply_token(thread, token)
+        return [
+            (token, token_logprob(logprobs[i], token, t.request.params.logprobs) if i in logprobs else None)
+            for i, (t, token) in enumerate(zip(threads, sample(logits, threads)))
+        ]
 
-    def _apply_token(self, thread: Thread, token: int) -> None:
-        request, params, control = thread.request, thread.request.params, self.control
+    def _sample(self, logits, rows: list[int], ready: list[Thread]) -> None:
+        """Every ready thread's first token is chosen from its first row, all at once, as before
+        any token of the step is applied. A thread with a draft then goes on through its
+        draft's rows while each sample equals the draft token (speculation.py)."""
+        chosen = self._choose(logits[rows], ready)
+        for thread, row, (token, logprob) in zip(ready, rows, chosen):
+            draft, accepted = thread.draft, 0
+            while accepted < len(draft) and token == draft[accepted] and not self._ends_step(thread, token):
+                self._append(thread, token, logprob)
+                thread.num_cached += 1  # the draft token's K/V were computed in this forward
+                accepted += 1
+                token, logprob = self._choose(logits[row + accepted : row + accepted + 1].clone(), [thread])[0]
+            if draft:
+                self._settle_draft(thread, accepted)
+            self._apply_token(thread, token, logprob)
+
+    def _ends_step(self, thread: Thread, token: int) -> bool:
+        """Tokens after which a thread stops accepting its draft: forks, ends and the budget
+        are settled at the end of a step."""
+        control, request = self.control, thread.request
+        return (
+            token in (control.fork_id, control.child_id)
+            or token in control.eos_ids
+            or request.num_generated + 1 >= request.params.max_tokens
+            or len(thread.token_ids) + 1 >= self.config.max_model_len
+        )
+
+    def _settle_draft(self, thread: Thread, accepted: int) -> None:
+        """Counts the draft, gives back the KV of its rejected positions, registers what was verified."""
+        request = thread.request
+        request.num_draft_tokens += len(thread.draft)
+        request.num_accepted_tokens += accepted
+        thread.draft_stats.update(len(thread.draft), accepted)
+        thread.draft = []
+        self.block_manager.truncate(thread, thread.num_cached + 1)  # cached tokens and the one to come
+        self.runner.truncate(thread.seq_id, thread.num_cached)
+        self.block_manager.register(thread)
+
+    def _append(self, thread: Thread, token: int, logprob) -> None:
         thread.token_ids.append(token)
-        request.num_generated += 1
+        if thread.logprobs is not None:
+            thread.logprobs.append(logprob)
+        thread.request.num_generated += 1
         self._counts["tokens"] += 1
+
+    def _apply_token(self, thread: Thread, token: int, logprob=None) -> None:
+        request, params, control = thread.request, thread.request.params, self.control
+        self._append(thread, token, logprob)
         if token == control.fork_id and params.mode in FORKING_MODES:
             child = request.fork(thread, control.child_id)
             request.num_generated += 1
@@ -268,6 +338,8 @@ class Engine:
             num_prompt_tokens=len(request.prompt_token_ids),
             attention_work=request.attention_work,
             num_preemptions=request.num_preemptions,
+            num_draft_tokens=request.num_draft_tokens,
+            num_accepted_tokens=request.num_accepted_tokens,
             error=request.error,
             complete=complete,
             logprobs=logprobs,

@@ -37,6 +37,9 @@ class HFRunner:
     def release(self, seq_id: int) -> None:
         """Nothing to do: slots belong to blocks, which the engine's block manager frees."""
 
+    def truncate(self, seq_id: int, num_tokens: int) -> None:
+        """Nothing to do: slots past the end are overwritten when those positions are fed again."""
+
     @torch.inference_mode()
     def forward(self, batch: list[SequenceSlice]) -> torch.Tensor:
         contexts = []
@@ -51,4 +54,5 @@ class HFRunner:
             ids[i, longest - len(context) :] = context
             mask[i, longest - len(context) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        return torch.cat([logits[i, longest - s.num_logits :] for i, s in enumerate(batch)]).float()

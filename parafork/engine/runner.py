@@ -4,8 +4,9 @@ A runner holds the weights and the KV storage. The engine owns everything else: 
 threads run, their block tables, sampling, forks and restoration. Per step the engine
 hands the runner a batch of `SequenceSlice`s (a sequence id that stays the same for the
 thread's whole life, the new tokens, the position of the first one, the block table)
-and gets back each slice's last-token logits. Two explicit calls keep a backend that
-addresses KV by sequence (llama.cpp) in step with the engine:
+and gets back the logits of each slice's last `num_logits` tokens (one, except where the
+engine verifies a speculative draft: `speculation.py`). Three explicit calls keep a backend
+that addresses KV by sequence (llama.cpp) in step with the engine:
 
 - `fork(parent, child, copy)`: `child` starts with `parent`'s cached context. A paged
   backend shares the full blocks through the block tables it is given and only copies the
@@ -13,6 +14,9 @@ addresses KV by sequence (llama.cpp) in step with the engine:
 - `release(seq_id)`: the sequence ended (finished, aborted, or preempted to be recomputed
   later under a new id); a sequence-addressed backend frees its cells. Every sequence id
   the engine used is released exactly once.
+- `truncate(seq_id, num_tokens)`: the sequence keeps the KV of its first `num_tokens`
+  positions only (a rejected draft's tail); a paged backend has nothing to do, the engine's
+  block manager frees the blocks.
 
 `build_runner` loads only what the chosen backend needs.
 """
@@ -31,12 +35,14 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SequenceSlice:
     """Work for one sequence (an APAR thread) in one forward: feed `token_ids` at positions
-    `start_pos`, `start_pos + 1`, ...; its K/V live in the slots of `block_table`."""
+    `start_pos`, `start_pos + 1`, ...; its K/V live in the slots of `block_table`; return the
+    logits of its last `num_logits` tokens."""
 
     seq_id: int
     token_ids: list[int]
     start_pos: int
     block_table: list[int]
+    num_logits: int = 1
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,8 @@ class RunnerInfo:
     max_live_sequences: int | None  # None: no limit beyond the KV pool
     control_tokens: bool = True  # the model's vocabulary has [Fork]/[Child]: forking modes need them
     gguf: Path | None = None  # the GGUF file the weights come from (llama.cpp), for baselines on the same file
+    # One more fed row's cost relative to a one-row step (sizes speculative drafts: speculation.py).
+    draft_row_cost: float = 0.1
 
 
 @runtime_checkable
@@ -64,12 +72,15 @@ class Runner(Protocol):
     info: RunnerInfo
 
     def forward(self, batch: list[SequenceSlice]) -> torch.Tensor:
-        """float32 logits `[len(batch), vocab]` of each slice's last token."""
+        """float32 logits `[sum(num_logits), vocab]`: each slice's last `num_logits` tokens,
+        in batch order, positions ascending."""
         ...
 
     def fork(self, parent: int, child: int, copy: BlockCopy | None) -> None: ...
 
     def release(self, seq_id: int) -> None: ...
+
+    def truncate(self, seq_id: int, num_tokens: int) -> None: ...
 
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")

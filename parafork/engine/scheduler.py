@@ -32,7 +32,8 @@ from .thread import FinishReason, Request, Thread
 @dataclass
 class ScheduledBatch:
     threads: list[Thread] = field(default_factory=list)
-    num_tokens: list[int] = field(default_factory=list)  # tokens each thread feeds this step
+    num_tokens: list[int] = field(default_factory=list)  # tokens each thread feeds this step (draft not included)
+    tokens_left: int = 0  # of the step's max_batch_tokens, after every thread's pending tokens
 
     def __len__(self) -> int:
         return len(self.threads)
@@ -183,7 +184,22 @@ class Scheduler:
             self.waiting.pop(0)
             bisect.insort(self.running, request, key=lambda r: r.arrival)
             budget = left
+        batch.tokens_left = budget
         return batch, unservable
+
+    def add_draft(self, batch: ScheduledBatch, index: int, draft: list[int]) -> list[int]:
+        """Gives thread `index` of the batch the part of `draft` that the step's token budget
+        and the free KV blocks allow (drafts come after every thread's and request's
+        pending tokens and never cause a preemption); returns that part."""
+        thread = batch.threads[index]
+        fed = thread.num_cached + batch.num_tokens[index]
+        n = min(len(draft), batch.tokens_left)
+        while n and self.block_manager.blocks_needed(thread, fed + n) > self.block_manager.num_free:
+            n -= 1
+        if n:
+            self.block_manager.allocate(thread, fed + n)
+            batch.tokens_left -= n
+        return draft[:n]
 
     def _fail(self, request: Request) -> None:
         request.finish_reason = FinishReason.LENGTH if request.num_generated else FinishReason.ERROR

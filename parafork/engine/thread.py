@@ -16,6 +16,7 @@ from enum import Enum
 import torch
 
 from ..sampling import SamplingParams
+from .speculation import DraftStats
 
 
 class FinishReason(str, Enum):
@@ -45,6 +46,8 @@ class Thread:
     generator: torch.Generator | None = None  # per thread, so samples do not depend on batching
     # Per own token when the request asks for logprobs: (log-probability, top alternatives), None if forced.
     logprobs: list | None = None
+    draft: list[int] = field(default_factory=list)  # this step's draft tokens, fed after `pending` (speculation.py)
+    draft_stats: DraftStats = field(default_factory=DraftStats)
 
     @property
     def own_tokens(self) -> list[int]:
@@ -78,6 +81,8 @@ class Request:
         self.held_blocks: dict[int, int] = {}  # KV block -> how many of this request's threads hold it
         self.peak_blocks = 0  # most distinct KV blocks held at once (after a step)
         self.attention_work = 0  # sum over fed tokens of the keys each one attends to
+        self.num_draft_tokens = 0  # draft tokens fed (speculation.py)
+        self.num_accepted_tokens = 0  # of which the model's own samples agreed with
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
         self.streaming = True  # outputs carry text at every step (else only when finished)

@@ -82,7 +82,7 @@ class _StepInputs:
     max_kv: int
     query_index: torch.Tensor | None  # [B*Q] rows of the flat tokens, None when Q == 1
     valid_rows: torch.Tensor | None  # [T] rows of the padded [B*Q] layout that are real
-    last_rows: torch.Tensor  # [B] flat row of each sequence's last token
+    last_rows: torch.Tensor  # flat rows of each sequence's last num_logits tokens
     max_q: int
 
 
@@ -119,6 +119,8 @@ class TorchRunner:
             weight_bytes=weight_bytes,
             prefix_caching=True,
             max_live_sequences=None,
+            # Step of 1/8 rows: 49.3/78.8 ms on a 2-core AVX2 EPYC (fp32), 12.7/17.3 ms on Zen 5 (bf16).
+            draft_row_cost=0.08,
         )
         self._init_rope(config)
         # Slot num_blocks*block_size is a scratch slot: padded keys point there.
@@ -150,6 +152,9 @@ class TorchRunner:
 
     def release(self, seq_id: int) -> None:
         """Nothing to do: a sequence's KV is its blocks, which the engine's block manager frees."""
+
+    def truncate(self, seq_id: int, num_tokens: int) -> None:
+        """Nothing to do: slots past the end are overwritten when those positions are fed again."""
 
     def _prepare(self, batch: list[SequenceSlice]) -> _StepInputs:
         bs = self.block_size
@@ -203,9 +208,16 @@ class TorchRunner:
             max_kv=max_kv,
             query_index=query_index,
             valid_rows=valid_rows,
-            last_rows=row_starts + q_len_t - 1,
+            last_rows=self._logit_rows(batch, (row_starts + q_len_t).tolist()),
             max_q=max_q,
         )
+
+    @staticmethod
+    def _logit_rows(batch: list[SequenceSlice], ends: list[int]) -> torch.Tensor:
+        """Flat rows of each slice's last `num_logits` tokens (`ends`: one past each slice's last row)."""
+        if all(s.num_logits == 1 for s in batch):
+            return torch.tensor(ends) - 1
+        return torch.tensor([r for s, end in zip(batch, ends) for r in range(end - s.num_logits, end)])
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # One fused op (accumulates in fp32 for bf16 too) instead of HF's eight.
@@ -246,7 +258,7 @@ class TorchRunner:
 
     @torch.inference_mode()
     def forward(self, batch: list[SequenceSlice]) -> torch.Tensor:
-        """Runs one step; returns float32 logits `[len(batch), vocab]` of each slice's last token."""
+        """Runs one step; returns float32 logits of each slice's last `num_logits` tokens."""
         inp = self._prepare(batch)
         x = self.embed[inp.token_ids]
         for i, layer in enumerate(self.layers):

@@ -1,0 +1,131 @@
+"""Speculative decoding inside threads: n-gram drafts verified in the step's one forward.
+
+A thread whose context is cached up to its last token may feed, with that token, a **draft**
+of up to k tokens guessed by prompt lookup (vLLM's `ngram` method, here per thread): the
+longest suffix of its context (`NGRAM_MAX` down to `NGRAM_MIN` tokens) that occurred before,
+first in what the thread sees (prompt, ancestors up to its fork, its own tokens), then in
+its request's other threads (siblings write similar phrases); the draft is the k tokens that
+followed the most recent occurrence. The runner returns logits at every fed position, and
+the engine samples position by position exactly as it would without a draft (the same APAR
+rules, penalties and logits rules over the thread's tokens so far, the same generator
+draws), accepting each draft token the sample equals. The first sample that differs, or
+the one after the last draft token, is the step's last token for the thread. So a step
+still adds at least one token per thread, and greedy output is the same token for token.
+
+**Temperature > 0.** Accepting draft token d exactly when a sample t ~ p equals d is the
+rejection-sampling rule for a draft that is a point mass: d is accepted with probability
+p(d), and a rejection yields a token drawn from the residual (p - 1_d)+, i.e. p without d,
+renormalized. Every position's token is therefore distributed as p, as in plain sampling;
+and since it spends one draw per position, as plain sampling does, a seeded request gives
+the same text with and without drafts.
+
+**Where acceptance stops.** After `[Fork]`, `[Child]` or an end token, and where the
+request's `max_tokens` or the model's context would be reached: forks, thread ends and the
+budget are settled at the end of a step, as without drafts. The draft itself stops after
+such a token.
+
+**Rejected positions.** Their K/V were written; the thread's block table is cut back to the
+blocks its cached tokens and the next one need (the rest go back to the pool), and the
+runner drops what lies beyond (`Runner.truncate`). Prefix-cache keys are registered only
+for verified tokens.
+
+**How long a draft.** A draft token costs a fed row; whether it pays depends on how often
+drafts are accepted. Each thread keeps a decayed count of accepted draft tokens and of
+rejections, which gives a per-token acceptance estimate a (prior 1/2); the draft length is
+the k <= `num_draft_tokens` that maximizes expected tokens per step over step cost,
+(1 + a + ... + a^k) / (1 + k * row_cost), with `row_cost` the runner's measured cost of one
+more fed row relative to a one-row step (`RunnerInfo.draft_row_cost`). Where that is k = 0 the
+thread does not draft, and its counts decay back toward the prior, so it tries again later.
+"""
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..tokens import ControlTokens
+    from .thread import Thread
+
+NGRAM_MAX = 4  # longest context suffix looked up
+NGRAM_MIN = 2  # shortest (one token matches almost anywhere and is rarely right)
+DECAY = 0.8  # weight of a thread's past verifications against the newest
+
+
+@dataclass
+class DraftStats:
+    """A thread's recent acceptance (decayed counts)."""
+
+    accepted: float = 0.0
+    rejected: float = 0.0
+
+    @property
+    def acceptance(self) -> float:
+        return (self.accepted + 1) / (self.accepted + self.rejected + 2)
+
+    def update(self, proposed: int, accepted: int) -> None:
+        self.accepted = self.accepted * DECAY + accepted
+        self.rejected = self.rejected * DECAY + (accepted < proposed)
+
+    def idle(self) -> None:
+        self.accepted *= DECAY
+        self.rejected *= DECAY
+
+
+def draft_length(stats: DraftStats, max_tokens: int, row_cost: float) -> int:
+    """The draft length with the most expected tokens per unit of step cost (0: do not draft)."""
+    a = min(stats.acceptance, 0.999)
+    best, best_value, expected = 0, 1.0, 1.0
+    for k in range(1, max_tokens + 1):
+        expected += a**k
+        value = expected / (1 + k * row_cost)
+        if value > best_value:
+            best, best_value = k, value
+    return best
+
+
+def _pack(tokens: list[int]) -> bytes:
+    return array("i", tokens).tobytes()
+
+
+def _follows(haystack: bytes, needle: bytes, end: int) -> int | None:
+    """Token index just after the last 4-byte-aligned occurrence of `needle` ending before
+    byte `end` of `haystack`, or None."""
+    while True:
+        at = haystack.rfind(needle, 0, end)
+        if at < 0:
+            return None
+        if at % 4 == 0:
+            return (at + len(needle)) // 4
+        end = at + len(needle) - 1
+
+
+def propose(thread: Thread, k: int, control: ControlTokens) -> list[int]:
+    """Up to `k` draft tokens for `thread` (empty: no n-gram of its context recurs)."""
+    context = thread.token_ids
+    if k <= 0 or len(context) <= NGRAM_MIN:
+        return []
+    own = _pack(context)
+    others: list[tuple[list[int], bytes]] | None = None
+    for n in range(min(NGRAM_MAX, len(context) - 1), NGRAM_MIN - 1, -1):
+        needle = own[-4 * n :]
+        start = _follows(own, needle, len(own) - 4)  # an occurrence before the suffix itself
+        if start is not None:
+            return _cut(context[start : start + k], control)
+        if others is None:
+            others = [(t.own_tokens, _pack(t.own_tokens)) for t in thread.request.threads if t is not thread]
+        for tokens, packed in others:
+            start = _follows(packed, needle, len(packed))
+            if start is not None and start < len(tokens):
+                return _cut(tokens[start : start + k], control)
+    return []
+
+
+def _cut(draft: list[int], control: ControlTokens) -> list[int]:
+    """The draft ends after a fork or end token and before a `[Child]` (never sampled)."""
+    for i, token in enumerate(draft):
+        if token == control.child_id:
+            return draft[:i]
+        if token == control.fork_id or token in control.eos_ids:
+            return draft[: i + 1]
+    return draft

@@ -1,0 +1,216 @@
+"""Speculative decoding inside threads (engine/speculation.py): n-gram drafts verified in the
+step's one forward. The oracle is the engine without drafts: greedy output token for token,
+seeded sampling draw for draw, and the sampled law by a chi-square test; KV invariants after
+every rejection; the budget never passed by accepted drafts."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from parafork.engine import speculation
+from parafork.engine.runner import SequenceSlice
+from parafork.engine.speculation import DraftStats, draft_length, propose
+from parafork.llm import LLM
+from parafork.rules import ForceForks
+from parafork.sampling import SamplingParams
+
+from .conftest import PROMPTS
+
+FREE = dict(plan_budget=False, no_repeat_heads=False)  # forced forks test mechanics, not answer policies
+PROMPT_IDS = [{"prompt_token_ids": list(range(300 + 7 * i, 310 + 9 * i))} for i in range(4)]
+
+
+class FewTokens:
+    """Every position samples from the same six tokens with fixed logits (forks as forced)."""
+
+    TOKENS = [500, 501, 502, 503, 504, 505]
+    LOGITS = torch.tensor([1.0, 0.5, 0.2, 0.0, -0.5, -1.0])
+
+    def __init__(self, control) -> None:
+        self.control = control
+
+    @classmethod
+    def probabilities(cls) -> torch.Tensor:
+        return torch.softmax(cls.LOGITS, 0)
+
+    def __call__(self, thread, logits: torch.Tensor) -> None:
+        if torch.isfinite(logits).sum() == 1:
+            return  # a token forced by an earlier rule (a fork, an end)
+        logits.fill_(float("-inf"))
+        logits[self.TOKENS] = self.LOGITS
+
+
+def _thread(context: list[int], others: list[list[int]] = ()):
+    request = SimpleNamespace(threads=[])
+    thread = SimpleNamespace(token_ids=context, own_tokens=context, request=request)
+    request.threads = [thread] + [SimpleNamespace(own_tokens=o) for o in others]
+    return thread
+
+
+def test_propose_copies_what_followed_the_latest_longest_match(tiny_llm):
+    control = tiny_llm.control
+    # The suffix (7, 8, 9) occurred twice; the latest occurrence was followed by 4, 5.
+    assert propose(_thread([7, 8, 9, 1, 2, 7, 8, 9, 4, 5, 6, 7, 8, 9]), 2, control) == [4, 5]
+    assert propose(_thread([7, 8, 9, 1, 2, 7, 8, 9, 4, 5, 6, 7, 8, 9]), 8, control) == [4, 5, 6, 7, 8, 9]
+    # A longer match wins over a more recent shorter one.
+    assert propose(_thread([1, 2, 3, 50, 9, 2, 3, 60, 1, 2, 3]), 1, control) == [50]
+    # No n-gram of length >= NGRAM_MIN recurs: no draft; one token alone is not enough.
+    assert propose(_thread([1, 2, 3, 4, 5, 6]), 4, control) == []
+    assert speculation.NGRAM_MIN >= 2 and propose(_thread([1, 9, 2, 9]), 4, control) == []
+    # Siblings' text is the second source.
+    assert propose(_thread([1, 2, 3, 4, 5], others=[[9, 4, 5, 70, 71]]), 3, control) == [70, 71]
+    # A draft ends after [Fork] or an end token and before [Child].
+    eos = min(control.eos_ids)
+    assert propose(_thread([4, 5, control.fork_id, 6, 1, 4, 5]), 4, control) == [control.fork_id]
+    assert propose(_thread([4, 5, 6, eos, 6, 1, 4, 5]), 4, control) == [6, eos]
+    assert propose(_thread([4, 5, 6, control.child_id, 6, 1, 4, 5]), 4, control) == [6]
+
+
+def test_draft_length_follows_acceptance_and_the_cost_of_a_row():
+    sure, hopeless, fresh = DraftStats(accepted=40, rejected=0), DraftStats(accepted=0, rejected=20), DraftStats()
+    assert draft_length(sure, 8, 0.08) >= 6 and draft_length(sure, 3, 0.08) == 3
+    assert draft_length(hopeless, 8, 0.08) == 0  # drafts that never pay are not fed
+    assert draft_length(fresh, 8, 0.08) >= 1  # prior 1/2: try
+    assert draft_length(fresh, 8, 0.08) > draft_length(fresh, 8, 0.4)  # dear rows: shorter drafts
+    for _ in range(30):
+        hopeless.idle()  # a thread that stopped drafting drifts back to the prior and tries again
+    assert draft_length(hopeless, 8, 0.08) >= 1
+
+
+def test_the_runner_returns_logits_at_every_drafted_position(tiny_llm, tiny_dir):
+    from parafork import models
+    from parafork.config import EngineConfig
+    from parafork.engine.torch_runner import TorchRunner
+
+    hf = models.load_hf_model(tiny_dir, tiny_llm.tokenizer, torch.float32)
+    runner = TorchRunner(hf, EngineConfig(num_kv_blocks=8, block_size=4, dtype="float32"))
+    context, other = list(range(600, 617)), [5, 6, 7]
+    out = runner.forward([SequenceSlice(0, context, 0, [0, 1, 2, 3, 4], num_logits=5), SequenceSlice(1, other, 0, [5])])
+    with torch.no_grad():
+        ref = hf(torch.tensor([context])).logits[0, -5:]
+        ref_other = hf(torch.tensor([other])).logits[0, -1]
+    assert out.shape[0] == 6  # five rows for the first slice, one for the second, in batch order
+    torch.testing.assert_close(out[:5], ref, atol=2e-4, rtol=0)
+    torch.testing.assert_close(out[5], ref_other, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["ar", "serial", "apar"])
+def test_greedy_output_is_the_same_token_for_token_with_drafts(tiny_llm, mode):
+    force = ForceForks(tiny_llm.control, frozenset({3, 9, 14}), child_tokens=25, root_tokens=30)
+    params = SamplingParams(max_tokens=500, mode=mode, logits_rules=[force], **FREE)
+    plain = tiny_llm.generate(PROMPT_IDS, params)
+    drafted = tiny_llm.generate(PROMPT_IDS, replace(params, speculative="ngram"))
+    for a, b in zip(plain, drafted):
+        assert a.token_ids == b.token_ids and a.num_threads == b.num_threads and a.finish_reason == b.finish_reason
+        assert a.num_draft_tokens == 0 and b.num_accepted_tokens > 0  # drafts were fed and accepted
+        assert b.num_steps < a.num_steps
+    tiny_llm.check_idle()
+
+
+@pytest.mark.model
+def test_greedy_output_with_real_forks_on_the_bundled_model(bundled_llm):
+    params = SamplingParams(max_tokens=700, max_threads=4)
+    for prompt in PROMPTS[:2]:
+        plain = bundled_llm.generate(prompt, params)[0]
+        drafted = bundled_llm.generate(prompt, replace(params, speculative="ngram"))[0]
+        assert plain.finish_reason == "stop" and plain.num_threads > 1
+        assert drafted.text == plain.text and drafted.num_threads == plain.num_threads
+        assert drafted.num_accepted_tokens > 0
+    bundled_llm.check_idle()
+
+
+def test_engine_option_and_per_request_switch(tiny_dir):
+    llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=128, block_size=4, speculative="ngram")
+    on = llm.generate(PROMPT_IDS[0], SamplingParams(max_tokens=60, mode="ar"))[0]
+    off = llm.generate(PROMPT_IDS[0], SamplingParams(max_tokens=60, mode="ar", speculative="off"))[0]
+    assert on.num_draft_tokens > 0 and off.num_draft_tokens == 0 and on.token_ids == off.token_ids
+    with pytest.raises(ValueError, match="speculative"):
+        LLM(str(tiny_dir), dtype="float32", speculative="medusa")
+    with pytest.raises(ValueError, match="num_draft_tokens"):
+        SamplingParams(speculative="ngram", num_draft_tokens=0)
+    with pytest.raises(ValueError, match="speculative"):
+        SamplingParams(speculative="eagle")
+
+
+@pytest.mark.parametrize("mode", ["ar", "apar"])
+def test_seeded_sampling_draws_the_same_tokens_with_drafts(tiny_llm, mode):
+    rules = [ForceForks(tiny_llm.control, frozenset({4, 12}), child_tokens=60, root_tokens=100), FewTokens(tiny_llm.control)]
+    params = SamplingParams(max_tokens=400, mode=mode, temperature=0.9, top_p=0.95, seed=11, logits_rules=rules, **FREE)
+    plain = tiny_llm.generate(PROMPT_IDS, params)
+    drafted = tiny_llm.generate(PROMPT_IDS, replace(params, speculative="ngram"))
+    assert [o.token_ids for o in plain] == [o.token_ids for o in drafted]
+    assert sum(o.num_accepted_tokens for o in drafted) > 20
+    tiny_llm.check_idle()
+
+
+def test_sampled_law_with_drafts_is_the_models_own(tiny_llm):
+    """Every position draws from p = softmax(FewTokens.LOGITS), independently. Drafts copy what
+    followed earlier n-grams, so a verifier biased toward its drafts would make triples of
+    consecutive tokens more predictable than p x p x p; a chi-square test over the 216 triples
+    (and over single tokens) checks the law. A verifier that accepted every draft fails it
+    by far (checked when the test was written: chi-square over 10^4)."""
+    few = FewTokens(tiny_llm.control)
+    params = [SamplingParams(max_tokens=120, mode="ar", temperature=1.0, seed=s, speculative="ngram", logits_rules=[few])
+              for s in range(40)]
+    outs = tiny_llm.generate([PROMPT_IDS[s % 4] for s in range(40)], params)
+    assert sum(o.num_accepted_tokens for o in outs) > 500  # the drafts were exercised
+    p = FewTokens.probabilities()
+    index = {t: i for i, t in enumerate(FewTokens.TOKENS)}
+    singles, triples = Counter(), Counter()
+    for o in outs:
+        seq = [index[t] for t in o.token_ids]
+        singles.update(seq)
+        triples.update(zip(seq[::3], seq[1::3], seq[2::3]))  # disjoint triples: independent samples
+    def chi2(counts: Counter, probs: dict) -> float:
+        n = sum(counts.values())
+        return sum((counts.get(k, 0) - n * q) ** 2 / (n * q) for k, q in probs.items())
+    single_probs = {i: float(p[i]) for i in range(6)}
+    triple_probs = {(a, b, c): float(p[a] * p[b] * p[c]) for a in range(6) for b in range(6) for c in range(6)}
+    # 99.9% quantiles of chi-square with 5 and 215 degrees of freedom: 20.5 and 290.
+    assert chi2(singles, single_probs) < 20.5
+    assert chi2(triples, triple_probs) < 290
+    assert math.isfinite(chi2(triples, triple_probs))
+    tiny_llm.check_idle()
+
+
+def test_rejections_give_back_their_blocks_and_preemption_still_loses_nothing(tiny_dir):
+    small = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=24, block_size=4, speculative="ngram")
+    force = ForceForks(small.control, frozenset({2, 6}), child_tokens=14, root_tokens=16)
+    params = SamplingParams(max_tokens=500, logits_rules=[force])
+    prompts = [{"prompt_token_ids": list(range(400 + i, 420 + i))} for i in range(5)]
+    ids = small._add_all(prompts, params, stream=False)
+    finished = {}
+    while len(finished) < len(ids):
+        for out in small.step():
+            small.block_manager.check_invariants()  # after every step, rejections included
+            if out.finished:
+                finished[out.request_id] = out
+    outs = [finished[i] for i in ids]
+    assert sum(o.num_preemptions for o in outs) > 0 and sum(o.num_accepted_tokens for o in outs) > 0
+    assert sum(o.num_draft_tokens - o.num_accepted_tokens for o in outs) > 0  # some drafts were rejected
+    roomy = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=512, block_size=4)
+    for prompt, out in zip(prompts, outs):
+        assert out.finish_reason == "stop" and roomy.generate(prompt, params)[0].token_ids == out.token_ids
+    small.check_idle()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(max_tokens=st.integers(1, 90), k=st.integers(1, 8), prompt=st.integers(0, 3))
+def test_accepted_drafts_never_pass_max_tokens(tiny_llm, max_tokens, k, prompt):
+    params = SamplingParams(max_tokens=max_tokens, mode="ar", speculative="ngram", num_draft_tokens=k)
+    out = tiny_llm.generate(PROMPT_IDS[prompt], params)[0]
+    plain = tiny_llm.generate(PROMPT_IDS[prompt], SamplingParams(max_tokens=max_tokens, mode="ar"))[0]
+    assert out.num_generated_tokens <= max_tokens and out.token_ids == plain.token_ids
+    tiny_llm.check_idle()
+
+
+@pytest.fixture(scope="module")
+def bundled_llm():
+    return LLM("bundled", dtype="float32", num_kv_blocks=512)
