@@ -326,6 +326,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_tokens
             "parafork_generated_tokens_total": stats.generated_tokens_total,
             "parafork_steps_total": stats.steps_total,
             "parafork_prefix_cache_hit_tokens_total": stats.prefix_cache_hit_tokens_total,
+            "parafork_draft_tokens_total": stats.draft_tokens_total,
+            "parafork_accepted_draft_tokens_total": stats.accepted_draft_tokens_total,
         }
         return "".join(f"{k} {v}\n" for k, v in lines.items())
 

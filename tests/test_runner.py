@@ -22,6 +22,7 @@ class RecordingRunner:
         self.released: list[int] = []
         self.idle: set[int] = set()  # released and not used since
         self.forks: list[tuple[int, int, BlockCopy | None]] = []
+        self.truncated: list[tuple[int, int]] = []
         self.most_live = 0
 
     def forward(self, batch):
@@ -48,6 +49,11 @@ class RecordingRunner:
         self.live.discard(seq_id)
         self.released.append(seq_id)
         self.inner.release(seq_id)
+
+    def truncate(self, seq_id, num_tokens):
+        assert seq_id in self.live, "truncating a sequence that is not live"
+        self.truncated.append((seq_id, num_tokens))
+        self.inner.truncate(seq_id, num_tokens)
 
 
 @pytest.fixture()
@@ -76,6 +82,18 @@ def test_every_sequence_is_forked_then_released_once(recorded):
     assert len(runner.forks) == 9 and not runner.live
     assert len(runner.released) == 12  # 3 roots + 9 children, each released once
     assert all(copy is None or copy.num_slots < 4 for _, _, copy in runner.forks)  # only a partial tail is copied
+    llm.check_idle()
+
+
+def test_drafted_sequences_are_truncated_while_live_and_released_once(recorded):
+    llm = recorded(num_kv_blocks=256, speculative="ngram")
+    force = ForceForks(llm.control, frozenset({2, 5, 9}), child_tokens=20, root_tokens=24)
+    prompts = [{"prompt_token_ids": list(range(100 + i, 112 + i))} for i in range(3)]
+    outs = llm.generate(prompts, SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=300, logits_rules=[force]))
+    runner = llm.runner
+    assert sum(o.num_accepted_tokens for o in outs) > 0
+    assert runner.truncated and all(n > 0 for _, n in runner.truncated)
+    assert not runner.live and len(runner.released) == 12
     llm.check_idle()
 
 

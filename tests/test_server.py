@@ -211,6 +211,10 @@ def test_speculative_drafts_through_the_server(server):
                                                                          "num_draft_tokens": 3}})
     assert drafted.choices[0].message.content == plain.choices[0].message.content
     usage = drafted.usage.model_extra["parafork"]
+    deadline = time.time() + 10  # the worker takes its stats snapshot right after the step that answered
+    while _metric(url, "parafork_accepted_draft_tokens_total") < usage["accepted_draft_tokens"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert _metric(url, "parafork_accepted_draft_tokens_total") >= usage["accepted_draft_tokens"]
     assert usage["accepted_draft_tokens"] > 0 and usage["draft_tokens"] >= usage["accepted_draft_tokens"]
     assert plain.usage.model_extra["parafork"]["draft_tokens"] == 0
     for bad in ({"speculative": "eagle"}, {"speculative": "ngram", "num_draft_tokens": 9}):

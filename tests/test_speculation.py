@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from parafork.engine import speculation
 from parafork.engine.runner import SequenceSlice
-from parafork.engine.speculation import DraftStats, draft_length, propose
+from parafork.engine.speculation import DraftStats, draft_lengths, propose
 from parafork.llm import LLM
 from parafork.rules import ForceForks
 from parafork.sampling import SamplingParams
@@ -73,15 +73,21 @@ def test_propose_copies_what_followed_the_latest_longest_match(tiny_llm):
     assert propose(_thread([4, 5, 6, control.child_id, 6, 1, 4, 5]), 4, control) == [6]
 
 
-def test_draft_length_follows_acceptance_and_the_cost_of_a_row():
+def test_draft_lengths_follow_acceptance_the_cost_of_a_row_and_the_batch():
     sure, hopeless, fresh = DraftStats(accepted=40, rejected=0), DraftStats(accepted=0, rejected=20), DraftStats()
-    assert draft_length(sure, 8, 0.08) >= 6 and draft_length(sure, 3, 0.08) == 3
-    assert draft_length(hopeless, 8, 0.08) == 0  # drafts that never pay are not fed
-    assert draft_length(fresh, 8, 0.08) >= 1  # prior 1/2: try
-    assert draft_length(fresh, 8, 0.08) > draft_length(fresh, 8, 0.4)  # dear rows: shorter drafts
+    assert sure.acceptance > 0.95 and hopeless.acceptance < 0.05 and fresh.acceptance == 0.5
+    assert draft_lengths([(sure.acceptance, 8)], 1, 1, 0.08) == [8]
+    assert draft_lengths([(sure.acceptance, 3)], 1, 1, 0.08) == [3]  # never more than proposed
+    assert draft_lengths([(hopeless.acceptance, 8)], 1, 1, 0.08) == [0]  # drafts that never pay are not fed
+    assert draft_lengths([(0.5, 8)], 1, 1, 0.08)[0] >= 1  # prior 1/2: try
+    assert draft_lengths([(0.5, 8)], 1, 1, 0.08)[0] > draft_lengths([(0.5, 8)], 1, 1, 0.4)[0]  # dear rows: shorter
+    # One lone thread at a = 0.4 drafts; beside 11 other sampling threads the same draft does not pay.
+    assert draft_lengths([(0.4, 4)], 1, 1, 0.08)[0] >= 1 and draft_lengths([(0.4, 4)], 12, 12, 0.08) == [0]
+    # The better thread gets its tokens first.
+    assert draft_lengths([(0.3, 4), (0.9, 4)], 6, 6, 0.08) == [0, 4]
     for _ in range(30):
         hopeless.idle()  # a thread that stopped drafting drifts back to the prior and tries again
-    assert draft_length(hopeless, 8, 0.08) >= 1
+    assert draft_lengths([(hopeless.acceptance, 8)], 1, 1, 0.08)[0] >= 1
 
 
 def test_the_runner_returns_logits_at_every_drafted_position(tiny_llm, tiny_dir):

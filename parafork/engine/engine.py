@@ -3,8 +3,10 @@
 One step is four phases:
 - schedule: the scheduler picks every live thread's pending tokens (and admits, preempts
   or fails requests to fit the KV pool);
-- run: the runner computes each scheduled slice's last-token logits in one forward;
-- sample: the APAR rules, the request's own logits rules, then one token per thread;
+- run: the runner computes each scheduled slice's last-token logits in one forward (threads
+  that speculate also feed a draft and get logits at each of its positions: speculation.py);
+- sample: the APAR rules, the request's own logits rules, then one token per thread (and the
+  draft tokens that the samples agree with);
 - account: a sampled `[Fork]` starts a child thread (sharing the parent's KV blocks), an end
   token finishes its thread and frees its blocks at once, and requests that ran out of
   budget or threads finish.
@@ -68,6 +70,8 @@ class EngineStats:
     generated_tokens_total: int
     forks_total: int
     prefix_cache_hit_tokens_total: int
+    draft_tokens_total: int = 0
+    accepted_draft_tokens_total: int = 0
 
 
 class Engine:
@@ -87,7 +91,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self.total_steps = 0
-        self._counts = {"requests": 0, "tokens": 0, "forks": 0}
+        self._counts = {"requests": 0, "tokens": 0, "forks": 0, "drafted": 0, "accepted": 0}
 
     # ---- requests -------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: bool = True) -> None:
@@ -149,6 +153,8 @@ class Engine:
             generated_tokens_total=self._counts["tokens"],
             forks_total=self._counts["forks"],
             prefix_cache_hit_tokens_total=bm.hit_tokens,
+            draft_tokens_total=self._counts["drafted"],
+            accepted_draft_tokens_total=self._counts["accepted"],
         )
 
     def check_idle(self) -> None:
@@ -183,17 +189,28 @@ class Engine:
 
     def _draft(self, batch: ScheduledBatch) -> None:
         """Drafts for the threads that sample this step and speculate (speculation.py)."""
+        sampling, proposals = 0, []
         for i, (thread, n) in enumerate(zip(batch.threads, batch.num_tokens)):
-            if n != len(thread.pending) or not self._speculates(thread):
+            if n != len(thread.pending):
+                continue
+            sampling += 1
+            if not self._speculates(thread):
                 continue
             request, params = thread.request, thread.request.params
             # Room for every draft token to be accepted and one more sampled after them.
             room = min(params.max_tokens - request.num_generated, self.config.max_model_len - len(thread.token_ids)) - 1
-            k = min(speculation.draft_length(thread.draft_stats, params.num_draft_tokens, self.runner.info.draft_row_cost), room)
-            if k <= 0:
+            draft = speculation.propose(thread, min(params.num_draft_tokens, room), self.control)
+            if draft:
+                proposals.append((i, thread, draft))
+        if not proposals:
+            return
+        lengths = speculation.draft_lengths([(t.draft_stats.acceptance, len(d)) for _, t, d in proposals], sampling,
+                                            sum(batch.num_tokens), self.runner.info.draft_row_cost)
+        for (i, thread, draft), n in zip(proposals, lengths):
+            if n:
+                thread.draft = self.scheduler.add_draft(batch, i, draft[:n])
+            else:
                 thread.draft_stats.idle()
-                continue
-            thread.draft = self.scheduler.add_draft(batch, i, speculation.propose(thread, k, self.control))
 
     def _run(self, batch: ScheduledBatch):
         slices = [
@@ -265,6 +282,8 @@ class Engine:
         request = thread.request
         request.num_draft_tokens += len(thread.draft)
         request.num_accepted_tokens += accepted
+        self._counts["drafted"] += len(thread.draft)
+        self._counts["accepted"] += accepted
         thread.draft_stats.update(len(thread.draft), accepted)
         thread.draft = []
         self.block_manager.truncate(thread, thread.num_cached + 1)  # cached tokens and the one to come
