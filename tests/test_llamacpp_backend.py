@@ -84,6 +84,8 @@ def test_concurrent_forked_requests_equal_each_run_alone(tiny_dir):
        spec=st.sampled_from(["off", "ngram"]))
 def test_after_finish_abort_and_preemption_every_sequence_and_cell_is_free(tiny_dir, blocks, forks, abort_after, spec):
     llm = tiny_llamacpp(tiny_dir, num_kv_blocks=blocks)
+    if spec == "ngram":
+        llm.runner.info = replace(llm.runner.info, draft_row_cost=0.0)  # every proposed draft is fed
     force = ForceForks(llm.control, frozenset(forks), child_tokens=8, root_tokens=14)
     params = SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=80, logits_rules=[force], speculative=spec)
     ids = [llm.add_request({"prompt_token_ids": list(range(500 + 3 * i, 516 + 3 * i))}, params) for i in range(4)]
@@ -103,6 +105,9 @@ def test_after_finish_abort_and_preemption_every_sequence_and_cell_is_free(tiny_
 def test_drafts_on_llamacpp_give_the_same_tokens_and_leave_no_rejected_cell(tiny_dir, base_dir):
     # The shipped Q4_1 GGUF, AR: drafts verified by llama.cpp equal llama.cpp's own greedy loop.
     base = LLM("base", backend="llamacpp", cpu_threads=1, num_kv_blocks=64)
+    # On this backend drafted rows are dear (draft_row_cost 0.7) and the allocator rarely drafts;
+    # here rows cost nothing, so every proposed draft is fed and llama.cpp verifies it.
+    base.runner.info = replace(base.runner.info, draft_row_cost=0.0)
     accepted = 0
     for prompt in PROMPTS[:2]:
         own, _ = reference_greedy(models.base_gguf_path(), base.encode(prompt), 64, threads=1, stop_ids=base.control.eos_ids)
@@ -113,6 +118,7 @@ def test_drafts_on_llamacpp_give_the_same_tokens_and_leave_no_rejected_cell(tiny
     # The tiny model with forks: the same tree as without drafts; after every step a sequence
     # holds cells up to its last cached token and no further (rejected positions removed).
     llm = tiny_llamacpp(tiny_dir)
+    llm.runner.info = replace(llm.runner.info, draft_row_cost=0.0)
     force = ForceForks(llm.control, frozenset({2, 6}), child_tokens=20, root_tokens=24)
     params = SamplingParams(max_tokens=300, logits_rules=[force], plan_budget=False, no_repeat_heads=False)
     prompts = [{"prompt_token_ids": list(range(400 + 5 * i, 420 + 5 * i))} for i in range(3)]
