@@ -136,18 +136,21 @@ class BlockManager:
         """Cuts the thread's block table to the blocks its first `num_tokens` tokens need (after a
         rejected draft); the blocks cut were taken for the draft, so only this thread held them."""
         keep = -(-num_tokens // self.block_size)
-        held = thread.request.held_blocks
-        for block in thread.block_table[keep:]:
-            assert self.ref_counts[block] == 1 and held[block] == 1, "a draft's block is shared"
-            self.ref_counts[block] = 0
-            self.free_blocks.append(block)
-            del held[block]
+        assert all(self.ref_counts[b] == 1 for b in thread.block_table[keep:]), "a draft's block is shared"
+        self._drop(thread, thread.block_table[keep:])
         del thread.block_table[keep:]
 
     def free(self, thread: Thread) -> None:
         """Drops the thread's references; blocks nobody else holds return to the pool."""
+        self._drop(thread, thread.block_table)
+        thread.block_table = []
+        thread.block_keys = []
+        thread.num_cached = 0
+
+    def _drop(self, thread: Thread, blocks: list[int]) -> None:
+        """Drops one reference of `thread` to each block; unreferenced blocks return to the pool."""
         held = thread.request.held_blocks
-        for block in thread.block_table:
+        for block in blocks:
             self.ref_counts[block] -= 1
             assert self.ref_counts[block] >= 0
             if self.ref_counts[block] == 0:
@@ -155,9 +158,6 @@ class BlockManager:
             held[block] -= 1
             if not held[block]:
                 del held[block]
-        thread.block_table = []
-        thread.block_keys = []
-        thread.num_cached = 0
 
     def check_invariants(self) -> None:
         """Every block is either free with no reference or held with a positive count."""
