@@ -142,6 +142,13 @@ def gguf_for(config, path: Path, adapter: Path | None) -> Path:
     return target
 
 
+def adapter_digest(adapter: str | os.PathLike) -> str:
+    """The first 12 hex digits of the SHA-256 of an adapter's weights: which adapter a result is of."""
+    import hashlib
+
+    return hashlib.sha256((Path(adapter) / "adapter_model.safetensors").read_bytes()).hexdigest()[:12]
+
+
 def default_adapter(model: str | os.PathLike) -> Path | None:
     """The adapter `model` implies: the bundled APAR adapter for "bundled", if it is there."""
     if str(model) == "bundled":

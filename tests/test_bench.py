@@ -123,6 +123,30 @@ def test_latency_with_spec_adds_the_speculative_modes_and_their_figures(tiny_dir
     assert result["per_category"]["generic"]["modes"]["apar+spec"]["acceptance"] >= 0
 
 
+def test_unguarded_modes_and_penalties_reach_the_requests(tiny_dir, tmp_path):
+    # The -unguarded modes send the request without the answer guards; the others the given penalties.
+    penalties = {"frequency_penalty": 0.5, "presence_penalty": 0.25, "repetition_penalty": 1.2}
+    guarded = latency.engine_params("apar", 99, penalties)
+    assert (guarded.mode, guarded.plan_budget, guarded.no_repeat_heads, guarded.speculative) == ("apar", True, True, "off")
+    assert {k: getattr(guarded, k) for k in penalties} == penalties
+    for mode in ("apar-unguarded", "serial-unguarded"):
+        p = latency.engine_params(mode, 99, penalties)
+        assert p.mode == mode.split("-")[0] and not p.plan_budget and not p.no_repeat_heads and not p.penalized
+    assert latency.engine_params("apar+spec", 99, penalties).speculative == "ngram"
+    # On the tiny model: a penalty changes the guarded answers and leaves the unguarded ones alone.
+    runs = {}
+    for fp in (0.0, 1.5):
+        args = _args(tiny_dir, tmp_path, modes="ar,apar,serial,apar-unguarded,serial-unguarded", limit=2, max_tokens=40,
+                     plot=None, json=str(tmp_path / f"fp{fp}.json"), frequency_penalty=fp)
+        runs[fp] = latency.run(args)
+        assert runs[fp]["config"]["penalties"]["frequency_penalty"] == fp
+        assert {"apar_vs_serial_unguarded", "apar_vs_apar_unguarded"} <= set(runs[fp]["speedup_tok_s"])
+    texts = {fp: [(q["modes"]["ar"]["text"], q["modes"]["apar-unguarded"]["text"]) for q in r["questions"]]
+             for fp, r in runs.items()}
+    assert [a for a, _ in texts[0.0]] != [a for a, _ in texts[1.5]]
+    assert [u for _, u in texts[0.0]] == [u for _, u in texts[1.5]]
+
+
 def test_an_interrupted_latency_run_resumes_from_its_checkpoint(tiny_dir, tmp_path):
     args = _args(tiny_dir, tmp_path, modes="ar,apar", limit=2, plot=None)
     first = latency.run(args)
@@ -138,7 +162,7 @@ def test_an_interrupted_latency_run_resumes_from_its_checkpoint(tiny_dir, tmp_pa
     assert resumed["questions"][1]["modes"]["ar"]["text"] == first["questions"][1]["modes"]["ar"]["text"]
     assert not partial.exists()
     # A checkpoint of another configuration or CPU, or a record of another question under the same id, is not used.
-    for other in ({"max_tokens": 99}, {"machine": "Other CPU (AVX512)"}):
+    for other in ({"max_tokens": 99}, {"machine": "Other CPU (AVX512)"}, {"adapter_digest": "0123456789ab"}):
         partial.write_text(json.dumps({"config": {**header["config"], **other}}) + "\n" + json.dumps(done) + "\n")
         assert all(q["modes"]["ar"]["text"] != "kept" for q in latency.run(args)["questions"])
     partial.write_text(json.dumps(header) + "\n" + json.dumps({**done, "prompt": "another question"}) + "\n")
@@ -241,3 +265,21 @@ def test_quality_reuses_latency_answers_and_generates_only_the_missing_base_ones
     path.write_text(json.dumps({"questions": records}))
     with pytest.raises(ValueError, match="no 'ar' answers"):
         quality.answers_from_latency(str(path), questions)
+
+
+def test_quality_scores_the_unguarded_answers_and_the_base_mode_of_a_latency_run(tiny_dir, tmp_path):
+    questions = select(load_suite("vicuna"), limit=2)
+    records = [{"id": q["id"], "modes": {
+        "apar": {"text": f"1. A{i}\n2. B{i}"}, "ar": {"text": f"Short {i}."}, "hf": {"text": "from hf"},
+        "base": {"text": f"base {i}"}, "apar-unguarded": {"text": f"1. A{i}\n2. A{i}\n3. A{i}"},
+    }} for i, q in enumerate(questions)]
+    path = tmp_path / "latency.json"
+    path.write_text(json.dumps({"questions": records}))
+    answers = quality.answers_from_latency(str(path), questions)
+    assert answers["base"] == ["base 0", "base 1"]  # the engine's base mode before HF's
+    result = quality.run_quality(questions, answers, {}, str(tiny_dir), threads=1)
+    m, d = result["metrics"], result["delta_pct_guards"]
+    assert set(m) == {"apar", "ar", "base", "apar-unguarded"} and "delta_pct_guards" in result["per_category"]["generic"]
+    assert d["list_items"] == pytest.approx(100 * (2 - 3) / 3)
+    assert d["nll"] == pytest.approx(100 * (m["apar"]["nll"] - m["apar-unguarded"]["nll"]) / m["apar-unguarded"]["nll"])
+    quality.print_table(result)

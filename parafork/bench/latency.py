@@ -11,6 +11,9 @@ with the same `max_tokens`:
   on the GGUF the engine runs, `[Fork]` banned: `apar_vs_llamacpp` is APAR on llama.cpp against
   llama.cpp's own AR;
 - `sot`: Skeleton-of-Thought prompting with the untuned base model on the parafork engine;
+- `apar-unguarded`, `serial-unguarded`: `apar` and `serial` without the answer guards (no
+  budget planning, no repeated-head guard, no penalties: how parafork decoded before issue 12),
+  so the guards' cost and effect are measured side by side with `apar` and `serial`;
 - `ar+spec`, `apar+spec` (with `--spec ngram`): `ar` and `apar` with n-gram drafts verified inside
   every thread (engine/speculation.py); per mode and category the draft acceptance and the
   accepted draft tokens per step, per answer whether it equals the answer without drafts
@@ -45,15 +48,18 @@ from .common import (Checkpoint, add_output_args, add_suite_args, by_category, g
                      pyplot, report, save_figure, timed_run)
 from .suite import load_suite, select
 
-MODES = ("ar", "apar", "serial", "base", "hf", "sot", "llamacpp", "ar+spec", "apar+spec")
+MODES = ("ar", "apar", "serial", "base", "hf", "sot", "llamacpp", "ar+spec", "apar+spec", "apar-unguarded",
+         "serial-unguarded")
 EARLY_STOP_TOKENS = 60
-ENGINE_MODES = ("ar", "apar", "serial", "ar+spec", "apar+spec")
+ENGINE_MODES = ("ar", "apar", "serial", "ar+spec", "apar+spec", "apar-unguarded", "serial-unguarded")
 SPEEDUPS = {
     "apar_spec_vs_apar": ("apar+spec", "apar"),
     "apar_spec_vs_serial": ("apar+spec", "serial"),
     "ar_spec_vs_ar": ("ar+spec", "ar"),
     "apar_vs_ar": ("apar", "ar"),
     "apar_vs_serial": ("apar", "serial"),
+    "apar_vs_serial_unguarded": ("apar-unguarded", "serial-unguarded"),
+    "apar_vs_apar_unguarded": ("apar", "apar-unguarded"),
     "apar_vs_base": ("apar", "base"),
     "apar_vs_hf": ("apar", "hf"),
     "apar_vs_llamacpp": ("apar", "llamacpp"),
@@ -68,6 +74,24 @@ def add_arguments(p) -> None:
     p.add_argument("--base-model", default="base", help="the untuned model (base, hf, sot)")
     p.add_argument("--modes", default="ar,apar,serial,base,hf,sot", help="comma list of " + ", ".join(MODES))
     p.add_argument("--spec", default=None, choices=["ngram"], help="add modes ar+spec and apar+spec (speculative drafts)")
+    for name, default in PENALTIES.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=default,
+                       help=f"for the tuned model's modes (not the -unguarded ones); default {default}")
+
+
+# The penalties the tuned model's modes run with (SamplingParams' defaults unless given).
+PENALTIES = {name: getattr(SamplingParams(), name) for name in ("frequency_penalty", "presence_penalty", "repetition_penalty")}
+
+
+def engine_params(mode: str, max_tokens: int, penalties: dict) -> SamplingParams:
+    """The request a tuned-model mode sends: `apar+spec` is `apar` with n-gram drafts, and an
+    `-unguarded` mode has the answer guards off (budget planning, head guard, penalties)."""
+    plain = mode.removesuffix("+spec").removesuffix("-unguarded")
+    if mode.endswith("-unguarded"):
+        return SamplingParams(max_tokens=max_tokens, mode=plain, speculative="off", plan_budget=False,
+                              no_repeat_heads=False, frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0)
+    return SamplingParams(max_tokens=max_tokens, mode=plain, speculative="ngram" if mode.endswith("+spec") else "off",
+                          **penalties)
 
 
 def numbering_intact(text: str) -> bool:
@@ -243,8 +267,11 @@ def run_latency(
     checkpoint_to: str | None = None,
     backend: str = "auto",
     quant: str | None = None,
+    penalties: dict | None = None,
 ) -> dict:
-    """`checkpoint_to`: the JSON path; finished questions are kept beside it to resume from."""
+    """`checkpoint_to`: the JSON path; finished questions are kept beside it to resume from.
+    `penalties`: frequency/presence/repetition penalties of the tuned model's guarded modes."""
+    penalties = {**PENALTIES, **(penalties or {})}
     torch.set_num_threads(threads)
     # No prefix cache: a mode run after another on the same question must not find its prompt computed.
     engine = dict(dtype=dtype, cpu_threads=threads, prefix_caching=False, backend=backend, quant=quant)
@@ -254,9 +281,12 @@ def run_latency(
     for llm in filter(None, (tuned, base)):
         llm.generate("Hello", SamplingParams(max_tokens=4))  # warm-up
     given = {"model": model, "adapter": adapter, "base_model": base_model, "dtype": dtype, "threads": threads,
-             "max_tokens": max_tokens, "modes": modes, "backend": backend, "quant": quant}
-    checkpoint = Checkpoint(checkpoint_to, given)  # names as given, not paths: a clone elsewhere resumes too
-    config = {**given, "adapter": str(tuned.adapter) if tuned and tuned.adapter else None}
+             "max_tokens": max_tokens, "modes": modes, "backend": backend, "quant": quant, "penalties": penalties}
+    # Names as given, not paths (a clone elsewhere resumes too), and the adapter's digest: a
+    # run must not resume over answers of another adapter shipped under the same name.
+    digest = models.adapter_digest(tuned.adapter) if tuned and tuned.adapter else None
+    checkpoint = Checkpoint(checkpoint_to, {**given, "adapter_digest": digest})
+    config = {**given, "adapter": str(tuned.adapter) if tuned and tuned.adapter else None, "adapter_digest": digest}
     records = []
     for q in tqdm(questions, desc="latency", unit="question"):
         if done := checkpoint.get(q):
@@ -265,9 +295,7 @@ def run_latency(
         rec = {**q, "modes": {}}
         for mode in modes:
             if mode in ENGINE_MODES:
-                plain, spec = mode.removesuffix("+spec"), "ngram" if mode.endswith("+spec") else "off"
-                params = SamplingParams(max_tokens=max_tokens, mode=plain, speculative=spec)
-                rec["modes"][mode] = _engine_record(tuned, q["prompt"], params)
+                rec["modes"][mode] = _engine_record(tuned, q["prompt"], engine_params(mode, max_tokens, penalties))
             elif mode == "base":
                 rec["modes"][mode] = _engine_record(base, q["prompt"], SamplingParams(max_tokens=max_tokens, mode="ar"))
             elif mode == "llamacpp":
@@ -330,6 +358,7 @@ def run(args) -> dict:
     result = run_latency(
         questions, modes, args.model, args.adapter, args.base_model, args.dtype, args.cpu_threads,
         args.max_tokens, args.json, args.backend, args.quant,
+        {name: getattr(args, name, default) for name, default in PENALTIES.items()},
     )
     result["config"]["suite"] = args.suite
     return report(result, args, print_table, plot)

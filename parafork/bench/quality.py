@@ -8,8 +8,9 @@ of the tuned model, and `base`, the untuned base model in AR. Metrics per answer
   model, given the question (lower is more fluent to an independent judge);
 - `tokens`, `list_items`, `stray_control`: structure.
 `delta_pct` compares APAR with AR of the same model, in % of AR. `--answers` reuses the
-answers of a `bench latency` JSON (its `hf` mode is the untuned base model's answers; without
-it, only the base model's answers are generated).
+answers of a `bench latency` JSON: its `base` mode (else `hf`) is the untuned base model's,
+and where it ran `apar-unguarded` (APAR without the answer guards) that mode is scored too,
+with `delta_pct_guards` = APAR against it, in % of it (what the guards cost or bring).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from .common import add_output_args, add_suite_args, by_category, grouped_bars, 
 from .suite import load_suite, reference_answers, select
 
 MODES = ("apar", "ar", "base")
+EXTRA_MODES = ("apar-unguarded",)  # scored when a latency JSON has them
 METRICS = ("similarity", "nll", "tokens", "list_items", "stray_control")
 LIST_ITEM = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*•])\s+\S", re.M)
 
@@ -111,7 +113,8 @@ def answers_from_latency(path: str, questions: list[dict]) -> dict[str, list[str
     for key in ("apar", "ar"):
         if key not in recorded:
             raise ValueError(f"{path} has no '{key}' answers (run latency with --modes ar,apar)")
-    source = {"apar": "apar", "ar": "ar", "base": "hf"}
+    source = {"apar": "apar", "ar": "ar", "base": "base" if "base" in recorded else "hf"}
+    source |= {mode: mode for mode in EXTRA_MODES}
     return {mode: [by_id[q["id"]][key]["text"] for q in questions] for mode, key in source.items() if key in recorded}
 
 
@@ -122,7 +125,7 @@ def score(questions: list[dict], answers: dict[str, list[str]], refs: dict, judg
     for i, q in enumerate(tqdm(questions, desc="quality", unit="question")):
         ref = embed(refs[q["id"]]) if embed and q["id"] in refs else None
         rec = {**q, "modes": {}}
-        for mode in MODES:
+        for mode in answers:
             text = answers[mode][i]
             rec["modes"][mode] = {
                 "text": text,
@@ -137,7 +140,7 @@ def score(questions: list[dict], answers: dict[str, list[str]], refs: dict, judg
 
 def _means(records: list[dict]) -> dict:
     out = {}
-    for mode in MODES:
+    for mode in records[0]["modes"]:
         out[mode] = {}
         for metric in METRICS:
             values = [r["modes"][mode][metric] for r in records if r["modes"][mode][metric] is not None]
@@ -145,45 +148,58 @@ def _means(records: list[dict]) -> dict:
     return out
 
 
-def _delta_pct(metrics: dict) -> dict:
+def _delta_pct(metrics: dict, against: str = "ar") -> dict:
+    """APAR's metrics against another mode's, in % of that mode's."""
     deltas = {}
     for metric in METRICS:
-        apar, ar = metrics["apar"][metric], metrics["ar"][metric]
-        deltas[metric] = 100 * (apar - ar) / abs(ar) if apar is not None and ar else None
+        apar, other = metrics["apar"][metric], metrics[against][metric]
+        deltas[metric] = 100 * (apar - other) / abs(other) if apar is not None and other else None
     return deltas
 
 
 def summarize(records: list[dict]) -> dict:
     def group(rs: list[dict]) -> dict:
         metrics = _means(rs)
-        return {"answers": len(rs), "metrics": metrics, "delta_pct": _delta_pct(metrics)}
+        out = {"answers": len(rs), "metrics": metrics, "delta_pct": _delta_pct(metrics)}
+        if "apar-unguarded" in metrics:
+            out["delta_pct_guards"] = _delta_pct(metrics, "apar-unguarded")
+        return out
 
     return {**group(records), "per_category": by_category(records, group)}
 
 
 def print_table(result: dict) -> None:
-    print(f"{'category':15s} {'n':>3s} " + " ".join(f"{m:>22s}" for m in ("similarity apar/ar/base", "nll apar/ar/base")) + f" {'Δsim':>6s} {'Δnll':>6s} {'Δlen':>6s}")
+    modes = list(result["metrics"])
+    names = "/".join(m.replace("apar-unguarded", "unguarded") for m in modes)
+    guards = "delta_pct_guards" in result
+    print(f"{'category':15s} {'n':>3s} " + " ".join(f"{m:>30s}" for m in (f"similarity {names}", f"nll {names}"))
+          + f" {'Δsim':>6s} {'Δnll':>6s} {'Δlen':>6s}" + (" (vs unguarded: Δsim Δnll Δlen)" if guards else ""))
 
     def fmt(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
 
     rows = list(result["per_category"].items()) + [("ALL", result)]
     for name, row in rows:
-        m, d = row["metrics"], row["delta_pct"]
-        sims = "/".join(fmt(m[mode]["similarity"]) for mode in MODES)
-        nlls = "/".join(fmt(m[mode]["nll"]) for mode in MODES)
-        deltas = " ".join(f"{d[k]:+5.1f}%" if d[k] is not None else f"{'-':>6s}" for k in ("similarity", "nll", "tokens"))
-        print(f"{name:15s} {row['answers']:3d} {sims:>22s} {nlls:>22s} {deltas}")
+        m = row["metrics"]
+        sims = "/".join(fmt(m[mode]["similarity"]) for mode in modes)
+        nlls = "/".join(fmt(m[mode]["nll"]) for mode in modes)
+
+        def deltas(d: dict) -> str:
+            return " ".join(f"{d[k]:+5.1f}%" if d[k] is not None else f"{'-':>6s}" for k in ("similarity", "nll", "tokens"))
+
+        line = f"{name:15s} {row['answers']:3d} {sims:>30s} {nlls:>30s} {deltas(row['delta_pct'])}"
+        print(line + (f"   {deltas(row['delta_pct_guards'])}" if guards else ""))
 
 
 def plot(result: dict, path: str) -> None:
     plt = pyplot()
     categories = list(result["per_category"])
     # Similarity only where the suite has reference answers (MT-Bench has them, Vicuna not).
-    metrics = [m for m in ("nll", "similarity") if any(result["metrics"][mode][m] is not None for mode in MODES)]
+    modes = list(result["metrics"])
+    metrics = [m for m in ("nll", "similarity") if any(result["metrics"][mode][m] is not None for mode in modes)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        per_mode = {m: [result["per_category"][c]["metrics"][m][metric] or 0 for c in categories] for m in MODES}
+        per_mode = {m: [result["per_category"][c]["metrics"][m][metric] or 0 for c in categories] for m in modes}
         grouped_bars(ax, categories, per_mode)
         ax.set_ylabel({"nll": "NLL under base model (lower: more fluent)", "similarity": "cosine to GPT-4 reference"}[metric])
     fig.suptitle(f"parafork bench quality ({result['date']}, {result['commit']})")
