@@ -291,3 +291,16 @@ def test_quality_scores_the_unguarded_answers_and_the_base_mode_of_a_latency_run
     assert result["ar_vs_base_tokens"] == pytest.approx(m["ar"]["tokens"] / m["base"]["tokens"])
     assert d["nll"] == pytest.approx(100 * (m["apar"]["nll"] - m["apar-unguarded"]["nll"]) / m["apar-unguarded"]["nll"])
     quality.print_table(result)
+
+
+def test_quality_generates_the_modes_asked_for_with_the_penalties_given(tiny_dir, tmp_path):
+    args = _args(tiny_dir, tmp_path, limit=2, max_tokens=30, answers=None, modes="apar,apar-unguarded",
+                 frequency_penalty=1.5, presence_penalty=0.0, repetition_penalty=1.0, plot=None)
+    result = quality.run(args)
+    assert set(result["metrics"]) == {"apar", "ar", "base", "apar-unguarded"}
+    assert result["config"]["penalties"]["frequency_penalty"] == 1.5 and "delta_pct_guards" in result
+    texts = {m: [q["modes"][m]["text"] for q in result["questions"]] for m in ("apar", "apar-unguarded", "base")}
+    assert texts["apar"] != texts["apar-unguarded"]  # the penalty reached the guarded mode only
+    assert texts["apar-unguarded"] == texts["base"]  # the tiny "tuned" model is the base model, unpenalized
+    with pytest.raises(ValueError, match="--modes takes"):
+        quality.run(_args(tiny_dir, tmp_path, limit=2, answers=None, modes="apar,turbo"))

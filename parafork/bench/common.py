@@ -26,6 +26,31 @@ def add_suite_args(p, max_tokens: int = 512) -> None:
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder to merge into --model")
 
 
+# The penalties the tuned model's modes run with (SamplingParams' defaults unless given).
+PENALTIES = {name: getattr(SamplingParams(), name) for name in ("frequency_penalty", "presence_penalty", "repetition_penalty")}
+
+
+def add_penalty_args(p) -> None:
+    for name, default in PENALTIES.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=default,
+                       help=f"for the tuned model's modes (not the -unguarded ones); default {default}")
+
+
+def penalties_of(args) -> dict:
+    return {name: getattr(args, name, default) for name, default in PENALTIES.items()}
+
+
+def engine_params(mode: str, max_tokens: int, penalties: dict) -> SamplingParams:
+    """The request a tuned-model mode sends: `apar+spec` is `apar` with n-gram drafts, and an
+    `-unguarded` mode has the answer guards off (budget planning, head guard, penalties)."""
+    plain = mode.removesuffix("+spec").removesuffix("-unguarded")
+    if mode.endswith("-unguarded"):
+        return SamplingParams(max_tokens=max_tokens, mode=plain, speculative="off", plan_budget=False,
+                              no_repeat_heads=False, frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0)
+    return SamplingParams(max_tokens=max_tokens, mode=plain, speculative="ngram" if mode.endswith("+spec") else "off",
+                          **penalties)
+
+
 def add_output_args(p, plot: bool = True) -> None:
     p.add_argument("--json", default=None, help="write all figures here")
     if plot:

@@ -44,8 +44,9 @@ from ..rules import list_heads
 from ..sampling import SamplingParams
 from ..tokens import CHILD, FORK
 from . import sot
-from .common import (Checkpoint, add_output_args, add_suite_args, by_category, grouped_bars, metadata, parse_list,
-                     pyplot, report, save_figure, timed_run)
+from .common import (PENALTIES, Checkpoint, add_output_args, add_penalty_args, add_suite_args, by_category,
+                     engine_params, grouped_bars, metadata, parse_list, penalties_of, pyplot, report, save_figure,
+                     timed_run)
 from .suite import load_suite, select
 
 MODES = ("ar", "apar", "serial", "base", "hf", "sot", "llamacpp", "ar+spec", "apar+spec", "apar-unguarded",
@@ -74,24 +75,7 @@ def add_arguments(p) -> None:
     p.add_argument("--base-model", default="base", help="the untuned model (base, hf, sot)")
     p.add_argument("--modes", default="ar,apar,serial,base,hf,sot", help="comma list of " + ", ".join(MODES))
     p.add_argument("--spec", default=None, choices=["ngram"], help="add modes ar+spec and apar+spec (speculative drafts)")
-    for name, default in PENALTIES.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=default,
-                       help=f"for the tuned model's modes (not the -unguarded ones); default {default}")
-
-
-# The penalties the tuned model's modes run with (SamplingParams' defaults unless given).
-PENALTIES = {name: getattr(SamplingParams(), name) for name in ("frequency_penalty", "presence_penalty", "repetition_penalty")}
-
-
-def engine_params(mode: str, max_tokens: int, penalties: dict) -> SamplingParams:
-    """The request a tuned-model mode sends: `apar+spec` is `apar` with n-gram drafts, and an
-    `-unguarded` mode has the answer guards off (budget planning, head guard, penalties)."""
-    plain = mode.removesuffix("+spec").removesuffix("-unguarded")
-    if mode.endswith("-unguarded"):
-        return SamplingParams(max_tokens=max_tokens, mode=plain, speculative="off", plan_budget=False,
-                              no_repeat_heads=False, frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0)
-    return SamplingParams(max_tokens=max_tokens, mode=plain, speculative="ngram" if mode.endswith("+spec") else "off",
-                          **penalties)
+    add_penalty_args(p)
 
 
 def numbering_intact(text: str) -> bool:
@@ -358,7 +342,7 @@ def run(args) -> dict:
     result = run_latency(
         questions, modes, args.model, args.adapter, args.base_model, args.dtype, args.cpu_threads,
         args.max_tokens, args.json, args.backend, args.quant,
-        {name: getattr(args, name, default) for name, default in PENALTIES.items()},
+        penalties_of(args),
     )
     result["config"]["suite"] = args.suite
     return report(result, args, print_table, plot)

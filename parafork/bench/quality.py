@@ -34,7 +34,8 @@ from ..llm import LLM
 from ..rules import list_heads
 from ..sampling import SamplingParams
 from ..tokens import CHILD, FORK
-from .common import add_output_args, add_suite_args, by_category, grouped_bars, metadata, pyplot, report, save_figure
+from .common import (PENALTIES, add_output_args, add_penalty_args, add_suite_args, by_category, engine_params,
+                     grouped_bars, metadata, parse_list, penalties_of, pyplot, report, save_figure)
 from .suite import load_suite, reference_answers, select
 
 MODES = ("apar", "ar", "base")
@@ -101,15 +102,16 @@ def answer(text: str, threads: int | None = None, cut: bool | None = None) -> di
 
 def generate_answers(questions: list[dict], model: str, adapter: str | None, base_model: str, dtype: str,
                      threads: int, max_tokens: int, modes: tuple[str, ...] = MODES, backend: str = "auto",
-                     quant: str | None = None) -> dict[str, list[dict]]:
-    """Greedy answers of the given modes, batched: `apar`/`ar` of the tuned model, `base` untuned."""
+                     quant: str | None = None, penalties: dict | None = None) -> dict[str, list[dict]]:
+    """Greedy answers of the given modes, batched: `apar`/`ar` (with `penalties`) and
+    `apar-unguarded` of the tuned model, `base` untuned."""
     answers = {}
     prompts = [q["prompt"] for q in questions]
     tuned_modes = [m for m in modes if m != "base"]
     if tuned_modes:
         tuned = LLM(model, adapter=adapter, dtype=dtype, cpu_threads=threads, backend=backend, quant=quant)
         for mode in tuned_modes:
-            outs = tuned.generate(prompts, SamplingParams(max_tokens=max_tokens, mode=mode), use_tqdm=True)
+            outs = tuned.generate(prompts, engine_params(mode, max_tokens, {**PENALTIES, **(penalties or {})}), use_tqdm=True)
             answers[mode] = [answer(o.text, o.num_threads, o.finish_reason == "length") for o in outs]
         del tuned
     if "base" in modes:
@@ -263,16 +265,20 @@ def add_arguments(p) -> None:
     add_output_args(p)
     p.add_argument("--base-model", default="base", help="the untuned model: its answers, and the NLL judge")
     p.add_argument("--answers", default=None, help="reuse the answers of a `bench latency` JSON")
+    p.add_argument("--modes", default=",".join(MODES), help="comma list of " + ", ".join(MODES + EXTRA_MODES)
+                   + " (apar, ar and base are always scored; a latency JSON's answers are used where it has them)")
+    add_penalty_args(p)
 
 
 def run(args) -> dict:
     questions = select(load_suite(args.suite), args.limit, args.per_category)
+    wanted = parse_list(getattr(args, "modes", ",".join(MODES)), "--modes", allowed=MODES + EXTRA_MODES)
     answers = answers_from_latency(args.answers, questions) if args.answers else {}
-    if missing := tuple(m for m in MODES if m not in answers):
+    if missing := tuple(m for m in dict.fromkeys(MODES + tuple(wanted)) if m not in answers):
         answers |= generate_answers(questions, args.model, args.adapter, args.base_model, args.dtype, args.cpu_threads,
-                                    args.max_tokens, missing, args.backend, args.quant)
+                                    args.max_tokens, missing, args.backend, args.quant, penalties_of(args))
     result = run_quality(questions, answers, reference_answers(args.suite), args.base_model, args.cpu_threads)
     result["config"] = {"suite": args.suite, "model": args.model, "adapter": args.adapter, "judge": args.base_model,
                         "answers_from": args.answers, "max_tokens": args.max_tokens, "backend": args.backend,
-                        "quant": args.quant}
+                        "quant": args.quant, "penalties": penalties_of(args)}
     return report(result, args, print_table, plot)
