@@ -124,7 +124,9 @@ class NoRepeatedHeads:
       "Seek help") but not repeat it.
     - A child whose body reaches a line break and would start a numbered or bulleted line
       ends there instead: the next item is its parent's to write (the bundled model's children
-      sometimes wrote the next head, or their own head again).
+      sometimes wrote the next head, or their own head again). A child that starts with a line
+      break, before any body, may not open such a line at all (v2 at step 140 wrote
+      "1. Customer reviews:" + a child "\n2. Customer retention:", then the root the same head).
     - A parent at the start of a line that may no longer fork (the budget has no room for
       another body, `engine/budget.py`) does not open a new item: it concludes or ends
       (the bundled model otherwise ended answers on a bare head such as "14. Stay focused:");
@@ -164,6 +166,8 @@ class NoRepeatedHeads:
         if not line.strip(" \t"):  # at a line's start (indentation included)
             if thread.children and not may_fork(thread, extra=self.HEAD_TOKENS):
                 logits[self.item_starts()] = float("-inf")
+            elif thread.parent is not None and not self._body_begun(thread):
+                logits[self.item_starts()] = float("-inf")  # a body, not the next item's head
             elif thread.parent is not None and self._own_line_start(thread) and int(logits.argmax()) in self.item_starts():
                 force_token(logits, min(self.control.eos_ids))
             return
@@ -182,6 +186,10 @@ class NoRepeatedHeads:
                 banned.update(self._tokens_starting(r"[:.]|\*\*"))
         if banned:
             logits[sorted(banned)] = float("-inf")
+
+    def _body_begun(self, thread: Thread) -> bool:
+        """The child has written more than white space after its `[Child]`."""
+        return bool(self.tokenizer.decode(thread.own_tokens[:8], skip_special_tokens=True).strip())
 
     def _own_line_start(self, thread: Thread) -> bool:
         """The line break that starts the current line is the child's own (its body has begun)."""

@@ -228,6 +228,16 @@ def test_a_forking_thread_cannot_repeat_an_earlier_items_head(tiny_llm):
     logits[tok.encode("2", add_special_tokens=False)[0]] = 5.0
     guard(child, logits)
     assert int(logits.argmax()) in ct.eos_ids and torch.isinf(logits).sum() == len(tok) - 1
+    # A child that starts with a line break may not open the next item instead of its body.
+    fresh = Request("s", [1, 2, 3], SamplingParams(), 0)
+    fresh.root.token_ids.extend(tok.encode("Tips:\n1. Customer reviews:", add_special_tokens=False) + [ct.fork_id])
+    early = fresh.fork(fresh.root, ct.child_id)
+    early.token_ids.extend(tok.encode("\n", add_special_tokens=False))
+    logits = torch.zeros(len(tok))
+    logits[tok.encode("2", add_special_tokens=False)[0]] = 5.0
+    guard(early, logits)
+    assert torch.isinf(logits[tok.encode("2", add_special_tokens=False)[0]]) and not torch.isinf(logits[min(ct.eos_ids)])
+    assert not torch.isinf(logits[tok.encode("The", add_special_tokens=False)[0]])
     # A child writing an item line of its own may not repeat a head it sees in its ancestors' text.
     child.token_ids.extend(tok.encode("- Get", add_special_tokens=False))
     logits = torch.zeros(len(tok))
