@@ -281,7 +281,9 @@ def run(args) -> dict:
         answers |= generate_answers(questions, args.model, args.adapter, args.base_model, args.dtype, args.cpu_threads,
                                     args.max_tokens, missing, args.backend, args.quant, penalties_of(args))
     result = run_quality(questions, answers, reference_answers(args.suite), args.base_model, args.cpu_threads)
+    adapter = args.adapter or models.default_adapter(args.model)
     result["config"] = {"suite": args.suite, "model": args.model, "adapter": args.adapter, "judge": args.base_model,
+                        "adapter_digest": models.adapter_digest(adapter) if adapter else None,
                         "answers_from": args.answers, "max_tokens": args.max_tokens, "backend": args.backend,
                         "quant": args.quant, "penalties": penalties_of(args)}
     return report(result, args, print_table, plot)
