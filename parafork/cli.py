@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="APAR live on a real prompt, against the same answer decoded serially and the base model")
-    d.add_argument("--prompt", default="What are the most effective ways to deal with stress?")
+    d.add_argument("--prompt", default="How can I improve my time management skills?",
+                   help="default: Vicuna Bench question 1")
     d.add_argument("--max-tokens", type=int, default=512)
     d.add_argument("--no-live", dest="live", action="store_false", help="no live thread view (also when not a terminal)")
     _add_engine_args(d)

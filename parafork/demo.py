@@ -93,6 +93,9 @@ def _timed(llm: LLM, prompt: str, params: SamplingParams, label: str) -> Run:
 
 def verdict(apar: Run, serial: Run, base: Run, machine: str) -> list[str]:
     lines = []
+    if apar.out.num_threads == 1:  # nothing ran side by side: say so rather than print a ratio of noise
+        lines.append("The model did not fork on this prompt: APAR decoded it as one thread, as AR would "
+                     "(try another --prompt; the bundled model forks in about 3 of 4 list-like answers)")
     if apar.out.text == serial.out.text:
         lines.append(f"APAR vs the same answer decoded serially: {serial.seconds / apar.seconds:.2f}x faster "
                      f"(wall clock, identical text; {serial.out.num_steps} steps -> {apar.out.num_steps})")

@@ -84,3 +84,6 @@ def test_demo_shows_threads_live_and_compares_like_with_like(tiny_llm, capsys):
     differ = demo.verdict(apar, other, base, "m")
     assert "tokens/s" in differ[0] and "wall clock would not compare" in differ[0]
     assert "base model's (cut at max_tokens)" in differ[1] and "APAR answer (complete)" in differ[1]
+    single = demo.Run("apar", replace(apar.out, num_threads=1), apar.seconds)
+    assert "did not fork" in demo.verdict(single, serial, base, "m")[0]
+    assert not any("did not fork" in line for line in same)
