@@ -20,7 +20,7 @@ def llamacpp_url(base_dir):
 def test_apar_through_llamacpps_server_forks_and_restores_the_list(llamacpp_url, base_dir):
     tokenizer, _ = models.load_tokenizer(base_dir)
     driver = RemoteAPAR(llamacpp_url, "gguf", tokenizer)
-    prompt = "What are the most effective ways to deal with stress?"
+    prompt = "How can I improve my time management skills?"  # Vicuna 1: the bundled model forks it
     apar = driver.generate(prompt, max_tokens=300)
     assert apar.threads >= 3 and apar.completion_tokens <= 300
     assert "[Fork]" not in apar.text and "[Child]" not in apar.text
