@@ -7,11 +7,12 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
 from .config import BACKENDS, DTYPE_CHOICES, GGUF_QUANTS, resolve_dtype
-from .sampling import MODES, SamplingParams
+from .sampling import MODES, PENALTIES, SamplingParams
 
 
 
@@ -78,16 +79,21 @@ def cmd_generate_remote(args) -> int:
 
 def cmd_generate(args) -> int:
     if args.remote:
+        if given := [f"--{n.replace('_', '-')}" for n in (*PENALTIES, "stop") if getattr(args, n) is not None]:
+            raise SystemExit(f"parafork generate: {', '.join(given)} not supported with --remote (the driver sends neither)")
         return cmd_generate_remote(args)
-    llm = _llm(args)
-    params = SamplingParams(
+    penalties = {name: getattr(args, name) for name in PENALTIES}
+    params = SamplingParams(  # checked before the model loads
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
         mode=args.mode,
-        logits_rules=_fork_rules(llm, args.fork_rule),
+        stop=args.stop or (),
+        **penalties,
     )
+    llm = _llm(args)
+    params = replace(params, logits_rules=_fork_rules(llm, args.fork_rule))
     start = time.perf_counter()
     out = None
     for out in llm.stream(args.prompt, params):
@@ -176,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="a stop string (repeat for several)")
+    for name in PENALTIES:
+        g.add_argument(f"--{name.replace('_', '-')}", type=float, default=None, help="default: the model's")
     g.add_argument("--fork-rule", default="none", choices=["none", "list"], help="force forks (untuned models)")
     g.add_argument("--remote", default=None, help="URL of an OpenAI-compatible server (…/v1): APAR over it")
     g.add_argument("--api-key", default=None, help="with --remote")

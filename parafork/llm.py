@@ -86,6 +86,8 @@ class LLM(Engine):
         path = models.resolve_model_path(model)
         self.tokenizer, control = models.load_tokenizer(path)
         self.adapter = config.adapter or models.default_adapter(model)
+        # What a request that leaves a penalty unset (None) gets: the model's generation_config.json.
+        self.sampling_defaults = models.sampling_defaults(path, self.adapter)
         super().__init__(config, build_runner(config, path, self.tokenizer, self.adapter), control)
         self._detokenizers: dict[str, Detokenizer] = {}
         self._head_guard = NoRepeatedHeads(control, self.tokenizer)
@@ -103,7 +105,7 @@ class LLM(Engine):
     ) -> str:
         """Queues a prompt; returns its request id. With `stream=False`, outputs carry text
         only once the request has finished (the answer is restored and decoded once)."""
-        params = params or SamplingParams()
+        params = (params or SamplingParams()).with_defaults(self.sampling_defaults)
         if params.no_repeat_heads and params.mode in FORKING_MODES:
             params = replace(params, logits_rules=(*params.logits_rules, self._head_guard))
         request_id = request_id or f"req-{next(self._ids)}"

@@ -149,6 +149,27 @@ def adapter_digest(adapter: str | os.PathLike) -> str:
     return hashlib.sha256((Path(adapter) / "adapter_model.safetensors").read_bytes()).hexdigest()[:12]
 
 
+def sampling_defaults(path: Path, adapter: str | os.PathLike | None = None) -> dict[str, float]:
+    """The penalties a model asks for when a request leaves them unset: the keys of
+    `sampling.PENALTIES` found in the adapter's `generation_config.json`, else in the
+    model folder's (vLLM likewise takes a model's sampling defaults from that file). The
+    bundled adapter's frequency penalty is chosen by measurement (its model card)."""
+    import json
+
+    from .sampling import PENALTIES, penalty_problem
+
+    for folder in filter(None, (adapter, path)):
+        file = Path(folder) / "generation_config.json"
+        if Path(folder).is_dir() and file.is_file():
+            config = json.loads(file.read_text(encoding="utf-8"))
+            found = {name: config[name] for name in PENALTIES if name in config}
+            for name, value in found.items():
+                if (problem := penalty_problem(name, value)) is not None:
+                    raise ValueError(f"{file}: {problem}")
+            return found
+    return {}
+
+
 def default_adapter(model: str | os.PathLike) -> Path | None:
     """The adapter `model` implies: the bundled APAR adapter for "bundled", if it is there."""
     if str(model) == "bundled":

@@ -2,7 +2,7 @@
 engine-free: the APAR rules and the sampler that apply them live in `engine/sampler.py`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, Mapping, Protocol, Sequence, get_args
 
 import torch
@@ -18,6 +18,21 @@ Mode = Literal["apar", "serial", "ar", "raw"]
 MODES: tuple[str, ...] = get_args(Mode)
 FORKING_MODES = ("apar", "serial")
 MAX_DRAFT_TOKENS = 8  # the most draft tokens a thread verifies per step (sizes llama.cpp's output rows)
+
+
+# The penalties and their neutral values (what "off" is).
+PENALTIES: dict[str, float] = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0}
+
+
+def penalty_problem(name: str, value, none_ok: bool = False) -> str | None:
+    """Why `value` is not a valid `name` penalty, or None: frequency and presence in [-2, 2]
+    (OpenAI's range), repetition in (0, 10]."""
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{name} must be a number, got {value!r}"
+    ok = 0 < value <= 10 if name == "repetition_penalty" else -2 <= value <= 2
+    return None if ok else f"{name} must be in {'(0, 10]' if name == 'repetition_penalty' else '[-2, 2]'}, got {value!r}"
 
 
 class LogitsRule(Protocol):
@@ -44,9 +59,11 @@ class SamplingParams:
     stop: str | Sequence[str] = ()
     # Penalties per thread over what that thread sees (its ancestors' tokens up to its fork, then
     # its own): OpenAI's frequency/presence over answer tokens, vLLM's repetition over the prompt too.
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    # None: the model's default (`LLM.sampling_defaults`, from the model's or adapter's
+    # generation_config.json, as vLLM does; off where it names none: 0 / 0 / 1.0).
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
     # Log-probabilities of the restored tokens under the model (its raw distribution), plus the
     # `logprobs` most likely alternatives per token; None: none.
     logprobs: int | None = None
@@ -83,13 +100,9 @@ class SamplingParams:
         if not all(isinstance(x, str) and x for x in stop):
             raise bad(f"stop takes non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop", stop)
-        for name in ("frequency_penalty", "presence_penalty"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
-                raise bad(f"{name} must be in [-2, 2], got {value!r}")
-        rp = self.repetition_penalty
-        if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not 0 < rp <= 10:
-            raise bad(f"repetition_penalty must be in (0, 10], got {rp!r}")
+        for name in PENALTIES:
+            if (problem := penalty_problem(name, getattr(self, name), none_ok=True)) is not None:
+                raise bad(problem)
         if self.speculative not in (None, "ngram", "off"):
             raise bad(f"speculative must be None, 'ngram' or 'off', got {self.speculative!r}")
         k = self.num_draft_tokens
@@ -101,7 +114,13 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1)
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty not in (None, 1))
+
+    def with_defaults(self, defaults: Mapping[str, float] | None = None) -> SamplingParams:
+        """These params with every penalty left at None taken from `defaults` (a model's
+        `sampling_defaults`), else off. The engine decodes only such resolved params."""
+        unset = {name: (defaults or {}).get(name, off) for name, off in PENALTIES.items() if getattr(self, name) is None}
+        return replace(self, **unset) if unset else self
 
     @property
     def greedy(self) -> bool:

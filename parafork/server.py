@@ -183,9 +183,10 @@ class _Common(BaseModel):
     logit_bias: dict[int, float] | None = None  # OpenAI sends token ids as strings; pydantic converts
     skip_special_tokens: bool = True  # vLLM's extension; raw mode always shows the [Fork] markers
     stop: str | list[str] | None = None
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, gt=0, le=10)  # vLLM's extension
+    # Unset or null: the model's default (`LLM.sampling_defaults`; the bundled model's card says which).
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)  # vLLM's extension
     parafork: ParaforkOptions = ParaforkOptions()
 
     @field_validator("stop")

@@ -266,3 +266,46 @@ def test_a_parent_without_budget_for_another_body_does_not_open_a_new_item(tiny_
             guard(root, logits)
             assert bool(torch.isinf(logits[two])) == closes
         assert not torch.isinf(logits[min(ct.eos_ids)])  # it may always end
+
+
+def test_unset_penalties_take_the_models_defaults(tiny_dir, tmp_path):
+    """A penalty left at None comes from the model's (or its adapter's) generation_config.json,
+    as in vLLM; explicit values, 0 included, win; a model that names none decodes unpenalized."""
+    import json
+    import shutil
+
+    from parafork.llm import LLM
+
+    folder = tmp_path / "tiny-with-defaults"
+    shutil.copytree(tiny_dir, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**config, "frequency_penalty": 2.0}))
+    llm = LLM(str(folder), dtype="float32", num_kv_blocks=256, block_size=4)
+    assert llm.sampling_defaults == {"frequency_penalty": 2.0}
+    default, chosen, off = (
+        llm.generate(PROMPT, SamplingParams(max_tokens=30, mode="ar", **kwargs))[0].token_ids
+        for kwargs in ({}, {"frequency_penalty": 2.0}, {"frequency_penalty": 0.0})
+    )
+    assert default == chosen != off
+    plain = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=256, block_size=4)
+    assert plain.sampling_defaults == {}
+    assert plain.generate(PROMPT, SamplingParams(max_tokens=30, mode="ar"))[0].token_ids == off
+    llm.check_idle()
+
+
+def test_sampling_defaults_prefer_the_adapter_and_are_validated(tmp_path):
+    import json
+
+    model, adapter = tmp_path / "model", tmp_path / "adapter"
+    model.mkdir(), adapter.mkdir()
+    (model / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.2, "eos_token_id": 2}))
+    assert models.sampling_defaults(model) == {"repetition_penalty": 1.2}
+    assert models.sampling_defaults(model, adapter) == {"repetition_penalty": 1.2}  # the adapter names none
+    (adapter / "generation_config.json").write_text(json.dumps({"frequency_penalty": 0.2}))
+    assert models.sampling_defaults(model, adapter) == {"frequency_penalty": 0.2}
+    (adapter / "generation_config.json").write_text(json.dumps({"presence_penalty": 5}))
+    with pytest.raises(ValueError, match="presence_penalty must be in"):
+        models.sampling_defaults(model, adapter)
+    assert SamplingParams(presence_penalty=None).with_defaults({"presence_penalty": 0.5}).presence_penalty == 0.5
+    assert SamplingParams(presence_penalty=0.0).with_defaults({"presence_penalty": 0.5}).presence_penalty == 0.0
+    assert SamplingParams().with_defaults().repetition_penalty == 1.0

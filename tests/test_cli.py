@@ -1,6 +1,8 @@
 """The command line and the engine benchmark, on the tiny model."""
 import json
 
+import pytest
+
 from parafork.bench import engine as bench_engine
 from parafork.cli import main
 from parafork.llm import LLM
@@ -18,6 +20,24 @@ def test_generate_reports_bad_input_as_an_error(tiny_dir, capsys):
     assert main(["generate", "Hi", "--model", str(tiny_dir), "--max-tokens", "0"]) == 2
     assert "max_tokens" in capsys.readouterr().err
     assert main(["generate", "Hi", "--model", "no/such-model"]) == 2
+
+
+def test_generate_takes_stop_strings_and_penalties(tiny_dir, tiny_llm, capsys):
+    params = dict(max_tokens=20, mode="ar")
+    plain = tiny_llm.generate("Hello there", SamplingParams(**params))[0].text
+    penalized = tiny_llm.generate("Hello there", SamplingParams(frequency_penalty=2.0, **params))[0].text
+    assert plain != penalized
+    command = ["generate", "Hello there", "--model", str(tiny_dir), "--max-tokens", "20", "--mode", "ar", "--dtype", "float32"]
+    assert main(command + ["--frequency-penalty", "2"]) == 0
+    assert capsys.readouterr().out.startswith(penalized + "\n")
+    stop = penalized[len(penalized) // 2 :][:3]
+    assert main(command + ["--frequency-penalty", "2", "--stop", stop]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(penalized[: penalized.index(stop)] + "\n") and "finish=stop" in out
+    assert main(command + ["--presence-penalty", "7"]) == 2
+    assert "presence_penalty must be in [-2, 2]" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--stop not supported with --remote"):
+        main(["generate", "Hi", "--remote", "http://127.0.0.1:9/v1", "--stop", "x"])
 
 
 def test_bench_engine_writes_every_documented_key(tiny_dir, tmp_path):

@@ -198,6 +198,8 @@ def test_penalties_reach_the_sampler(server):
     plain = story(c)
     for extra in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"extra_body": {"repetition_penalty": 3.0}}):
         assert story(c, **extra) != plain, extra
+    # null, like an omitted field, is the model's default (the tiny model names none: off).
+    assert story(c, extra_body={"frequency_penalty": None, "repetition_penalty": None}) == plain
     with pytest.raises(openai.BadRequestError):
         story(c, presence_penalty=2.5)
 

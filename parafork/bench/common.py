@@ -12,10 +12,11 @@ from typing import Callable
 
 import torch
 
+from .. import models
 from ..config import cpu_has_fast_bf16, machine_key
 from ..engine.engine import RequestOutput
 from ..llm import LLM, Prompt
-from ..sampling import SamplingParams
+from ..sampling import PENALTIES, SamplingParams
 
 
 def add_suite_args(p, max_tokens: int = 512) -> None:
@@ -26,18 +27,23 @@ def add_suite_args(p, max_tokens: int = 512) -> None:
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder to merge into --model")
 
 
-# The penalties the tuned model's modes run with (SamplingParams' defaults unless given).
-PENALTIES = {name: getattr(SamplingParams(), name) for name in ("frequency_penalty", "presence_penalty", "repetition_penalty")}
-
-
 def add_penalty_args(p) -> None:
-    for name, default in PENALTIES.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=default,
-                       help=f"for the tuned model's modes (not the -unguarded ones); default {default}")
+    for name in PENALTIES:
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=None,
+                       help="for the tuned model's modes (not the -unguarded ones); default: the model's")
 
 
 def penalties_of(args) -> dict:
-    return {name: getattr(args, name, default) for name, default in PENALTIES.items()}
+    """The penalties asked for on the command line (None: the model's default)."""
+    return {name: getattr(args, name, None) for name in PENALTIES}
+
+
+def resolve_penalties(penalties: dict | None, model: str, adapter: str | None) -> dict:
+    """The penalties the tuned model's guarded modes run with: those given, else the model's
+    defaults (`models.sampling_defaults`), else off. Recorded in every result's config."""
+    path, adapter = models.resolve_model_path(model), adapter or models.default_adapter(model)
+    defaults = {**PENALTIES, **models.sampling_defaults(path, adapter)}
+    return {name: v if (v := (penalties or {}).get(name)) is not None else defaults[name] for name in PENALTIES}
 
 
 def engine_params(mode: str, max_tokens: int, penalties: dict) -> SamplingParams:

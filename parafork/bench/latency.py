@@ -44,9 +44,9 @@ from ..rules import list_heads
 from ..sampling import SamplingParams
 from ..tokens import CHILD, FORK
 from . import sot
-from .common import (PENALTIES, Checkpoint, add_output_args, add_penalty_args, add_suite_args, by_category,
-                     engine_params, grouped_bars, metadata, parse_list, penalties_of, pyplot, report, save_figure,
-                     timed_run)
+from .common import (Checkpoint, add_output_args, add_penalty_args, add_suite_args, by_category,
+                     engine_params, grouped_bars, metadata, parse_list, penalties_of, pyplot, report, resolve_penalties,
+                     save_figure, timed_run)
 from .suite import load_suite, select
 
 MODES = ("ar", "apar", "serial", "base", "hf", "sot", "llamacpp", "ar+spec", "apar+spec", "apar-unguarded",
@@ -255,7 +255,7 @@ def run_latency(
 ) -> dict:
     """`checkpoint_to`: the JSON path; finished questions are kept beside it to resume from.
     `penalties`: frequency/presence/repetition penalties of the tuned model's guarded modes."""
-    penalties = {**PENALTIES, **(penalties or {})}
+    penalties = resolve_penalties(penalties, model, adapter)
     torch.set_num_threads(threads)
     # No prefix cache: a mode run after another on the same question must not find its prompt computed.
     engine = dict(dtype=dtype, cpu_threads=threads, prefix_caching=False, backend=backend, quant=quant)

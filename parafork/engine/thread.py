@@ -71,7 +71,7 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: int) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
-        self.params = params
+        self.params = params.with_defaults()  # what is still unset (None) is off: penalties
         self.arrival = arrival  # order of arrival, for FCFS scheduling and LIFO preemption
         self.threads: list[Thread] = []
         self.root = self._new_thread(list(prompt_token_ids), len(prompt_token_ids), depth=0, parent=None)
