@@ -156,7 +156,7 @@ def sampling_defaults(path: Path, adapter: str | os.PathLike | None = None) -> d
     bundled adapter's frequency penalty is chosen by measurement (its model card)."""
     import json
 
-    from .sampling import PENALTIES, penalty_problem
+    from .sampling import PENALTIES, SamplingParams
 
     for folder in filter(None, (adapter, path)):
         file = Path(folder) / "generation_config.json"
@@ -164,7 +164,7 @@ def sampling_defaults(path: Path, adapter: str | os.PathLike | None = None) -> d
             config = json.loads(file.read_text(encoding="utf-8"))
             found = {name: config[name] for name in PENALTIES if name in config}
             for name, value in found.items():
-                if (problem := penalty_problem(name, value)) is not None:
+                if (problem := SamplingParams.penalty_problem(name, value)) is not None:
                     raise ValueError(f"{file}: {problem}")
             return found
     return {}

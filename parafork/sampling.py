@@ -24,17 +24,6 @@ MAX_DRAFT_TOKENS = 8  # the most draft tokens a thread verifies per step (sizes 
 PENALTIES: dict[str, float] = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0}
 
 
-def penalty_problem(name: str, value, none_ok: bool = False) -> str | None:
-    """Why `value` is not a valid `name` penalty, or None: frequency and presence in [-2, 2]
-    (OpenAI's range), repetition in (0, 10]."""
-    if value is None and none_ok:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"{name} must be a number, got {value!r}"
-    ok = 0 < value <= 10 if name == "repetition_penalty" else -2 <= value <= 2
-    return None if ok else f"{name} must be in {'(0, 10]' if name == 'repetition_penalty' else '[-2, 2]'}, got {value!r}"
-
-
 class LogitsRule(Protocol):
     """Edits one thread's float logits row in place before sampling (after the APAR rules)."""
 
@@ -101,7 +90,7 @@ class SamplingParams:
             raise bad(f"stop takes non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop", stop)
         for name in PENALTIES:
-            if (problem := penalty_problem(name, getattr(self, name), none_ok=True)) is not None:
+            if (problem := self.penalty_problem(name, getattr(self, name), none_ok=True)) is not None:
                 raise bad(problem)
         if self.speculative not in (None, "ngram", "off"):
             raise bad(f"speculative must be None, 'ngram' or 'off', got {self.speculative!r}")
@@ -111,6 +100,17 @@ class SamplingParams:
         lp = self.logprobs
         if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= 20):
             raise bad(f"logprobs must be None or an integer in [0, 20], got {lp!r}")
+
+    @staticmethod
+    def penalty_problem(name: str, value, none_ok: bool = False) -> str | None:
+        """Why `value` is not a valid `name` penalty, or None: frequency and presence in [-2, 2]
+        (OpenAI's range), repetition in (0, 10]."""
+        if value is None and none_ok:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{name} must be a number, got {value!r}"
+        ok = 0 < value <= 10 if name == "repetition_penalty" else -2 <= value <= 2
+        return None if ok else f"{name} must be in {'(0, 10]' if name == 'repetition_penalty' else '[-2, 2]'}, got {value!r}"
 
     @property
     def penalized(self) -> bool:
