@@ -123,9 +123,9 @@ def generate_answers(questions: list[dict], model: str, adapter: str | None, bas
     tuned_modes = [m for m in modes if m != "base"]
     if tuned_modes:
         tuned = LLM(model, adapter=adapter, dtype=dtype, cpu_threads=threads, backend=backend, quant=quant)
+        penalties = resolve_penalties(penalties, model, adapter)
         for mode in tuned_modes:
-            outs = tuned.generate(prompts, engine_params(mode, max_tokens, resolve_penalties(penalties, model, adapter)),
-                                  use_tqdm=True)
+            outs = tuned.generate(prompts, engine_params(mode, max_tokens, penalties), use_tqdm=True)
             answers[mode] = [answer(o.text, o.num_threads, o.finish_reason == "length") for o in outs]
         del tuned
     if "base" in modes:
