@@ -9,7 +9,7 @@ import torch
 
 BACKENDS = ("auto", "torch", "hf", "llamacpp")
 SPECULATIVE_METHODS = (None, "ngram")
-GGUF_QUANTS = ("f16", "q8_0")  # what llama.cpp's converter writes (the pinned library exports no quantizer)
+GGUF_QUANTS = ("f16", "q8_0", "f32")  # what llama.cpp's converter writes (the pinned library exports no quantizer); f32 for exactness tests
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 DTYPE_CHOICES = ("auto", "bfloat16", "float32")
 

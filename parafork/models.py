@@ -131,8 +131,11 @@ def gguf_for(config, path: Path, adapter: Path | None) -> Path:
 
     from .export import export_gguf
 
+    from .tokens import CHILD, FORK, JOIN
+
     quant = config.quant or "f16"
     key = hashlib.blake2b(digest_size=8)
+    key.update(f"{FORK}{CHILD}{JOIN}".encode())  # the control tokens the export adds to the vocabulary
     for f in sorted(path.glob("*.safetensors")) + sorted(Path(adapter).glob("*.safetensors") if adapter else []):
         key.update(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
     target = cache_dir() / "gguf" / f"{path.name}-{key.hexdigest()}-{quant}.gguf"
@@ -150,22 +153,24 @@ def adapter_digest(adapter: str | os.PathLike) -> str:
 
 
 def sampling_defaults(path: Path, adapter: str | os.PathLike | None = None) -> dict[str, float]:
-    """The penalties a model asks for when a request leaves them unset: the keys of
-    `sampling.PENALTIES` found in the adapter's `generation_config.json`, else in the
+    """The penalties (and `join`) a model asks for when a request leaves them unset: the keys of
+    `sampling.DEFAULTABLE` found in the adapter's `generation_config.json`, else in the
     model folder's (vLLM likewise takes a model's sampling defaults from that file). The
     bundled adapter's frequency penalty is chosen by measurement (its model card)."""
     import json
 
-    from .sampling import PENALTIES, SamplingParams
+    from .sampling import DEFAULTABLE, PENALTIES, SamplingParams
 
     for folder in filter(None, (adapter, path)):
         file = Path(folder) / "generation_config.json"
         if Path(folder).is_dir() and file.is_file():
             config = json.loads(file.read_text(encoding="utf-8"))
-            found = {name: config[name] for name in PENALTIES if name in config}
+            found = {name: config[name] for name in DEFAULTABLE if name in config}
             for name, value in found.items():
-                if (problem := SamplingParams.penalty_problem(name, value)) is not None:
+                if name in PENALTIES and (problem := SamplingParams.penalty_problem(name, value)) is not None:
                     raise ValueError(f"{file}: {problem}")
+                if name == "join" and not isinstance(value, bool):
+                    raise ValueError(f"{file}: join must be true or false, got {value!r}")
             return found
     return {}
 

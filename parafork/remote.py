@@ -18,7 +18,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from .tokens import CHILD, FORK
+from .tokens import CHILD, FORK, JOIN
 
 
 @dataclass
@@ -70,6 +70,7 @@ class RemoteAPAR:
         self.max_threads, self.max_depth, self.fork_bias = max_threads, max_depth, fork_bias
         self.fork_id = tokenizer.convert_tokens_to_ids(FORK)
         self.child_id = tokenizer.convert_tokens_to_ids(CHILD)
+        self.join_id = tokenizer.convert_tokens_to_ids(JOIN)  # never sampled here: the driver does not join
 
     def _next_request(self, thread: RemoteThread, num_threads: int) -> tuple[int, bool]:
         """(tokens to ask for, whether [Fork] is allowed). A thread may not fork before its
@@ -82,7 +83,7 @@ class RemoteAPAR:
         return self.chunk, True
 
     def _complete(self, prompt: str, max_tokens: int, allow_fork: bool, mode: str) -> tuple[str, str, int]:
-        bias = {str(self.child_id): -100}
+        bias = {str(self.child_id): -100, str(self.join_id): -100}
         bias[str(self.fork_id)] = self.fork_bias if allow_fork else -100
         r = self.client.completions.create(
             model=self.model,

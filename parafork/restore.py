@@ -2,7 +2,7 @@
 
 Reading order is depth first: a thread's own tokens, where each `[Fork]` is replaced by
 the restored child born at it, so a list item's head is followed by its body and then by
-the next head. Everything works on token ids (no string offsets), so restored text is
+the next head; a `[Join]` leaves no text (what follows it comes after every body before it). Everything works on token ids (no string offsets), so restored text is
 exactly the text a linear decoding of the same tokens would give.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _walk(node: TreeNode, control: ControlTokens, final_only: bool, tokens: list
             complete = complete and child_complete
             if final_only and not child_complete:
                 return False
-        elif token != control.child_id and token not in control.eos_ids:
+        elif token not in (control.child_id, control.join_id) and token not in control.eos_ids:
             tokens.append(token)  # a [Fork] with no child is a raw-mode marker and stays
             if origins is not None:
                 origins.append((node, i))

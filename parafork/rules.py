@@ -29,19 +29,23 @@ def fork_allowed(logits: torch.Tensor, control: ControlTokens) -> bool:
 
 @dataclass(frozen=True)
 class ForceForks:
-    """Root forks after each own-token count in `fork_after` and ends after `root_tokens`;
-    children end after `child_tokens` own tokens (not counting `[Child]`). None: run free."""
+    """Root forks after each own-token count in `fork_after`, joins after each count in
+    `join_after` (needs `SamplingParams(join=True)`), and ends after `root_tokens`; children
+    end after `child_tokens` own tokens (not counting `[Child]`). None: run free."""
 
     control: ControlTokens
     fork_after: frozenset[int]
     child_tokens: int | None = None
     root_tokens: int | None = None
+    join_after: frozenset[int] = frozenset()
 
     def __call__(self, thread: Thread, logits: torch.Tensor) -> None:
         generated = len(thread.own_tokens)
         if thread.parent is None:
             if self.root_tokens is not None and generated >= self.root_tokens:
                 force_token(logits, min(self.control.eos_ids))
+            elif generated in self.join_after:
+                force_token(logits, self.control.join_id)
             elif generated in self.fork_after and fork_allowed(logits, self.control):
                 force_token(logits, self.control.fork_id)
         elif self.child_tokens is not None and generated - 1 >= self.child_tokens:

@@ -22,6 +22,8 @@ MAX_DRAFT_TOKENS = 8  # the most draft tokens a thread verifies per step (sizes 
 
 # The penalties and their neutral values (what "off" is).
 PENALTIES: dict[str, float] = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0}
+# What a model's generation_config.json may set for requests that leave it unset, and the value when it does not.
+DEFAULTABLE: dict[str, float | bool] = {**PENALTIES, "join": False}
 
 
 class LogitsRule(Protocol):
@@ -60,6 +62,11 @@ class SamplingParams:
     # `num_draft_tokens` tokens per step by prompt lookup; "off" never; None: the engine's default.
     speculative: Literal["ngram", "off"] | None = None
     num_draft_tokens: int = 4
+    # Joins (engine/thread.py, `Join`): whether a forking thread may sample `[Join]`, after which it
+    # attends to the children it forked since its previous join; while it may, finished children
+    # keep their KV until their parent joins or ends. None: the model's default (`"join"` in its
+    # generation_config.json, as the penalties), off where it names none; raw and ar modes never join.
+    join: bool | None = None
     logits_rules: Sequence[LogitsRule] = ()
 
     def __post_init__(self) -> None:
@@ -97,6 +104,8 @@ class SamplingParams:
         k = self.num_draft_tokens
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT_TOKENS:
             raise bad(f"num_draft_tokens must be an integer in [1, {MAX_DRAFT_TOKENS}], got {k!r}")
+        if self.join not in (None, True, False):
+            raise bad(f"join must be None, True or False, got {self.join!r}")
         lp = self.logprobs
         if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= 20):
             raise bad(f"logprobs must be None or an integer in [0, 20], got {lp!r}")
@@ -117,10 +126,15 @@ class SamplingParams:
         return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty not in (None, 1))
 
     def with_defaults(self, defaults: Mapping[str, float] | None = None) -> SamplingParams:
-        """These params with every penalty left at None taken from `defaults` (a model's
-        `sampling_defaults`), else off. The engine decodes only such resolved params."""
-        unset = {name: (defaults or {}).get(name, off) for name, off in PENALTIES.items() if getattr(self, name) is None}
+        """These params with every penalty and `join` left at None taken from `defaults` (a
+        model's `sampling_defaults`), else off. The engine decodes only such resolved params."""
+        unset = {name: (defaults or {}).get(name, off) for name, off in DEFAULTABLE.items() if getattr(self, name) is None}
         return replace(self, **unset) if unset else self
+
+    @property
+    def joins(self) -> bool:
+        """Whether this request's threads may join (resolved params only)."""
+        return bool(self.join) and self.mode in FORKING_MODES
 
     @property
     def greedy(self) -> bool:

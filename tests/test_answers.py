@@ -78,7 +78,7 @@ def test_stop_strings_are_validated():
 def _oracle(row: list[float], context: list[int], prompt_len: int, params: SamplingParams, ct: ControlTokens):
     """Penalties as specified, in plain Python over one thread's context."""
     row = list(row)
-    control = {ct.fork_id, ct.child_id}
+    control = set(ct.ids)
     if params.repetition_penalty != 1:
         for tok in set(context) - control:
             row[tok] = row[tok] / params.repetition_penalty if row[tok] > 0 else row[tok] * params.repetition_penalty
@@ -89,7 +89,7 @@ def _oracle(row: list[float], context: list[int], prompt_len: int, params: Sampl
 
 
 def test_penalties_change_logits_exactly_as_specified_and_ignore_siblings():
-    ct = ControlTokens(fork_id=60, child_id=61, eos_ids=frozenset({0}))
+    ct = ControlTokens(fork_id=60, child_id=61, eos_ids=frozenset({0}), join_id=62)
     rng = random.Random(0)
     params = SamplingParams(frequency_penalty=0.7, presence_penalty=0.3, repetition_penalty=1.3)
     request = Request("r", [5, 6, 7, 5], params, 0)

@@ -68,7 +68,7 @@ def test_no_import_cycles_in_the_package():
 
 def test_the_engine_uses_only_the_runner_protocol():
     members = {n for n in dir(Runner) if not n.startswith("_")} | set(Runner.__annotations__)
-    assert members == {"info", "forward", "fork", "release", "truncate"}
+    assert members == {"info", "forward", "fork", "release", "truncate", "join"}
     used = set()
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -39,7 +39,7 @@ def check_against_oracle(llm, hf, recorder: LogitsRecorder, atol: float) -> int:
         by_thread.setdefault(thread.thread_id, []).append((n, row))
         threads[thread.thread_id] = thread
     keep = torch.ones(llm.runner.info.vocab_size, dtype=torch.bool)
-    keep[[ct.fork_id, ct.child_id]] = False  # the APAR rules edit these columns
+    keep[list(ct.ids)] = False  # the APAR rules edit these columns
     checked = 0
     for tid, rows in by_thread.items():
         ids = torch.tensor([threads[tid].token_ids])

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from parafork.restore import linearize
 from parafork.tokens import ControlTokens
 
-CT = ControlTokens(fork_id=900, child_id=901, eos_ids=frozenset({2}))
+CT = ControlTokens(fork_id=900, child_id=901, eos_ids=frozenset({2}), join_id=902)
 
 
 @dataclass

@@ -23,6 +23,7 @@ class RecordingRunner:
         self.idle: set[int] = set()  # released and not used since
         self.forks: list[tuple[int, int, BlockCopy | None]] = []
         self.truncated: list[tuple[int, int]] = []
+        self.joins: list[tuple[int, list[int]]] = []
         self.most_live = 0
 
     def forward(self, batch):
@@ -50,10 +51,15 @@ class RecordingRunner:
         self.released.append(seq_id)
         self.inner.release(seq_id)
 
-    def truncate(self, seq_id, num_tokens):
+    def truncate(self, seq_id, position):
         assert seq_id in self.live, "truncating a sequence that is not live"
-        self.truncated.append((seq_id, num_tokens))
-        self.inner.truncate(seq_id, num_tokens)
+        self.truncated.append((seq_id, position))
+        self.inner.truncate(seq_id, position)
+
+    def join(self, seq_id, sources):
+        assert seq_id in self.live and all(s.seq_id in self.live for s in sources), "a join of sequences not live"
+        self.joins.append((seq_id, [s.seq_id for s in sources]))
+        self.inner.join(seq_id, sources)
 
 
 @pytest.fixture()

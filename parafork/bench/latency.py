@@ -169,7 +169,7 @@ def _llamacpp_record(llm: LLM, prompt: str, max_tokens: int, threads: int) -> di
         raise ValueError("mode llamacpp needs --backend llamacpp (llama.cpp alone on the same GGUF)")
     prompt_ids = llm.encode(prompt)
     out, wall = reference_greedy(gguf, prompt_ids, max_tokens, threads, stop_ids=llm.control.eos_ids,
-                                 banned=(llm.control.fork_id, llm.control.child_id))
+                                 banned=llm.control.ids)
     return single_sequence_record(llm.tokenizer, prompt_ids, out, llm.control.eos_ids, wall, max_tokens,
                                   llm.config.block_size)
 

@@ -15,6 +15,11 @@ after preemption) takes every leading full block whose key is known instead of c
 it. Freed blocks keep their key until the pool hands them out again (least recently freed
 first), so a prompt seen before, a driver's next round, or a preempted request's own
 blocks are found again.
+
+Joins (engine/thread.py): a thread that joins takes a reference to the blocks of every span
+it attends to (`attach`), so a joined child's blocks stay while anything attends to them,
+after the child itself is freed. KV from a thread's first join on depends on those spans,
+not only on its tokens: such blocks are never keyed nor matched in the prefix cache.
 """
 from __future__ import annotations
 
@@ -22,12 +27,14 @@ from array import array
 from collections import deque
 from hashlib import blake2b
 
-from .runner import BlockCopy
-from .thread import Thread
+from .runner import BlockCopy, KVSpan
+from .thread import Join, Thread
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True, paged: bool = True) -> None:
+        """`paged`: the runner addresses KV by these block tables (else it only bounds what a
+        sequence-addressed runner holds: llama.cpp shares a fork's tail cells, copies nothing)."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
@@ -35,6 +42,7 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.free_blocks: deque[int] = deque(range(num_blocks))
         self.prefix_caching = prefix_caching
+        self.paged = paged
         self.cached: dict[bytes, int] = {}  # prefix key -> block holding that prefix's last block
         self.block_key: dict[int, bytes] = {}  # block -> its key in `cached`
         self.hit_tokens = 0  # tokens taken from the prefix cache instead of computed
@@ -68,11 +76,16 @@ class BlockManager:
         h.update(array("q", thread.token_ids[index * self.block_size : (index + 1) * self.block_size]).tobytes())
         return h.digest()
 
+    @staticmethod
+    def _keyable(thread: Thread) -> int:
+        """Tokens of the thread whose KV depends on its tokens alone (all of them before its first join)."""
+        return thread.joins[0].index if thread.joins else len(thread.token_ids)
+
     def register(self, thread: Thread) -> None:
         """Records the keys of the thread's full blocks computed so far (after a forward)."""
         if not self.prefix_caching:
             return
-        for index in range(len(thread.block_keys), thread.num_cached // self.block_size):
+        for index in range(len(thread.block_keys), min(thread.num_cached, self._keyable(thread)) // self.block_size):
             key = self._key(thread, index)
             thread.block_keys.append(key)
             block = thread.block_table[index]
@@ -86,7 +99,7 @@ class BlockManager:
         assert not thread.block_table and thread.num_cached == 0
         if not self.prefix_caching:
             return
-        for index in range((len(thread.token_ids) - 1) // self.block_size):
+        for index in range(min(len(thread.token_ids) - 1, self._keyable(thread)) // self.block_size):
             key = self._key(thread, index)
             block = self.cached.get(key)
             if block is None:
@@ -123,14 +136,40 @@ class BlockManager:
         child.block_keys = parent.block_keys[:full]
         child.num_cached = cached
         if tail == 0:
+            self._inherit_spans(parent, child)
             return None
         if self.num_free == 0:
-            # No room for the copy: the child recomputes its tail slots when it runs.
-            child.num_cached = full * self.block_size
+            # No room for the copy: the child recomputes its tail slots when it runs (paged), or
+            # counts them in the block it takes when it runs (the runner shares the cells).
+            if self.paged:
+                child.num_cached = full * self.block_size
+            self._inherit_spans(parent, child)
             return None
         dst = self._take(child)
         child.block_table.append(dst)
+        self._inherit_spans(parent, child)
         return BlockCopy(parent.block_table[full], dst, tail)
+
+    def _inherit_spans(self, parent: Thread, child: Thread) -> None:
+        """The child attends to the parent's joined spans of the joins before its cached tokens
+        (all of them, unless the fork lost its tail: then the later ones are made again)."""
+        n = 0
+        while n < parent.established and parent.joins[n].index <= child.num_cached:
+            n += 1
+        child.established = n
+        self.attach(child, [(j, s) for j, s in parent.spans if j in parent.joins[:n]])
+
+    def span_blocks(self, span: KVSpan) -> list[int]:
+        return list(span.block_table[span.start // self.block_size : -(-span.end // self.block_size)])
+
+    def attach(self, thread: Thread, spans: list[tuple[Join, KVSpan]]) -> None:
+        """The thread attends to `spans` from now on and holds their blocks."""
+        for _, span in spans:
+            for block in self.span_blocks(span):
+                assert self.ref_counts[block] > 0, "a span's block is free"
+                self.ref_counts[block] += 1
+                self._hold(thread, block)
+        thread.spans.extend(spans)
 
     def truncate(self, thread: Thread, num_tokens: int) -> None:
         """Cuts the thread's block table to the blocks its first `num_tokens` tokens need (after a
@@ -141,8 +180,13 @@ class BlockManager:
         del thread.block_table[keep:]
 
     def free(self, thread: Thread) -> None:
-        """Drops the thread's references; blocks nobody else holds return to the pool."""
+        """Drops the thread's references (its blocks and its spans'); blocks nobody else holds
+        return to the pool. Its joins are no longer in place."""
         self._drop(thread, thread.block_table)
+        for _, span in thread.spans:
+            self._drop(thread, self.span_blocks(span))
+        thread.spans = []
+        thread.established = 0
         thread.block_table = []
         thread.block_keys = []
         thread.num_cached = 0

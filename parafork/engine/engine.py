@@ -7,9 +7,14 @@ One step is four phases:
   that speculate also feed a draft and get logits at each of its positions: speculation.py);
 - sample: the APAR rules, the request's own logits rules, then one token per thread (and the
   draft tokens that the samples agree with);
-- account: a sampled `[Fork]` starts a child thread (sharing the parent's KV blocks), an end
-  token finishes its thread and frees its blocks at once, and requests that ran out of
-  budget or threads finish.
+- account: a sampled `[Fork]` starts a child thread (sharing the parent's KV blocks), a
+  `[Join]` parks its thread until its children are done, an end token finishes its thread
+  and frees its blocks at once (unless a join may still read them), and requests that ran
+  out of budget or threads finish.
+
+Before the schedule, joins whose children are done are put in place (`_make_joins`): the
+joining thread takes references to the children's blocks, the runner is told (`join`), and
+the children are released.
 
 The engine speaks token ids only; `LLM` (parafork/llm.py) adds prompts and text. Every
 sequence id the engine hands to the runner is released exactly once, and when no request
@@ -26,10 +31,10 @@ from ..sampling import FORKING_MODES, SamplingParams
 from ..tokens import ControlTokens
 from . import speculation
 from .block_manager import BlockManager
-from .runner import Runner, SequenceSlice
+from .runner import JoinSource, KVSpan, Runner, SequenceSlice
 from .sampler import apply_apar_rules, apply_penalties, model_logprobs, sample, token_logprob
 from .scheduler import ScheduledBatch, Scheduler
-from .thread import FinishReason, Request, Thread
+from .thread import FinishReason, Join, Request, Thread
 
 
 @dataclass
@@ -72,6 +77,7 @@ class EngineStats:
     prefix_cache_hit_tokens_total: int
     draft_tokens_total: int = 0
     accepted_draft_tokens_total: int = 0
+    joins_total: int = 0
 
 
 class Engine:
@@ -85,13 +91,13 @@ class Engine:
         self.config = config
         self.runner = runner
         self.control = control
-        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.prefix_caching)
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.prefix_caching, info.paged)
         self.scheduler = Scheduler(self.block_manager, config.max_batch_tokens, info.max_live_sequences)
         self.seq_ids = self.scheduler.seq_ids
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self.total_steps = 0
-        self._counts = {"requests": 0, "tokens": 0, "forks": 0, "drafted": 0, "accepted": 0}
+        self._counts = {"requests": 0, "tokens": 0, "forks": 0, "joins": 0, "drafted": 0, "accepted": 0}
 
     # ---- requests -------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: bool = True) -> None:
@@ -112,6 +118,8 @@ class Engine:
             raise ValueError(f"logit_bias names a token id beyond the vocabulary ({vocab})")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.join and params.mode in FORKING_MODES and not self.runner.info.joins:
+            raise ValueError("this backend does not join (hf): use join=False, or the torch or llamacpp backend")
         if not self.runner.info.control_tokens and params.mode in FORKING_MODES:
             raise ValueError(
                 f"this model's vocabulary has no [Fork]/[Child] tokens: mode={params.mode!r} needs them; use mode='ar' "
@@ -155,6 +163,7 @@ class Engine:
             prefix_cache_hit_tokens_total=bm.hit_tokens,
             draft_tokens_total=self._counts["drafted"],
             accepted_draft_tokens_total=self._counts["accepted"],
+            joins_total=self._counts["joins"],
         )
 
     def check_idle(self) -> None:
@@ -168,6 +177,7 @@ class Engine:
     # ---- the step -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One forward over all scheduled threads; outputs of the requests it touched."""
+        self._make_joins()
         batch, failed = self.scheduler.schedule()
         touched = {r.request_id: r for r in failed}
         for request in failed:
@@ -212,9 +222,44 @@ class Engine:
             else:
                 thread.draft_stats.idle()
 
+    def _make_joins(self) -> None:
+        """Puts in place every join whose thread has fed up to its `[Join]` and whose children
+        are done (finished, their KV whole): after a thread sampled `[Join]`, or again after a
+        preemption made the request recompute."""
+        for request in self.scheduler.running:
+            if not request.params.joins:
+                continue
+            made = False
+            for thread in request.kv_threads:
+                k = thread.established
+                if k == len(thread.joins) or thread.seq_id is None or thread.num_cached != thread.joins[k].index:
+                    continue
+                join = thread.joins[k]
+                if all(c.finished and c.seq_id is not None and c.established == len(c.joins)
+                       and c.num_cached == len(c.token_ids) - 1 for c in join.children):
+                    self._make_join(thread, join)
+                    made = True
+            if made:
+                self.scheduler.release_unneeded(request)
+                self._release_sequences()
+
+    def _make_join(self, thread: Thread, join: Join) -> None:
+        if join.offset is None:  # first made: the position after everything it attends to
+            before = thread.position(join.index - 1) + 1
+            join.offset = max([before] + [c.position(c.num_cached - 1) + 1 for c in join.children]) - join.index
+            self._counts["joins"] += 1
+        spans = []
+        for child in join.children:
+            spans.append((join, KVSpan(tuple(child.block_table), child.own_start, child.num_cached)))
+            spans += [(join, span) for j, span in child.spans if j.owner is child]
+        self.block_manager.attach(thread, spans)
+        self.runner.join(thread.seq_id, [JoinSource(c.seq_id, c.position(c.own_start)) for c in join.children])
+        thread.established += 1
+
     def _run(self, batch: ScheduledBatch):
         slices = [
-            SequenceSlice(t.seq_id, t.pending[:n] + t.draft, t.num_cached, t.block_table, 1 + len(t.draft))
+            SequenceSlice(t.seq_id, t.pending[:n] + t.draft, t.num_cached, t.block_table, 1 + len(t.draft),
+                          t.position(t.num_cached) - t.num_cached, tuple(span for _, span in t.spans))
             for t, n in zip(batch.threads, batch.num_tokens)
         ]
         self.total_steps += 1
@@ -227,10 +272,11 @@ class Engine:
         for thread, n in zip(batch.threads, batch.num_tokens):
             fed = n + len(thread.draft)
             # Token k (0-based position) attends to k + 1 keys; this slice holds positions c..c+fed-1.
-            thread.request.attention_work += fed * thread.num_cached + fed * (fed + 1) // 2
+            joined = sum(span.end - span.start for _, span in thread.spans)
+            thread.request.attention_work += fed * (thread.num_cached + joined) + fed * (fed + 1) // 2
             thread.num_cached += n
             self.block_manager.register(thread)
-            if thread.num_cached == len(thread.token_ids):
+            if thread.num_cached == len(thread.token_ids) and not thread.finished:
                 rows.append(row)
                 ready.append(thread)
             row += 1 + len(thread.draft)
@@ -256,6 +302,8 @@ class Engine:
         draft's rows while each sample equals the draft token (speculation.py)."""
         chosen = self._choose(logits[rows], ready)
         for thread, row, (token, logprob) in zip(ready, rows, chosen):
+            if thread.request.finished:  # ended by a sibling's token this step (an error)
+                continue
             draft, accepted = thread.draft, 0
             while accepted < len(draft) and token == draft[accepted] and not self._ends_step(thread, token):
                 self._append(thread, token, logprob)
@@ -271,7 +319,7 @@ class Engine:
         are settled at the end of a step."""
         control, request = self.control, thread.request
         return (
-            token in (control.fork_id, control.child_id)
+            token in control.ids
             or token in control.eos_ids
             or request.num_generated + 1 >= request.params.max_tokens
             or len(thread.token_ids) + 1 >= self.config.max_model_len
@@ -287,7 +335,7 @@ class Engine:
         thread.draft_stats.update(len(thread.draft), accepted)
         thread.draft = []
         self.block_manager.truncate(thread, thread.num_cached + 1)  # cached tokens and the one to come
-        self.runner.truncate(thread.seq_id, thread.num_cached)
+        self.runner.truncate(thread.seq_id, thread.position(thread.num_cached))
         self.block_manager.register(thread)
 
     def _append(self, thread: Thread, token: int, logprob) -> None:
@@ -305,6 +353,12 @@ class Engine:
             request.num_generated += 1
             self._counts["forks"] += 1
             self.runner.fork(thread.seq_id, *self.scheduler.fork(thread, child))
+        elif token == control.join_id and params.mode in FORKING_MODES:
+            if not params.joins:
+                request.error = "[Join] was sampled, but this request does not join (SamplingParams.join)"
+                self._finish_request(request, FinishReason.ERROR)
+                return
+            request.join(thread)  # the thread waits: _make_joins puts the join in place
         elif token in control.eos_ids and not params.ignore_eos:
             self._finish_thread(thread, FinishReason.STOP)
         elif len(thread.token_ids) >= self.config.max_model_len:
@@ -312,7 +366,10 @@ class Engine:
 
     def _finish_thread(self, thread: Thread, reason: FinishReason) -> None:
         thread.finish_reason = reason
-        self.scheduler.free(thread)
+        if thread.request.params.joins:
+            self.scheduler.release_unneeded(thread.request)  # its KV stays while a join may read it
+        else:
+            self.scheduler.free(thread)
         self._release_sequences()
 
     def _finish_request(self, request: Request, reason: FinishReason) -> None:

@@ -22,6 +22,9 @@ class HFRunner:
             weight_bytes=sum(p.numel() * p.element_size() for p in hf_model.parameters()),
             prefix_caching=True,
             max_live_sequences=None,
+            # Its slots hold token ids, and a joined span's tokens would need their own tree mask
+            # recomputed: joins run on the torch and llama.cpp runners.
+            joins=False,
         )
         self.slot_tokens = torch.zeros(engine_config.num_kv_blocks * engine_config.block_size, dtype=torch.long)
 
@@ -37,15 +40,18 @@ class HFRunner:
     def release(self, seq_id: int) -> None:
         """Nothing to do: slots belong to blocks, which the engine's block manager frees."""
 
-    def truncate(self, seq_id: int, num_tokens: int) -> None:
+    def truncate(self, seq_id: int, position: int) -> None:
         """Nothing to do: slots past the end are overwritten when those positions are fed again."""
+
+    def join(self, seq_id: int, sources) -> None:
+        raise NotImplementedError("the hf backend does not join (RunnerInfo.joins is False)")
 
     @torch.inference_mode()
     def forward(self, batch: list[SequenceSlice]) -> torch.Tensor:
         contexts = []
         for s in batch:
-            end = s.start_pos + len(s.token_ids)
-            self.slot_tokens[self._slots(s.block_table, s.start_pos, end)] = torch.tensor(s.token_ids)
+            end = s.start + len(s.token_ids)
+            self.slot_tokens[self._slots(s.block_table, s.start, end)] = torch.tensor(s.token_ids)
             contexts.append(self.slot_tokens[self._slots(s.block_table, 0, end)])
         longest = max(len(c) for c in contexts)
         ids = torch.zeros(len(contexts), longest, dtype=torch.long)

@@ -3,7 +3,8 @@
 llama.cpp's KV cells carry sets of sequence ids. With one unified cache (`kv_unified`), a
 fork is `llama_memory_seq_cp(parent -> child)`: the child's id is added to the parent's
 cells, nothing is copied. A release is `llama_memory_seq_rm(seq)`: cells no sequence refers
-to any more are free. One `llama_decode` per engine step carries every slice's tokens, each
+to any more are free. A join is `llama_memory_seq_cp(child -> parent)` over the child's own
+positions: the parent's id is added to the child's cells. One `llama_decode` per engine step carries every slice's tokens, each
 tagged with its sequence id, with an output row for each slice's last token.
 
 The engine's block tables are not used here (cells are found by llama.cpp); the engine's
@@ -26,6 +27,7 @@ from ..sampling import MAX_DRAFT_TOKENS
 from .runner import BlockCopy, RunnerInfo, SequenceSlice
 
 MAX_SEQUENCES = 64
+GGML_TYPE_F32 = 0  # ggml.h, enum ggml_type
 
 
 class LlamaCppRunner:
@@ -38,7 +40,9 @@ class LlamaCppRunner:
             raise ValueError(f"llama.cpp could not load {gguf}")
         self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
         params = lib.llama_context_default_params()
-        params.n_ctx = engine_config.num_kv_blocks * engine_config.block_size
+        # The engine's pool, plus a block per sequence: a fork made while the pool was empty
+        # shares its parent's tail cells uncounted (engine/block_manager.py, `paged`).
+        params.n_ctx = (engine_config.num_kv_blocks + MAX_SEQUENCES) * engine_config.block_size
         # A step never feeds more tokens than the engine's pool has cells for.
         params.n_batch = params.n_ubatch = min(engine_config.max_batch_tokens, params.n_ctx)
         params.n_seq_max = MAX_SEQUENCES
@@ -46,6 +50,9 @@ class LlamaCppRunner:
         params.n_outputs_max = MAX_SEQUENCES * (1 + MAX_DRAFT_TOKENS)
         params.n_outputs_max_per_seq = 1 + MAX_DRAFT_TOKENS
         params.kv_unified = True  # one cache for all sequences: only then do forks share cells
+        if engine_config.quant == "f32":  # exact weights: keep the KV cache exact too (llama.cpp's default is f16)
+            params.type_k = params.type_v = GGML_TYPE_F32
+            params.flash_attn_type = 0  # disabled: its CPU kernel rounds the queries to f16
         threads = engine_config.cpu_threads or torch.get_num_threads()
         params.n_threads = params.n_threads_batch = threads
         params.no_perf = True
@@ -61,6 +68,7 @@ class LlamaCppRunner:
             max_position=lib.llama_model_n_ctx_train(self.model),
             weight_bytes=lib.llama_model_size(self.model),
             prefix_caching=False,
+            paged=False,
             max_live_sequences=MAX_SEQUENCES,
             control_tokens=vocab_size <= self.n_vocab,  # the control tokens come last in the tokenizer
             gguf=self.gguf,
@@ -89,9 +97,17 @@ class LlamaCppRunner:
         self.lib.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
         self.live.discard(seq_id)
 
-    def truncate(self, seq_id: int, num_tokens: int) -> None:
-        """Drops the sequence's cells at positions >= `num_tokens` (a rejected draft's)."""
-        self.lib.llama_memory_seq_rm(self.memory, seq_id, num_tokens, -1)
+    def truncate(self, seq_id: int, position: int) -> None:
+        """Drops the sequence's cells at positions >= `position` (a rejected draft's)."""
+        self.lib.llama_memory_seq_rm(self.memory, seq_id, position, -1)
+
+    def join(self, seq_id: int, sources) -> None:
+        """Each source's cells from its `start_pos` on get `seq_id` too (no copy): the joined
+        child's own tokens and what it joined itself, never the parent's cells it shares.
+        Positions repeat across the parent and its children; llama.cpp masks by position per
+        sequence, and the parent's next position (its largest + 1) is what the engine feeds."""
+        for source in sources:
+            self.lib.llama_memory_seq_cp(self.memory, source.seq_id, seq_id, source.start_pos, -1)
 
     def cells_in_use(self, seq_id: int) -> tuple[int, int]:
         """(first, last) position the sequence holds, (-1, -1) when it holds none."""

@@ -3,10 +3,11 @@
 A runner holds the weights and the KV storage. The engine owns everything else: which
 threads run, their block tables, sampling, forks and restoration. Per step the engine
 hands the runner a batch of `SequenceSlice`s (a sequence id that stays the same for the
-thread's whole life, the new tokens, the position of the first one, the block table)
-and gets back the logits of each slice's last `num_logits` tokens (one, except where the
-engine verifies a speculative draft: `speculation.py`). Three explicit calls keep a backend
-that addresses KV by sequence (llama.cpp) in step with the engine:
+thread's whole life, the new tokens, the index of the first one in the sequence's own KV,
+the block table, and after a join the position offset and the joined KV spans) and gets
+back the logits of each slice's last `num_logits` tokens (one, except where the engine
+verifies a speculative draft: `speculation.py`). Four explicit calls keep a backend that
+addresses KV by sequence (llama.cpp) in step with the engine:
 
 - `fork(parent, child, copy)`: `child` starts with `parent`'s cached context. A paged
   backend shares the full blocks through the block tables it is given and only copies the
@@ -14,9 +15,14 @@ that addresses KV by sequence (llama.cpp) in step with the engine:
 - `release(seq_id)`: the sequence ended (finished, aborted, or preempted to be recomputed
   later under a new id); a sequence-addressed backend frees its cells. Every sequence id
   the engine used is released exactly once.
-- `truncate(seq_id, num_tokens)`: the sequence keeps the KV of its first `num_tokens`
-  positions only (a rejected draft's tail); a paged backend has nothing to do, the engine's
+- `truncate(seq_id, position)`: the sequence keeps its own KV at model positions below
+  `position` only (a rejected draft's tail); a paged backend has nothing to do, the engine's
   block manager frees the blocks.
+- `join(seq_id, sources)`: from now on the sequence also attends to each source sequence's
+  KV from that source's `start_pos` on (a joined child: its own tokens and what it joined);
+  a sequence-addressed backend tags those cells with `seq_id` (llama.cpp's `seq_cp`); a
+  paged backend has nothing to do, each later slice names its `joined` spans. The sources
+  are released afterwards; their KV stays as long as the joining sequence attends to it.
 
 `build_runner` loads only what the chosen backend needs.
 """
@@ -33,16 +39,43 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class KVSpan:
+    """Token indices [start, end) of the KV held through `block_table` (a joined child's)."""
+
+    block_table: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
 class SequenceSlice:
-    """Work for one sequence (an APAR thread) in one forward: feed `token_ids` at positions
-    `start_pos`, `start_pos + 1`, ...; its K/V live in the slots of `block_table`; return the
-    logits of its last `num_logits` tokens."""
+    """Work for one sequence (an APAR thread) in one forward: feed `token_ids` as entries
+    `start`, `start + 1`, ... of the sequence's own KV (the slots of `block_table`), at model
+    positions `start + position_offset`, ...; each attends causally to the sequence's own
+    entries and to all of `joined` (KV of other sequences, positions already applied); return
+    the logits of its last `num_logits` tokens. Before any join the offset is 0 and nothing
+    is joined."""
 
     seq_id: int
     token_ids: list[int]
-    start_pos: int
+    start: int
     block_table: list[int]
     num_logits: int = 1
+    position_offset: int = 0
+    joined: tuple[KVSpan, ...] = ()
+
+    @property
+    def start_pos(self) -> int:
+        """Model position of the first token."""
+        return self.start + self.position_offset
+
+
+@dataclass(frozen=True)
+class JoinSource:
+    """A sequence whose KV from model position `start_pos` on another sequence joins."""
+
+    seq_id: int
+    start_pos: int
 
 
 @dataclass(frozen=True)
@@ -65,6 +98,8 @@ class RunnerInfo:
     gguf: Path | None = None  # the GGUF file the weights come from (llama.cpp), for baselines on the same file
     # One more fed row's cost relative to a one-row step (sizes speculative drafts: speculation.py).
     draft_row_cost: float = 0.1
+    joins: bool = True  # the runner attends to joined KV (requests with SamplingParams.join need it)
+    paged: bool = True  # KV addressed by the engine's block tables (False: by sequence id, llama.cpp)
 
 
 @runtime_checkable
@@ -80,7 +115,9 @@ class Runner(Protocol):
 
     def release(self, seq_id: int) -> None: ...
 
-    def truncate(self, seq_id: int, num_tokens: int) -> None: ...
+    def truncate(self, seq_id: int, position: int) -> None: ...
+
+    def join(self, seq_id: int, sources: list[JoinSource]) -> None: ...
 
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")

@@ -27,9 +27,15 @@ def apply_apar_rules(
     request already has max_threads threads, when the budget left has no room for another
     body (`budget.py`), and for all but the first `fork_room` threads
     that may fork (the runner's free sequence ids; None: no limit). Raw mode leaves
-    `[Fork]` to the caller. Then each request's `logit_bias` is added.
+    `[Fork]` to the caller. `[Join]` may be sampled only by a thread of a request that joins
+    (`SamplingParams.join`, forking modes) that has children it has not joined yet; so a
+    request that does not join decodes exactly as if the token did not exist. Then each
+    request's `logit_bias` is added.
     """
     logits[:, control.child_id] = float("-inf")
+    no_join = [i for i, t in enumerate(threads) if not (t.request.params.joins and t.unjoined_children())]
+    if no_join:
+        logits[no_join, control.join_id] = float("-inf")
     no_fork = [i for i, t in enumerate(threads) if _fork_banned(t, control)]
     if fork_room is not None:
         may_fork = [i for i, t in enumerate(threads) if i not in no_fork and t.request.params.mode in FORKING_MODES]
@@ -45,7 +51,7 @@ def apply_apar_rules(
 def apply_penalties(logits: torch.Tensor, threads: Sequence[Thread], control: ControlTokens) -> None:
     """Repetition control per thread, in place, over the tokens that thread sees (its context:
     ancestors up to its fork, then its own; never a sibling's). `[Fork]`/`[Child]` are never
-    penalized, so penalties do not discourage forking.
+    penalized (nor `[Join]`), so penalties do not discourage forking.
 
     - `frequency_penalty` f, `presence_penalty` p (OpenAI): over answer tokens (not the prompt),
       logit -= f * count + p * (count > 0);
@@ -60,7 +66,7 @@ def apply_penalties(logits: torch.Tensor, threads: Sequence[Thread], control: Co
             continue
         row = logits[i]
         context = torch.tensor(thread.token_ids, dtype=torch.long)
-        control_ids = torch.tensor([control.fork_id, control.child_id])
+        control_ids = torch.tensor(control.ids)
         if params.repetition_penalty != 1:
             seen = torch.unique(context)
             seen = seen[~torch.isin(seen, control_ids)]

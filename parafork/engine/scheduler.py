@@ -16,6 +16,12 @@ thrashed (198 preemptions for 64 requests, throughput below serial decoding's).
 A thread holds a runner sequence id exactly while it holds KV: it takes one when it is
 first scheduled (or born by a fork) and gives it back when its blocks are freed (finished,
 aborted or preempted). Freed ids wait in `take_released()` for the engine to tell the runner.
+
+Joins (engine/thread.py): in a request that may join, a finished thread keeps its KV while
+a join may still read it (`Request.needs_kv`); `release_unneeded` frees the rest. A thread
+waiting at its `[Join]` feeds nothing until the engine has put the join in place. After a
+preemption, the finished threads a join needs are recomputed like live ones (their last
+token is never fed), and the joins are made again before the tokens after them are fed.
 """
 from __future__ import annotations
 
@@ -93,6 +99,13 @@ class Scheduler:
             self._released.append(thread.seq_id)
             thread.seq_id = None
 
+    def release_unneeded(self, request: Request) -> None:
+        """Frees the KV of the request's finished threads that nothing can attend to any more."""
+        needed = set(request.kv_threads)
+        for thread in request.threads:
+            if thread.finished and thread not in needed and (thread.block_table or thread.seq_id is not None):
+                self.free(thread)
+
     def take_released(self) -> list[int]:
         """Sequence ids freed since the last call (the runner must be told)."""
         released, self._released = self._released, []
@@ -123,15 +136,16 @@ class Scheduler:
         when the pool cannot hold them with `reserve` blocks to spare (the batch is left
         without them)."""
         start, new_ids, room = len(batch), 0, self.seq_ids.room
-        threads = [t for t in request.live_threads if not held(t)]  # parents wait for children near the end
+        # Parents wait for children near the end (budget.py), joining threads for their group.
+        threads = [t for t in request.kv_threads if (t.finished or not held(t)) and t.window]
         if request.params.mode == "serial":
             threads = threads[-1:]  # the newest thread runs alone: depth first, in reading order
         for thread in threads:
             if thread.num_cached == 0:
-                if any(len(t.pending) > 2 for t in threads if t.thread_id < thread.thread_id):
+                if any(len(t.window) > 2 for t in threads if t.thread_id < thread.thread_id):
                     break  # recompute one thread at a time, so later ones find its blocks in the cache
                 self.block_manager.match_prefix(thread)
-            n = min(len(thread.pending), budget)
+            n = min(len(thread.window), budget)
             if n == 0:
                 continue
             new_ids += thread.seq_id is None

@@ -138,10 +138,10 @@ def propose(thread: Thread, k: int, control: ControlTokens) -> list[int]:
 
 
 def _cut(draft: list[int], control: ControlTokens) -> list[int]:
-    """The draft ends after a fork or end token and before a `[Child]` (never sampled)."""
+    """The draft ends after a fork, join or end token and before a `[Child]` (never sampled)."""
     for i, token in enumerate(draft):
         if token == control.child_id:
             return draft[:i]
-        if token == control.fork_id or token in control.eos_ids:
+        if token in (control.fork_id, control.join_id) or token in control.eos_ids:
             return draft[: i + 1]
     return draft

@@ -2,10 +2,23 @@
 
 A request starts with one root thread holding the prompt. When a thread samples `[Fork]`
 it keeps going, and a child thread is born whose context is the parent's tokens up to
-and including that `[Fork]`, followed by a forced `[Child]`. Token `i` of any thread
-always sits at position `i`, so a child's `[Child]` shares its position with the
+and including that `[Fork]`, followed by a forced `[Child]`. Before any join, token `i` of
+a thread sits at position `i`, so a child's `[Child]` shares its position with the
 parent's next token, and the child's context is exactly what a plain AR run over
 (ancestors + `[Child]` + child tokens) would see.
+
+**Joins.** A thread that samples `[Join]` (at token index j) waits until every child it
+forked since its previous join has finished. From `[Join]` on, its tokens also attend to
+each such child's *joined span*: the child's own tokens with KV (`[Child]` and its body;
+its end token is never fed) and, recursively, the spans the child itself joined. A child's
+copy of its parent's tokens is not attended twice, and a grandchild its parent never
+joined is not attended at all. Positions after a join continue from the last position of
+anything the join attends to: `[Join]` sits at max(j + offset before, last position of
+every joined span + 1), and the tokens after it follow (Multiverse's rule, the one that
+llama.cpp's unified cache accepts as it is: it requires a sequence's next position to be
+its largest one + 1; README, "Joins"). A `Join` is kept by its thread and inherited by the
+children it forks later, which see the same KV. Nothing is recomputed at a join: the
+children's KV is attended where it lies.
 """
 from __future__ import annotations
 
@@ -16,6 +29,7 @@ from enum import Enum
 import torch
 
 from ..sampling import SamplingParams
+from .runner import KVSpan
 from .speculation import DraftStats
 
 
@@ -27,6 +41,17 @@ class FinishReason(str, Enum):
 
 
 _thread_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Join:
+    """A `[Join]` at token index `index` of `owner`: from there on, `owner` (and every thread
+    it forks later) attends to the joined spans of `children`."""
+
+    owner: Thread
+    index: int
+    children: list[Thread]
+    offset: int | None = None  # model position of token i >= index is i + offset; set once the children are done
 
 
 @dataclass(eq=False)
@@ -48,6 +73,47 @@ class Thread:
     logprobs: list | None = None
     draft: list[int] = field(default_factory=list)  # this step's draft tokens, fed after `pending` (speculation.py)
     draft_stats: DraftStats = field(default_factory=DraftStats)
+    # Joins this thread sees, in index order: its ancestors' (inherited at its fork) and its own.
+    joins: list[Join] = field(default_factory=list)
+    established: int = 0  # joins[:established] have their KV in place for this thread (spans / runner cells)
+    # KV of other threads attended (its blocks held by this thread), with the join it came through.
+    spans: list[tuple[Join, KVSpan]] = field(default_factory=list)
+
+    def position(self, index: int) -> int:
+        """Model position of token `index` (its index, plus the offset of the last join before it)."""
+        offset = 0
+        for join in self.joins:
+            if join.index > index or join.offset is None:
+                break
+            offset = join.offset
+        return index + offset
+
+    @property
+    def last_own_join(self) -> int:
+        """Token index of this thread's own latest `[Join]` (-1: none)."""
+        return max((j.index for j in self.joins if j.owner is self), default=-1)
+
+    def unjoined_children(self) -> list[Thread]:
+        """Children forked since this thread's latest own join, in birth order."""
+        last = self.last_own_join
+        return [c for i, c in sorted(self.children.items()) if self.own_start + i > last]
+
+    @property
+    def feed_end(self) -> int:
+        """One past the last token this thread can feed now: a finished thread's last token is
+        never fed; a slice never crosses a join (KV before and after it sees different keys),
+        and stops at a join whose KV is not in place yet."""
+        end = len(self.token_ids) - (1 if self.finished else 0)
+        for k, join in enumerate(self.joins):
+            if join.index > self.num_cached or k >= self.established:
+                assert join.index >= self.num_cached, "KV cached past a join that is not in place"
+                return min(end, join.index)
+        return end
+
+    @property
+    def window(self) -> list[int]:
+        """The tokens to feed next (a prefix of `pending`)."""
+        return self.token_ids[self.num_cached : self.feed_end]
 
     @property
     def own_tokens(self) -> list[int]:
@@ -98,11 +164,52 @@ class Request:
         return thread
 
     def fork(self, parent: Thread, child_token: int) -> Thread:
-        """Starts a child at the parent's last token, which must be the `[Fork]` just sampled."""
+        """Starts a child at the parent's last token, which must be the `[Fork]` just sampled.
+        The child sees the parent's joins (the block manager decides which are in place)."""
         fork_index = len(parent.token_ids) - 1
         child = self._new_thread(parent.token_ids + [child_token], fork_index + 1, parent.depth + 1, parent)
+        child.joins = list(parent.joins)
         parent.children[fork_index - parent.own_start] = child
         return child
+
+    def join(self, thread: Thread) -> Join:
+        """Records the `[Join]` the thread just sampled (its last token) over its unjoined children."""
+        join = Join(thread, len(thread.token_ids) - 1, thread.unjoined_children())
+        thread.joins.append(join)
+        return join
+
+    def needs_kv(self, thread: Thread, _memo: dict | None = None) -> bool:
+        """Whether the thread's KV must exist: it is live; or it is a finished child whose
+        parent may still join it (the request joins, the parent is live and has not joined
+        it yet); or it belongs to a join that a thread needing KV has not put in place yet
+        (a join being made, or remade after preemption)."""
+        if not thread.finished:
+            return True
+        if not self.params.joins or thread.parent is None:
+            return False
+        memo = {} if _memo is None else _memo
+        if thread in memo:
+            return memo[thread]
+        memo[thread] = False  # no cycles in a tree; guards the recursion
+        parent = thread.parent
+        joined = [j for j in parent.joins if j.owner is parent and thread in j.children]
+        if not joined:
+            result = not parent.finished
+        else:
+            join = joined[0]
+            result = any(
+                join in t.joins[t.established :] and self.needs_kv(t, memo) for t in self.threads if t.joins
+            )
+        memo[thread] = result
+        return result
+
+    @property
+    def kv_threads(self) -> list[Thread]:
+        """Threads whose KV must exist: the live ones, and finished ones a join still needs."""
+        if not self.params.joins:
+            return self.live_threads
+        memo: dict = {}
+        return [t for t in self.threads if self.needs_kv(t, memo)]
 
     @property
     def live_threads(self) -> list[Thread]:

@@ -1,8 +1,9 @@
 """Batched Llama-family forward over a paged KV cache.
 
 One `Runner` (see runner.py): a batch of sequence slices in (new token ids, first position,
-block table), logits of each slice's last token out. KV is addressed by block table alone,
-so a fork only copies the tail block it is told to and a release has nothing to do. It
+block table, joined spans), logits of each slice's last token out. KV is addressed by block
+table alone, so a fork only copies the tail block it is told to, and a release or a join has
+nothing to do: a joined slice gathers its spans' slots in front of its own (no copy). It
 knows nothing about requests, APAR threads or sampling.
 
 Design choices for CPU decode (measured, see RESOURCES.md):
@@ -153,39 +154,58 @@ class TorchRunner:
     def release(self, seq_id: int) -> None:
         """Nothing to do: a sequence's KV is its blocks, which the engine's block manager frees."""
 
-    def truncate(self, seq_id: int, num_tokens: int) -> None:
+    def truncate(self, seq_id: int, position: int) -> None:
         """Nothing to do: slots past the end are overwritten when those positions are fed again."""
+
+    def join(self, seq_id: int, sources) -> None:
+        """Nothing to do: each later slice names the joined spans, attended where they lie."""
 
     def _prepare(self, batch: list[SequenceSlice]) -> _StepInputs:
         bs = self.block_size
         q_lens = [len(s.token_ids) for s in batch]
-        kv_lens = [s.start_pos + q for s, q in zip(batch, q_lens)]
+        own_lens = [s.start + q for s, q in zip(batch, q_lens)]  # own KV entries after this step
+        if max(s.start_pos + q for s, q in zip(batch, q_lens)) > self.max_position:
+            raise ValueError(f"a position beyond the model's {self.max_position} positions")
+        # Keys of sequence b: its joined spans' slots (all visible), then its own entries (causal).
+        span_slots = [self._span_slots(s.joined) for s in batch]
+        num_joined = [len(x) for x in span_slots]
+        kv_lens = [j + n for j, n in zip(num_joined, own_lens)]
         max_q, max_kv = max(q_lens), max(kv_lens)
-        if max_kv > self.max_position:
-            raise ValueError(f"context of {max_kv} tokens exceeds the model's {self.max_position} positions")
         num_b = len(batch)
-        max_blocks = (max_kv + bs - 1) // bs
+        max_blocks = (max(own_lens) + bs - 1) // bs
         scratch_block = self.num_blocks  # slot num_blocks*bs is the scratch slot
         tables = torch.full((num_b, max_blocks), scratch_block, dtype=torch.long)
         for i, s in enumerate(batch):
-            n = (kv_lens[i] + bs - 1) // bs
+            n = (own_lens[i] + bs - 1) // bs
             tables[i, :n] = torch.tensor(s.block_table[:n], dtype=torch.long)
         key_pos = torch.arange(max_kv)
-        gather_slots = tables[:, key_pos // bs] * bs + key_pos % bs  # [B, L]
+        if not any(num_joined):
+            own_index = key_pos[None, :].expand(num_b, max_kv)  # [B, L] index of each key in the own KV
+            gather_slots = tables[:, key_pos // bs] * bs + key_pos % bs
+        else:
+            joined_t = torch.tensor(num_joined)
+            own_index = key_pos[None, :] - joined_t[:, None]
+            idx = own_index.clamp(min=0, max=max_blocks * bs - 1)
+            gather_slots = tables.gather(1, idx // bs) * bs + idx % bs
+            for i, slots in enumerate(span_slots):
+                if slots:
+                    gather_slots[i, : len(slots)] = torch.tensor(slots, dtype=torch.long)
         kv_len_t = torch.tensor(kv_lens)
         gather_slots = torch.where(key_pos[None, :] < kv_len_t[:, None], gather_slots, scratch_block * bs)
 
         # Query positions, padded per sequence to max_q (padding repeats the last real query).
         offsets = torch.arange(max_q)
         q_len_t = torch.tensor(q_lens)
-        start_t = torch.tensor([s.start_pos for s in batch])
-        q_pos = start_t[:, None] + torch.minimum(offsets[None, :], (q_len_t - 1)[:, None])  # [B, Q]
+        start_t = torch.tensor([s.start for s in batch])
+        q_index = start_t[:, None] + torch.minimum(offsets[None, :], (q_len_t - 1)[:, None])  # [B, Q] own entry
         valid = offsets[None, :] < q_len_t[:, None]
-        flat_pos = q_pos[valid]  # [T], sequence-major, same order as the flat tokens
+        flat_index = q_index[valid]  # [T], sequence-major, same order as the flat tokens
         seq_of_row = torch.arange(num_b)[:, None].expand(num_b, max_q)[valid]
-        slot_mapping = tables[seq_of_row, flat_pos // bs] * bs + flat_pos % bs
+        slot_mapping = tables[seq_of_row, flat_index // bs] * bs + flat_index % bs
+        flat_pos = flat_index + torch.tensor([s.position_offset for s in batch])[seq_of_row]
 
-        allowed = key_pos[None, :, None] <= q_pos[:, None, :]  # [B, L, Q]
+        # Joined keys (own_index < 0) are visible to every query; own keys causally.
+        allowed = own_index[:, :, None] <= q_index[:, None, :]  # [B, L, Q]
         bias = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, float("-inf"))
         # Query columns are ordered (group, query) inside each KV head.
         bias = bias[:, None, :, None].expand(num_b, 1, max_kv, self.group, max_q).reshape(num_b, 1, max_kv, -1)
@@ -211,6 +231,10 @@ class TorchRunner:
             last_rows=self._logit_rows(batch, (row_starts + q_len_t).tolist()),
             max_q=max_q,
         )
+
+    def _span_slots(self, spans) -> list[int]:
+        bs = self.block_size
+        return [span.block_table[i // bs] * bs + i % bs for span in spans for i in range(span.start, span.end)]
 
     @staticmethod
     def _logit_rows(batch: list[SequenceSlice], ends: list[int]) -> torch.Tensor:

@@ -1,0 +1,214 @@
+"""Joins against an independent oracle: one HF forward over the whole tree, packed, with a
+4-D mask and position ids built here from the join rules as the README states them (from the
+threads' tokens, tree and `[Join]` indices only; nothing of the engine's spans or offsets).
+
+Rules: a token sees its thread's context up to itself (ancestors up to the fork, then its
+own) and, from a `[Join]` of its thread or of an ancestor before its fork on, each joined
+child's own tokens but its end token, and recursively what that child joined. Positions:
+a child's `[Child]` sits at its fork's position + 1; `[Join]` at max(previous + 1, last
+position of everything it joins + 1); the rest + 1 each.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parafork import models
+from parafork.llm import LLM
+from parafork.rules import ForceForks
+from parafork.sampling import SamplingParams
+
+from .test_engine import LogitsRecorder
+
+# Root: forks after 3 and 8 own tokens, joins after 12, forks after 16 and 20, joins after 24, ends at 30.
+TWO_GROUPS = dict(fork_after=frozenset({3, 8, 16, 20}), join_after=frozenset({12, 24}), child_tokens=6, root_tokens=30)
+MECHANICS = dict(plan_budget=False, no_repeat_heads=False)  # the answer policies may not ban a forced fork
+
+
+class TreeOracle:
+    """Every computed token of a finished request's threads as one packed sequence."""
+
+    def __init__(self, root) -> None:
+        self.keys: list[tuple[object, int]] = []  # (thread that computed it, context index)
+        self.pos: dict[tuple[int, int], int] = {}
+        self._walk(root)
+        self.index = {(id(t), k): n for n, (t, k) in enumerate(self.keys)}
+
+    @staticmethod
+    def owner(thread, k: int):
+        while thread.parent is not None and k < thread.own_start:
+            thread = thread.parent
+        return thread
+
+    @staticmethod
+    def computed(thread) -> range:
+        """Context indices whose KV the thread computed itself (its last token is never fed)."""
+        return range(0 if thread.parent is None else thread.own_start, len(thread.token_ids) - 1)
+
+    @staticmethod
+    def own_joins(thread):
+        return [j for j in thread.joins if j.owner is thread]
+
+    def joined(self, join) -> list[tuple[object, int]]:
+        keys = []
+        for child in join.children:
+            keys += [(child, k) for k in self.computed(child)]
+            for j in self.own_joins(child):
+                keys += self.joined(j)
+        return keys
+
+    def _walk(self, thread) -> None:
+        joins = {j.index: j for j in self.own_joins(thread)}
+        forks = {thread.own_start + i: c for i, c in thread.children.items()}
+        prev = None if thread.parent is None else self.pos[(id(self.owner(thread.parent, thread.own_start - 1)), thread.own_start - 1)]
+        for k in self.computed(thread):
+            if k in joins:
+                last = max([self.pos[(id(t), i)] for t, i in self.joined(joins[k])], default=-1)
+                p = max(prev + 1, last + 1)
+            else:
+                p = 0 if prev is None else prev + 1
+            self.pos[(id(thread), k)] = prev = p
+            self.keys.append((thread, k))
+            if k in forks:  # the child's context up to here is known: place it before going on
+                self._walk(forks[k])
+        for k, child in forks.items():  # a fork at the thread's last (never fed) token
+            if k not in self.computed(thread):
+                self._walk(child)
+
+    def visible(self, thread, k: int) -> set[int]:
+        seen = {self.index[(id(self.owner(thread, i)), i)] for i in range(k + 1)}
+        node, limit = thread, k
+        while node is not None:
+            for join in self.own_joins(node):
+                if join.index <= limit:
+                    seen |= {self.index[(id(t), i)] for t, i in self.joined(join)}
+            limit, node = node.own_start - 1, node.parent
+        return seen
+
+    def logits(self, hf) -> torch.Tensor:
+        n = len(self.keys)
+        allowed = torch.zeros(n, n, dtype=torch.bool)
+        for q, (t, k) in enumerate(self.keys):
+            allowed[q, sorted(self.visible(t, k))] = True
+        ids = torch.tensor([[t.token_ids[k] for t, k in self.keys]])
+        pos = torch.tensor([[self.pos[(id(t), k)] for t, k in self.keys]])
+        bias = torch.zeros(n, n).masked_fill_(~allowed, torch.finfo(torch.float32).min)[None, None]
+        with torch.no_grad():
+            return hf(input_ids=ids, position_ids=pos, attention_mask=bias).logits[0]
+
+    def row(self, thread, n: int) -> int:
+        """Packed row whose logits the thread sampled from with `n` tokens of context."""
+        return self.index[(id(self.owner(thread, n - 1)), n - 1)]
+
+
+def check_rows(llm, hf, rec: LogitsRecorder, atol: float) -> tuple[int, int]:
+    """Every recorded row equals the oracle's; returns (rows checked, rows after a join)."""
+    root = next(t for t, _, _ in rec.rows if t.parent is None)
+    oracle = TreeOracle(root)
+    ref = oracle.logits(hf)
+    keep = torch.ones(llm.runner.info.vocab_size, dtype=torch.bool)
+    keep[list(llm.control.ids)] = False  # the APAR rules edit these columns
+    after = 0
+    for thread, n, row in rec.rows:
+        diff = (row[keep] - ref[oracle.row(thread, n)][keep]).abs().max().item()
+        assert diff < atol, f"thread {thread.thread_id} at context {n}: max diff {diff}"
+        after += any(j.index <= n - 1 for j in thread.joins)
+    return len(rec.rows), after
+
+
+def two_groups(llm, **params):
+    rec = LogitsRecorder()
+    force = ForceForks(llm.control, **TWO_GROUPS)
+    sp = SamplingParams(max_tokens=300, join=True, logits_rules=[rec, force], **{**MECHANICS, **params})
+    out = llm.generate("Tell me about the sea.", sp)[0]
+    return out, rec
+
+
+def test_after_a_join_the_parent_sees_every_branch_on_the_tiny_model(tiny_llm, tiny_dir):
+    hf = models.load_hf_model(tiny_dir, tiny_llm.tokenizer, torch.float32)
+    out, rec = two_groups(tiny_llm)
+    assert out.finish_reason == "stop" and out.num_threads == 5
+    root = next(t for t, _, _ in rec.rows if t.parent is None)
+    assert [j.index - root.own_start for j in root.joins] == [12, 24]
+    checked, after = check_rows(tiny_llm, hf, rec, atol=1e-4)
+    assert after >= 10  # the root after each join, and the second group's children (they inherit the first join)
+    # Positions after a join continue from the longest branch (the children write 7 own tokens each).
+    first = root.joins[0]
+    assert first.index + first.offset == max(c.position(len(c.token_ids) - 2) for c in first.children) + 1
+    tiny_llm.check_idle()
+
+
+def test_a_joined_answer_restores_in_reading_order_without_the_join(tiny_llm):
+    out, rec = two_groups(tiny_llm)
+    threads = {t.thread_id: t for t, _, _ in rec.rows}
+    root = next(t for t in threads.values() if t.parent is None)
+    ct = tiny_llm.control
+    expect = []
+    for i, token in enumerate(root.own_tokens):
+        if token == ct.fork_id:
+            expect += [x for x in root.children[i].own_tokens if x not in (ct.child_id, *ct.eos_ids)]
+        elif token not in (ct.join_id, *ct.eos_ids):
+            expect.append(token)
+    assert out.token_ids == expect and ct.join_id not in out.token_ids
+    tiny_llm.check_idle()
+
+
+def test_a_request_without_join_decodes_exactly_as_before(tiny_llm):
+    """join=False: [Join] is banned for the model, children free their KV as they finish."""
+    force = ForceForks(tiny_llm.control, frozenset({3, 8}), child_tokens=6, root_tokens=20)
+    params = SamplingParams(max_tokens=200, logits_rules=[force], **MECHANICS)
+    plain = tiny_llm.generate("Tell me about the sea.", params)[0]
+    rec = LogitsRecorder()
+    again = tiny_llm.generate("Tell me about the sea.", SamplingParams(max_tokens=200, logits_rules=[rec, force], **MECHANICS))[0]
+    assert again.token_ids == plain.token_ids
+    assert all(row[tiny_llm.control.join_id] == float("-inf") for _, _, row in rec.rows)
+    tiny_llm.check_idle()
+
+
+def test_a_forced_join_without_join_on_is_a_clear_error(tiny_llm):
+    force = ForceForks(tiny_llm.control, frozenset({3}), child_tokens=4, root_tokens=20, join_after=frozenset({6}))
+    out = tiny_llm.generate("Hi", SamplingParams(max_tokens=100, logits_rules=[force], **MECHANICS))[0]
+    assert out.finish_reason == "error" and "join" in out.error
+    tiny_llm.check_idle()
+
+
+def test_join_holds_the_branches_kv_until_the_join_and_frees_it_after(tiny_llm):
+    """Cost on a forced tree: a joined answer holds more KV (branches live until the join, then
+    as long as the parent attends to them) and takes one step more per join than the same
+    tree without joins."""
+    out, _ = two_groups(tiny_llm)
+    force = ForceForks(tiny_llm.control, TWO_GROUPS["fork_after"], child_tokens=6, root_tokens=28)
+    fork_only = tiny_llm.generate("Tell me about the sea.", SamplingParams(max_tokens=300, logits_rules=[force], **MECHANICS))[0]
+    assert out.peak_kv_blocks > fork_only.peak_kv_blocks
+    assert out.num_steps > fork_only.num_steps
+    tiny_llm.check_idle()
+
+
+def test_joins_are_refused_on_the_hf_backend(tiny_dir):
+    llm = LLM(str(tiny_dir), backend="hf", dtype="float32", num_kv_blocks=64, block_size=4)
+    with pytest.raises(ValueError, match="does not join"):
+        llm.generate("Hi", SamplingParams(max_tokens=8, join=True))
+
+
+@pytest.mark.model
+def test_after_a_join_the_parent_sees_every_branch_on_the_bundled_model(base_dir):
+    llm = LLM("bundled", dtype="float32", num_kv_blocks=256, block_size=16)
+    hf = models.load_hf_model(base_dir, llm.tokenizer, torch.float32, adapter=llm.adapter)
+    out, rec = two_groups(llm, frequency_penalty=0.0)  # the recorded rows are the model's own
+    assert out.num_threads == 5
+    checked, after = check_rows(llm, hf, rec, atol=1e-4)
+    assert after >= 10
+    llm.check_idle()
+
+
+def test_after_a_join_the_parent_sees_every_branch_on_llamacpp(tiny_dir):
+    """The same oracle on llama.cpp (f32 GGUF of the tiny model): a join is seq_cp of each
+    child's own cells into the parent's sequence; positions repeat across branches."""
+    hf = models.load_hf_model(tiny_dir, LLM(str(tiny_dir), dtype="float32", num_kv_blocks=16, block_size=4).tokenizer, torch.float32)
+    llm = LLM(str(tiny_dir), backend="llamacpp", quant="f32", cpu_threads=1, num_kv_blocks=256, block_size=4)
+    out, rec = two_groups(llm)
+    assert out.finish_reason == "stop" and out.num_threads == 5
+    checked, after = check_rows(llm, hf, rec, atol=1e-4)
+    assert after >= 10
+    llm.check_idle()
+    assert not llm.runner.live
