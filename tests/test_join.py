@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from parafork import models
 from parafork.llm import LLM
@@ -19,6 +21,7 @@ from parafork.rules import ForceForks
 from parafork.sampling import SamplingParams
 
 from .test_engine import LogitsRecorder
+from .test_runner import recorded  # noqa: F401 (fixture)
 
 # Root: forks after 3 and 8 own tokens, joins after 12, forks after 16 and 20, joins after 24, ends at 30.
 TWO_GROUPS = dict(fork_after=frozenset({3, 8, 16, 20}), join_after=frozenset({12, 24}), child_tokens=6, root_tokens=30)
@@ -212,3 +215,101 @@ def test_after_a_join_the_parent_sees_every_branch_on_llamacpp(tiny_dir):
     assert after >= 10
     llm.check_idle()
     assert not llm.runner.live
+
+
+class TreePlan:
+    """A logits rule that forks, joins and ends threads as drawn: thread k (in birth order)
+    forks after the own-token counts in `forks[k]`, joins after those in `joins[k]`, and
+    ends after `ends[k]` own tokens."""
+
+    def __init__(self, control, forks, joins, ends) -> None:
+        self.control, self.forks, self.joins, self.ends = control, forks, joins, ends
+
+    def __call__(self, thread, logits) -> None:
+        from parafork.rules import force_token
+
+        k = thread.request.threads.index(thread)
+        n = len(thread.own_tokens) - (thread.parent is not None)  # not counting [Child]
+        if n >= self.ends[k % len(self.ends)]:
+            force_token(logits, min(self.control.eos_ids))
+        elif n in self.joins[k % len(self.joins)]:
+            force_token(logits, self.control.join_id)
+        elif n in self.forks[k % len(self.forks)] and logits[self.control.fork_id] != float("-inf"):
+            force_token(logits, self.control.fork_id)
+
+
+counts = st.frozensets(st.integers(1, 14), max_size=3)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    forks=st.lists(counts, min_size=1, max_size=4),
+    joins=st.lists(counts, min_size=1, max_size=4),
+    ends=st.lists(st.integers(4, 18), min_size=1, max_size=4),
+    blocks=st.sampled_from([24, 40, 256]),  # small pools preempt
+    abort_after=st.integers(0, 40),
+    stop=st.booleans(),
+    serial=st.booleans(),
+)
+def test_random_trees_with_joins_leak_nothing_and_attend_as_the_oracle_says(
+    recorded, tiny_dir, forks, joins, ends, blocks, abort_after, stop, serial
+):
+    llm = recorded(num_kv_blocks=blocks)
+    hf = _tiny_hf(tiny_dir, llm.tokenizer)
+    recs, ids = [], []
+    for i in range(3):
+        rec = LogitsRecorder()
+        plan = TreePlan(llm.control, forks, joins, ends)
+        params = SamplingParams(max_tokens=120, join=True, max_depth=3, max_threads=12, mode="serial" if serial and i == 2 else "apar",
+                                stop=("\u00a7\u00a7",) if stop else (), logits_rules=[rec, plan], **MECHANICS)
+        ids.append(llm.add_request({"prompt_token_ids": list(range(400 + 5 * i, 413 + 5 * i))}, params))
+        recs.append(rec)
+    ended: dict[str, str] = {}
+    steps = 0
+    while llm.has_unfinished_requests():
+        for out in llm.step():
+            if out.finished:
+                ended[out.request_id] = out.finish_reason
+        steps += 1
+        if steps == abort_after and ids[1] not in ended:
+            llm.abort(ids[1])
+            ended[ids[1]] = "abort"
+        assert steps < 2000
+    assert not llm.runner.live
+    llm.check_idle()  # every block and sequence id back, after joins, preemption and aborts
+    for rid, rec in zip(ids, recs):
+        if ended.get(rid) == "stop" and rec.rows:  # ended by itself: its whole tree was computed
+            check_rows(llm, hf, rec, atol=1e-4)
+
+
+def test_joins_are_made_again_after_a_preemption(recorded, tiny_dir):
+    """Three two-group answers on a pool that holds about one: requests are preempted after
+    their joins, recompute their finished children, make the joins again, and still attend
+    exactly as the oracle says."""
+    llm = recorded(num_kv_blocks=30)
+    hf = _tiny_hf(tiny_dir, llm.tokenizer)
+    recs = [LogitsRecorder() for _ in range(3)]
+    force = ForceForks(llm.control, **TWO_GROUPS)
+    for i, rec in enumerate(recs):
+        llm.add_request({"prompt_token_ids": list(range(600 + 7 * i, 616 + 7 * i))},
+                        SamplingParams(max_tokens=300, join=True, logits_rules=[rec, force], **MECHANICS))
+    outs = {}
+    while llm.has_unfinished_requests():
+        for out in llm.step():
+            if out.finished:
+                outs[out.request_id] = out
+    assert sum(o.num_preemptions for o in outs.values()) > 0
+    assert all(o.finish_reason == "stop" and o.num_threads == 5 for o in outs.values())
+    assert len(llm.runner.joins) > 6  # two joins per answer, and again after preemptions
+    for rec in recs:
+        check_rows(llm, hf, rec, atol=1e-4)
+    llm.check_idle()
+
+
+_HF = {}
+
+
+def _tiny_hf(tiny_dir, tokenizer):
+    if "hf" not in _HF:
+        _HF["hf"] = models.load_hf_model(tiny_dir, tokenizer, torch.float32)
+    return _HF["hf"]

@@ -95,11 +95,13 @@ class BlockManager:
 
     def match_prefix(self, thread: Thread) -> None:
         """Gives a thread with no cache every leading full block of its context that is in
-        the prefix cache (at least one token is always left to feed)."""
+        the prefix cache (at least one token is always left to feed, before any join)."""
         assert not thread.block_table and thread.num_cached == 0
         if not self.prefix_caching:
             return
-        for index in range(min(len(thread.token_ids) - 1, self._keyable(thread)) // self.block_size):
+        # At least one token of the thread's first window is fed (a thread holds a sequence id
+        # only once scheduled): before its end token if finished, before its first join.
+        for index in range((thread.feed_end - 1) // self.block_size):
             key = self._key(thread, index)
             block = self.cached.get(key)
             if block is None:
