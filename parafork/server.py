@@ -152,6 +152,7 @@ class ParaforkOptions(BaseModel):
     no_repeat_heads: bool = True
     speculative: Literal["ngram", "off"] | None = None  # None: the server's --speculative
     num_draft_tokens: int = Field(4, ge=1, le=MAX_DRAFT_TOKENS)
+    join: bool | None = None  # None: the model's default (SamplingParams.join)
 
 
 # Fields clients send that parafork does not implement yet: their "off" values are accepted (they
@@ -229,6 +230,7 @@ class _Common(BaseModel):
             no_repeat_heads=self.parafork.no_repeat_heads,
             speculative=self.parafork.speculative,
             num_draft_tokens=self.parafork.num_draft_tokens,
+            join=self.parafork.join,
             logit_bias=self.logit_bias,
             skip_special_tokens=self.skip_special_tokens,
             stop=self.stop or (),

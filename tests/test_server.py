@@ -11,6 +11,7 @@ import pytest
 import uvicorn
 
 from parafork.llm import LLM
+from parafork.sampling import SamplingParams
 from parafork.server import create_app
 
 KEY = "test-key"
@@ -403,3 +404,39 @@ def test_soak_sends_answers_cancels_and_bad_inputs_and_loses_nothing(server):
     refused = run_soak(f"{url}/v1", "tiny", prompts, clients=2, minutes=0.02, api_key="wrong", seed=2)
     assert refused["answers_complete"] == 0 and set(refused["errors"]) <= {"HTTP 401"} and refused["lost"] == 0
     wait_pool_full(llm)
+
+
+class ForcedTreeLLM(LLM):
+    """The tiny model with a forced tree (rules.py): two parallel groups, a joined paragraph
+    between them, and a joined one after."""
+
+    def add_request(self, prompt, params=None, request_id=None, stream=True):
+        from dataclasses import replace
+
+        from parafork.rules import ForceForks
+
+        force = ForceForks(self.control, frozenset({3, 8, 16, 20}), child_tokens=6, root_tokens=30,
+                           join_after=frozenset({12, 24}))
+        params = replace(params, logits_rules=(*params.logits_rules, force), plan_budget=False, no_repeat_heads=False)
+        return super().add_request(prompt, params, request_id, stream)
+
+
+def test_a_joined_answer_streams_in_reading_order_through_the_server(tiny_dir):
+    llm = ForcedTreeLLM(str(tiny_dir), dtype="float32", num_kv_blocks=256, block_size=4)
+    url, srv, thread = start_server(create_app(llm, "tiny", api_key=KEY))
+    try:
+        c = client(url)
+        ask = dict(model="tiny", messages=[{"role": "user", "content": "Tell me about the sea."}], max_tokens=200, temperature=0)
+        joined = dict(extra_body={"parafork": {"join": True}})
+        full = c.chat.completions.create(**ask, **joined)
+        assert full.choices[0].finish_reason == "stop" and full.usage.model_extra["parafork"]["threads"] == 5
+        # The same tree restored on this side: the engine's own restoration, from the library.
+        ref = llm.generate([ask["messages"]], SamplingParams(max_tokens=200, join=True))[0]
+        assert full.choices[0].message.content == ref.text
+        chunks = list(c.chat.completions.create(**ask, **joined, stream=True))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == ref.text
+        assert len(chunks) > 3
+        wait_pool_full(llm)
+    finally:
+        srv.should_exit = True
+        thread.join(10)
