@@ -11,31 +11,8 @@ from dataclasses import replace
 
 import torch
 
-from .config import BACKENDS, DTYPE_CHOICES, GGUF_QUANTS, resolve_dtype
+from .config import GGUF_QUANTS, add_engine_args, engine_options, resolve_dtype
 from .sampling import MODES, PENALTIES, SamplingParams
-
-
-
-def _add_engine_args(p: argparse.ArgumentParser, speculative: bool = True) -> None:
-    """`speculative`: offer --speculative (benches choose their modes' drafting themselves)."""
-    p.add_argument("--model", default="bundled", help="'bundled', 'base', a local HF folder (safetensors) or a .gguf file")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="auto: bf16 where the CPU computes it natively, float32 otherwise")
-    p.add_argument("--cpu-threads", type=int, default=2, help="torch CPU threads (not APAR threads)")
-    p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="model runner: torch (parafork's own, Llama family), hf (any model, slow), "
-                        "llamacpp (GGUF through llama.cpp), auto (llamacpp for a .gguf, else torch)")
-    p.add_argument("--quant", default=None, choices=GGUF_QUANTS,
-                   help="llamacpp: weights of the GGUF exported from --model (default f16; 'base': the shipped Q4_1)")
-    if speculative:
-        p.add_argument("--speculative", default=None, choices=["ngram"],
-                       help="requests draft tokens by n-gram lookup and verify them in every thread, unless they say 'off'")
-
-
-def engine_options(args) -> dict:
-    """The `EngineConfig` fields every command takes from `_add_engine_args` (the model apart)."""
-    return dict(dtype=args.dtype, cpu_threads=args.cpu_threads, backend=args.backend, quant=args.quant,
-                speculative=getattr(args, "speculative", None))
 
 
 def _llm(args):
@@ -189,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--remote", default=None, help="URL of an OpenAI-compatible server (…/v1): APAR over it")
     g.add_argument("--api-key", default=None, help="with --remote")
     g.add_argument("--served-name", default=None, help="with --remote: the model id the server knows")
-    _add_engine_args(g)
+    add_engine_args(g)
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="APAR live on a real prompt, against the same answer decoded serially and the base model")
@@ -197,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: Vicuna Bench question 1")
     d.add_argument("--max-tokens", type=int, default=512)
     d.add_argument("--no-live", dest="live", action="store_false", help="no live thread view (also when not a terminal)")
-    _add_engine_args(d)
+    add_engine_args(d)
     d.set_defaults(func=cmd_demo)
 
     dd = sub.add_parser("data", help="paragraph trees from ShareGPT-format JSON (all turns), then --check them")
@@ -230,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     sv.add_argument("--served-name", default=None, help="model id clients use (default: --model)")
     sv.add_argument("--kv-blocks", type=int, default=2048)
-    _add_engine_args(sv)
+    add_engine_args(sv)
     sv.set_defaults(func=cmd_serve)
 
     ex = sub.add_parser("export", help="the tuned model as a plain HF folder (vLLM, SGLang) or a GGUF file (llama.cpp)")
@@ -238,14 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--gguf", default=None, help="instead: one GGUF file, through llama.cpp's converter")
     ex.add_argument("--outtype", default="f16", choices=GGUF_QUANTS, help="with --gguf: the weights' type")
     ex.add_argument("--adapter", default=None, help="LoRA adapter to merge (default: the bundled one for 'bundled')")
-    _add_engine_args(ex, speculative=False)
+    add_engine_args(ex, speculative=False)
     ex.set_defaults(func=cmd_export)
 
     b = sub.add_parser("bench", help="benchmarks (each prints a table; --json/--plot keep the figures)")
     benches = b.add_subparsers(dest="what", required=True)
     for name, text in BENCHES.items():
         bb = benches.add_parser(name, help=text, description=text)
-        _add_engine_args(bb, speculative=False)
+        add_engine_args(bb, speculative=False)
         importlib.import_module(f".bench.{name}", __package__).add_arguments(bb)
     b.set_defaults(func=cmd_bench)
     return parser

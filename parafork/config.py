@@ -1,6 +1,7 @@
 """Engine configuration: one `EngineConfig`, passed whole to the engine and its runner."""
 from __future__ import annotations
 
+import argparse
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,3 +81,26 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return resolve_dtype(self.dtype)
+
+
+def add_engine_args(p: argparse.ArgumentParser, speculative: bool = True) -> None:
+    """The engine options of every command (`EngineConfig`'s fields, where they are defined);
+    `speculative`: offer --speculative (benches choose their modes' drafting themselves)."""
+    p.add_argument("--model", default="bundled", help="'bundled', 'base', a local HF folder (safetensors) or a .gguf file")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="auto: bf16 where the CPU computes it natively, float32 otherwise")
+    p.add_argument("--cpu-threads", type=int, default=2, help="torch CPU threads (not APAR threads)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="model runner: torch (parafork's own, Llama family), hf (any model, slow), "
+                        "llamacpp (GGUF through llama.cpp), auto (llamacpp for a .gguf, else torch)")
+    p.add_argument("--quant", default=None, choices=GGUF_QUANTS,
+                   help="llamacpp: weights of the GGUF exported from --model (default f16; 'base': the shipped Q4_1)")
+    if speculative:
+        p.add_argument("--speculative", default=None, choices=["ngram"],
+                       help="requests draft tokens by n-gram lookup and verify them in every thread, unless they say 'off'")
+
+
+def engine_options(args) -> dict:
+    """The `EngineConfig` fields every command takes from `add_engine_args` (the model apart)."""
+    return dict(dtype=args.dtype, cpu_threads=args.cpu_threads, backend=args.backend, quant=args.quant,
+                speculative=getattr(args, "speculative", None))

@@ -113,7 +113,7 @@ def verdict(apar: Run, serial: Run, base: Run, machine: str) -> list[str]:
 
 
 def main(args) -> int:
-    from .cli import engine_options
+    from .config import engine_options
     from .config import machine_key
 
     tuned = LLM(args.model, **engine_options(args))

@@ -2,23 +2,27 @@
 
 The adapter is merged into the weights and the folder holds safetensors, config and the
 tokenizer, so vLLM, SGLang or llama.cpp (after `convert_hf_to_gguf.py`) can serve it and
-`parafork.remote` can run APAR over them. `[Fork]` and `[Child]` are written as ordinary
+`parafork.remote` can run APAR over them. `gguf_for` gives the llama.cpp backend its GGUF,
+exported once into the cache. `[Fork]`, `[Child]` and `[Join]` are written as ordinary
 added tokens, not special ones: servers then print them in completions whatever their
 special-token settings (llama.cpp's converter makes them user-defined tokens, which it
 renders and matches in prompt text), and the driver sees where a thread forks.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
 
 from . import models
-from .tokens import CHILD, FORK
+from .tokens import CHILD, FORK, JOIN
 
-CONTROL = (FORK, CHILD)
+CONTROL = (FORK, CHILD, JOIN)
+log = logging.getLogger(__name__)
 
 
 def _unmark_control_tokens(folder: Path) -> None:
@@ -94,7 +98,7 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, adapter: str |
                 outtype: str = "f16") -> Path:
     """`model` (with its adapter) merged and written as one GGUF file by llama.cpp's own
     converter, f16 or q8_0 (the converter quantizes q8_0 itself; the pinned library does not
-    export llama.cpp's quantizer, so there is no q4_0 here). `[Fork]`/`[Child]` become
+    export llama.cpp's quantizer, so there is no q4_0 here; f32 for exactness tests). The control tokens become
     user-defined tokens with the same ids."""
     import subprocess
     import sys
@@ -118,3 +122,27 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, adapter: str |
             raise RuntimeError(f"llama.cpp's converter failed:\n{result.stderr[-3000:]}")
     partial.rename(out)
     return out
+
+
+def gguf_for(config, path: Path, adapter: Path | None) -> Path:
+    """The GGUF the llama.cpp backend loads: a .gguf model as it is; "base" without `quant`
+    the shipped GGUF (Q4_1); otherwise the model (adapter merged) exported once by
+    llama.cpp's converter into the cache, `quant` f16 unless named."""
+    if path.suffix == ".gguf":
+        if config.quant:
+            raise ValueError(f"{path.name} is loaded as it is: quant={config.quant!r} would need re-quantizing it")
+        if adapter:
+            raise ValueError(f"an adapter cannot be merged into {path.name}: export the model with it (parafork export --gguf)")
+        return path
+    if str(config.model) == "base" and config.quant is None:
+        return models.base_gguf_path()
+    quant = config.quant or "f16"
+    key = hashlib.blake2b(digest_size=8)
+    key.update("".join(CONTROL).encode())  # the control tokens the export adds to the vocabulary
+    for f in sorted(path.glob("*.safetensors")) + sorted(Path(adapter).glob("*.safetensors") if adapter else []):
+        key.update(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    target = models.cache_dir() / "gguf" / f"{path.name}-{key.hexdigest()}-{quant}.gguf"
+    if not target.is_file():
+        log.warning("exporting %s%s to %s with llama.cpp's converter (once)", path.name, f" + {adapter.name}" if adapter else "", target)
+        export_gguf(path, target, adapter, quant)
+    return target

@@ -115,36 +115,6 @@ def load_tokenizer(path: Path):
     return tokenizer, register_control_tokens(tokenizer)
 
 
-def gguf_for(config, path: Path, adapter: Path | None) -> Path:
-    """The GGUF the llama.cpp backend loads: a .gguf model as it is; "base" without `quant`
-    the shipped GGUF (Q4_1); otherwise the model (adapter merged) exported once by
-    llama.cpp's converter into the cache, `quant` f16 unless named."""
-    if path.suffix == ".gguf":
-        if config.quant:
-            raise ValueError(f"{path.name} is loaded as it is: quant={config.quant!r} would need re-quantizing it")
-        if adapter:
-            raise ValueError(f"an adapter cannot be merged into {path.name}: export the model with it (parafork export --gguf)")
-        return path
-    if str(config.model) == "base" and config.quant is None:
-        return base_gguf_path()
-    import hashlib
-
-    from .export import export_gguf
-
-    from .tokens import CHILD, FORK, JOIN
-
-    quant = config.quant or "f16"
-    key = hashlib.blake2b(digest_size=8)
-    key.update(f"{FORK}{CHILD}{JOIN}".encode())  # the control tokens the export adds to the vocabulary
-    for f in sorted(path.glob("*.safetensors")) + sorted(Path(adapter).glob("*.safetensors") if adapter else []):
-        key.update(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
-    target = cache_dir() / "gguf" / f"{path.name}-{key.hexdigest()}-{quant}.gguf"
-    if not target.is_file():
-        log.warning("exporting %s%s to %s with llama.cpp's converter (once)", path.name, f" + {adapter.name}" if adapter else "", target)
-        export_gguf(path, target, adapter, quant)
-    return target
-
-
 def adapter_digest(adapter: str | os.PathLike) -> str:
     """The first 12 hex digits of the SHA-256 of an adapter's weights: which adapter a result is of."""
     import hashlib

@@ -489,7 +489,7 @@ class _Reply:
 def serve(args) -> None:
     import uvicorn
 
-    from .cli import engine_options
+    from .config import engine_options
 
     llm = LLM(args.model, num_kv_blocks=args.kv_blocks, **engine_options(args))
     app = create_app(llm, args.served_name or args.model, api_key=args.api_key)

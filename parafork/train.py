@@ -1,8 +1,10 @@
 """`parafork train`: LoRA fine-tuning on packed paragraph trees, on CPU, resumable.
 
-Trains LoRA adapters on every linear layer plus only the embedding rows of `[Fork]` and
-`[Child]` (peft's trainable tokens: no copy of the embedding matrix in the adapter), those
-two rows at `embed_lr_scale` times the learning rate (they start as the mean row). One
+Trains LoRA adapters on every linear layer plus only the embedding rows of the control tokens
+`[Fork]`, `[Child]` and `[Join]` (peft's trainable tokens: no copy of the embedding matrix in
+the adapter; a warm start keeps the rows its adapter trains), at `embed_lr_scale` times the
+learning rate (they start as the mean row). Trees with joins pack with the engine's join
+masks and positions (`data/samples.py`). One
 packed tree per forward; gradients accumulate over `--accum` samples.
 
 The mix: the (checked) trees in APAR form; a `flat_ratio` share of them again in flat form
@@ -125,7 +127,7 @@ def build_model(cfg: TrainConfig, tokenizer, control):
         r=cfg.rank,
         lora_alpha=2 * cfg.rank,
         target_modules=LORA_TARGETS,
-        trainable_token_indices=[control.fork_id, control.child_id],
+        trainable_token_indices=list(control.ids),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(base, lora)

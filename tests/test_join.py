@@ -313,3 +313,75 @@ def _tiny_hf(tiny_dir, tokenizer):
     if "hf" not in _HF:
         _HF["hf"] = models.load_hf_model(tiny_dir, tokenizer, torch.float32)
     return _HF["hf"]
+
+
+class _Thread:
+    """What TreeOracle reads of an engine thread, for a training tree's thread."""
+
+    def __init__(self, token_ids, own_start, parent) -> None:
+        self.token_ids, self.own_start, self.parent = token_ids, own_start, parent
+        self.children, self.joins = {}, []
+
+
+class _Join:
+    def __init__(self, owner, index, children) -> None:
+        self.owner, self.index, self.children = owner, index, children
+
+
+def _as_engine_threads(threads):
+    """The training threads (data/samples.py) as engine-shaped threads: full contexts, the
+    parent's [Fork] found by token (not by the packer's positions), joins by index."""
+    out = []
+    for t in threads:
+        if t.parent is None:
+            node = _Thread(list(t.tokens), t.first_label + 1, None)
+        else:
+            parent = out[t.parent]
+            forks = [i for i, x in enumerate(parent.token_ids) if x == FORK_ID[0] and i >= parent.own_start]
+            fork = forks[sum(1 for c in parent.children.values())]  # children are born in order
+            node = _Thread(parent.token_ids[: fork + 1] + list(t.tokens), fork + 1, parent)
+            parent.children[fork - parent.own_start] = node
+        out.append(node)
+    for t, node in zip(threads, out):
+        base = 0 if node.parent is None else node.own_start
+        node.joins = [_Join(node, base + j.index, [out[c] for c in j.children]) for j in t.joins]
+    return out
+
+
+FORK_ID = [None]
+
+
+def test_training_packs_a_joined_tree_as_the_engine_attends(tiny_llm, tiny_dir):
+    """The packed loss of a tree with two joins equals the sum of per-token losses from the
+    oracle's forward over the same tree (the rules the engine is tested against)."""
+    import torch.nn.functional as F
+
+    from parafork.data.extract import JOIN, Node
+    from parafork.data.samples import IGNORE, pack, tree_threads
+    from parafork.train import sample_loss
+
+    hf = _tiny_hf(tiny_dir, tiny_llm.tokenizer)
+    ct = tiny_llm.control
+    FORK_ID[0] = ct.fork_id
+    tree = Node(["Two tips:\n\n1. Sleep:", Node([" go to bed early, every night."]), "\n2. Eat:",
+                 Node([" fruit and", Node([" vegetables,"]), " daily."]), "\n\n", JOIN,
+                 "Both help.\n3. Walk:", Node([" thirty minutes outside."]), JOIN, " That is all."])
+    assert Node.from_json(tree.to_json()) == tree and "JOIN" not in tree.text()
+    threads = tree_threads(models.apply_chat_template(tiny_llm.tokenizer, "Tips?"), tree, tiny_llm.tokenizer, ct)
+    sample = pack(threads)
+    assert [len(t.joins) for t in threads] == [2, 0, 0, 0, 0] and (sample.input_ids == ct.join_id).sum() == 2
+    loss, count = sample_loss(hf, sample)
+
+    engine_like = _as_engine_threads(threads)
+    oracle = TreeOracle(engine_like[0])
+    ref = oracle.logits(hf)
+    total, n = 0.0, 0
+    for t, node in zip(threads, engine_like):
+        base = 0 if node.parent is None else node.own_start
+        for k in range(len(t.tokens) - 1):
+            if k >= t.first_label:
+                row = ref[oracle.row(node, base + k + 1)]
+                total += F.cross_entropy(row[None], torch.tensor([t.tokens[k + 1]]), reduction="sum").item()
+                n += 1
+    assert count == n == int((sample.labels != IGNORE).sum())
+    assert abs(loss.item() - total) < 1e-4 * max(1.0, total)

@@ -7,12 +7,13 @@ import pytest
 from parafork import models
 from parafork.bench.driver import llamacpp_server
 from parafork.config import EngineConfig
+from parafork.export import gguf_for
 from parafork.remote import RemoteAPAR
 
 
 @pytest.fixture(scope="module")
 def llamacpp_url(base_dir):
-    gguf = models.gguf_for(EngineConfig(model="bundled", backend="llamacpp"), base_dir, models.BUNDLED_ADAPTER)
+    gguf = gguf_for(EngineConfig(model="bundled", backend="llamacpp"), base_dir, models.BUNDLED_ADAPTER)
     with llamacpp_server(gguf, slots=8, threads=2, n_ctx=8192) as url:
         yield url
 

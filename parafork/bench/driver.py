@@ -19,6 +19,7 @@ from typing import Iterator
 from tqdm.auto import tqdm
 
 from .. import models
+from ..export import gguf_for
 from ..remote import RemoteAPAR
 from .common import Checkpoint, add_output_args, add_suite_args, metadata, write_json
 from .suite import load_suite, select
@@ -88,7 +89,7 @@ def target_server(args) -> Iterator[tuple[str, str, str | None]]:
         config = EngineConfig(model=args.model, backend="llamacpp", quant=args.quant)
         path = models.resolve_model_path(args.model)
         adapter = Path(args.adapter) if args.adapter else models.default_adapter(args.model)
-        with llamacpp_server(models.gguf_for(config, path, adapter), args.llamacpp_slots, args.cpu_threads) as url:
+        with llamacpp_server(gguf_for(config, path, adapter), args.llamacpp_slots, args.cpu_threads) as url:
             yield url, "gguf", None
     else:
         with local_server(args.model, args.adapter, args.dtype, args.cpu_threads, args.backend, args.quant) as url:

@@ -18,7 +18,22 @@ import re
 from dataclasses import dataclass
 from typing import Union
 
-Segment = Union[str, "Node"]
+class JoinMark:
+    """Where a thread joins the children it forked before (text after it sees their bodies;
+    engine/thread.py, `Join`). In JSON: null. A tree without joins packs as before."""
+
+    _instance = None
+
+    def __new__(cls):
+        cls._instance = cls._instance or super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "JOIN"
+
+
+JOIN = JoinMark()
+Segment = Union[str, "Node", JoinMark]
 
 MIN_ITEMS = 3  # list items (reference)
 MIN_LIST_PIECE = 10  # chars, head or details of a list item (reference)
@@ -51,7 +66,7 @@ class Node:
     segments: list[Segment]
 
     def text(self) -> str:
-        return "".join(s if isinstance(s, str) else s.text() for s in self.segments)
+        return "".join(s if isinstance(s, str) else s.text() for s in self.segments if s is not JOIN)
 
     @property
     def children(self) -> list[Node]:
@@ -64,11 +79,11 @@ class Node:
         return 1 + sum(c.num_threads() for c in self.children)
 
     def to_json(self) -> list:
-        return [s if isinstance(s, str) else s.to_json() for s in self.segments]
+        return [s if isinstance(s, str) else None if s is JOIN else s.to_json() for s in self.segments]
 
     @classmethod
     def from_json(cls, data: list) -> Node:
-        return cls([s if isinstance(s, str) else cls.from_json(s) for s in data])
+        return cls([s if isinstance(s, str) else JOIN if s is None else cls.from_json(s) for s in data])
 
 
 @dataclass
@@ -156,7 +171,7 @@ def _reindent(node: Node, pad: str) -> Node:
     """Puts back the indentation that `_nested` removed, so text stays exact."""
     out: list[Segment] = []
     for s in node.segments:
-        out.append(s.replace("\n", "\n" + pad) if isinstance(s, str) else _reindent(s, pad))
+        out.append(s.replace("\n", "\n" + pad) if isinstance(s, str) else s if s is JOIN else _reindent(s, pad))
     return Node(out)
 
 

@@ -48,7 +48,7 @@ def _serial_ranges(node: Node, tokenizer, out: list[int], ranges: list[tuple[int
     for segment in node.segments:
         if isinstance(segment, str):
             out.extend(tokenizer.encode(segment, add_special_tokens=False))
-        else:
+        elif isinstance(segment, Node):  # (a join mark adds no text)
             slot = len(ranges)
             ranges.append((len(out), -1))
             _serial_ranges(segment, tokenizer, out, ranges)
@@ -99,7 +99,7 @@ def score_tree(model, tokenizer, control: ControlTokens, prompt_ids: list[int], 
                 alone += range(thread_start + thread_idx - 1, thread_start + thread_idx + n - 1)
                 ser += range(starts[-2] + read_idx - ranges[0][0] - 1, starts[-2] + read_idx - ranges[0][0] + n - 1)
                 thread_idx, read_idx = thread_idx + n, read_idx + n
-            else:  # a grandchild: its own thread; its whole text in the answer
+            elif isinstance(segment, Node):  # a grandchild: its own thread; its whole text in the answer
                 read_idx += len(_flat(segment, tokenizer))
         alone_at.append(alone[1:])
         serial_at.append(ser[1:])
@@ -132,6 +132,9 @@ def merge_dependent(root: Node, scores: list[BranchScore], threshold: float = DE
     def walk(node: Node) -> Node:
         segments: list = []
         for s in node.segments:
+            if not isinstance(s, (str, Node)):  # a join mark stays where it is
+                segments.append(s)
+                continue
             if isinstance(s, str):
                 if segments and isinstance(segments[-1], str):
                     segments[-1] += s

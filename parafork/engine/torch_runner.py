@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import cpu_has_fast_bf16
-from .runner import SUPPORTED_ARCHITECTURES, BlockCopy, RunnerInfo, SequenceSlice
+from .runner import BlockCopy, RunnerInfo, SequenceSlice
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
 class _Linear:
