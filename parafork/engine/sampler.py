@@ -7,8 +7,10 @@ that walks engine threads lives inside the engine.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..sampling import FORKING_MODES
@@ -58,25 +60,29 @@ def apply_penalties(logits: torch.Tensor, threads: Sequence[Thread], control: Co
     - `repetition_penalty` r (vLLM, CTRL): over prompt and answer tokens, a seen token's logit
       is divided by r where positive, multiplied by r where negative.
 
-    Cost: one bincount over the thread's context per step, for penalized requests only.
+    Cost, for penalized requests only: counting the thread's answer tokens in Python and one
+    numpy update of the seen tokens' logits (float32, as before). Measured on the bundled model
+    over llama.cpp (Intel Xeon, 2 threads): this costs ~0.15 ms a step where the torch version
+    (a full-vocabulary bincount and per-token torch ops) cost 0.4-0.5 ms, 3% of a 15 ms decode
+    step: right after a decode every op runs on caches the decode has flushed, so few ops win.
     """
     for i, thread in enumerate(threads):
         params = thread.request.params
         if not params.penalized:
             continue
-        row = logits[i]
-        context = torch.tensor(thread.token_ids, dtype=torch.long)
-        control_ids = torch.tensor(control.ids)
+        row = logits[i].numpy()  # a view: edits land in `logits`
         if params.repetition_penalty != 1:
-            seen = torch.unique(context)
-            seen = seen[~torch.isin(seen, control_ids)]
-            values, r = row[seen], params.repetition_penalty
-            row[seen] = torch.where(values > 0, values / r, values * r)
+            seen = set(thread.token_ids).difference(control.ids)
+            seen = np.fromiter(seen, dtype=np.int64, count=len(seen))
+            values, r = row[seen], np.float32(params.repetition_penalty)
+            row[seen] = np.where(values > 0, values / r, values * r)
         if params.frequency_penalty or params.presence_penalty:
-            counts = torch.bincount(context[len(thread.request.prompt_token_ids) :], minlength=row.shape[0])
-            counts = counts[: row.shape[0]].to(row.dtype)
-            counts[control_ids] = 0
-            row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
+            counts = Counter(thread.token_ids[len(thread.request.prompt_token_ids) :])
+            for token in control.ids:
+                counts.pop(token, None)
+            ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+            n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
+            row[ids] -= np.float32(params.frequency_penalty) * n + np.float32(params.presence_penalty)
 
 
 def model_logprobs(logits: torch.Tensor, threads: Sequence[Thread]) -> dict[int, torch.Tensor]:
@@ -105,8 +111,10 @@ def _fork_banned(thread: Thread, control: ControlTokens) -> bool:
 
 
 def sample(logits: torch.Tensor, threads: Sequence[Thread]) -> list[int]:
-    """One token per row: argmax for greedy requests, temperature + top-p otherwise."""
-    chosen = logits.argmax(dim=-1).tolist()
+    """One token per row: argmax for greedy requests, temperature + top-p otherwise. (numpy's
+    argmax: 4 us for a 49k row where torch's takes 76 us, 0.5% of a llama.cpp step; both
+    return the first maximum.)"""
+    chosen = logits.numpy().argmax(axis=-1).tolist()
     for i, thread in enumerate(threads):
         params = thread.request.params
         if params.greedy:
