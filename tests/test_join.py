@@ -187,10 +187,15 @@ def test_join_holds_the_branches_kv_until_the_join_and_frees_it_after(tiny_llm):
     tiny_llm.check_idle()
 
 
-def test_joins_are_refused_on_the_hf_backend(tiny_dir):
+def test_after_a_join_the_parent_sees_every_branch_on_the_hf_fallback(tiny_dir, tiny_llm):
+    """The slow HF backend recomputes every step from what each key saw: the same oracle."""
     llm = LLM(str(tiny_dir), backend="hf", dtype="float32", num_kv_blocks=64, block_size=4)
-    with pytest.raises(ValueError, match="does not join"):
-        llm.generate("Hi", SamplingParams(max_tokens=8, join=True))
+    out, rec = two_groups(llm)
+    assert out.finish_reason == "stop" and out.num_threads == 5
+    checked, after = check_rows(llm, _tiny_hf(tiny_dir, llm.tokenizer), rec, atol=1e-4)
+    assert after >= 10
+    assert out.token_ids == two_groups(tiny_llm)[0].token_ids  # and the torch engine's answer
+    llm.check_idle()
 
 
 @pytest.mark.model

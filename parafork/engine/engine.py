@@ -118,8 +118,6 @@ class Engine:
             raise ValueError(f"logit_bias names a token id beyond the vocabulary ({vocab})")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if params.join and params.mode in FORKING_MODES and not self.runner.info.joins:
-            raise ValueError("this backend does not join (hf): use join=False, or the torch or llamacpp backend")
         if not self.runner.info.control_tokens and params.mode in FORKING_MODES:
             raise ValueError(
                 f"this model's vocabulary has no [Fork]/[Child] tokens: mode={params.mode!r} needs them; use mode='ar' "
@@ -227,8 +225,8 @@ class Engine:
         are done (finished, their KV whole): after a thread sampled `[Join]`, or again after a
         preemption made the request recompute."""
         for request in self.scheduler.running:
-            if not request.params.joins:
-                continue
+            if not request.params.joins or all(t.established == len(t.joins) for t in request.threads):
+                continue  # no join to make (the common case: checked without walking the tree)
             made = False
             for thread in request.kv_threads:
                 k = thread.established

@@ -1,15 +1,28 @@
 """The slow fallback `Runner`: any HF causal LM.
 
-Its paged "KV cache" holds token ids instead of keys and values: each step it writes the
-new tokens into their slots, reads every thread's whole context back through its block
-table, and recomputes it with the HF model. Forks, sharing, copies and preemption behave
-exactly as with the native runner; only the speed differs.
+Its paged "KV cache" holds, per slot, a *key*: the token written there, its model position,
+and what it attended to when it was fed (the key before it in its sequence, and the keys a
+join added there). Each step it rebuilds, per slice, every key the slice's new tokens see
+(its own entries through its block table, its joined spans, and what those keys saw in
+turn), and recomputes them all in one HF forward with a 4-D mask and position ids. Forks, sharing, tail copies, prefix-cache hits, joins and preemption therefore
+behave exactly as with the native runner; only the speed differs (every step recomputes each
+sequence's whole context).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .runner import BlockCopy, RunnerInfo, SequenceSlice
+from .runner import BlockCopy, JoinSource, RunnerInfo, SequenceSlice
+
+
+@dataclass(frozen=True)
+class _Key:
+    token: int
+    position: int
+    prev: int | None  # the key before it in its sequence: it sees what that one saw
+    joined: tuple[int, ...] = ()  # keys of joined sequences it sees besides (the slice's first key)
 
 
 class HFRunner:
@@ -22,43 +35,107 @@ class HFRunner:
             weight_bytes=sum(p.numel() * p.element_size() for p in hf_model.parameters()),
             prefix_caching=True,
             max_live_sequences=None,
-            # Its slots hold token ids, and a joined span's tokens would need their own tree mask
-            # recomputed: joins run on the torch and llama.cpp runners.
-            joins=False,
         )
-        self.slot_tokens = torch.zeros(engine_config.num_kv_blocks * engine_config.block_size, dtype=torch.long)
+        self.keys: dict[int, _Key] = {}
+        self._next_key = 0
+        self.slot_key: dict[int, int] = {}  # slot -> key id written there
+        self.max_keys = 4 * engine_config.num_kv_blocks * engine_config.block_size  # then unreachable keys go
+        self.joined: dict[int, list[tuple[int, int]]] = {}  # seq -> (own entries at the join, key id)
+        self.last_slice: dict[int, SequenceSlice] = {}  # seq -> its latest slice (its block table, length)
 
-    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
-        pos = torch.arange(start, end)
-        return torch.tensor(block_table, dtype=torch.long)[pos // self.block_size] * self.block_size + pos % self.block_size
+    def _slot(self, block_table, index: int) -> int:
+        return block_table[index // self.block_size] * self.block_size + index % self.block_size
 
     def fork(self, parent: int, child: int, copy: BlockCopy | None) -> None:
         if copy is not None:
             s, d = copy.src * self.block_size, copy.dst * self.block_size
-            self.slot_tokens[d : d + copy.num_slots] = self.slot_tokens[s : s + copy.num_slots]
+            for i in range(copy.num_slots):
+                if s + i in self.slot_key:
+                    self.slot_key[d + i] = self.slot_key[s + i]
+        self.joined[child] = list(self.joined.get(parent, []))
 
     def release(self, seq_id: int) -> None:
-        """Nothing to do: slots belong to blocks, which the engine's block manager frees."""
+        self.joined.pop(seq_id, None)
+        self.last_slice.pop(seq_id, None)
+        if len(self.keys) > self.max_keys:
+            self._collect()
+
+    def _collect(self) -> None:
+        """Drops the keys no slot, join or live key reaches (the record would grow forever)."""
+        live = set()
+        todo = list(self.slot_key.values()) + [k for entries in self.joined.values() for _, k in entries]
+        while todo:
+            k = todo.pop()
+            if k in live or k not in self.keys:
+                continue
+            live.add(k)
+            key = self.keys[k]
+            todo.extend(key.joined)
+            if key.prev is not None:
+                todo.append(key.prev)
+        self.keys = {k: v for k, v in self.keys.items() if k in live}
 
     def truncate(self, seq_id: int, position: int) -> None:
         """Nothing to do: slots past the end are overwritten when those positions are fed again."""
 
-    def join(self, seq_id: int, sources) -> None:
-        raise NotImplementedError("the hf backend does not join (RunnerInfo.joins is False)")
+    def join(self, seq_id: int, sources: list[JoinSource]) -> None:
+        """Each source's keys from its `start_pos` on: its own entries and what it joined."""
+        own = self._own(self.last_slice[seq_id])
+        for source in sources:
+            last = self.last_slice[source.seq_id]
+            seen = self._own(last) + [k for _, k in self.joined.get(source.seq_id, [])]
+            self.joined[seq_id] = self.joined.get(seq_id, []) + [
+                (len(own), k) for k in seen if self.keys[k].position >= source.start_pos
+            ]
+
+    def _own(self, s: SequenceSlice) -> list[int]:
+        return [self.slot_key[self._slot(s.block_table, i)] for i in range(s.start + len(s.token_ids))]
 
     @torch.inference_mode()
     def forward(self, batch: list[SequenceSlice]) -> torch.Tensor:
-        contexts = []
+        out = []
         for s in batch:
-            end = s.start + len(s.token_ids)
-            self.slot_tokens[self._slots(s.block_table, s.start, end)] = torch.tensor(s.token_ids)
-            contexts.append(self.slot_tokens[self._slots(s.block_table, 0, end)])
-        longest = max(len(c) for c in contexts)
-        ids = torch.zeros(len(contexts), longest, dtype=torch.long)
-        mask = torch.zeros(len(contexts), longest, dtype=torch.long)
-        for i, context in enumerate(contexts):  # left padding: every last token is at -1
-            ids[i, longest - len(context) :] = context
-            mask[i, longest - len(context) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        return torch.cat([logits[i, longest - s.num_logits :] for i, s in enumerate(batch)]).float()
+            # Joins made after the slice's first entry are not seen (a recompute from before them).
+            joined = tuple(k for at, k in self.joined.get(s.seq_id, []) if at <= s.start)
+            prev = self.slot_key[self._slot(s.block_table, s.start - 1)] if s.start else None
+            new = []
+            for i, token in enumerate(s.token_ids):
+                kid, self._next_key = self._next_key, self._next_key + 1
+                self.keys[kid] = _Key(token, s.start_pos + i, prev, joined if i == 0 else ())
+                self.slot_key[self._slot(s.block_table, s.start + i)] = prev = kid
+                new.append(kid)
+            self.last_slice[s.seq_id] = s
+            out.append(self._logits(new[-s.num_logits :]))
+        return torch.cat(out).float()
+
+    def _sees(self, k: int, memo: dict[int, frozenset]) -> frozenset:
+        """Every key `k` attended to, itself included."""
+        chain = []
+        while k is not None and k not in memo:
+            chain.append(k)
+            k = self.keys[k].prev
+        seen = memo[k] if k is not None else frozenset()
+        for c in reversed(chain):
+            seen = memo[c] = seen | {c, *self.keys[c].joined}
+        return seen
+
+    def _logits(self, queries: list[int]) -> torch.Tensor:
+        memo: dict[int, frozenset] = {}
+        needed, todo = set(), list(queries)
+        while todo:  # every key the queries see, and what those saw in turn
+            k = todo.pop()
+            if k not in needed:
+                needed.add(k)
+                todo.extend(self._sees(k, memo))
+        order = sorted(needed)  # creation order: a key comes after everything it saw
+        row = {k: i for i, k in enumerate(order)}
+        n = len(order)
+        allowed = torch.zeros(n, n, dtype=torch.bool)
+        for i, k in enumerate(order):
+            allowed[i, [row[j] for j in self._sees(k, memo)]] = True
+        dtype = self.model.dtype
+        bias = torch.zeros(n, n, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+        ids = torch.tensor([[self.keys[k].token for k in order]])
+        pos = torch.tensor([[self.keys[k].position for k in order]])
+        logits = self.model(input_ids=ids, position_ids=pos, attention_mask=bias).logits[0]
+        return logits[[row[q] for q in queries]]

@@ -21,7 +21,8 @@ addresses KV by sequence (llama.cpp) in step with the engine:
 - `join(seq_id, sources)`: from now on the sequence also attends to each source sequence's
   KV from that source's `start_pos` on (a joined child: its own tokens and what it joined);
   a sequence-addressed backend tags those cells with `seq_id` (llama.cpp's `seq_cp`); a
-  paged backend has nothing to do, each later slice names its `joined` spans. The sources
+  paged backend has nothing to do, each later slice names its `joined` spans (the HF
+  fallback, which recomputes, records which keys the sequence sees from now on). The sources
   are released afterwards; their KV stays as long as the joining sequence attends to it.
 
 `engine/factory.py` builds the runner a configuration names; this module holds the protocol
@@ -95,7 +96,6 @@ class RunnerInfo:
     gguf: Path | None = None  # the GGUF file the weights come from (llama.cpp), for baselines on the same file
     # One more fed row's cost relative to a one-row step (sizes speculative drafts: speculation.py).
     draft_row_cost: float = 0.1
-    joins: bool = True  # the runner attends to joined KV (requests with SamplingParams.join need it)
     paged: bool = True  # KV addressed by the engine's block tables (False: by sequence id, llama.cpp)
 
 

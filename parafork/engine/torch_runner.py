@@ -204,7 +204,9 @@ class TorchRunner:
         flat_index = q_index[valid]  # [T], sequence-major, same order as the flat tokens
         seq_of_row = torch.arange(num_b)[:, None].expand(num_b, max_q)[valid]
         slot_mapping = tables[seq_of_row, flat_index // bs] * bs + flat_index % bs
-        flat_pos = flat_index + torch.tensor([s.position_offset for s in batch])[seq_of_row]
+        flat_pos = flat_index
+        if any(s.position_offset for s in batch):  # after a join
+            flat_pos = flat_index + torch.tensor([s.position_offset for s in batch])[seq_of_row]
 
         # Joined keys (own_index < 0) are visible to every query; own keys causally.
         allowed = own_index[:, :, None] <= q_index[:, None, :]  # [B, L, Q]
