@@ -390,3 +390,31 @@ def test_training_packs_a_joined_tree_as_the_engine_attends(tiny_llm, tiny_dir):
                 n += 1
     assert count == n == int((sample.labels != IGNORE).sum())
     assert abs(loss.item() - total) < 1e-4 * max(1.0, total)
+
+
+@pytest.mark.model
+def test_after_a_join_the_parent_sees_every_branch_on_llamacpp_with_the_bundled_model(base_dir):
+    """The bundled model exported to an f32 GGUF (llama.cpp's converter, once into the cache)."""
+    llm = LLM("bundled", backend="llamacpp", quant="f32", cpu_threads=2, num_kv_blocks=256, block_size=16)
+    hf = models.load_hf_model(base_dir, llm.tokenizer, torch.float32, adapter=llm.adapter)
+    out, rec = two_groups(llm, frequency_penalty=0.0)
+    assert out.num_threads == 5
+    checked, after = check_rows(llm, hf, rec, atol=1e-4)
+    assert after >= 10
+    llm.check_idle()
+
+
+def test_joins_with_every_policy_on_speculation_logprobs_and_n(tiny_llm):
+    """Budget planning and the head guard on (the defaults), n-gram drafts, logprobs and two
+    requests of one prompt side by side (what the server's n=2 queues): a joined tree still finishes, drafts change no token (greedy), the
+    logprobs restore one per token in reading order, and the pools end empty."""
+    force = ForceForks(tiny_llm.control, **TWO_GROUPS)
+    prompt = "Tell me about the sea."
+    base = SamplingParams(max_tokens=300, join=True, logits_rules=[force], logprobs=1)
+    plain = tiny_llm.generate([prompt, prompt], base)
+    drafted = tiny_llm.generate([prompt, prompt], SamplingParams(**{**base.__dict__, "speculative": "ngram"}))
+    for a, b in zip(plain, drafted):
+        assert a.token_ids == b.token_ids and a.num_threads == b.num_threads == 5
+        assert len(a.logprobs) == len(a.token_ids) and tiny_llm.control.join_id not in a.token_ids
+    assert sum(o.num_draft_tokens for o in drafted) > 0
+    tiny_llm.check_idle()
