@@ -97,7 +97,13 @@ BENCHES = {
 }
 
 
+VLLM_BENCHES = ("latency", "throughput")  # also run with --backend vllm: APAR on real vLLM
+
+
 def cmd_bench(args) -> int:
+    if getattr(args, "backend", None) == "vllm":  # APAR on real vLLM (bench/vllm.py)
+        importlib.import_module(".bench.vllm", __package__).run(args)
+        return 0
     importlib.import_module(f".bench.{args.what}", __package__).run(args)
     return 0
 
@@ -222,8 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     benches = b.add_subparsers(dest="what", required=True)
     for name, text in BENCHES.items():
         bb = benches.add_parser(name, help=text, description=text)
-        add_engine_args(bb, speculative=False)
+        add_engine_args(bb, speculative=False, vllm=name in VLLM_BENCHES)
         importlib.import_module(f".bench.{name}", __package__).add_arguments(bb)
+        if name in VLLM_BENCHES:
+            bb.add_argument("--vllm-arg", action="append", default=None,
+                            help="with --backend vllm: one more option for `vllm serve` (repeat), "
+                                 "e.g. --vllm-arg=--tensor-parallel-size=4")
     b.set_defaults(func=cmd_bench)
     return parser
 

@@ -83,16 +83,18 @@ class EngineConfig:
         return resolve_dtype(self.dtype)
 
 
-def add_engine_args(p: argparse.ArgumentParser, speculative: bool = True) -> None:
+def add_engine_args(p: argparse.ArgumentParser, speculative: bool = True, vllm: bool = False) -> None:
     """The engine options of every command (`EngineConfig`'s fields, where they are defined);
-    `speculative`: offer --speculative (benches choose their modes' drafting themselves)."""
+    `speculative`: offer --speculative (benches choose their modes' drafting themselves);
+    `vllm`: offer --backend vllm (APAR on real vLLM, `vllm_server.py`; not an engine runner)."""
     p.add_argument("--model", default="bundled", help="'bundled', 'base', a local HF folder (safetensors) or a .gguf file")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="auto: bf16 where the CPU computes it natively, float32 otherwise")
     p.add_argument("--cpu-threads", type=int, default=2, help="torch CPU threads (not APAR threads)")
-    p.add_argument("--backend", default="auto", choices=BACKENDS,
+    p.add_argument("--backend", default="auto", choices=BACKENDS + (("vllm",) if vllm else ()),
                    help="model runner: torch (parafork's own, Llama family), hf (any model, slow), "
-                        "llamacpp (GGUF through llama.cpp), auto (llamacpp for a .gguf, else torch)")
+                        "llamacpp (GGUF through llama.cpp), auto (llamacpp for a .gguf, else torch)"
+                        + ("; vllm: APAR on real vLLM (`vllm serve` from .venv-vllm) against vLLM's own AR" if vllm else ""))
     p.add_argument("--quant", default=None, choices=GGUF_QUANTS,
                    help="llamacpp: weights of the GGUF exported from --model (default f16; 'base': the shipped Q4_1)")
     if speculative:

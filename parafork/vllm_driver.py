@@ -67,6 +67,9 @@ class DriverOutput:
     num_requests: int  # vLLM requests sent
     prompt_tokens: int  # prompt tokens over all requests
     prefilled_tokens: int  # of which vLLM computed (not found in its prefix cache); -1 where vLLM did not say
+    child_prompt_tokens: int  # prompt tokens of the children's first requests (what the forks sent)
+    child_prefilled_tokens: int  # of those that reported usage, what vLLM computed: the forks' cost; -1: not said
+    child_requests_reported: int  # children's first requests whose usage came back (a cancelled one sends none)
     seconds: float
 
 
@@ -79,6 +82,7 @@ class _Tree:
         self.threads = [root]
         self.used = 0  # tokens generated over all threads
         self.requests = self.prompt_tokens = self.prefilled = 0
+        self.child_prompt_tokens = self.child_prefilled = self.child_reported = 0
         self.prefill_known = True
         self.length = False  # the budget ran out (or a request hit the model's context)
         self.changed = asyncio.Event()
@@ -188,21 +192,25 @@ class VLLMDriver:
         p = tree.params
         prompt = thread.prefix + thread.own_tokens
         index = tree.threads.index(thread)
+        forked_now = thread.depth > 0 and len(thread.own_tokens) == 1  # a child's first request: what a fork costs
         stream = await self.client.completions.create(
             model=self.model, prompt=prompt, max_tokens=n, temperature=p.temperature, top_p=p.top_p,
             stream=True, extra_body=self._body(tree, thread, stop_at_fork, index),
         )
         tree.requests += 1
+        tree.child_prompt_tokens += len(prompt) if forked_now else 0
         finish = stop_reason = None
         try:
             async for chunk in stream:
                 if chunk.usage is not None:
-                    tree.prompt_tokens += chunk.usage.prompt_tokens
                     details = chunk.usage.prompt_tokens_details
-                    if details is not None and details.cached_tokens is not None:
-                        tree.prefilled += chunk.usage.prompt_tokens - details.cached_tokens
-                    else:
-                        tree.prefill_known = False
+                    computed = chunk.usage.prompt_tokens - (details.cached_tokens or 0) if details is not None else 0
+                    tree.prefill_known &= details is not None and details.cached_tokens is not None
+                    tree.prompt_tokens += chunk.usage.prompt_tokens
+                    tree.prefilled += computed
+                    if forked_now:
+                        tree.child_reported += 1
+                        tree.child_prefilled += computed
                 if not chunk.choices:
                     continue
                 choice = chunk.choices[0]
@@ -311,6 +319,9 @@ class VLLMDriver:
                         finish_reason=finish_reason, num_generated_tokens=tree.used, num_threads=len(tree.threads),
                         num_requests=tree.requests, prompt_tokens=tree.prompt_tokens,
                         prefilled_tokens=tree.prefilled if tree.prefill_known else -1,
+                        child_prompt_tokens=tree.child_prompt_tokens,
+                        child_prefilled_tokens=tree.child_prefilled if tree.prefill_known else -1,
+                        child_requests_reported=tree.child_reported,
                         seconds=time.perf_counter() - start,
                     )
                 if finished:

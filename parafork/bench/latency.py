@@ -73,7 +73,9 @@ def add_arguments(p) -> None:
     add_suite_args(p)
     add_output_args(p)
     p.add_argument("--base-model", default="base", help="the untuned model (base, hf, sot)")
-    p.add_argument("--modes", default="ar,apar,serial,base,hf,sot", help="comma list of " + ", ".join(MODES))
+    p.add_argument("--modes", default=None, help="comma list of " + ", ".join(MODES) + " (default ar,apar,serial,base,hf,sot); "
+                   "with --backend vllm: of vllm-ar, vllm-apar, vllm-serial, engine-apar, engine-ar "
+                   "(default vllm-ar,vllm-apar,engine-apar)")
     p.add_argument("--spec", default=None, choices=["ngram"], help="add modes ar+spec and apar+spec (speculative drafts)")
     add_penalty_args(p)
 
@@ -336,7 +338,7 @@ def plot(result: dict, path: str) -> None:
 
 def run(args) -> dict:
     questions = select(load_suite(args.suite), args.limit, args.per_category)
-    modes = parse_list(args.modes, "--modes", allowed=MODES)
+    modes = parse_list(args.modes or "ar,apar,serial,base,hf,sot", "--modes", allowed=MODES)
     if args.spec:
         modes += [m for m in ("ar+spec", "apar+spec") if m not in modes]
     result = run_latency(
