@@ -54,7 +54,37 @@ def cmd_generate_remote(args) -> int:
     return 0
 
 
+def cmd_generate_vllm(args, params: SamplingParams) -> int:
+    import asyncio
+
+    from . import models
+    from .vllm_driver import VLLMDriver
+
+    path = models.resolve_model_path(args.model)
+    tokenizer, control = models.load_tokenizer(path)
+    adapter = args.adapter if getattr(args, "adapter", None) else models.default_adapter(args.model)
+    driver = VLLMDriver(args.vllm, args.served_name or args.model, tokenizer, control,
+                        models.sampling_defaults(path, adapter), api_key=args.api_key)
+    params = driver.resolve(replace(params, plan_budget=False))
+
+    async def show():
+        out = None
+        async for out in driver.stream(args.prompt, params):
+            sys.stdout.write(out.delta)
+            sys.stdout.flush()
+        return out
+
+    out = driver.run(show())
+    print()
+    print(f"[{args.mode} on vLLM at {args.vllm}] {len(out.token_ids)} answer tokens, {out.num_threads} threads, "
+          f"{out.num_requests} vLLM requests, {out.seconds:.2f} s, "
+          f"{len(out.token_ids) / out.seconds:.1f} tok/s, finish={out.finish_reason}")
+    return 0
+
+
 def cmd_generate(args) -> int:
+    if args.vllm and (args.remote or args.fork_rule != "none"):
+        raise SystemExit("parafork generate: --vllm takes neither --remote nor --fork-rule")
     if args.remote:
         if given := [f"--{n.replace('_', '-')}" for n in (*PENALTIES, "stop") if getattr(args, n) is not None]:
             raise SystemExit(f"parafork generate: {', '.join(given)} not supported with --remote (the driver sends neither)")
@@ -69,6 +99,8 @@ def cmd_generate(args) -> int:
         stop=args.stop or (),
         **penalties,
     )
+    if args.vllm:
+        return cmd_generate_vllm(args, params)
     llm = _llm(args)
     params = replace(params, logits_rules=_fork_rules(llm, args.fork_rule))
     start = time.perf_counter()
@@ -137,6 +169,29 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_vllm_serve(args) -> int:
+    """Real vLLM serving the tuned model with APAR's rules plugin, in the foreground until Ctrl-C."""
+    from .config import resolve_dtype
+    from .vllm_server import VLLMServer, merged_model, vllm_unavailable
+
+    if reason := vllm_unavailable():
+        raise SystemExit(f"parafork vllm-serve: {reason}")
+    dtype = args.dtype if args.dtype != "auto" else str(resolve_dtype("auto")).removeprefix("torch.")
+    server = VLLMServer(merged_model(args.model, args.adapter, "bfloat16" if dtype == "bfloat16" else "float32"), served_name=args.served_name or args.model, dtype=dtype,
+                        host=args.host, port=args.port, block_size=args.block_size, api_key=args.api_key,
+                        extra_args=args.vllm_arg or [], log_path=args.log)
+    print(f"starting: {' '.join(server.command)}\nlog: {server.log_path}", flush=True)
+    with server:
+        print(f"vLLM serves {server.served_name!r} at {server.url}; APAR on it: "
+              f"parafork generate \"...\" --vllm {server.url} --served-name {server.served_name}", flush=True)
+        try:
+            while server.process.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
 def cmd_export(args) -> int:
     from .export import export, export_gguf
 
@@ -170,8 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{name.replace('_', '-')}", type=float, default=None, help="default: the model's")
     g.add_argument("--fork-rule", default="none", choices=["none", "list"], help="force forks (untuned models)")
     g.add_argument("--remote", default=None, help="URL of an OpenAI-compatible server (…/v1): APAR over it")
-    g.add_argument("--api-key", default=None, help="with --remote")
-    g.add_argument("--served-name", default=None, help="with --remote: the model id the server knows")
+    g.add_argument("--vllm", default=None, metavar="URL",
+                   help="a vLLM server (…/v1) serving `parafork export`'s folder with the APAR plugin: APAR on it "
+                        "(README, 'APAR on real vLLM')")
+    g.add_argument("--api-key", default=None, help="with --remote or --vllm")
+    g.add_argument("--served-name", default=None, help="with --remote or --vllm: the model id the server knows")
     add_engine_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -215,6 +273,20 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--kv-blocks", type=int, default=2048)
     add_engine_args(sv)
     sv.set_defaults(func=cmd_serve)
+
+    vs = sub.add_parser("vllm-serve", help="real vLLM (from .venv-vllm, `make vllm`) serving the tuned model with APAR's rules")
+    vs.add_argument("--model", default="bundled")
+    vs.add_argument("--adapter", default=None, help="LoRA adapter to merge (default: the bundled one for 'bundled')")
+    vs.add_argument("--dtype", default="auto", help="auto: bf16 where the CPU computes it natively, else float32; or vLLM's names")
+    vs.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
+    vs.add_argument("--port", type=int, default=8000)
+    vs.add_argument("--api-key", default=None)
+    vs.add_argument("--served-name", default=None, help="model id clients use (default: --model)")
+    vs.add_argument("--block-size", type=int, default=32, help="vLLM's KV block (CPU: multiples of 32; 16 on GPUs)")
+    vs.add_argument("--log", default=None, help="vLLM's log file (default: in parafork's cache)")
+    vs.add_argument("--vllm-arg", action="append", default=None,
+                    help="one more option for `vllm serve` (repeat), e.g. --vllm-arg=--tensor-parallel-size=4")
+    vs.set_defaults(func=cmd_vllm_serve)
 
     ex = sub.add_parser("export", help="the tuned model as a plain HF folder (vLLM, SGLang) or a GGUF file (llama.cpp)")
     ex.add_argument("--out", default=None, help="a new folder (HF safetensors)")

@@ -199,3 +199,14 @@ def test_vllm_cancelled_stream_aborts_every_request(driver, vllm_server):
     driver.run(partial())
     assert seen_running and seen_running[0] >= 2  # threads ran side by side as vLLM requests
     assert wait_idle(vllm_server) == 0
+
+
+def test_cli_refuses_what_the_vllm_bench_cannot_do(capsys):
+    from parafork.cli import main
+
+    assert main(["bench", "latency", "--backend", "vllm", "--spec", "ngram"]) == 2
+    assert "speculative" in capsys.readouterr().err
+    assert main(["bench", "throughput", "--backend", "vllm", "--quant", "q8_0"]) == 2
+    assert "--quant" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --backend vllm is offered only where a bench runs on vLLM
+        main(["bench", "engine", "--backend", "vllm"])

@@ -51,7 +51,7 @@ def start_server(args) -> VLLMServer:
     reason = vllm_unavailable()
     if reason:
         raise ValueError(f"--backend vllm: {reason}")
-    return VLLMServer(merged_model(args.model, args.adapter), dtype=dtype_name(args),
+    return VLLMServer(merged_model(args.model, args.adapter, dtype_name(args)), dtype=dtype_name(args),
                       extra_args=args.vllm_arg or [])
 
 
@@ -128,7 +128,8 @@ def run_latency(args, questions: list[dict]) -> dict:
     penalties = resolve_penalties(penalties_of(args), args.model, args.adapter)
     params = {m: driver_params(mode=m.split("-", 1)[1], max_tokens=args.max_tokens, **penalties) for m in modes}
     checkpoint = Checkpoint(args.json, {"bench": "latency-vllm", "model": args.model, "adapter": args.adapter,
-                                        "max_tokens": args.max_tokens, "modes": modes, "dtype": dtype_name(args)})
+                                        "max_tokens": args.max_tokens, "modes": modes, "dtype": dtype_name(args),
+                                        "weights": dtype_name(args)})
     llm = None
     if any(m.startswith("engine-") for m in modes):
         from ..llm import LLM
