@@ -236,10 +236,15 @@ class VLLMDriver:
             tree.length = True
         return finish
 
-    def _fork(self, tree: _Tree, parent: DriverThread) -> DriverThread:
+    def _new_child(self, tree: _Tree, parent: DriverThread) -> DriverThread:
+        """The child born at `parent`'s last token, a `[Fork]`: its context through it, then `[Child]`."""
         child = DriverThread(parent.prefix + parent.own_tokens, [self.control.child_id], parent.depth + 1)
         parent.children[len(parent.own_tokens) - 1] = child
         tree.threads.append(child)
+        return child
+
+    def _fork(self, tree: _Tree, parent: DriverThread) -> DriverThread:
+        child = self._new_child(tree, parent)
         if len(tree.tasks) < tree.params.max_threads:
             self._start(tree, self._run_apar(tree, child))
         else:
@@ -269,10 +274,7 @@ class VLLMDriver:
             finish = await self._request(tree, thread, stop_at_fork=True)
             if finish == "stop" and thread.own_tokens and thread.own_tokens[-1] == self.control.fork_id \
                     and len(thread.own_tokens) - 1 not in thread.children:
-                child = DriverThread(thread.prefix + thread.own_tokens, [self.control.child_id], thread.depth + 1)
-                thread.children[len(thread.own_tokens) - 1] = child
-                tree.threads.append(child)
-                await self._run_serial(tree, child)
+                await self._run_serial(tree, self._new_child(tree, thread))
                 if tree.length:
                     return
                 continue

@@ -9,7 +9,8 @@ APAR thread decoded as parafork's engine decodes it (`engine/sampler.py`):
 - `[Fork]` only where the thread may fork (`apar_fork`: the driver's depth cap and mode),
   and never right after `[Fork]` or `[Child]`;
 - penalties over what the thread sees (its ancestors' answer tokens, which are part of
-  this request's prompt, then its own), control tokens excluded: vLLM's built-in
+  this request's prompt, then its own), control tokens excluded (`engine.sampler.penalize_row`,
+  the engine's own rule): vLLM's built-in
   frequency/presence penalties count only a request's own output, so a child would not be
   penalized for repeating its parent;
 - `rules.NoRepeatedHeads` with the tokenizer of the served model, over a view of the request
@@ -17,16 +18,17 @@ APAR thread decoded as parafork's engine decodes it (`engine/sampler.py`):
   whole tree, which only the driver sees).
 
 The driver (`vllm_driver.py`) sends the thread's facts in `vllm_xargs`; a request without
-them is left alone, so the processor costs plain vLLM requests nothing. Only torch and the
-standard library are imported here (and `rules`, which needs no more), since this module
-runs in vLLM's venv.
+them is left alone, so the processor costs plain vLLM requests nothing. Only torch, numpy and
+the standard library are imported here (and `rules` and `engine.sampler`, which need no
+more), since this module runs in vLLM's venv.
 """
 from __future__ import annotations
 
-from collections import Counter
 from types import SimpleNamespace
 
 import torch
+
+from .engine.sampler import penalize_row
 
 # The keys the driver sets in `vllm_xargs` (all integers or floats).
 XARG_KEYS = (
@@ -72,22 +74,9 @@ def thread_rules(args: dict, tokenizer_loader):
     def apply(prompt: list[int], output: list[int], logits: torch.Tensor) -> torch.Tensor:
         last = output[-1] if output else prompt[-1]
         if rep != 1 or freq or pres:
-            row = logits.numpy() if logits.dtype == torch.float32 else None
-            work = torch.from_numpy(row) if row is not None else logits.float()
-            if rep != 1:
-                seen = torch.tensor(sorted(set(prompt).union(output).difference(control)), dtype=torch.long)
-                values = work[seen]
-                work[seen] = torch.where(values > 0, values / rep, values * rep)
-            if freq or pres:
-                counts = Counter(prompt[answer_start:])
-                counts.update(output)
-                for token in control:
-                    counts.pop(token, None)
-                if counts:
-                    ids = torch.tensor(list(counts.keys()), dtype=torch.long)
-                    n = torch.tensor(list(counts.values()), dtype=torch.float32)
-                    work[ids] -= freq * n + pres
-            if row is None:
+            work = logits if logits.dtype == torch.float32 else logits.float()
+            penalize_row(work.numpy(), prompt + output, answer_start, control, freq, pres, rep)
+            if work is not logits:
                 logits.copy_(work)
         logits[child] = float("-inf")
         logits[join] = float("-inf")

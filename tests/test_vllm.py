@@ -5,7 +5,6 @@ Where vLLM cannot run (no venv, or it does not import on this CPU), the server t
 the reason (`pytest -rs` prints it; `make test` passes -rs)."""
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
 

@@ -70,19 +70,27 @@ def apply_penalties(logits: torch.Tensor, threads: Sequence[Thread], control: Co
         params = thread.request.params
         if not params.penalized:
             continue
-        row = logits[i].numpy()  # a view: edits land in `logits`
-        if params.repetition_penalty != 1:
-            seen = set(thread.token_ids).difference(control.ids)
-            seen = np.fromiter(seen, dtype=np.int64, count=len(seen))
-            values, r = row[seen], np.float32(params.repetition_penalty)
-            row[seen] = np.where(values > 0, values / r, values * r)
-        if params.frequency_penalty or params.presence_penalty:
-            counts = Counter(thread.token_ids[len(thread.request.prompt_token_ids) :])
-            for token in control.ids:
-                counts.pop(token, None)
-            ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
-            n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
-            row[ids] -= np.float32(params.frequency_penalty) * n + np.float32(params.presence_penalty)
+        penalize_row(logits[i].numpy(), thread.token_ids, len(thread.request.prompt_token_ids), control.ids,
+                     params.frequency_penalty, params.presence_penalty, params.repetition_penalty)
+
+
+def penalize_row(row: np.ndarray, context: Sequence[int], answer_start: int, control_ids: Sequence[int],
+                 frequency: float, presence: float, repetition: float) -> None:
+    """The penalties of `apply_penalties` on one float32 row (edited in place) for a thread whose
+    context (what it sees) is `context`, the answer starting at `answer_start`. Shared with
+    `vllm_plugin`, which applies it to a vLLM request's prompt + output."""
+    if repetition != 1:
+        seen = set(context).difference(control_ids)
+        seen = np.fromiter(seen, dtype=np.int64, count=len(seen))
+        values, r = row[seen], np.float32(repetition)
+        row[seen] = np.where(values > 0, values / r, values * r)
+    if frequency or presence:
+        counts = Counter(context[answer_start:])
+        for token in control_ids:
+            counts.pop(token, None)
+        ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+        n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
+        row[ids] -= np.float32(frequency) * n + np.float32(presence)
 
 
 def model_logprobs(logits: torch.Tensor, threads: Sequence[Thread]) -> dict[int, torch.Tensor]:
