@@ -149,6 +149,19 @@ def cmd_data(args) -> int:
         report = check_folder(Path(args.out), args.check_with, args.threshold, args.limit)
         print(json.dumps(report, indent=2))
         return 0
+    if args.own is not None:
+        from .data.own import OwnAnswersConfig, build_own, generate
+
+        if args.own < 0:
+            raise SystemExit("parafork data: --own takes a count >= 0 (0: cut the answers already there)")
+        if args.own:
+            cfg = OwnAnswersConfig(out=args.out, count=args.own, input=args.input, model=args.model,
+                                   max_tokens=args.max_tokens, concurrency=args.concurrency,
+                                   backend=args.backend, quant=args.quant, dtype=args.dtype,
+                                   cpu_threads=args.cpu_threads)
+            print(json.dumps(generate(cfg), indent=2))
+        print(json.dumps(build_own(Path(args.out), Path(args.input) if args.input else None), indent=2))
+        return 0
     stats = build(Path(args.input) if args.input else None, Path(args.out), limit=args.limit)
     print(json.dumps(stats, indent=2))
     return 0
@@ -248,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--check", action="store_true", help="score OUT's trees for branch independence (resumable)")
     dd.add_argument("--check-with", default="base", help="with --check: the judging model")
     dd.add_argument("--threshold", type=float, default=0.3, help="nats/token a branch may lose without its siblings")
+    dd.add_argument("--own", type=int, default=None, metavar="N",
+                    help="data v3: answer ShareGPT prompts with --model (AR, its sampling defaults) until OUT holds N "
+                         "answers (resumable), then cut them into trees with joins; 0: only cut what is there")
+    dd.add_argument("--max-tokens", type=int, default=512, help="with --own: per answer (cut answers are not taught)")
+    dd.add_argument("--concurrency", type=int, default=32, help="with --own: requests in flight in the engine")
+    add_engine_args(dd, speculative=False)
     dd.set_defaults(func=cmd_data)
 
     t = sub.add_parser("train", help="LoRA fine-tuning on packed trees (resumes from OUT/checkpoint)")

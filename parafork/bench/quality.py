@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .. import models
 from ..llm import LLM
+from ..data.extract import rep4
 from ..rules import list_heads
 from ..sampling import SamplingParams
 from ..tokens import CHILD, FORK
@@ -87,15 +88,6 @@ class NLLJudge:
             return None
         logits = self.model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1]
         return F.cross_entropy(logits.float(), torch.tensor(ids)).item()
-
-
-def rep4(text: str) -> float | None:
-    """The share of the answer's word 4-grams that repeat an earlier one in it (seq-rep-4 of
-    Welleck et al., 2019): 0 for an answer that never repeats itself, near 1 for a loop. NLL
-    under the base model rewards loops (a repeat is predictable), so the two read together."""
-    words = text.lower().split()
-    grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
-    return 1 - len(set(grams)) / len(grams) if grams else None
 
 
 def structure(text: str) -> dict:

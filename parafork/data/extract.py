@@ -100,6 +100,15 @@ def rejection(answer: str) -> str | None:
     return None
 
 
+def rep4(text: str) -> float | None:
+    """The share of a text's word 4-grams that repeat an earlier one in it (seq-rep-4 of
+    Welleck et al., 2019): 0 for an answer that never repeats itself, near 1 for a loop. NLL
+    under the base model rewards loops (a repeat is predictable), so the two read together."""
+    words = text.lower().split()
+    grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
+    return 1 - len(set(grams)) / len(grams) if grams else None
+
+
 def _split_item(body: str, sentences: bool) -> tuple[str, str, bool] | None:
     """(head, details, whether the head is a plain sentence) of one list item's text after
     its marker, or None."""
@@ -196,6 +205,116 @@ def _paragraph_tree(text: str) -> Node | None:
         else:
             segments[-1] += part
     return Node(segments) if forks >= 2 else None
+
+
+# A paragraph that closes a prose group by summing it up: it is written after a join, not forked.
+CONCLUSION = re.compile(
+    r"(?:In (?:conclusion|summary|short|the end)|Overall|All in all|Ultimately|To (?:sum (?:it )?up|summari[sz]e|conclude)"
+    r"|By (?:following|using|taking|implementing|incorporating|understanding)|Remember)\b", re.I)
+PROSE_BREAK = re.compile(r"\n[ \t]*\n(?=[^\s])")  # a blank line, then an unindented line
+TOP_ITEM = re.compile(r"^(?P<marker>\d{1,2}[.)]|[-*•])[ \t]+\S", re.M)
+
+
+def _list_runs(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, kind) of every run of top-level list items: items of one kind (numbered
+    ones counting up by one) with no unindented prose after a blank line between them. A run
+    ends where such prose begins, or at the end of its last item's text."""
+    runs: list[list] = []
+    items = list(TOP_ITEM.finditer(text))
+    for i, m in enumerate(items):
+        kind = "numbered" if m.group("marker")[0].isdigit() else "bullets"
+        number = int(m.group("marker")[:-1]) if kind == "numbered" else None
+        block_end = items[i + 1].start() if i + 1 < len(items) else len(text)
+        brk = PROSE_BREAK.search(text, m.start(), block_end)
+        prose_inside = brk is not None and brk.end() < block_end
+        last = runs[-1] if runs else None
+        if last and last[3] and last[2] == kind and (kind == "bullets" or number == last[4] + 1):
+            last[1], last[4] = m.start(), number  # the run goes on: its end is set below
+        else:
+            runs.append([m.start(), m.start(), kind, True, number])
+        runs[-1][1] = brk.start() if prose_inside else block_end
+        runs[-1][3] = not prose_inside  # prose after this item ends the run
+    out = []
+    for start, end, kind, _, _ in runs:
+        tail = re.search(r"\s*$", text[start:end])  # trailing blank lines belong to what follows
+        out.append((start, start + tail.start(), kind))
+    return out
+
+
+def _paragraph_group(text: str, closes_answer: bool) -> list[Segment] | None:
+    """A prose section as parallel paragraphs (each one's first sentence stays serial), or None
+    when fewer than two paragraphs fork. When the section ends the answer and its last
+    paragraph sums up (`CONCLUSION`), that paragraph stays serial (after a join: it sees them)."""
+    parts = re.split(r"(\n\s*\n)", text)
+    last = max((i for i in range(0, len(parts), 2) if parts[i].strip()), default=-1)
+    conclusion = closes_answer and last >= 0 and CONCLUSION.match(parts[last].lstrip()) is not None
+    segments: list[Segment] = [""]
+    forks = 0
+    for i, part in enumerate(parts):
+        m = SENTENCE_END.search(part) if i % 2 == 0 and not (conclusion and i == last) else None
+        head, body = (part[: m.end()], part[m.end() :]) if m else (part, "")
+        if m and len(head.strip()) >= MIN_PARAGRAPH_PIECE and len(body.strip()) >= MIN_PARAGRAPH_PIECE and "\n" not in head.strip():
+            segments[-1] += head
+            segments += [Node([body]), ""]
+            forks += 1
+        else:
+            segments[-1] += part
+    return segments if forks >= 2 else None
+
+
+def extract_groups(answer: str) -> Extraction:
+    """Data v3: an answer as serial text and parallel groups, with joins.
+
+    The answer is cut into runs of top-level list items (`_list_runs`) and the prose around
+    them. Each run that `_list_tree` takes (three or more items, heads as in v2) is a group; an
+    item whose details hold an indented list forks that list too (depth 3). A prose section of
+    three or more paragraphs is a group of paragraphs (`_paragraph_group`). Any text after a
+    group is written after a join, so it sees the group's bodies: the `JOIN` stands right
+    after the group's last child. There, every text piece starts where a token starts in the
+    whole answer (after the body's last character); a join after the blank line would leave a
+    piece ending in whitespace, which tokenizes differently on its own. Kind: the groups'
+    kinds joined by "+", in reading order."""
+    reason = rejection(answer)
+    if reason:
+        return Extraction(None, None, reason)
+    segments: list[Segment] = [""]
+    kinds: list[str] = []
+    group_ends: list[int] = []  # index in `segments` of each group's last child
+
+    def add(group: list[Segment]) -> None:
+        for s in group:
+            if isinstance(s, str):
+                segments[-1] += s
+            else:
+                segments.extend([s, ""])
+        group_ends.append(len(segments) - 2)
+
+    pos = 0
+    for start, end, kind in _list_runs(answer) + [(len(answer), len(answer), None)]:
+        prose = answer[pos:start]
+        group = _paragraph_group(prose, closes_answer=kind is None)
+        if group is not None:
+            add(group)
+            kinds.append("paragraphs")
+        else:
+            segments[-1] += prose
+        if kind is None:
+            break
+        found = _list_tree(answer[start:end], kind)
+        if found is None:
+            segments[-1] += answer[start:end]
+        else:
+            add(found[0].segments)
+            kinds.append(kind + ("-sentence" if found[1] else ""))
+        pos = end
+    if not kinds:
+        return Extraction(None, None, "no structure")
+    for i in reversed(group_ends):
+        if Node(segments[i + 1 :]).text().strip():
+            segments.insert(i + 1, JOIN)
+    root = Node([s for s in segments if s != ""])
+    assert root.text() == answer, "a tree must read back as its answer"
+    return Extraction("+".join(kinds), root, "ok")
 
 
 def extract(answer: str) -> Extraction:

@@ -55,7 +55,9 @@ def _serial_ranges(node: Node, tokenizer, out: list[int], ranges: list[tuple[int
             ranges[slot] = (ranges[slot][0], len(out))
 
 
-def _flat(node: Node, tokenizer) -> list[int]:
+def reading_tokens(node: Node, tokenizer) -> list[int]:
+    """A tree's tokens in reading order, each text piece encoded on its own as training and the
+    judge encode it (no control tokens)."""
     out: list[int] = []
     _serial_ranges(node, tokenizer, out, [])
     return out
@@ -100,7 +102,7 @@ def score_tree(model, tokenizer, control: ControlTokens, prompt_ids: list[int], 
                 ser += range(starts[-2] + read_idx - ranges[0][0] - 1, starts[-2] + read_idx - ranges[0][0] + n - 1)
                 thread_idx, read_idx = thread_idx + n, read_idx + n
             elif isinstance(segment, Node):  # a grandchild: its own thread; its whole text in the answer
-                read_idx += len(_flat(segment, tokenizer))
+                read_idx += len(reading_tokens(segment, tokenizer))
         alone_at.append(alone[1:])
         serial_at.append(ser[1:])
 
