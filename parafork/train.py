@@ -118,19 +118,46 @@ def build_model(cfg: TrainConfig, tokenizer, control):
     from peft import LoraConfig, get_peft_model
 
     base = models.load_hf_model(models.resolve_model_path(cfg.model), tokenizer, torch.float32)
+    rank = cfg.rank
     if cfg.init_adapter:
         from peft import PeftModel
 
         folder = models.BUNDLED_ADAPTER if cfg.init_adapter == "bundled" else Path(cfg.init_adapter)
-        return PeftModel.from_pretrained(base, str(folder), is_trainable=True)
+        saved = json.loads((folder / "adapter_config.json").read_text())
+        if sorted(saved.get("trainable_token_indices") or []) == sorted(control.ids):
+            return PeftModel.from_pretrained(base, str(folder), is_trainable=True)
+        rank = saved["r"]  # an adapter from before a control token existed: grown below
     lora = LoraConfig(
-        r=cfg.rank,
-        lora_alpha=2 * cfg.rank,
+        r=rank,
+        lora_alpha=2 * rank,
         target_modules=LORA_TARGETS,
         trainable_token_indices=list(control.ids),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(base, lora)
+    model = get_peft_model(base, lora)
+    if cfg.init_adapter:
+        _load_grown(model, folder, saved["trainable_token_indices"], list(control.ids))
+    return model
+
+
+def _load_grown(model, folder: Path, saved_ids: list[int], ids: list[int]) -> None:
+    """Loads an adapter trained on fewer control tokens (v2 knew `[Fork]`/`[Child]`, not `[Join]`):
+    its LoRA weights and its rows of the tokens it knew; a new token keeps its starting row
+    (the mean row, `models.load_hf_model`) and trains from there."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(folder / "adapter_model.safetensors")
+    current = get_peft_model_state_dict(model)
+    for key, rows in list(weights.items()):
+        if key.endswith("trainable_tokens_delta"):
+            grown = current[key].clone()
+            for i, token in enumerate(saved_ids):
+                grown[ids.index(token)] = rows[i]
+            weights[key] = grown
+    result = set_peft_model_state_dict(model, weights)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{folder}: weights this model has no place for: {result.unexpected_keys[:3]}")
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:

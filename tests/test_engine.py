@@ -79,7 +79,10 @@ def test_forked_threads_see_exactly_their_ancestors_on_the_real_model(base_llm, 
     force = ForceForks(base_llm.control, frozenset({6, 15, 22}), child_tokens=12)
     out = base_llm.generate(PROMPTS[0], SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=90, logits_rules=[rec, force]))[0]
     assert out.num_threads == 4
-    assert check_against_oracle(base_llm, base_hf, rec, atol=1e-4) >= 45
+    # fp32 noise on this 30-layer model reaches 0.99e-4 with a cold prefix cache, and 1.04e-4 when
+    # the prompt's cached KV came from a prefill computed apart from other prompts (attention
+    # groups, torch_runner.py); a masking error moves logits by > 1e-2.
+    assert check_against_oracle(base_llm, base_hf, rec, atol=2e-4) >= 45
     assert_pool_full(base_llm)
 
 

@@ -2,7 +2,7 @@
 import torch
 
 from parafork import models
-from parafork.data.extract import Node
+from parafork.data.extract import JOIN, Node
 from parafork.data.independence import BranchScore, merge_dependent, score_tree
 
 TREE = Node(["Intro:\n\n1. First head:", Node([" body one.\n   - Sub head here:", Node([" sub body."]), ""]),
@@ -39,6 +39,18 @@ def test_dependent_branches_merge_back_and_text_is_unchanged():
     assert merged.text() == TREE.text()
     assert len(merged.children) == 1 and merged.children[0].text() == " body two goes here."
     assert merge_dependent(TREE, [BranchScore(0, 0)] * 3).to_json() == TREE.to_json()
+
+
+def test_a_join_left_with_nothing_to_join_goes_with_its_merged_branches():
+    tree = Node(["A:\n1. One:", Node([" first."]), "\n2. Two:", Node([" second."]), JOIN, "\n\nB:\n- Three:",
+                 Node([" third."]), "\n- Four:", Node([" fourth."]), JOIN, "\n\nEnd."])
+    kept = merge_dependent(tree, [BranchScore(0, 0)] * 4, threshold=0.5)
+    assert kept.segments.count(JOIN) == 2
+    first_merged = merge_dependent(tree, [BranchScore(3, 1), BranchScore(3, 1), BranchScore(0, 0), BranchScore(0, 0)], 0.5)
+    assert first_merged.text() == tree.text() and first_merged.segments.count(JOIN) == 1
+    assert first_merged.segments[0] == "A:\n1. One: first.\n2. Two: second.\n\nB:\n- Three:"
+    one_left = merge_dependent(tree, [BranchScore(3, 1), BranchScore(0, 0), BranchScore(3, 1), BranchScore(3, 1)], 0.5)
+    assert one_left.segments.count(JOIN) == 1 and one_left.segments.index(JOIN) == 2  # after " second."
 
 
 def test_fast_scores_equal_slow_oracle_on_nested_trees(tiny_dir, tiny_llm):

@@ -139,3 +139,32 @@ def test_after_finish_abort_and_preemption_every_block_and_sequence_id_is_free(
             assert llm.stats().sequences_live == len(with_ids)
     assert not llm.runner.live
     llm.check_idle()
+
+
+def test_a_step_mixing_prefill_chunks_and_decode_rows_equals_each_alone(tiny_llm, tiny_dir):
+    """Continuous batching: a step that admits prompts (long slices, each attended on its own)
+    beside threads that decode (one padded group) gives every slice its own context's logits."""
+    import torch
+
+    from parafork import models
+    from parafork.config import EngineConfig
+    from parafork.engine.runner import SequenceSlice
+    from parafork.engine.torch_runner import TorchRunner
+
+    hf = models.load_hf_model(tiny_dir, tiny_llm.tokenizer, torch.float32)
+    runner = TorchRunner(hf, EngineConfig(num_kv_blocks=64, block_size=4, dtype="float32"))
+    first = list(range(300, 330))
+    runner.forward([SequenceSlice(0, first, 0, list(range(0, 8)))])  # seq 0's context, fed before
+    prompt_a, prompt_b, draft = list(range(400, 440)), list(range(500, 520)), [7, 8, 9]
+    batch = [
+        SequenceSlice(1, prompt_a, 0, list(range(8, 18))),
+        SequenceSlice(0, [42], 30, list(range(0, 8))),
+        SequenceSlice(2, prompt_b, 0, list(range(18, 23))),
+        SequenceSlice(3, draft, 0, list(range(23, 24)), num_logits=3),
+    ]
+    assert len(runner._prepare(batch).groups) == 3  # the short slices together, each prompt alone
+    out = runner.forward(batch)
+    with torch.no_grad():
+        refs = [hf(torch.tensor([ids])).logits[0, -n:] for ids, n in
+                [(prompt_a, 1), (first + [42], 1), (prompt_b, 1), (draft, 3)]]
+    torch.testing.assert_close(out, torch.cat(refs), atol=2e-4, rtol=0)

@@ -125,3 +125,35 @@ def test_warm_start_from_an_adapter_keeps_its_weights_at_step_zero(tiny_dir, tmp
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # it learned something...
     loaded = [p for n, p in trained.items() if "lora_B" in n]
     assert sum(float(p.detach().abs().sum()) for p in loaded) == pytest.approx(sum(float(v.abs().sum()) for v in lora_b))  # ...kept
+
+
+def test_warm_start_from_an_adapter_without_join_grows_the_join_row(tiny_dir, tmp_path):
+    """v2's adapter trained the [Fork]/[Child] rows only; v3 starts from it and trains [Join] too."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    from parafork.train import build_model
+
+    write_data(tmp_path / "data")
+    cfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), model=str(tiny_dir),
+                      steps=2, accum=2, lr=1e-2, warmup=1, rank=4, cpu_threads=1)
+    train(cfg)
+    tokenizer, control = models.load_tokenizer(tiny_dir)
+    old = tmp_path / "run" / "adapter"  # made into an adapter of two rows, as v2's
+    config = json.loads((old / "adapter_config.json").read_text())
+    config["trainable_token_indices"] = [control.fork_id, control.child_id]
+    (old / "adapter_config.json").write_text(json.dumps(config))
+    weights = load_file(old / "adapter_model.safetensors")
+    key = next(k for k in weights if k.endswith("trainable_tokens_delta"))
+    weights[key] = weights[key][:2] + 0.5  # rows unlike the mean row
+    save_file(weights, old / "adapter_model.safetensors")
+
+    warm = build_model(TrainConfig(**{**cfg.__dict__, "init_adapter": str(old)}), tokenizer, control)
+    state = get_peft_model_state_dict(warm)
+    rows = state[key]
+    assert rows.shape[0] == 3 and list(control.ids)[2] == control.join_id
+    assert torch.equal(rows[:2], weights[key])  # [Fork], [Child] as trained
+    start = models.load_hf_model(tiny_dir, tokenizer).get_input_embeddings().weight[control.join_id]
+    assert torch.allclose(rows[2], start)  # [Join] starts where a fresh model has it (the mean row)
+    lora = [k for k in weights if "lora_B" in k]
+    assert lora and all(torch.equal(state[k], weights[k]) for k in lora)

@@ -128,14 +128,18 @@ def score_tree(model, tokenizer, control: ControlTokens, prompt_ids: list[int], 
 
 
 def merge_dependent(root: Node, scores: list[BranchScore], threshold: float = DEFAULT_THRESHOLD) -> Node:
-    """The tree with every dependent branch turned back into serial text."""
+    """The tree with every dependent branch turned back into serial text. A join left with no
+    branch to join (all merged back) goes too: the model must not learn to wait for nothing."""
     it = iter(scores)
 
     def walk(node: Node) -> Node:
         segments: list = []
+        branches = 0  # kept since the previous join
         for s in node.segments:
-            if not isinstance(s, (str, Node)):  # a join mark stays where it is
-                segments.append(s)
+            if not isinstance(s, (str, Node)):  # a join mark stays where it is, if it joins anything
+                if branches:
+                    segments.append(s)
+                branches = 0
                 continue
             if isinstance(s, str):
                 if segments and isinstance(segments[-1], str):
@@ -153,6 +157,7 @@ def merge_dependent(root: Node, scores: list[BranchScore], threshold: float = DE
                     segments.append(text)
             else:
                 segments.append(child)
+                branches += 1
         return Node(segments)
 
     return walk(root)

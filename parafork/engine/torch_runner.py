@@ -72,6 +72,21 @@ class _Layer:
 
 
 @dataclass
+class _AttentionGroup:
+    """Slices attended together in one padded batched matmul: queries padded to the group's
+    longest slice, keys to its longest context."""
+
+    rows: torch.Tensor | None  # [T_g] flat rows of the group's tokens; None: the whole step, in order
+    gather_slots: torch.Tensor  # [B*L] slots of each sequence's whole context, sequence-major
+    attn_bias: torch.Tensor  # [B, 1, L, G*Q] 0 or -inf
+    num_seqs: int
+    max_kv: int
+    query_index: torch.Tensor | None  # [B*Q] rows of the group's tokens, None when Q == 1
+    valid_rows: torch.Tensor | None  # [T_g] rows of the padded [B*Q] layout that are real
+    max_q: int
+
+
+@dataclass
 class _StepInputs:
     """Index tensors shared by all layers of one forward."""
 
@@ -79,18 +94,13 @@ class _StepInputs:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
     cos: torch.Tensor  # [T, 1, D]
     sin: torch.Tensor  # [T, 1, D] (sign of the first half already flipped)
-    gather_slots: torch.Tensor  # [B*L] slots of each sequence's whole context, sequence-major
-    attn_bias: torch.Tensor  # [B, 1, L, G*Q] 0 or -inf
-    num_seqs: int
-    max_kv: int
-    query_index: torch.Tensor | None  # [B*Q] rows of the flat tokens, None when Q == 1
-    valid_rows: torch.Tensor | None  # [T] rows of the padded [B*Q] layout that are real
+    groups: list[_AttentionGroup]
     last_rows: torch.Tensor  # flat rows of each sequence's last num_logits tokens
-    max_q: int
 
 
 class TorchRunner:
     SMALL_ATTENTION = 1024  # keys x sequences below which attention runs in fp32 (faster on CPU)
+    SHORT_SLICE = 16  # tokens: slices up to this long (decode, drafts) share one attention group
 
     def __init__(self, hf_model, engine_config) -> None:
         """Takes its own (packed, `engine_config.torch_dtype`) copy of `hf_model`'s weights."""
@@ -165,9 +175,42 @@ class TorchRunner:
     def _prepare(self, batch: list[SequenceSlice]) -> _StepInputs:
         bs = self.block_size
         q_lens = [len(s.token_ids) for s in batch]
-        own_lens = [s.start + q for s, q in zip(batch, q_lens)]  # own KV entries after this step
         if max(s.start_pos + q for s, q in zip(batch, q_lens)) > self.max_position:
             raise ValueError(f"a position beyond the model's {self.max_position} positions")
+        q_len_t = torch.tensor(q_lens)
+        row_starts = torch.cumsum(q_len_t, 0) - q_len_t
+        # Where each new token's K/V goes, and its position.
+        seq_of_row = torch.repeat_interleave(torch.arange(len(batch)), q_len_t)
+        own = [torch.arange(s.start, s.start + q) for s, q in zip(batch, q_lens)]
+        own_index = torch.cat(own)
+        slot_mapping = torch.cat([torch.tensor(s.block_table[: (s.start + q + bs - 1) // bs], dtype=torch.long)[k // bs] * bs
+                                  + k % bs for s, q, k in zip(batch, q_lens, own)])
+        flat_pos = own_index
+        if any(s.position_offset for s in batch):  # after a join
+            flat_pos = own_index + torch.tensor([s.position_offset for s in batch])[seq_of_row]
+        # Decode rows (and drafts) attend together; a long slice (a prefill chunk) on its own, so
+        # that decode rows are not padded to its length (padding all of them to a 2048-token chunk
+        # made a continuous-batching step with one prompt admitted cost ~100x a decode step).
+        short = [i for i, q in enumerate(q_lens) if q <= self.SHORT_SLICE]
+        groups = [short] if short else []
+        groups += [[i] for i, q in enumerate(q_lens) if q > self.SHORT_SLICE]
+        whole = len(groups) == 1
+        token_ids = torch.tensor([t for s in batch for t in s.token_ids], dtype=torch.long)
+        return _StepInputs(
+            token_ids=token_ids,
+            slot_mapping=slot_mapping,
+            cos=self.cos_table[flat_pos][:, None, :],
+            sin=self.sin_table[flat_pos][:, None, :],
+            groups=[self._group([batch[i] for i in g], None if whole else
+                                torch.cat([torch.arange(row_starts[i], row_starts[i] + q_lens[i]) for i in g]))
+                    for g in groups],
+            last_rows=self._logit_rows(batch, (row_starts + q_len_t).tolist()),
+        )
+
+    def _group(self, batch: list[SequenceSlice], rows: torch.Tensor | None) -> _AttentionGroup:
+        bs = self.block_size
+        q_lens = [len(s.token_ids) for s in batch]
+        own_lens = [s.start + q for s, q in zip(batch, q_lens)]  # own KV entries after this step
         # Keys of sequence b: its joined spans' slots (all visible), then its own entries (causal).
         span_slots = [self._span_slots(s.joined) for s in batch]
         num_joined = [len(x) for x in span_slots]
@@ -201,12 +244,6 @@ class TorchRunner:
         start_t = torch.tensor([s.start for s in batch])
         q_index = start_t[:, None] + torch.minimum(offsets[None, :], (q_len_t - 1)[:, None])  # [B, Q] own entry
         valid = offsets[None, :] < q_len_t[:, None]
-        flat_index = q_index[valid]  # [T], sequence-major, same order as the flat tokens
-        seq_of_row = torch.arange(num_b)[:, None].expand(num_b, max_q)[valid]
-        slot_mapping = tables[seq_of_row, flat_index // bs] * bs + flat_index % bs
-        flat_pos = flat_index
-        if any(s.position_offset for s in batch):  # after a join
-            flat_pos = flat_index + torch.tensor([s.position_offset for s in batch])[seq_of_row]
 
         # Joined keys (own_index < 0) are visible to every query; own keys causally.
         allowed = own_index[:, :, None] <= q_index[:, None, :]  # [B, L, Q]
@@ -220,19 +257,14 @@ class TorchRunner:
         else:
             query_index = (row_starts[:, None] + torch.minimum(offsets[None, :], (q_len_t - 1)[:, None])).reshape(-1)
             valid_rows = torch.nonzero(valid.reshape(-1)).squeeze(1)
-        token_ids = torch.tensor([t for s in batch for t in s.token_ids], dtype=torch.long)
-        return _StepInputs(
-            token_ids=token_ids,
-            slot_mapping=slot_mapping,
-            cos=self.cos_table[flat_pos][:, None, :],
-            sin=self.sin_table[flat_pos][:, None, :],
+        return _AttentionGroup(
+            rows=rows,
             gather_slots=gather_slots.reshape(-1),
             attn_bias=bias.contiguous(),
             num_seqs=num_b,
             max_kv=max_kv,
             query_index=query_index,
             valid_rows=valid_rows,
-            last_rows=self._logit_rows(batch, (row_starts + q_len_t).tolist()),
             max_q=max_q,
         )
 
@@ -261,27 +293,37 @@ class TorchRunner:
         cache = self.kv_cache[layer_idx]
         cache.index_copy_(0, inp.slot_mapping, kv_new)
 
-        num_b, max_q = inp.num_seqs, inp.max_q
         q = qk[:, :h]
-        if inp.query_index is not None:
-            q = q.index_select(0, inp.query_index)
+        if len(inp.groups) == 1:
+            return self._group_attention(q, cache, inp.groups[0])
+        out = torch.empty(t, h * d, dtype=self.dtype)
+        for group in inp.groups:
+            out.index_copy_(0, group.rows, self._group_attention(q.index_select(0, group.rows), cache, group))
+        return out
+
+    def _group_attention(self, q: torch.Tensor, cache: torch.Tensor, grp: _AttentionGroup) -> torch.Tensor:
+        """[T_g, H*D] attention output of one group's queries `q` ([T_g, H, D], its rows in order)."""
+        h, kvh, d, g = self.num_heads, self.num_kv_heads, self.head_dim, self.group
+        num_b, max_q = grp.num_seqs, grp.max_q
+        if grp.query_index is not None:
+            q = q.index_select(0, grp.query_index)
         # [B*Q, H, D] -> [B, KVH, G*Q, D]
         q = q.reshape(num_b, max_q, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(num_b, kvh, g * max_q, d)
         # index_select is ~4x faster than advanced indexing here; K @ Q^T beats Q @ K^T
         # because it keeps the gathered keys' rows contiguous.
-        kv = cache.index_select(0, inp.gather_slots).view(num_b, inp.max_kv, 2, kvh, d)
+        kv = cache.index_select(0, grp.gather_slots).view(num_b, grp.max_kv, 2, kvh, d)
         # oneDNN's bf16 batched matmul costs ~100 us even when tiny; MKL's fp32 one does not.
-        small = num_b * inp.max_kv <= self.SMALL_ATTENTION
+        small = num_b * grp.max_kv <= self.SMALL_ATTENTION
         if small:
             kv, q = kv.float(), q.float()
         k = kv[:, :, 0].transpose(1, 2)  # [B, KVH, L, D]
         v = kv[:, :, 1].transpose(1, 2)  # [B, KVH, L, D]
-        scores = torch.matmul(k, q.transpose(-1, -2)) + inp.attn_bias  # [B, KVH, L, G*Q]
+        scores = torch.matmul(k, q.transpose(-1, -2)) + grp.attn_bias  # [B, KVH, L, G*Q]
         probs = torch.softmax(scores.float(), dim=2).to(kv.dtype)
         out = torch.matmul(probs.transpose(-1, -2), v).to(self.dtype)  # [B, KVH, G*Q, D]
         out = out.view(num_b, kvh, g, max_q, d).permute(0, 3, 1, 2, 4).reshape(num_b * max_q, h * d)
-        if inp.valid_rows is not None:
-            out = out.index_select(0, inp.valid_rows)
+        if grp.valid_rows is not None:
+            out = out.index_select(0, grp.valid_rows)
         return out
 
     @torch.inference_mode()
