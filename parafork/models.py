@@ -123,7 +123,7 @@ def adapter_digest(adapter: str | os.PathLike) -> str:
 
 
 def sampling_defaults(path: Path, adapter: str | os.PathLike | None = None) -> dict[str, float]:
-    """The penalties (and `join`) a model asks for when a request leaves them unset: the keys of
+    """The penalties, `join` and `max_depth` a model asks for when a request leaves them unset: the keys of
     `sampling.DEFAULTABLE` found in the adapter's `generation_config.json`, else in the
     model folder's (vLLM likewise takes a model's sampling defaults from that file). The
     bundled adapter's frequency penalty is chosen by measurement (its model card)."""
@@ -141,6 +141,8 @@ def sampling_defaults(path: Path, adapter: str | os.PathLike | None = None) -> d
                     raise ValueError(f"{file}: {problem}")
                 if name == "join" and not isinstance(value, bool):
                     raise ValueError(f"{file}: join must be true or false, got {value!r}")
+                if name == "max_depth" and (problem := SamplingParams.max_depth_problem(value)) is not None:
+                    raise ValueError(f"{file}: {problem}")
             return found
     return {}
 

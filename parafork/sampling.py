@@ -23,7 +23,8 @@ MAX_DRAFT_TOKENS = 8  # the most draft tokens a thread verifies per step (sizes 
 # The penalties and their neutral values (what "off" is).
 PENALTIES: dict[str, float] = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0}
 # What a model's generation_config.json may set for requests that leave it unset, and the value when it does not.
-DEFAULTABLE: dict[str, float | bool] = {**PENALTIES, "join": False}
+DEFAULTABLE: dict[str, float | bool | int] = {**PENALTIES, "join": False, "max_depth": 2}
+MAX_DEPTH = 8  # levels of threads a request may ask for
 
 
 class LogitsRule(Protocol):
@@ -39,7 +40,9 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     mode: Mode = "apar"
-    max_depth: int = 2  # root + children; raise for nested forks
+    # Levels of threads: 2 = root + children, 3 lets a child fork a nested list. None: the
+    # model's default (`"max_depth"` in its generation_config.json, as the penalties), else 2.
+    max_depth: int | None = None
     max_threads: int = 16  # per request, root included
     ignore_eos: bool = False  # for benchmarks of fixed length
     plan_budget: bool = True  # fork only with room for the body, parents wait near the end (engine/budget.py)
@@ -88,8 +91,8 @@ class SamplingParams:
             for k, v in self.logit_bias.items()
         ):
             raise bad("logit_bias maps token ids to values in [-100, 100]")
-        if not isinstance(self.max_depth, int) or self.max_depth < 1:
-            raise bad(f"max_depth must be >= 1, got {self.max_depth!r}")
+        if self.max_depth is not None and (problem := self.max_depth_problem(self.max_depth)) is not None:
+            raise bad(problem)
         if not isinstance(self.max_threads, int) or self.max_threads < 1:
             raise bad(f"max_threads must be >= 1, got {self.max_threads!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -121,12 +124,18 @@ class SamplingParams:
         ok = 0 < value <= 10 if name == "repetition_penalty" else -2 <= value <= 2
         return None if ok else f"{name} must be in {'(0, 10]' if name == 'repetition_penalty' else '[-2, 2]'}, got {value!r}"
 
+    @staticmethod
+    def max_depth_problem(value) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DEPTH:
+            return f"max_depth must be an integer in [1, {MAX_DEPTH}], got {value!r}"
+        return None
+
     @property
     def penalized(self) -> bool:
         return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty not in (None, 1))
 
     def with_defaults(self, defaults: Mapping[str, float] | None = None) -> SamplingParams:
-        """These params with every penalty and `join` left at None taken from `defaults` (a
+        """These params with every penalty, `join` and `max_depth` left at None taken from `defaults` (a
         model's `sampling_defaults`), else off. The engine decodes only such resolved params."""
         unset = {name: (defaults or {}).get(name, off) for name, off in DEFAULTABLE.items() if getattr(self, name) is None}
         return replace(self, **unset) if unset else self

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine.engine import EngineStats, RequestOutput
 from .llm import LLM
-from .sampling import MAX_DRAFT_TOKENS, Mode, SamplingParams
+from .sampling import MAX_DEPTH, MAX_DRAFT_TOKENS, Mode, SamplingParams
 
 
 class APIError(Exception):
@@ -146,7 +146,7 @@ class EngineWorker:
 class ParaforkOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mode: Mode = "apar"
-    max_depth: int = Field(2, ge=1, le=8)
+    max_depth: int | None = Field(None, ge=1, le=MAX_DEPTH)  # None: the model's default (SamplingParams.max_depth)
     max_threads: int = Field(16, ge=1, le=64)
     plan_budget: bool = True
     no_repeat_heads: bool = True

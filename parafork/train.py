@@ -234,8 +234,24 @@ def train(cfg: TrainConfig) -> dict:
             save_checkpoint(model, optimizer, scheduler, state, cfg, ckpt)
     bar.close()
     model.save_pretrained(out / "adapter", save_embedding_layers=False)
-    write_card(out / "adapter", cfg, state, len(rows))
+    defaults = decode_defaults(cfg, rows)
+    (out / "adapter" / "generation_config.json").write_text(json.dumps(defaults, indent=2) + "\n")
+    write_card(out / "adapter", cfg, state, len(rows), defaults)
     return state
+
+
+def decode_defaults(cfg: TrainConfig, rows: list[Row]) -> dict:
+    """What a request that leaves them unset decodes with (the adapter's generation_config.json,
+    `models.sampling_defaults`): the warm-start adapter's defaults (its penalties were chosen by
+    measurement), with `join` on when the trees taught `[Join]` and `max_depth` as deep as the
+    deepest tree taught (2 at least): a model is not asked for forks it never learned, nor
+    kept from those it did."""
+    inherited = {}
+    if cfg.init_adapter:
+        folder = models.BUNDLED_ADAPTER if cfg.init_adapter == "bundled" else Path(cfg.init_adapter)
+        inherited = models.sampling_defaults(folder)
+    trees = [root for _, root, markers in rows if markers]
+    return {**inherited, "join": any(t.num_joins() for t in trees), "max_depth": max([2] + [t.depth() for t in trees])}
 
 
 def save_checkpoint(model, optimizer, scheduler, state: dict, cfg: TrainConfig, ckpt: Path) -> None:
@@ -271,19 +287,20 @@ def plot_loss(log: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_card(folder: Path, cfg: TrainConfig, state: dict, num_samples: int) -> None:
+def write_card(folder: Path, cfg: TrainConfig, state: dict, num_samples: int, defaults: dict) -> None:
     log = state["log"]
     first = sum(r["loss"] for r in log[:5]) / max(1, len(log[:5]))
     last = sum(r["loss"] for r in log[-5:]) / max(1, len(log[-5:]))
     (folder / "README.md").write_text(
         f"""# parafork APAR adapter for {cfg.model}
 
-LoRA (rank {cfg.rank}, all linear layers) plus the `[Fork]`/`[Child]` embedding rows.
+LoRA (rank {cfg.rank}, all linear layers) plus the control tokens' embedding rows.
 
 - data: `{cfg.data}` ({num_samples} rows: trees, {cfg.flat_ratio:.0%} of them again in flat form, plain answers at {cfg.plain_ratio:.0%})
 - steps: {state['step']} x {cfg.accum} samples, lr {cfg.lr} (warm-up {cfg.warmup}, cosine), {state['tokens']} tokens
 - loss per answer token: {first:.3f} (first 5 steps) -> {last:.3f} (last 5 steps)
 - speed: {state['tokens'] / max(state['seconds'], 1e-9):.0f} packed tokens/s on {cfg.cpu_threads} CPU threads
+- decoding defaults (`generation_config.json`, for requests that leave them unset): {json.dumps(defaults)}
 - command: `parafork train --data {cfg.data} --out {cfg.out} --steps {cfg.steps} --accum {cfg.accum} --lr {cfg.lr} --rank {cfg.rank} --flat-ratio {cfg.flat_ratio}{f" --init-adapter {cfg.init_adapter}" if cfg.init_adapter else ""}`
 """
     )

@@ -309,3 +309,15 @@ def test_sampling_defaults_prefer_the_adapter_and_are_validated(tmp_path):
     assert SamplingParams(presence_penalty=None).with_defaults({"presence_penalty": 0.5}).presence_penalty == 0.5
     assert SamplingParams(presence_penalty=0.0).with_defaults({"presence_penalty": 0.5}).presence_penalty == 0.0
     assert SamplingParams().with_defaults().repetition_penalty == 1.0
+    # Thread levels too: a model trained on nested lists (v3) asks for 3; a request's own value wins.
+    (adapter / "generation_config.json").write_text(json.dumps({"max_depth": 3, "join": True}))
+    defaults = models.sampling_defaults(model, adapter)
+    assert defaults == {"max_depth": 3, "join": True}
+    assert SamplingParams().with_defaults(defaults).max_depth == 3 and SamplingParams().with_defaults().max_depth == 2
+    assert SamplingParams(max_depth=2).with_defaults(defaults).max_depth == 2
+    for bad in (0, 9, 2.5, True):
+        (adapter / "generation_config.json").write_text(json.dumps({"max_depth": bad}))
+        with pytest.raises(ValueError, match="max_depth must be an integer in"):
+            models.sampling_defaults(model, adapter)
+        with pytest.raises(ValueError, match="max_depth must be an integer in"):
+            SamplingParams(max_depth=bad)

@@ -59,10 +59,38 @@ def test_answer_checks():
     assert latency.numbering_intact("1. a\n2. b\n3. c\n\nThen:\n1. x\n2. y")
     assert not latency.numbering_intact("1. a\n3. b")
     assert latency.numbering_intact("no list at all")
-    assert latency.answer_checks("1. a [Fork]\n2. b") == {
+    assert latency.answer_checks("1. a [Fork]\n2. b") == {"closes_after_list": False, "paragraphs": 0,
         "stray_control": 1, "numbering_intact": True, "repeated_head": False, "cut": False}
     checks = latency.answer_checks("1. Sleep well: x\n2. **sleep well** y\n3. Eat", "length")
     assert checks["repeated_head"] and checks["cut"]
+
+
+def test_answer_layout_finds_prose_after_a_list_and_prose_answers():
+    assert latency.answer_checks("Tips:\n\n1. Sleep: a\n2. Eat: b\n3. Walk: c\n\nIn short, rest.")["closes_after_list"]
+    assert not latency.answer_checks("Tips:\n\n1. Sleep: a\n2. Eat: b\n3. Walk: c\n")["closes_after_list"]
+    assert not latency.answer_checks("Two:\n\n1. Sleep: a\n2. Eat: b\n\nIn short, rest.")["closes_after_list"]  # under 3 items
+    assert latency.answer_checks("One.\n\nTwo.\n\nThree.")["paragraphs"] == 3
+    assert latency.answer_checks("One.\n\n1. a\n2. b\n3. c\n\nThree.")["paragraphs"] == 0  # it has a list
+
+
+def test_tree_shapes_count_joins_and_the_rates_over_their_own_answers():
+    base = {"wall_s": 1.0, "prefill_s": None, "steps": 1, "generated": 10, "tokens": 10, "peak_kv_blocks": 1,
+            "attn_work": 1}
+    records = [
+        {"threads": 4, "joins": 1, "depth": 2, "spine_tokens": 6, "longest_branch_tokens": 9, "closes_after_list": True},
+        {"threads": 3, "joins": 0, "depth": 3, "spine_tokens": 8, "longest_branch_tokens": 5, "closes_after_list": True},
+        {"threads": 3, "joins": 2, "depth": 2, "spine_tokens": 4, "longest_branch_tokens": 3, "paragraphs": 4},
+        {"threads": 1, "joins": 0, "depth": 1, "spine_tokens": 10, "longest_branch_tokens": 0, "paragraphs": 3},
+        {"threads": 1, "joins": 0, "depth": 1, "spine_tokens": 10, "longest_branch_tokens": 0, "closes_after_list": True},
+    ]
+    got = latency.aggregate([{**base, **r} for r in records])
+    assert got["join_rate"] == 2 / 5 and got["joins_mean"] == 3 / 5 and got["depth_max"] == 3
+    assert got["spine_tokens_mean"] == 38 / 5 and got["longest_branch_tokens_mean"] == 17 / 5
+    assert got["prose_answers"] == 2 and got["prose_fork_rate"] == 1 / 2
+    # Only forked answers count for joins after a list (an unforked list has nothing to join).
+    assert got["closing_after_list"] == 2 and got["join_after_list_rate"] == 1 / 2
+    one_sequence = latency.aggregate([{**base, "threads": 1}])  # hf, llama.cpp: no shape fields
+    assert one_sequence["spine_tokens_mean"] == 10 and one_sequence["prose_fork_rate"] is None
 
 
 def test_early_stop_marks_short_ar_answers_only_where_apar_forks():

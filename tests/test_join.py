@@ -19,6 +19,7 @@ from parafork import models
 from parafork.llm import LLM
 from parafork.rules import ForceForks
 from parafork.sampling import SamplingParams
+from parafork.engine.thread import TreeShape
 
 from .test_engine import LogitsRecorder
 from .test_runner import recorded  # noqa: F401 (fixture)
@@ -133,6 +134,9 @@ def test_after_a_join_the_parent_sees_every_branch_on_the_tiny_model(tiny_llm, t
     assert out.finish_reason == "stop" and out.num_threads == 5
     root = next(t for t, _, _ in rec.rows if t.parent is None)
     assert [j.index - root.own_start for j in root.joins] == [12, 24]
+    # The shape the bench reads: two joins, one level of children, the root's own tokens as
+    # the spine, and a child's 8 tokens ([Child], 6 forced, its end token) as the longest branch.
+    assert out.shape == TreeShape(joins=2, depth=2, spine_tokens=len(root.own_tokens), longest_branch_tokens=8)
     checked, after = check_rows(tiny_llm, hf, rec, atol=1e-4)
     assert after >= 10  # the root after each join, and the second group's children (they inherit the first join)
     # Positions after a join continue from the longest branch (the children write 7 own tokens each).

@@ -50,6 +50,30 @@ def test_tiny_run_lowers_loss_resumes_and_the_adapter_loads(tiny_dir, tmp_path):
     assert torch.equal(emb_b[:control.fork_id], emb_t[:control.fork_id])  # and only those
     llm = LLM(str(tiny_dir), adapter=str(adapter), dtype="float32", num_kv_blocks=64, block_size=4)
     assert llm.generate("question 0", None)[0].finished
+    # v2-style trees (no join, two levels): the adapter asks for what it learned, no more.
+    assert llm.sampling_defaults == {"join": False, "max_depth": 2}
+
+
+def test_an_adapter_asks_for_the_joins_and_depth_its_trees_taught_and_keeps_its_penalties(tmp_path):
+    from parafork.data.extract import extract_groups
+    from parafork.train import decode_defaults
+
+    nested = ("Steps:\n\n1. **Plan:** decide what to do first.\n   - Goals on paper: write them all down.\n"
+              "   - Order of goals: sort them by how much they matter.\n   - Focus on three: keep the top three for the week.\n"
+              "2. **Act:** do the first task every morning.\n3. **Review:** look back at the week on Friday.\n\n"
+              "In short, plan, act and review every single week.")
+    root = extract_groups(nested).root
+    assert root.depth() == 3 and root.num_joins() == 1
+    flat = extract(ANSWERS[0]).root
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / "generation_config.json").write_text(json.dumps({"frequency_penalty": 0.3}))
+    cfg = TrainConfig(data="-", out="-", init_adapter=str(init))
+    assert decode_defaults(cfg, [([], root, True), ([], flat, True)]) == {
+        "frequency_penalty": 0.3, "join": True, "max_depth": 3}
+    # A tree in flat form teaches no fork: only trees in APAR form count.
+    assert decode_defaults(cfg, [([], root, False), ([], flat, True)]) == {
+        "frequency_penalty": 0.3, "join": False, "max_depth": 2}
 
 
 @pytest.mark.model

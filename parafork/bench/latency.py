@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from .. import models
 from ..config import EngineConfig, resolve_dtype
 from ..llm import LLM
+from ..data.extract import answer_layout
 from ..rules import list_heads
 from ..sampling import SamplingParams
 from ..tokens import CHILD, FORK
@@ -93,6 +94,7 @@ def numbering_intact(text: str) -> bool:
 def answer_checks(text: str, finish_reason: str | None = None) -> dict:
     heads = list_heads(text)
     return {
+        **answer_layout(text),  # closes_after_list, paragraphs (prose answers)
         "stray_control": text.count(FORK) + text.count(CHILD),
         "numbering_intact": numbering_intact(text),
         "repeated_head": len(set(heads)) < len(heads),  # two item heads equal after normalizing
@@ -158,6 +160,10 @@ def _engine_record(llm: LLM, prompt: str, params: SamplingParams) -> dict:
         "attn_work": out.attention_work,
         "drafted": out.num_draft_tokens,
         "accepted": out.num_accepted_tokens,
+        "joins": out.shape.joins,
+        "depth": out.shape.depth,
+        "spine_tokens": out.shape.spine_tokens,
+        "longest_branch_tokens": out.shape.longest_branch_tokens,
         **answer_checks(out.text, out.finish_reason),
     }
 
@@ -208,6 +214,32 @@ def aggregate(records: list[dict]) -> dict:
         "acceptance": sum(r.get("accepted", 0) for r in records) / max(1, sum(r.get("drafted", 0) for r in records)),
         "accepted_per_step": sum(r.get("accepted", 0) for r in records) / max(1, steps),
         "same_as_plain_rate": sum(r.get("same_as_plain", True) for r in records) / len(records),
+        **tree_shapes(records),
+    }
+
+
+def _share(records: list[dict], predicate) -> float | None:
+    return sum(map(predicate, records)) / len(records) if records else None
+
+
+def tree_shapes(records: list[dict]) -> dict:
+    """Per mode: the trees' shape (engine modes; a one-sequence mode is a spine of its tokens)
+    and the issue-24 rates. `prose_fork_rate`: of answers with no list and three or more
+    paragraphs, the share that forked; `join_after_list_rate`: of forked answers whose text
+    closes with prose after a list, the share that joined before it (None: no such answer)."""
+    n = len(records)
+    forked = [r for r in records if r["threads"] > 1]
+    return {
+        "join_rate": sum(r.get("joins", 0) > 0 for r in records) / n,
+        "joins_mean": sum(r.get("joins", 0) for r in records) / n,
+        "depth_mean": sum(r.get("depth", 1) for r in records) / n,
+        "depth_max": max(r.get("depth", 1) for r in records),
+        "spine_tokens_mean": sum(r.get("spine_tokens", r["generated"]) for r in records) / n,
+        "longest_branch_tokens_mean": sum(r.get("longest_branch_tokens", 0) for r in records) / n,
+        "prose_answers": sum(r.get("paragraphs", 0) >= 3 for r in records),
+        "prose_fork_rate": _share([r for r in records if r.get("paragraphs", 0) >= 3], lambda r: r["threads"] > 1),
+        "closing_after_list": sum(r.get("closes_after_list", False) for r in forked),
+        "join_after_list_rate": _share([r for r in forked if r.get("closes_after_list")], lambda r: r.get("joins", 0) > 0),
     }
 
 
@@ -305,6 +337,7 @@ def print_table(result: dict) -> None:
     pairs = [p for p in SPEEDUPS if p in result["speedup"]]
     head = f"{'category':15s} {'n':>3s} " + " ".join(f"{m + ' tok/s':>11s}" for m in modes)
     head += " " + " ".join(f"{p:>11s}" for p in pairs) + f" {'forks':>6s} {'threads':>7s} {'tok/step':>8s} {'step ms':>7s} {'prefill':>7s} {'1,2,3':>5s} {'stray':>5s}"
+    head += f" {'joins':>5s} {'depth':>5s} {'spine':>5s} {'branch':>6s} {'prose forks':>11s} {'list+join':>9s}"
     print(head)
     rows = list(result["per_category"].items()) + [("ALL", result)]
     for name, row in rows:
@@ -315,11 +348,21 @@ def print_table(result: dict) -> None:
         prefill = focus["prefill_share"]
         line += f" {focus['fork_rate']:6.0%} {focus['threads_mean']:7.1f} {focus['tokens_per_step']:8.2f} {focus['step_ms']:7.1f}"
         line += f" {(prefill or 0):7.1%} {focus['numbering_intact']:5.0%} {focus['stray_control']:5d}"
+        line += (f" {focus['join_rate']:5.0%} {focus['depth_mean']:5.2f} {focus['spine_tokens_mean']:5.0f}"
+                 f" {focus['longest_branch_tokens_mean']:6.0f} {_rate(focus['prose_fork_rate'], focus['prose_answers']):>11s}"
+                 f" {_rate(focus['join_after_list_rate'], focus['closing_after_list']):>9s}")
         line += "".join(f" {m} accept {ms[m]['acceptance']:.0%} {ms[m]['accepted_per_step']:.2f}/step"
                         for m in modes if m.endswith("+spec"))
         print(line)
+    print("forks .. branch: of the apar answers (else the first mode): forked, joined, mean thread levels, mean "
+          "tokens of the root (spine) and of the longest branch; prose forks: forked / answers with no list and 3+ "
+          "paragraphs; list+join: joined / forked answers closing with prose after a list")
     print("speed-ups are ratios of total wall time; tokens/s ratios:",
           ", ".join(f"{k} {v:.2f}x" for k, v in result["speedup_tok_s"].items()) or "-")
+
+
+def _rate(rate: float | None, of: int) -> str:
+    return "-" if rate is None else f"{rate:.0%} of {of}"
 
 
 def plot(result: dict, path: str) -> None:
@@ -327,12 +370,25 @@ def plot(result: dict, path: str) -> None:
     pairs = [p for p in SPEEDUPS if p in result["speedup"]]
     categories = list(result["per_category"]) + ["ALL"]
     rows = [result["per_category"][c] for c in categories[:-1]] + [result]
-    fig, ax = plt.subplots(figsize=(max(6, len(categories) * 0.9), 3.8))
+    width = max(6, len(categories) * 0.9)
+    shaped = "apar" in result["modes"]
+    fig, axes = plt.subplots(2 if shaped else 1, 1, figsize=(width, 7.6 if shaped else 3.8), squeeze=False)
+    ax = axes[0][0]
     grouped_bars(ax, categories, {p.replace("_", " "): [r["speedup_tok_s"].get(p, 0) for r in rows] for p in pairs})
     ax.axhline(1.0, color="black", lw=0.8)
     # Tokens/s, not wall time: the modes' answers differ in length (apar and serial excepted).
     ax.set_ylabel("speed-up (ratio of tokens/s)")
     ax.set_title(f"parafork bench latency ({result['date']}, {result['commit']})")
+    if shaped:  # where APAR's steps go: an answer takes at least its spine's tokens in steps
+        ax = axes[1][0]
+        apar = [r["modes"]["apar"] for r in rows]
+        grouped_bars(ax, categories, {
+            "answer tokens": [m["tokens"] / m["answers"] for m in apar],
+            "decode steps": [m["steps"] / m["answers"] for m in apar],
+            "spine (root's tokens)": [m["spine_tokens_mean"] for m in apar],
+            "longest branch": [m["longest_branch_tokens_mean"] for m in apar],
+        })
+        ax.set_ylabel("apar, per answer (mean)")
     save_figure(fig, path)
 
 

@@ -78,6 +78,9 @@ class Node:
     def num_threads(self) -> int:
         return 1 + sum(c.num_threads() for c in self.children)
 
+    def num_joins(self) -> int:
+        return sum(1 for s in self.segments if s is JOIN) + sum(c.num_joins() for c in self.children)
+
     def to_json(self) -> list:
         return [s if isinstance(s, str) else None if s is JOIN else s.to_json() for s in self.segments]
 
@@ -215,7 +218,7 @@ PROSE_BREAK = re.compile(r"\n[ \t]*\n(?=[^\s])")  # a blank line, then an uninde
 TOP_ITEM = re.compile(r"^(?P<marker>\d{1,2}[.)]|[-*•])[ \t]+\S", re.M)
 
 
-def _list_runs(text: str) -> list[tuple[int, int, str]]:
+def list_runs(text: str) -> list[tuple[int, int, str]]:
     """(start, end, kind) of every run of top-level list items: items of one kind (numbered
     ones counting up by one) with no unindented prose after a blank line between them. A run
     ends where such prose begins, or at the end of its last item's text."""
@@ -262,10 +265,20 @@ def _paragraph_group(text: str, closes_answer: bool) -> list[Segment] | None:
     return segments if forks >= 2 else None
 
 
+def answer_layout(answer: str) -> dict:
+    """What the benches ask of an answer's text: `closes_after_list`, whether prose follows its
+    last list of three or more top-level items (where data v3 puts a join before that prose),
+    and `paragraphs`, the paragraphs of an answer with no list at all (0 if it has one)."""
+    runs = list_runs(answer)
+    lists = [(s, e) for s, e, _ in runs if len(TOP_ITEM.findall(answer, s, e)) >= MIN_ITEMS]
+    paragraphs = 0 if runs else sum(1 for part in re.split(r"\n\s*\n", answer) if part.strip())
+    return {"closes_after_list": bool(lists) and bool(answer[lists[-1][1] :].strip()), "paragraphs": paragraphs}
+
+
 def extract_groups(answer: str) -> Extraction:
     """Data v3: an answer as serial text and parallel groups, with joins.
 
-    The answer is cut into runs of top-level list items (`_list_runs`) and the prose around
+    The answer is cut into runs of top-level list items (`list_runs`) and the prose around
     them. Each run that `_list_tree` takes (three or more items, heads as in v2) is a group; an
     item whose details hold an indented list forks that list too (depth 3). A prose section of
     three or more paragraphs is a group of paragraphs (`_paragraph_group`). Any text after a
@@ -290,7 +303,7 @@ def extract_groups(answer: str) -> Extraction:
         group_ends.append(len(segments) - 2)
 
     pos = 0
-    for start, end, kind in _list_runs(answer) + [(len(answer), len(answer), None)]:
+    for start, end, kind in list_runs(answer) + [(len(answer), len(answer), None)]:
         prose = answer[pos:start]
         group = _paragraph_group(prose, closes_answer=kind is None)
         if group is not None:

@@ -5,7 +5,7 @@ have written, which drifts from what the model itself writes serially (model v2'
 read 16% less likely than its AR answers under the base model). Here the prompts stay
 ShareGPT's (with their chat context), but the answers are the model's: the bundled model in AR
 mode (`[Fork]` banned), with its sampling defaults, batched through parafork's own engine.
-`own_trees.py` then cuts those answers into trees that restore to the same tokens.
+`cut` and `build_own` below then cut those answers into trees that restore to the same tokens.
 
 `answers.jsonl` gains one line per finished answer (flushed at once), so a run stopped at any
 point resumes where it was: prompts already answered are skipped. Which prompts, and in which

@@ -34,7 +34,7 @@ from .block_manager import BlockManager
 from .runner import JoinSource, KVSpan, Runner, SequenceSlice
 from .sampler import apply_apar_rules, apply_penalties, model_logprobs, sample, token_logprob
 from .scheduler import ScheduledBatch, Scheduler
-from .thread import FinishReason, Join, Request, Thread
+from .thread import FinishReason, Join, Request, Thread, TreeShape
 
 
 @dataclass
@@ -58,6 +58,7 @@ class RequestOutput:
     complete: bool = False  # token_ids hold the whole tree (no thread may add tokens before their end)
     # With SamplingParams.logprobs: per restored token, (log-probability, [(token, log-probability)] top).
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    shape: TreeShape | None = None  # joins, depth, spine and longest branch (thread.TreeShape)
 
 
 @dataclass(frozen=True)
@@ -417,4 +418,5 @@ class Engine:
             error=request.error,
             complete=complete,
             logprobs=logprobs,
+            shape=request.shape(),
         )

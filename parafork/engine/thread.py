@@ -43,6 +43,18 @@ class FinishReason(str, Enum):
 _thread_ids = itertools.count()
 
 
+@dataclass(frozen=True)
+class TreeShape:
+    """What bounds a request's APAR speed. Tokens count every token a thread sampled, control
+    tokens included (a child's forced `[Child]` too); the spine is the root's own tokens, which
+    no fork shortens: a forked answer takes at least that many decode steps, plus what joins wait."""
+
+    joins: int  # `[Join]`s sampled, over all threads
+    depth: int  # levels of threads: 1 = the root alone, 2 = root and children, ...
+    spine_tokens: int  # tokens the root wrote
+    longest_branch_tokens: int  # most tokens one non-root thread wrote (0: no fork)
+
+
 @dataclass(eq=False)
 class Join:
     """A `[Join]` at token index `index` of `owner`: from there on, `owner` (and every thread
@@ -202,6 +214,16 @@ class Request:
             )
         memo[thread] = result
         return result
+
+    def shape(self) -> TreeShape:
+        """The tree the request grew so far (bench figures; read on the engine's thread)."""
+        branches = [len(t.own_tokens) for t in self.threads if t.parent is not None]
+        return TreeShape(
+            joins=sum(1 for t in self.threads for j in t.joins if j.owner is t),
+            depth=1 + max(t.depth for t in self.threads),
+            spine_tokens=len(self.root.own_tokens),
+            longest_branch_tokens=max(branches, default=0),
+        )
 
     @property
     def kv_threads(self) -> list[Thread]:
