@@ -40,7 +40,7 @@ demo: setup
 	$(VENV)/bin/parafork demo
 
 test: setup vllm
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=15
 
 # The papers' measurements, one command (about 5 hours on 2 cores); figures land in results/.
 # MT-Bench latency leaves out `hf` (HF generate, the slowest mode, measured on Vicuna).

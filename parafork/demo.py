@@ -34,7 +34,8 @@ class Run:
     def figures(self) -> str:
         o = self.out
         cut = " (cut at max_tokens)" if o.finish_reason == "length" else ""
-        return (f"{self.label:34s} {len(o.token_ids):5d} tokens {o.num_steps:5d} steps {o.num_threads:3d} threads "
+        joins = f" {o.shape.joins:2d} joins" if o.shape else ""
+        return (f"{self.label:34s} {len(o.token_ids):5d} tokens {o.num_steps:5d} steps {o.num_threads:3d} threads{joins} "
                 f"{self.seconds:7.1f} s {self.tok_s:7.1f} tok/s{cut}")
 
 
@@ -103,6 +104,9 @@ def verdict(apar: Run, serial: Run, base: Run, machine: str) -> list[str]:
         lines.append(f"APAR vs serial: {apar.tok_s / serial.tok_s:.2f}x tokens/s (the texts differ, {len(apar.out.token_ids)} "
                      f"vs {len(serial.out.token_ids)} tokens: batched rounding can change a greedy choice, and the "
                      "trees part from there, so wall clock would not compare like with like)")
+    if apar.out.shape and apar.out.shape.joins:
+        lines.append(f"APAR joined {apar.out.shape.joins}x: the text after each [Join] was written with every branch "
+                     "before it in view, on their KV as it lies (nothing recomputed)")
     def state(run: Run) -> str:
         return "complete" if run.out.finish_reason == "stop" else "cut at max_tokens"
 

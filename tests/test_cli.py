@@ -107,3 +107,7 @@ def test_demo_shows_threads_live_and_compares_like_with_like(tiny_llm, capsys):
     single = demo.Run("apar", replace(apar.out, num_threads=1), apar.seconds)
     assert "did not fork" in demo.verdict(single, serial, base, "m")[0]
     assert not any("did not fork" in line for line in same)
+    assert not any("joined" in line for line in same)  # this tree never joined: the verdict does not say so
+    joined = demo.Run("apar", replace(apar.out, shape=replace(apar.out.shape, joins=2)), apar.seconds)
+    assert any("APAR joined 2x" in line for line in demo.verdict(joined, serial, base, "m"))
+    assert " 2 joins" in joined.figures()
