@@ -209,3 +209,16 @@ def test_cli_refuses_what_the_vllm_bench_cannot_do(capsys):
     assert "--quant" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --backend vllm is offered only where a bench runs on vLLM
         main(["bench", "engine", "--backend", "vllm"])
+
+
+def test_agreement_between_engines_counts_equal_answers_and_where_they_part():
+    from parafork.bench.vllm import _agreement
+
+    records = [
+        {"a": {"token_ids": [1, 2, 3, 4]}, "b": {"token_ids": [1, 2, 3, 4]}},  # equal
+        {"a": {"token_ids": [1, 2, 9, 9]}, "b": {"token_ids": [1, 2, 3, 4, 5]}},  # parts after 2 of 5
+        {"a": {"token_ids": [7]}, "b": {"token_ids": [8]}},  # parts at once
+    ]
+    got = _agreement(records, "a", "b", "_x")
+    assert got["same_x_as_engine"] == pytest.approx(1 / 3)
+    assert got["agreed_x_share"] == pytest.approx((1 + 2 / 5 + 0) / 3)

@@ -22,6 +22,7 @@ answer tokens/s over the wave, mean and p90 latency, peak KV use (vLLM's gauge, 
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import threading
 import time
@@ -89,6 +90,17 @@ def _ratio(records: list[dict], a: str, b: str, tok_s: bool) -> float | None:
     return (sum(r[a]["answer_tokens"] for r in rs) / ta) / (sum(r[b]["answer_tokens"] for r in rs) / tb)
 
 
+def _agreement(records: list[dict], a: str, b: str, suffix: str) -> dict:
+    """How far two engines' greedy answers agree: the share equal token for token, and the mean
+    share of each answer (restored tokens, of the longer one) before the first difference. Answers
+    that part late in the same tree shape point to rounding (the engines sum in another order, and a
+    near tie goes the other way), not to a different decoding rule."""
+    pairs = [(r[a]["token_ids"], r[b]["token_ids"]) for r in records]
+    agreed = [len(os.path.commonprefix([x, y])) / max(1, len(x), len(y)) for x, y in pairs]
+    return {f"same{suffix}_as_engine": sum(x == y for x, y in pairs) / len(pairs),
+            f"agreed{suffix}_share": statistics.mean(agreed)}
+
+
 def _summary(records: list[dict], modes: list[str]) -> dict:
     out: dict = {}
     if "vllm-apar" in modes and "vllm-ar" in modes:
@@ -96,9 +108,11 @@ def _summary(records: list[dict], modes: list[str]) -> dict:
     if "vllm-apar" in modes and "vllm-serial" in modes:
         out["apar_vs_serial"] = _ratio(records, "vllm-apar", "vllm-serial", tok_s=False)
     if "vllm-apar" in modes and "engine-apar" in modes:
-        out["same_as_engine"] = sum(r["vllm-apar"]["token_ids"] == r["engine-apar"]["token_ids"] for r in records) / len(records)
+        out.update(_agreement(records, "vllm-apar", "engine-apar", ""))
+        out["same_threads_as_engine"] = sum(r["vllm-apar"]["threads"] == r["engine-apar"]["threads"] for r in records) / len(records)
         out["vllm_vs_engine_apar_tok_s"] = _ratio(records, "vllm-apar", "engine-apar", tok_s=True)
     if "vllm-ar" in modes and "engine-ar" in modes:
+        out.update(_agreement(records, "vllm-ar", "engine-ar", "_ar"))
         out["vllm_ar_vs_engine_ar_tok_s"] = _ratio(records, "vllm-ar", "engine-ar", tok_s=True)
     for mode in modes:
         rs = [r[mode] for r in records]
@@ -183,13 +197,18 @@ def print_latency(result: dict) -> None:
               + (f"{ratio:14.2f}x" if ratio else " " * 15) + (f"{fork:7.0%}" if fork is not None else ""))
     o = result["overall"]
     for key, text in [("same_as_engine", "APAR answers equal to parafork's engine's (greedy token ids)"),
+                      ("agreed_share", "share of an APAR answer before it parts from the engine's (mean)"),
+                      ("same_threads_as_engine", "APAR answers with as many threads as the engine's"),
+                      ("same_ar_as_engine", "AR answers equal to parafork's engine's AR (greedy token ids)"),
+                      ("agreed_ar_share", "share of an AR answer before it parts from the engine's (mean)"),
                       ("apar_vs_serial", "APAR vs the same trees one request at a time (wall time)"),
                       ("vllm_vs_engine_apar_tok_s", "APAR on vLLM vs on parafork's engine (tokens/s)"),
                       ("requests_per_answer", "vLLM requests per APAR answer"),
                       ("prompt_tokens_per_fork", "prompt tokens sent per fork"),
                       ("prefilled_per_fork", "tokens vLLM re-prefilled per fork (not in its prefix cache)")]:
         if o.get(key) is not None:
-            print(f"{text}: {o[key]:.2f}" + ("x" if "vs" in key else "") if "same" not in key else f"{text}: {o[key]:.0%}")
+            share = "same" in key or "share" in key
+            print(f"{text}: {o[key]:.0%}" if share else f"{text}: {o[key]:.2f}" + ("x" if "vs" in key else ""))
 
 
 def plot_latency(result: dict, path: str) -> None:
