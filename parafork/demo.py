@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import resolve_dtype
 from .engine.engine import RequestOutput
@@ -26,6 +26,7 @@ class Run:
     label: str
     out: RequestOutput
     seconds: float
+    after_joins: list[tuple[int, str]] = field(default_factory=list)  # (branches joined, text written after)
 
     @property
     def tok_s(self) -> float:
@@ -54,15 +55,36 @@ def _thread_lines(llm: LLM, root, width: int = 70) -> list[tuple[str, str, bool]
     return lines
 
 
+def after_joins(tokenizer, root) -> list[tuple[int, str]]:
+    """Per `[Join]` of a finished tree (the root's in order, then its children's): how many
+    branches it joined and the text its thread wrote after it (up to that thread's next fork, join or end), the text that
+    was decoded with every joined branch in view."""
+    found = []
+
+    def walk(thread) -> None:
+        forks = sorted(thread.own_start + i for i in thread.children)
+        own = [j.index for j in thread.joins if j.owner is thread]
+        for join in (j for j in thread.joins if j.owner is thread):
+            end = min([k for k in forks + own if k > join.index] + [len(thread.token_ids)])
+            text = tokenizer.decode(thread.token_ids[join.index + 1 : end], skip_special_tokens=True).strip()
+            found.append((len(join.children), text))
+        for _, child in sorted(thread.children.items()):
+            walk(child)
+
+    walk(root)
+    return found
+
+
 def run_apar(llm: LLM, prompt: str, params: SamplingParams, live: bool) -> Run:
     """The APAR answer, with a live view of its threads when `live`."""
     start = time.perf_counter()
     request_id = llm.add_request(prompt, params, stream=False)
+    root = llm.request_tree(request_id)  # held past the request's end, to read its joins
     out = None
     if not live:
         while out is None:
             out = next((o for o in llm.step() if o.request_id == request_id and o.finished), None)
-        return Run("APAR (tuned model)", out, time.perf_counter() - start)
+        return Run("APAR (tuned model)", out, time.perf_counter() - start, after_joins(llm.tokenizer, root))
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table
@@ -83,7 +105,7 @@ def run_apar(llm: LLM, prompt: str, params: SamplingParams, live: bool) -> Run:
             out = next((o for o in llm.step() if o.request_id == request_id and o.finished), None)
             if out is None:
                 screen.update(view())
-    return Run("APAR (tuned model)", out, time.perf_counter() - start)
+    return Run("APAR (tuned model)", out, time.perf_counter() - start, after_joins(llm.tokenizer, root))
 
 
 def _timed(llm: LLM, prompt: str, params: SamplingParams, label: str) -> Run:
@@ -132,6 +154,8 @@ def main(args) -> int:
         llm.generate(args.prompt, SamplingParams(max_tokens=4))  # warm-up
     apar = run_apar(tuned, args.prompt, SamplingParams(mode="apar", **params), live)
     print(f"\n===== APAR answer, restored in reading order =====\n{apar.out.text}\n")
+    for branches, text in apar.after_joins:
+        print(f"===== Written after [Join], with the {branches} branches above it in view =====\n{text}\n")
     serial = _timed(tuned, args.prompt, SamplingParams(mode="serial", **params), "serial (same tree, one thread)")
     base_run = _timed(base, args.prompt, SamplingParams(mode="ar", **params), "untuned base model, plain AR")
     print(f"===== The untuned base model's plain AR answer =====\n{base_run.out.text}\n")

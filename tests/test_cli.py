@@ -111,3 +111,21 @@ def test_demo_shows_threads_live_and_compares_like_with_like(tiny_llm, capsys):
     joined = demo.Run("apar", replace(apar.out, shape=replace(apar.out.shape, joins=2)), apar.seconds)
     assert any("APAR joined 2x" in line for line in demo.verdict(joined, serial, base, "m"))
     assert " 2 joins" in joined.figures()
+
+
+def test_demo_shows_the_text_written_after_each_join(tiny_llm):
+    from parafork import demo
+    from parafork.rules import ForceForks
+
+    # The root's own tokens: [Fork] at 3 and 8, [Join] at 12, [Fork] at 16 and 20, [Join] at 24, end at 30.
+    force = ForceForks(tiny_llm.control, frozenset({3, 8, 16, 20}), child_tokens=6, root_tokens=30, join_after=frozenset({12, 24}))
+    roots = set()
+    params = SamplingParams(max_tokens=300, join=True, plan_budget=False, no_repeat_heads=False,
+                            logits_rules=[force, lambda thread, logits: roots.add(thread.request.root)])
+    apar = demo.run_apar(tiny_llm, {"prompt_token_ids": list(range(600, 612))}, params, live=False)
+    assert apar.out.finished and apar.out.shape.joins == 2
+    (root,) = roots
+    decode = lambda ids: tiny_llm.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+    own = root.own_tokens
+    assert apar.after_joins == [(2, decode(own[13:16])), (2, decode(own[25:]))]
+    tiny_llm.check_idle()
