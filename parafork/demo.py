@@ -57,15 +57,15 @@ def _thread_lines(llm: LLM, root, width: int = 70) -> list[tuple[str, str, bool]
 
 def after_joins(tokenizer, root) -> list[tuple[int, str]]:
     """Per `[Join]` of a finished tree (the root's in order, then its children's): how many
-    branches it joined and the text its thread wrote after it (up to that thread's next fork, join or end), the text that
-    was decoded with every joined branch in view."""
+    branches it joined, and the text its thread wrote after it up to that thread's next fork,
+    join or end: the text decoded with every joined branch in view."""
     found = []
 
     def walk(thread) -> None:
-        forks = sorted(thread.own_start + i for i in thread.children)
-        own = [j.index for j in thread.joins if j.owner is thread]
-        for join in (j for j in thread.joins if j.owner is thread):
-            end = min([k for k in forks + own if k > join.index] + [len(thread.token_ids)])
+        own = [j for j in thread.joins if j.owner is thread]
+        stops = sorted([thread.own_start + i for i in thread.children] + [j.index for j in own] + [len(thread.token_ids)])
+        for join in own:
+            end = next(k for k in stops if k > join.index)
             text = tokenizer.decode(thread.token_ids[join.index + 1 : end], skip_special_tokens=True).strip()
             found.append((len(join.children), text))
         for _, child in sorted(thread.children.items()):
