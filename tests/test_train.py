@@ -89,7 +89,7 @@ def test_the_bundled_adapter_loads_offline_and_the_model_forks_by_itself(base_ll
     assert out.num_threads >= 3, "the tuned model should fork a list answer into threads"
     assert FORK not in out.text and CHILD not in out.text
     assert out.num_steps < out.num_generated_tokens / 2  # threads decode side by side
-    untuned = base_llm.generate(prompt, SamplingParams(max_tokens=400))[0]
+    untuned = base_llm.generate(prompt, SamplingParams(max_tokens=160))[0]  # a list by then
     assert untuned.num_threads == 1  # the base model has never seen [Fork]
 
 
