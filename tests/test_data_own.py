@@ -5,7 +5,8 @@ import pytest
 
 from parafork import models
 from parafork.data import own
-from parafork.data.extract import JOIN, Node, extract_groups
+from parafork.cli import main
+from parafork.data.extract import JOIN, Node, extract_groups, rep4
 from parafork.data.independence import reading_tokens
 from parafork.data.samples import pack, tree_threads
 
@@ -112,6 +113,11 @@ def test_cut_refuses_what_must_not_be_taught(tokenizer):
     assert own.cut({"answer": PROSE, "token_ids": ids, "finish_reason": "length"}, tokenizer)[0] == "cut at max_tokens"
     loop = "I like the sea and the sky. " * 20
     assert own.cut({"answer": loop, "finish_reason": "stop"}, tokenizer)[0] == "loops"
+    # The loop threshold is the caller's: an answer repeating a third of its 4-grams passes at 0.4.
+    some = PROSE + "\n\n" + "\n\n".join(PROSE.split("\n\n")[:2])
+    assert 0.2 < rep4(some) < 0.4
+    assert own.cut({"answer": some, "finish_reason": "stop"}, tokenizer)[0] == "loops"
+    assert own.cut({"answer": some, "finish_reason": "stop"}, tokenizer, max_rep4=0.4)[0] != "loops"
     # Tokens the model wrote that are not what the text encodes to: the tree would be taught other tokens.
     other = tokenizer.encode("The", add_special_tokens=False) + tokenizer.encode(" sea", add_special_tokens=False)
     odd = [tokenizer.convert_tokens_to_ids("T"), tokenizer.convert_tokens_to_ids("he")] + other[1:]
@@ -184,4 +190,10 @@ def test_build_own_writes_trees_plain_and_join_statistics(tokenizer, tmp_path):
     assert Node.from_json(trees[0]["tree"]).text() == LIST_THEN_CONCLUSION
     assert [json.loads(line)["key"] for line in (folder / "plain.jsonl").read_text().splitlines()] == ["c:0"]
     assert stats["trees_closing_with_text"] == 1 and stats["of_which_joined"] == 1
-    assert (folder / "stats.png").exists()
+    assert (folder / "stats.png").exists() and stats["max_rep4"] == own.MAX_REP4
+    with pytest.raises(ValueError, match="max_rep4"):
+        own.build_own(folder, sharegpt=_sharegpt(tmp_path, 8), tokenizer=tokenizer, max_rep4=20)
+    with pytest.raises(SystemExit, match="--max-rep4 applies with --own"):
+        main(["data", "--out", str(folder), "--max-rep4", "0.3"])
+    with pytest.raises(SystemExit, match="0..1"):
+        main(["data", "--out", str(folder), "--own", "0", "--max-rep4", "20"])

@@ -176,10 +176,14 @@ def generate(cfg: OwnAnswersConfig) -> dict:
 # than the model's own answers (which v2 learned from them). Chosen, not tuned: one training
 # run costs hours here.
 SHAREGPT_PER_OWN = 1 / 3
-MAX_REP4 = 0.2  # an answer whose word 4-grams repeat more than this loops: not taught
+# An answer whose word 4-grams repeat more than this loops: not taught. The cut is a length
+# filter too: in data v3 (v2's own answers) the answers over 0.2 averaged 289 tokens, those
+# kept 187, and v3 trained on them wrote AR answers 0.54x the base model's length
+# (`results/v3/quality_vicuna18.json`). `--max-rep4` sets it per folder (kept in stats.json).
+MAX_REP4 = 0.2
 
 
-def cut(record: dict, tokenizer) -> tuple[str, object]:
+def cut(record: dict, tokenizer, max_rep4: float = MAX_REP4) -> tuple[str, object]:
     """(reason, tree) for one answer: ("ok", root) for a tree that restores to the same tokens
     (its own `token_ids` when the model wrote it, else the answer's encoding), ("no structure",
     None) for a plain answer, else the reason it is refused, and None."""
@@ -191,7 +195,7 @@ def cut(record: dict, tokenizer) -> tuple[str, object]:
     answer = record["answer"]
     if not answer.strip():
         return "empty", None
-    if (rep4(answer) or 0.0) > MAX_REP4:
+    if (rep4(answer) or 0.0) > max_rep4:
         return "loops", None
     expected = record.get("token_ids")
     encoded = tokenizer.encode(answer, add_special_tokens=False)
@@ -205,10 +209,14 @@ def cut(record: dict, tokenizer) -> tuple[str, object]:
     return "ok", e
 
 
-def build_own(folder: Path, sharegpt: Path | None = None, seed: int = 0, tokenizer=None) -> dict:
+def build_own(folder: Path, sharegpt: Path | None = None, seed: int = 0, tokenizer=None,
+              max_rep4: float = MAX_REP4) -> dict:
     """Writes trees.jsonl (own trees, then ShareGPT's at SHAREGPT_PER_OWN, shuffled together;
     `source` says which), plain.jsonl (own answers with no structure), stats.json and stats.png
-    from `folder`/answers.jsonl. Quick (no model): run it again whenever answers grow."""
+    from `folder`/answers.jsonl. Quick (no model): run it again whenever answers grow.
+    `max_rep4`: answers (own and ShareGPT) repeating more word 4-grams are refused as loops."""
+    if not 0.0 <= max_rep4 <= 1.0:
+        raise ValueError(f"max_rep4 is a share of repeated 4-grams, 0..1 (got {max_rep4})")
     from .. import models
     from .build import plot_stats, tree_stats, write_jsonl
 
@@ -220,7 +228,7 @@ def build_own(folder: Path, sharegpt: Path | None = None, seed: int = 0, tokeniz
     trees, plain = [], []
     keep = ("key", "context", "prompt", "answer")
     for record in tqdm(answers, desc="own trees", unit=" answer"):
-        reason, e = cut(record, tokenizer)
+        reason, e = cut(record, tokenizer, max_rep4)
         reasons[reason] += 1
         row = {k: record[k] for k in keep}
         if e is not None:
@@ -244,7 +252,7 @@ def build_own(folder: Path, sharegpt: Path | None = None, seed: int = 0, tokeniz
         for key, ex in pool:
             if shared["ok"] >= want:
                 break
-            reason, e = cut(ex, tokenizer)
+            reason, e = cut(ex, tokenizer, max_rep4)
             shared[reason] += 1
             if e is not None:
                 trees.append({"key": key, **{k: ex[k] for k in keep[1:]}, "source": "sharegpt", "kind": e.kind,
@@ -253,7 +261,7 @@ def build_own(folder: Path, sharegpt: Path | None = None, seed: int = 0, tokeniz
     random.Random(seed).shuffle(plain)
     write_jsonl(folder / "trees.jsonl", trees)
     write_jsonl(folder / "plain.jsonl", plain)
-    stats = {"answers": len(answers), "own": dict(reasons), "own_trees": own_trees,
+    stats = {"answers": len(answers), "max_rep4": max_rep4, "own": dict(reasons), "own_trees": own_trees,
              "sharegpt_trees": len(trees) - own_trees, "sharegpt_cut": dict(shared),
              **tree_stats(trees, plain), **join_stats(trees)}
     (folder / "stats.json").write_text(json.dumps(stats, indent=2))
