@@ -283,13 +283,25 @@ def run(args) -> dict:
     questions = select(load_suite(args.suite), args.limit, args.per_category)
     wanted = parse_list(getattr(args, "modes", ",".join(MODES)), "--modes", allowed=MODES + EXTRA_MODES)
     answers = answers_from_latency(args.answers, questions) if args.answers else {}
-    if missing := tuple(m for m in wanted if m not in answers):
+    missing = tuple(m for m in wanted if m not in answers)
+    if missing:
         answers |= generate_answers(questions, args.model, args.adapter, args.base_model, args.dtype, args.cpu_threads,
                                     args.max_tokens, missing, args.backend, args.quant, penalties_of(args))
     result = run_quality(questions, answers, reference_answers(args.suite), args.base_model, args.cpu_threads)
     adapter = args.adapter or models.default_adapter(args.model)
-    result["config"] = {"suite": args.suite, "model": args.model, "adapter": args.adapter, "judge": args.base_model,
-                        "adapter_digest": models.adapter_digest(adapter) if adapter else None,
-                        "answers_from": args.answers, "max_tokens": args.max_tokens, "backend": args.backend,
-                        "quant": args.quant, "penalties": resolve_penalties(penalties_of(args), args.model, args.adapter)}
+    tuned_generated = [m for m in missing if m != "base"]
+    # model/adapter/penalties say what generated `generated_modes`; the tuned answers taken from
+    # a latency JSON are described by that run's own config (`answers_config`), not by ours.
+    result["config"] = {"suite": args.suite, "model": args.model, "adapter": args.adapter if tuned_generated else None,
+                        "judge": args.base_model,
+                        "adapter_digest": models.adapter_digest(adapter) if adapter and tuned_generated else None,
+                        "generated_modes": list(missing), "answers_from": args.answers,
+                        "answers_config": _latency_config(args.answers) if args.answers else None,
+                        "max_tokens": args.max_tokens, "backend": args.backend, "quant": args.quant,
+                        "penalties": resolve_penalties(penalties_of(args), args.model, args.adapter)}
     return report(result, args, print_table, plot)
+
+
+def _latency_config(path: str) -> dict | None:
+    """The `config` a `bench latency` JSON recorded (its model, adapter digest, penalties)."""
+    return json.loads(Path(path).read_text()).get("config")
