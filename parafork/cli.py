@@ -149,17 +149,16 @@ def cmd_data(args) -> int:
         report = check_folder(Path(args.out), args.check_with, args.threshold, args.limit)
         print(json.dumps(report, indent=2))
         return 0
-    from .data.own import MAX_REP4
-
-    if args.own is None and args.max_rep4 != MAX_REP4:
+    if args.own is None and args.max_rep4 is not None:
         raise SystemExit("parafork data: --max-rep4 applies with --own (cutting the model's own answers)")
     if args.own is not None:
-        from .data.own import OwnAnswersConfig, build_own, generate
+        from .data.own import MAX_REP4, OwnAnswersConfig, build_own, generate
 
         if args.own < 0:
             raise SystemExit("parafork data: --own takes a count >= 0 (0: cut the answers already there)")
-        if not 0.0 <= args.max_rep4 <= 1.0:
-            raise SystemExit(f"parafork data: --max-rep4 is a share of repeated word 4-grams, 0..1 (got {args.max_rep4})")
+        max_rep4 = MAX_REP4 if args.max_rep4 is None else args.max_rep4
+        if not 0.0 <= max_rep4 <= 1.0:  # before hours of generation, not after
+            raise SystemExit(f"parafork data: --max-rep4 is a share of repeated word 4-grams, 0..1 (got {max_rep4})")
         if args.own:
             cfg = OwnAnswersConfig(out=args.out, count=args.own, input=args.input, model=args.model,
                                    max_tokens=args.max_tokens, concurrency=args.concurrency,
@@ -167,7 +166,7 @@ def cmd_data(args) -> int:
                                    cpu_threads=args.cpu_threads)
             print(json.dumps(generate(cfg), indent=2))
         print(json.dumps(build_own(Path(args.out), Path(args.input) if args.input else None,
-                                   max_rep4=args.max_rep4), indent=2))
+                                   max_rep4=max_rep4), indent=2))
         return 0
     stats = build(Path(args.input) if args.input else None, Path(args.out), limit=args.limit)
     print(json.dumps(stats, indent=2))
@@ -274,9 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--max-tokens", type=int, default=512, help="with --own: per answer (cut answers are not taught)")
     from .data.own import MAX_REP4
 
-    dd.add_argument("--max-rep4", type=float, default=MAX_REP4,
+    dd.add_argument("--max-rep4", type=float, default=None,
                     help="with --own: answers repeating more of their word 4-grams are refused as loops "
-                         "(a length filter too: long answers repeat more)")
+                         f"(default {MAX_REP4}; a length filter too: long answers repeat more)")
     dd.add_argument("--concurrency", type=int, default=32, help="with --own: requests in flight in the engine")
     add_engine_args(dd, speculative=False)
     dd.set_defaults(func=cmd_data)
