@@ -124,6 +124,7 @@ BENCHES = {
     "latency": "one request at a time: AR, APAR, serial, HF, SoT side by side, forks per category (paper Fig. 4)",
     "throughput": "closed-loop load, batched AR vs APAR per KV budget (paper Fig. 5)",
     "quality": "quality proxies: APAR vs AR answers and the untuned base model",
+    "ceiling": "the step ceiling of written answers: tokens per decode step if forked where a data recipe cuts",
     "driver": "APAR via the remote driver vs AR through the same OpenAI-compatible server",
     "soak": "minutes of random load (answers, cancels, bad inputs) on a server: lost, errors, tok/s, RSS, pool at the end",
 }

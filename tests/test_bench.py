@@ -367,3 +367,26 @@ def test_quality_generates_the_modes_asked_for_with_the_penalties_given(tiny_dir
     assert [q["modes"]["base"]["text"] for q in base["questions"]] == texts["apar-unguarded"]  # tiny: tuned == base
     with pytest.raises(ValueError, match="--modes takes"):
         quality.run(_args(tiny_dir, tmp_path, limit=2, answers=None, modes="apar,turbo"))
+
+
+def test_quality_reuses_the_base_answers_of_an_earlier_run_only_under_the_same_settings(tiny_dir, tmp_path, monkeypatch):
+    first = quality.run(_args(tiny_dir, tmp_path, limit=2, max_tokens=20, answers=None, modes="base", plot=None))
+    earlier = tmp_path / "earlier.json"
+    (tmp_path / "out.json").rename(earlier)
+    texts = [q["modes"]["base"]["text"] for q in first["questions"]]
+    generated = []
+    real = quality.generate_answers
+    monkeypatch.setattr(quality, "generate_answers", lambda qs, *a, **k: generated.append(a[6]) or real(qs, *a, **k))
+    again = quality.run(_args(tiny_dir, tmp_path, limit=2, max_tokens=20, answers=None, modes="apar,base",
+                              base_answers=str(earlier), plot=None))
+    assert generated == [("apar",)]  # only the tuned mode was generated; base came from the earlier run
+    assert [q["modes"]["base"]["text"] for q in again["questions"]] == texts
+    assert again["config"]["base_answers_from"] == str(earlier) and again["config"]["generated_modes"] == ["apar"]
+    # Other settings would have given other answers: refused, as is a run that does not score base.
+    with pytest.raises(ValueError, match="max_tokens 20"):
+        quality.run(_args(tiny_dir, tmp_path, limit=2, max_tokens=30, answers=None, modes="base", base_answers=str(earlier)))
+    with pytest.raises(ValueError, match="base model"):
+        quality.run(_args(tiny_dir, tmp_path, limit=2, max_tokens=20, answers=None, modes="base", base_model="other",
+                          base_answers=str(earlier)))
+    with pytest.raises(ValueError, match="does not ask for base"):
+        quality.run(_args(tiny_dir, tmp_path, limit=2, max_tokens=20, answers=None, modes="apar", base_answers=str(earlier)))

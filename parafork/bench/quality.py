@@ -21,6 +21,10 @@ tuned model's mean AR answer length over the base model's.
 answers of a `bench latency` JSON: its `base` mode (else `hf`) is the untuned base model's,
 and where it ran `apar-unguarded` (APAR without the answer guards) that mode is scored too,
 with `delta_pct_guards` = APAR against it, in % of it (what the guards cost or bring).
+`--base-answers` reuses the `base` answers of an earlier `bench quality` (or latency) JSON of the
+same suite, base model, `max_tokens` and quantization (checked): the untuned model's answers do not
+change between adapters, and generating them is most of a screen's time (5 of ~6 minutes on 18
+Vicuna questions, 2-core EPYC).
 """
 from __future__ import annotations
 
@@ -143,6 +147,27 @@ def answers_from_latency(path: str, questions: list[dict]) -> dict[str, list[dic
         raise ValueError(f"{path} has answers of none of {', '.join(sorted(set(source.values())))} for every question")
     return {mode: [answer(r["text"], r.get("threads"), r.get("cut")) for r in (by_id[q["id"]][key] for q in questions)]
             for mode, key in found.items()}
+
+
+def base_answers_from(path: str, questions: list[dict], base_model: str, max_tokens: int,
+                      quant: str | None) -> list[dict]:
+    """The untuned model's answers an earlier `bench quality` or `bench latency` run recorded for
+    the same questions. Refused unless that run's base answers came from the same base model, with
+    the same `max_tokens` and quantization: other settings give other answers."""
+    data = json.loads(Path(path).read_text())
+    config = data.get("config") or {}
+    if config.get("answers_from") and "base" not in config.get("generated_modes", ["base"]):
+        config = {**config, **(config.get("answers_config") or {})}  # its base answers came from a latency run
+    settings = {"base model": (config.get("judge", config.get("base_model")), base_model),
+                "max_tokens": (config.get("max_tokens"), max_tokens), "quant": (config.get("quant"), quant)}
+    for name, (theirs, ours) in settings.items():
+        if theirs != ours:
+            raise ValueError(f"--base-answers {path}: its base answers were written with {name} {theirs!r}, "
+                             f"this run asks for {ours!r}")
+    found = answers_from_latency(path, questions)
+    if "base" not in found:
+        raise ValueError(f"--base-answers {path} has no base answers for every question")
+    return found["base"]
 
 
 def score(questions: list[dict], answers: dict[str, list[str]], refs: dict, judge_model: str) -> list[dict]:
@@ -274,6 +299,8 @@ def add_arguments(p) -> None:
     add_output_args(p)
     p.add_argument("--base-model", default="base", help="the untuned model: its answers, and the NLL judge")
     p.add_argument("--answers", default=None, help="reuse the answers of a `bench latency` JSON")
+    p.add_argument("--base-answers", default=None,
+                   help="reuse the base answers of an earlier `bench quality` JSON (same suite, base model, max_tokens)")
     p.add_argument("--modes", default=",".join(MODES), help="comma list of " + ", ".join(MODES + EXTRA_MODES)
                    + " (with --answers, what the latency JSON has is scored too)")
     add_penalty_args(p)
@@ -283,6 +310,13 @@ def run(args) -> dict:
     questions = select(load_suite(args.suite), args.limit, args.per_category)
     wanted = parse_list(getattr(args, "modes", ",".join(MODES)), "--modes", allowed=MODES + EXTRA_MODES)
     answers = answers_from_latency(args.answers, questions) if args.answers else {}
+    base_from = getattr(args, "base_answers", None)
+    if base_from:
+        if "base" not in wanted:
+            raise ValueError("--base-answers given, but --modes does not ask for base")
+        if "base" in answers:
+            raise ValueError(f"--base-answers given, but --answers {args.answers} has base answers already")
+        answers["base"] = base_answers_from(base_from, questions, args.base_model, args.max_tokens, args.quant)
     missing = tuple(m for m in wanted if m not in answers)
     if missing:
         answers |= generate_answers(questions, args.model, args.adapter, args.base_model, args.dtype, args.cpu_threads,
@@ -295,7 +329,7 @@ def run(args) -> dict:
     result["config"] = {"suite": args.suite, "model": args.model, "adapter": args.adapter if tuned_generated else None,
                         "judge": args.base_model,
                         "adapter_digest": models.adapter_digest(adapter) if adapter and tuned_generated else None,
-                        "generated_modes": list(missing), "answers_from": args.answers,
+                        "generated_modes": list(missing), "answers_from": args.answers, "base_answers_from": base_from,
                         "answers_config": _latency_config(args.answers) if args.answers else None,
                         "max_tokens": args.max_tokens, "backend": args.backend, "quant": args.quant,
                         "penalties": resolve_penalties(penalties_of(args), args.model, args.adapter)}
