@@ -40,24 +40,28 @@ def test_generate_takes_stop_strings_and_penalties(tiny_dir, tiny_llm, capsys):
         main(["generate", "Hi", "--remote", "http://127.0.0.1:9/v1", "--stop", "x"])
 
 
-def test_bench_engine_writes_every_documented_key(tiny_dir, tmp_path):
+def test_bench_engine_writes_every_documented_key(tiny_dir, tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["bench", "engine", "--model", str(tiny_dir), "--dtype", "float32", "--cpu-threads", "1", "--tokens", "8",
-            "--steps", "2", "--json", str(out)]
+            "--steps", "2", "--prefill", "40,300", "--json", str(out)]
     assert main(argv) == 0
     saved = json.loads(out.read_text())
-    for key in ("dtype", "hf_tok_s", "ar_tok_s", "ar_vs_hf", "step_ms", "bandwidth_gbs", "achieved_gbs"):
+    for key in ("dtype", "hf_tok_s", "ar_tok_s", "ar_vs_hf", "step_ms", "bandwidth_gbs", "achieved_gbs", "prefill"):
         assert key in saved
     assert set(saved["step_ms"]) == {"1", "2", "4", "8", "16"}
     assert saved["ar_vs_hf"] == saved["ar_tok_s"] / saved["hf_tok_s"]
+    assert set(saved["prefill"]) == {"40", "300"} and all(v["tok_s"] > 0 and v["hf_tok_s"] > 0 for v in saved["prefill"].values())
+    assert main(argv[:-4] + ["--prefill", "2048"]) == 2
+    assert "longer than the model's 1024 positions" in capsys.readouterr().err
 
 
 def test_bench_engine_on_llamacpp_compares_with_llamacpp_alone_on_the_same_gguf(tiny_dir, tmp_path):
     out = tmp_path / "bench.json"
     argv = ["bench", "engine", "--model", str(tiny_dir), "--backend", "llamacpp", "--quant", "q8_0", "--cpu-threads", "1",
-            "--tokens", "8", "--steps", "2", "--json", str(out)]
+            "--tokens", "8", "--steps", "2", "--prefill", "40", "--json", str(out)]
     assert main(argv) == 0
     saved = json.loads(out.read_text())
+    assert saved["prefill"]["40"]["tok_s"] > 0 and saved["prefill"]["40"]["hf_tok_s"] is None
     assert saved["backend"] == "llamacpp" and saved["quant"] == "q8_0" and saved["gguf"].endswith("-q8_0.gguf")
     assert saved["hf_tok_s"] is None and saved["ar_vs_llamacpp"] == saved["ar_tok_s"] / saved["llamacpp_own_tok_s"]
     assert set(saved["step_ms"]) == {"1", "2", "4", "8", "16"}

@@ -168,3 +168,46 @@ def test_a_step_mixing_prefill_chunks_and_decode_rows_equals_each_alone(tiny_llm
         refs = [hf(torch.tensor([ids])).logits[0, -n:] for ids, n in
                 [(prompt_a, 1), (first + [42], 1), (prompt_b, 1), (draft, 3)]]
     torch.testing.assert_close(out, torch.cat(refs), atol=2e-4, rtol=0)
+
+
+def test_a_long_slice_attends_as_the_padded_path_does_after_a_prefix_and_with_joined_spans(tiny_llm, tiny_dir):
+    """A slice over SHORT_SLICE tokens (a prefill chunk) attends alone through fused attention:
+    causal when its keys are its queries, else under a mask (a chunk after earlier ones, a slice
+    with joined spans). Against HF for the second chunk, and against the padded path for all."""
+    import torch
+
+    from parafork import models
+    from parafork.config import EngineConfig
+    from parafork.engine.runner import KVSpan, SequenceSlice
+    from parafork.engine.torch_runner import TorchRunner
+
+    hf = models.load_hf_model(tiny_dir, tiny_llm.tokenizer, torch.float32)
+    first, second = list(range(300, 330)), list(range(600, 640))
+
+    def run(short_slice: int) -> tuple[list[torch.Tensor], list[tuple]]:
+        runner = TorchRunner(hf, EngineConfig(num_kv_blocks=64, block_size=4, dtype="float32"))
+        runner.SHORT_SLICE = short_slice
+        outs, kinds = [], []
+
+        def forward(batch):
+            grp = runner._prepare(batch).groups[0]
+            kinds.append((grp.causal, grp.long_mask is not None))
+            outs.append(runner.forward(batch))
+
+        forward([SequenceSlice(0, first, 0, list(range(0, 18)))])
+        forward([SequenceSlice(0, second, 30, list(range(0, 18)))])
+        # Sequence 2 joins entries 4..19 of sequence 1, then feeds 24 tokens after its own 12.
+        forward([SequenceSlice(1, list(range(700, 720)), 0, list(range(18, 23)))])
+        forward([SequenceSlice(2, list(range(800, 812)), 0, list(range(23, 32)))])
+        span = KVSpan(tuple(range(18, 23)), 4, 20)
+        forward([SequenceSlice(2, list(range(900, 924)), 12, list(range(23, 32)), position_offset=20, joined=(span,))])
+        return outs, kinds
+
+    (fused, kinds), (padded, padded_kinds) = run(TorchRunner.SHORT_SLICE), run(10**6)
+    assert kinds == [(True, False), (False, True), (True, False), (False, False), (False, True)]  # 12 tokens: short
+    assert set(padded_kinds) == {(False, False)}  # the padded path: a bias, no fused attention
+    for a, b in zip(fused, padded):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=0)
+    with torch.no_grad():
+        ref = hf(torch.tensor([first + second])).logits[0, -1:]
+    torch.testing.assert_close(fused[1], ref, atol=2e-4, rtol=0)

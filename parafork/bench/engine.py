@@ -9,7 +9,10 @@
 - llama.cpp on its own (`reference_greedy`: one sequence, greedy, no engine) on the same
   GGUF and prompt: with `--backend llamacpp` the GGUF the engine runs (`ar_vs_llamacpp`
   compares like with like), with the torch backend a `--gguf` file if given;
-- with the torch backend, HF `generate` at batch 1.
+- with the torch backend, HF `generate` at batch 1;
+- prefill: one prompt of each `--prefill` length (default 256, 1,024 and 2,048 tokens; random
+  ids, so the prefix cache has nothing) to its first token, prompt tokens/s, beside one HF
+  forward over the same ids (torch backend).
 """
 from __future__ import annotations
 
@@ -22,10 +25,11 @@ from ..llm import LLM
 from ..engine.runner import SequenceSlice
 from ..engine.thread import Request
 from ..sampling import SamplingParams
-from .common import add_output_args, metadata, write_json
+from .common import add_output_args, metadata, parse_list, write_json
 
 PROMPT = "Give me three tips for sleeping well."
 THREAD_COUNTS = (1, 2, 4, 8, 16)
+PREFILL_LENGTHS = "256,1024,2048"
 
 
 def read_bandwidth_gbs(mib: int = 512, repeats: int = 5) -> float:
@@ -42,12 +46,16 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def hf_tokens_per_s(llm: LLM, prompt_ids: list[int], tokens: int, dtype: torch.dtype) -> float:
+def hf_model(llm: LLM, dtype: torch.dtype):
     path = models.resolve_model_path(llm.config.model)
-    hf = models.load_hf_model(path, llm.tokenizer, dtype, adapter=llm.adapter)
+    return models.load_hf_model(path, llm.tokenizer, dtype, adapter=llm.adapter)
+
+
+def hf_tokens_per_s(hf, prompt_ids: list[int], tokens: int) -> float:
     ids = torch.tensor([prompt_ids])
     mask = torch.ones_like(ids)
-    kwargs = dict(do_sample=False, attention_mask=mask, pad_token_id=llm.tokenizer.eos_token_id)
+    eos = hf.config.eos_token_id
+    kwargs = dict(do_sample=False, attention_mask=mask, pad_token_id=eos[0] if isinstance(eos, list) else eos)
     hf.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up
     seconds = _timed(lambda: hf.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs))
     return tokens / seconds
@@ -61,6 +69,23 @@ def ar_tokens_per_s(llm: LLM, prompt_ids: list[int], tokens: int) -> float:
     seconds = time.perf_counter() - start
     assert out.num_generated_tokens == tokens
     return tokens / seconds
+
+
+def prefill_tokens_per_s(llm: LLM, length: int, hf=None, repeats: int = 2) -> tuple[float, float | None]:
+    """Prompt tokens/s of one `length`-token prompt to its first token through the engine (best
+    of `repeats`, fresh random ids each time: no prefix-cache hit), and of one HF forward over
+    the same ids where `hf` is given."""
+    generator = torch.Generator().manual_seed(length)
+    best, best_hf = float("inf"), float("inf")
+    for _ in range(repeats):
+        ids = torch.randint(1000, 40000, (length,), generator=generator).tolist()
+        start = time.perf_counter()
+        llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, mode="ar", ignore_eos=True))
+        best = min(best, time.perf_counter() - start)
+        if hf is not None:
+            with torch.inference_mode():
+                best_hf = min(best_hf, _timed(lambda: hf(torch.tensor([ids]))))
+    return length / best, (length / best_hf if hf is not None else None)
 
 
 def llamacpp_tokens_per_s(gguf, prompt_ids: list[int], tokens: int, threads: int) -> float:
@@ -109,13 +134,19 @@ def add_arguments(p) -> None:
     add_output_args(p, plot=False)
     p.add_argument("--tokens", type=int, default=128, help="tokens per timed generation")
     p.add_argument("--steps", type=int, default=20, help="timed steps per thread count")
+    p.add_argument("--prefill", default=PREFILL_LENGTHS, help="comma list of prompt lengths whose prefill is timed")
     p.add_argument("--gguf", default=None, help="torch backend: the same model as GGUF, for llama.cpp's own AR tok/s")
 
 
 def run(args) -> dict:
     torch.set_num_threads(args.cpu_threads)
+    lengths = parse_list(getattr(args, "prefill", PREFILL_LENGTHS), "--prefill", kind=int)
     llm = LLM(args.model, dtype=args.dtype, cpu_threads=args.cpu_threads, num_kv_blocks=512, backend=args.backend,
               quant=args.quant)
+    too_long = [n for n in lengths if n >= llm.runner.info.max_position or n > 512 * llm.config.block_size - 1]
+    if too_long:
+        raise ValueError(f"--prefill {too_long}: longer than the model's {llm.runner.info.max_position} positions "
+                         f"or the bench's KV pool")
     on_llamacpp = llm.runner.info.gguf is not None
     dtype_name = f"gguf {args.quant or 'as given'}" if on_llamacpp else str(llm.config.torch_dtype).removeprefix("torch.")
     gguf = llm.runner.info.gguf or args.gguf
@@ -124,7 +155,8 @@ def run(args) -> dict:
           f"weights={dtype_name} threads={args.cpu_threads} tokens={args.tokens}")
     bandwidth = read_bandwidth_gbs()
     print(f"  machine read bandwidth      {bandwidth:8.1f} GB/s")
-    hf = None if on_llamacpp else hf_tokens_per_s(llm, prompt_ids, args.tokens, llm.config.torch_dtype)
+    reference = None if on_llamacpp else hf_model(llm, llm.config.torch_dtype)
+    hf = hf_tokens_per_s(reference, prompt_ids, args.tokens) if reference is not None else None
     if hf:
         print(f"  HF generate                 {hf:8.1f} tok/s")
     own = llamacpp_tokens_per_s(gguf, prompt_ids, args.tokens, args.cpu_threads) if gguf else None
@@ -139,6 +171,11 @@ def run(args) -> dict:
     for n in THREAD_COUNTS:
         steps[n] = step_ms(llm, prompt_ids, n, context=len(prompt_ids) + args.tokens, steps=args.steps)
         print(f"  step with {n:2d} live threads    {steps[n]:8.1f} ms   {steps[n] / steps[1]:.2f}x one thread")
+    prefill = {}
+    for n in lengths:
+        own_n, hf_n = prefill_tokens_per_s(llm, n, reference)
+        prefill[str(n)] = {"tok_s": own_n, "hf_tok_s": hf_n}
+        print(f"  prefill {n:5d} tokens         {own_n:8.1f} tok/s" + (f"   {own_n / hf_n:.2f}x HF forward" if hf_n else ""))
     result = {
         "backend": "llamacpp" if on_llamacpp else args.backend,
         "dtype": dtype_name,
@@ -153,6 +190,7 @@ def run(args) -> dict:
         "gguf": str(gguf) if gguf else None,
         "step_ms": {str(n): ms for n, ms in steps.items()},
         "step_ratio_8_vs_1": steps[8] / steps[1],
+        "prefill": prefill,
         "bandwidth_gbs": bandwidth,
         "achieved_gbs": achieved,
         "achieved_pct": 100 * achieved / bandwidth,

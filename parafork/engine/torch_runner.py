@@ -9,7 +9,9 @@ knows nothing about requests, APAR threads or sampling.
 Design choices for CPU decode (measured, see RESOURCES.md):
 - one flat token dimension for the linear layers (prefill and decode rows mixed, no padding);
   queries are padded per sequence only inside attention;
-- attention is plain matmul grouped by KV head (bf16 SDPA is pathological on CPU);
+- decode attention is plain matmul grouped by KV head (bf16 SDPA is pathological on CPU); a
+  long slice (a prefill chunk) attends alone through PyTorch's fused attention in fp32, which
+  never builds the [keys x queries] scores: 2,048-token prefill 15.6 -> 4.6 s on the 2-core EPYC;
 - the KV cache is one preallocated tensor per layer, `[slots, 2, kv_heads, head_dim]`,
   slot = block * block_size + offset; a step gathers each sequence's slots once per layer;
 - q/k/v and gate/up are fused into one matmul each, the softmax scale is folded into the
@@ -78,7 +80,9 @@ class _AttentionGroup:
 
     rows: torch.Tensor | None  # [T_g] flat rows of the group's tokens; None: the whole step, in order
     gather_slots: torch.Tensor  # [B*L] slots of each sequence's whole context, sequence-major
-    attn_bias: torch.Tensor  # [B, 1, L, G*Q] 0 or -inf
+    attn_bias: torch.Tensor | None  # [B, 1, L, G*Q] 0 or -inf; None for a long slice (below)
+    long_mask: torch.Tensor | None  # a long slice alone: [1, 1, Q, L] bool (True: may attend), or None
+    causal: bool  # a long slice alone whose keys are exactly its queries: plain causal attention
     num_seqs: int
     max_kv: int
     query_index: torch.Tensor | None  # [B*Q] rows of the group's tokens, None when Q == 1
@@ -248,6 +252,12 @@ class TorchRunner:
 
         # Joined keys (own_index < 0) are visible to every query; own keys causally.
         allowed = own_index[:, :, None] <= q_index[:, None, :]  # [B, L, Q]
+        if num_b == 1 and max_q > self.SHORT_SLICE:  # a prefill chunk: fused attention, no bias
+            causal = max_kv == max_q and not any(num_joined)
+            return _AttentionGroup(rows=rows, gather_slots=gather_slots.reshape(-1), attn_bias=None,
+                                   long_mask=None if causal else allowed.transpose(1, 2)[:, None],
+                                   causal=causal, num_seqs=1, max_kv=max_kv, query_index=None, valid_rows=None,
+                                   max_q=max_q)
         bias = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, float("-inf"))
         # Query columns are ordered (group, query) inside each KV head.
         bias = bias[:, None, :, None].expand(num_b, 1, max_kv, self.group, max_q).reshape(num_b, 1, max_kv, -1)
@@ -262,6 +272,8 @@ class TorchRunner:
             rows=rows,
             gather_slots=gather_slots.reshape(-1),
             attn_bias=bias.contiguous(),
+            long_mask=None,
+            causal=False,
             num_seqs=num_b,
             max_kv=max_kv,
             query_index=query_index,
@@ -306,6 +318,8 @@ class TorchRunner:
         """[T_g, H*D] attention output of one group's queries `q` ([T_g, H, D], its rows in order)."""
         h, kvh, d, g = self.num_heads, self.num_kv_heads, self.head_dim, self.group
         num_b, max_q = grp.num_seqs, grp.max_q
+        if grp.attn_bias is None:
+            return self._long_slice_attention(q, cache, grp)
         if grp.query_index is not None:
             q = q.index_select(0, grp.query_index)
         # [B*Q, H, D] -> [B, KVH, G*Q, D]
@@ -327,6 +341,21 @@ class TorchRunner:
         if grp.valid_rows is not None:
             out = out.index_select(0, grp.valid_rows)
         return out
+
+    def _long_slice_attention(self, q: torch.Tensor, cache: torch.Tensor, grp: _AttentionGroup) -> torch.Tensor:
+        """[Q, H*D] attention of one long slice (a prefill chunk) through PyTorch's fused CPU
+        attention, in fp32 whatever the model's dtype (bf16 SDPA is the pathological kernel;
+        RESOURCES.md). The padded path materialises [L, G*Q] scores and biases per KV head and
+        softmaxes over a strided dim: a 1,800-token prompt took 16 s to prefill on the 2-core
+        EPYC, superlinear in its length."""
+        kv = torch.index_select(cache, 0, grp.gather_slots, out=self._gather_buffer(len(grp.gather_slots)))
+        kv = kv.float()
+        k = kv[:, 0].transpose(0, 1)[None]  # [1, KVH, L, D]
+        v = kv[:, 1].transpose(0, 1)[None]
+        q = q.float().transpose(0, 1)[None]  # [1, H, Q, D]; the softmax scale is in the query weights
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=grp.long_mask, is_causal=grp.causal, scale=1.0,
+                                             enable_gqa=True)
+        return out[0].transpose(0, 1).reshape(grp.max_q, -1).to(self.dtype)
 
     def _gather_buffer(self, rows: int) -> torch.Tensor:
         """`rows` KV cache rows of scratch, reused by every layer and step. A fresh tensor for the
