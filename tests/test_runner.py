@@ -211,3 +211,62 @@ def test_a_long_slice_attends_as_the_padded_path_does_after_a_prefix_and_with_jo
     with torch.no_grad():
         ref = hf(torch.tensor([first + second])).logits[0, -1:]
     torch.testing.assert_close(fused[1], ref, atol=2e-4, rtol=0)
+
+
+def test_siblings_read_their_shared_prefix_once_and_attend_exactly_as_each_alone(tiny_llm, tiny_dir):
+    """Decode rows whose block tables share full blocks before their queries (APAR siblings)
+    attend to that prefix once for all of them, merged by log-sum-exp with each one's own keys:
+    the logits equal HF's over each sequence's whole context, drafts and a stranger included."""
+    import torch
+
+    from parafork import models
+    from parafork.config import EngineConfig
+    from parafork.engine.runner import BlockCopy, SequenceSlice
+    from parafork.engine.torch_runner import TorchRunner
+
+    hf = models.load_hf_model(tiny_dir, tiny_llm.tokenizer, torch.float32)
+    prompt, other = list(range(300, 370)), list(range(800, 830))  # 70 tokens: 17 full blocks of 4, 2 in the 18th
+
+    def run(min_saved: int):
+        runner = TorchRunner(hf, EngineConfig(num_kv_blocks=64, block_size=4, dtype="float32"))
+        runner.MIN_SAVED_KEYS = min_saved
+        runner.forward([SequenceSlice(0, prompt, 0, list(range(18)))])
+        runner.forward([SequenceSlice(9, other, 0, list(range(40, 48)))])
+        tables = {0: list(range(18))}
+        for child, tail in ((1, 20), (2, 21), (3, 22)):  # forked after the prompt: full blocks shared
+            runner.fork(0, child, BlockCopy(17, tail, 2))
+            tables[child] = list(range(17)) + [tail, tail + 10]
+        batch = [SequenceSlice(0, [5], 70, tables[0] + [30]), SequenceSlice(1, [6], 70, tables[1]),
+                 SequenceSlice(9, [7], 30, list(range(40, 48))), SequenceSlice(2, [8], 70, tables[2]),
+                 SequenceSlice(3, [9, 10, 11], 70, tables[3], num_logits=3)]
+        shared = runner._prepare(batch).groups[0].shared
+        return runner.forward(batch), shared
+
+    cascade, shared = run(4)
+    assert [p.members.tolist() for p in shared] == [[0, 1, 3, 4]] and len(shared[0].slots) == 68
+    plain, none = run(10**6)
+    assert none == []
+    with torch.no_grad():
+        refs = [hf(torch.tensor([ids])).logits[0, -n:] for ids, n in
+                [(prompt + [5], 1), (prompt + [6], 1), (other + [7], 1), (prompt + [8], 1), (prompt + [9, 10, 11], 3)]]
+    torch.testing.assert_close(cascade, torch.cat(refs), atol=2e-4, rtol=0)
+    torch.testing.assert_close(cascade, plain, atol=2e-4, rtol=0)
+
+
+def test_apar_answers_are_the_same_with_and_without_shared_prefix_attention(tiny_dir):
+    """End to end on forced forks (block size 4, so siblings share many blocks): the same tokens."""
+    prompts = ["Give me three tips for sleeping well. " * 6, "List some ways to save money on groceries. " * 5]
+    answers = []
+    for min_saved in (4, 10**6):
+        llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=512, block_size=4)
+        llm.runner.MIN_SAVED_KEYS = min_saved
+        merges = []
+        merge = llm.runner._merge_shared
+        llm.runner._merge_shared = lambda *a: merges.append(1) or merge(*a)
+        force = ForceForks(llm.control, frozenset({3, 6, 9, 12}), child_tokens=12, root_tokens=20)
+        outs = llm.generate(prompts, SamplingParams(max_tokens=120, logits_rules=[force]))
+        assert all(o.num_threads > 1 for o in outs)
+        answers.append([o.token_ids for o in outs])
+        assert (len(merges) > 0) == (min_saved == 4)  # the shared prefixes were attended once (or never)
+        llm.check_idle()
+    assert answers[0] == answers[1]
