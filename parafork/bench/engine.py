@@ -30,6 +30,7 @@ from .common import add_output_args, metadata, parse_list, write_json
 PROMPT = "Give me three tips for sleeping well."
 THREAD_COUNTS = (1, 2, 4, 8, 16)
 PREFILL_LENGTHS = "256,1024,2048"
+KV_BLOCKS = 512  # the bench engine's KV pool
 
 
 def read_bandwidth_gbs(mib: int = 512, repeats: int = 5) -> float:
@@ -141,9 +142,9 @@ def add_arguments(p) -> None:
 def run(args) -> dict:
     torch.set_num_threads(args.cpu_threads)
     lengths = parse_list(getattr(args, "prefill", PREFILL_LENGTHS), "--prefill", kind=int)
-    llm = LLM(args.model, dtype=args.dtype, cpu_threads=args.cpu_threads, num_kv_blocks=512, backend=args.backend,
+    llm = LLM(args.model, dtype=args.dtype, cpu_threads=args.cpu_threads, num_kv_blocks=KV_BLOCKS, backend=args.backend,
               quant=args.quant)
-    too_long = [n for n in lengths if n >= llm.runner.info.max_position or n > 512 * llm.config.block_size - 1]
+    too_long = [n for n in lengths if n >= llm.runner.info.max_position or n >= KV_BLOCKS * llm.config.block_size]
     if too_long:
         raise ValueError(f"--prefill {too_long}: longer than the model's {llm.runner.info.max_position} positions "
                          f"or the bench's KV pool")

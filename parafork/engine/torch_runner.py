@@ -238,12 +238,11 @@ class TorchRunner:
         # Keys of sequence b: its joined spans' slots (all visible), then its own entries (causal).
         span_slots = [self._span_slots(s.joined) for s in batch]
         num_joined = [len(x) for x in span_slots]
-        skip, shared = self._shared_prefixes(batch) if len(batch) > 1 and max(q_lens) <= self.SHORT_SLICE else ([], [])
-        if shared:  # own keys from `skip` on; the prefix before it is attended once per group of sharers
-            own_lens_read = [n - k for n, k in zip(own_lens, skip)]
-        else:
-            skip, own_lens_read = [0] * len(batch), own_lens
-        kv_lens = [j + n for j, n in zip(num_joined, own_lens_read)]
+        # Own keys from `skip` on: the shared prefix before it is attended once for all its sharers.
+        skip, shared = [0] * len(batch), []
+        if len(batch) > 1 and max(q_lens) <= self.SHORT_SLICE:
+            skip, shared = self._shared_prefixes(batch)
+        kv_lens = [j + n - k for j, n, k in zip(num_joined, own_lens, skip)]
         max_q, max_kv = max(q_lens), max(kv_lens)
         num_b = len(batch)
         max_blocks = (max(own_lens) + bs - 1) // bs
