@@ -1,6 +1,7 @@
 """The paper's benchmarks (latency, throughput, quality) on the tiny model: suites, figures
 that must agree with the engine and with HF, JSON schema, plots."""
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +14,7 @@ from parafork.cli import main
 
 def _args(tiny_dir, tmp_path, **extra) -> SimpleNamespace:
     base = dict(
-        model=str(tiny_dir), base_model=str(tiny_dir), adapter=None, dtype="float32", cpu_threads=1, suite="vicuna",
+        model=str(tiny_dir), base_model=str(tiny_dir), adapter=None, dtype="float32", cpu_threads=1, suite="starter",
         backend="auto", quant=None, spec=None,
         limit=None, per_category=None, max_tokens=12, json=str(tmp_path / "out.json"), plot=str(tmp_path / "out.png"),
     )
@@ -21,14 +22,37 @@ def _args(tiny_dir, tmp_path, **extra) -> SimpleNamespace:
 
 
 def test_suites_load_and_select():
-    vicuna, mtbench = load_suite("vicuna"), load_suite("mtbench")
-    assert len(vicuna) == 80 and len(mtbench) == 80
+    starter, mtbench = load_suite("starter"), load_suite("mtbench")
+    assert len(starter) == 18 and len(mtbench) == 80
     assert len({q["category"] for q in mtbench}) == 8
+    # The starter set has Vicuna Bench's nine categories, two questions each.
+    assert {q["category"] for q in starter} == {"generic", "knowledge", "roleplay", "common-sense", "fermi",
+                                                 "counterfactual", "coding", "math", "writing"}
+    assert len(select(starter, per_category=1)) == 9
     picked = select(mtbench, per_category=2)
     assert len(picked) == 16 and all(sum(p["category"] == q["category"] for p in picked) == 2 for q in picked)
-    assert len(select(vicuna, limit=5)) == 5
+    assert len(select(starter, limit=5)) == 5
     refs = reference_answers("mtbench")
     assert len(refs) == 30 and all(isinstance(r, str) and r for r in refs.values())
+    assert reference_answers("starter") == {}
+
+
+def test_vicuna_without_its_file_fails_at_once_naming_where_to_get_it(tiny_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("PARAFORK_VICUNA", raising=False)
+    with pytest.raises(FileNotFoundError, match="PARAFORK_VICUNA=.*vicuna_bench/question.jsonl|vicuna_bench/question.jsonl.*PARAFORK_VICUNA"):
+        load_suite("vicuna")
+    monkeypatch.setenv("PARAFORK_VICUNA", str(tmp_path / "missing.jsonl"))
+    with pytest.raises(FileNotFoundError, match="missing.jsonl: no such file"):
+        load_suite("vicuna")
+    monkeypatch.delenv("PARAFORK_VICUNA")
+    assert main(["bench", "latency", "--model", str(tiny_dir), "--suite", "vicuna"]) == 2
+    assert "PARAFORK_VICUNA" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.environ.get("PARAFORK_VICUNA"), reason="Vicuna Bench's file is not here (CI sets PARAFORK_VICUNA)")
+def test_the_real_vicuna_file_loads():
+    vicuna = load_suite("vicuna")
+    assert len(vicuna) == 80 and len({q["category"] for q in vicuna}) == 9
     assert reference_answers("vicuna") == {}
 
 
@@ -52,7 +76,7 @@ def test_bad_suite_files_give_a_clear_error(tmp_path, content, match):
 def test_cli_reports_a_missing_suite(tiny_dir, tmp_path, capsys):
     code = main(["bench", "latency", "--model", str(tiny_dir), "--suite", str(tmp_path / "none.jsonl")])
     assert code == 2 and "none.jsonl" in capsys.readouterr().err
-    assert main(["bench", "latency", "--model", str(tiny_dir), "--modes", "ar,turbo"]) == 2
+    assert main(["bench", "latency", "--model", str(tiny_dir), "--suite", "starter", "--modes", "ar,turbo"]) == 2
 
 
 def test_answer_checks():
@@ -121,7 +145,7 @@ def test_latency_figures_agree_with_hf_and_the_engine(tiny_dir, tmp_path):
     assert set(saved["speedup"]) == {"apar_vs_ar", "apar_vs_serial", "apar_vs_base", "apar_vs_hf", "sot_vs_ar"}
     assert set(saved["speedup_tok_s"]) == set(saved["speedup"])
     assert saved["speedup"]["apar_vs_ar"] == pytest.approx(saved["modes"]["ar"]["wall_s"] / saved["modes"]["apar"]["wall_s"])
-    assert set(saved["per_category"]) == {"generic"} and len(saved["questions"]) == 3
+    assert set(saved["per_category"]) == {"generic", "knowledge"} and len(saved["questions"]) == 3
     for q in result["questions"]:
         ar, hf = q["modes"]["ar"], q["modes"]["hf"]
         assert q["modes"]["base"]["text"] == ar["text"]  # here the "tuned" model is the base model too
@@ -288,7 +312,7 @@ def test_rep4_counts_repeated_word_4grams():
 
 
 def test_quality_reuses_latency_answers_and_generates_only_the_missing_base_ones(tiny_dir, tmp_path):
-    questions = select(load_suite("vicuna"), limit=2)
+    questions = select(load_suite("starter"), limit=2)
     records = [{"id": q["id"], "modes": {"apar": {"text": f"1. A{i}\n2. B{i}"}, "ar": {"text": f"Short {i}."}}}
                for i, q in enumerate(questions)]
     path = tmp_path / "latency.json"
@@ -316,7 +340,7 @@ def test_quality_reuses_latency_answers_and_generates_only_the_missing_base_ones
 
 def test_quality_scores_a_latency_run_of_apar_and_its_unguarded_mode_alone(tiny_dir, tmp_path):
     # The before/after run of the answer guards: `bench latency --modes apar,serial,apar-unguarded,...`.
-    questions = select(load_suite("vicuna"), limit=2)
+    questions = select(load_suite("starter"), limit=2)
     records = [{"id": q["id"], "modes": {"apar": {"text": f"1. A{i}\n2. B{i}", "threads": 3, "cut": False},
                                          "serial": {"text": f"1. A{i}\n2. B{i}", "threads": 3, "cut": False},
                                          "apar-unguarded": {"text": f"1. A{i}\n2. A{i}", "threads": 3, "cut": True}}}
@@ -330,7 +354,7 @@ def test_quality_scores_a_latency_run_of_apar_and_its_unguarded_mode_alone(tiny_
 
 
 def test_quality_scores_the_unguarded_answers_and_the_base_mode_of_a_latency_run(tiny_dir, tmp_path):
-    questions = select(load_suite("vicuna"), limit=2)
+    questions = select(load_suite("starter"), limit=2)
     records = [{"id": q["id"], "modes": {
         "apar": {"text": f"1. A{i}\n2. B{i}", "threads": 3 - 2 * i, "cut": i == 1}, "ar": {"text": f"Short {i}.", "threads": 1},
         "hf": {"text": "from hf"},

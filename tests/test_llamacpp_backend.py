@@ -176,7 +176,7 @@ def test_latency_bench_and_generate_run_on_the_llamacpp_backend(tiny_dir, tmp_pa
     from parafork.cli import main
 
     args = SimpleNamespace(
-        model=str(tiny_dir), base_model=str(tiny_dir), adapter=None, dtype="float32", cpu_threads=1, suite="vicuna",
+        model=str(tiny_dir), base_model=str(tiny_dir), adapter=None, dtype="float32", cpu_threads=1, suite="starter",
         backend="llamacpp", quant="q8_0", limit=2, per_category=None, max_tokens=10, json=str(tmp_path / "lat.json"),
         plot=None, modes="ar,apar,serial,llamacpp", spec=None,
     )

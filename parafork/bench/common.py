@@ -20,7 +20,7 @@ from ..sampling import PENALTIES, SamplingParams
 
 
 def add_suite_args(p, max_tokens: int = 512) -> None:
-    p.add_argument("--suite", default="vicuna", help="'vicuna', 'mtbench', or a question.jsonl file")
+    p.add_argument("--suite", default="vicuna", help="'vicuna' (the file named by $PARAFORK_VICUNA), 'mtbench', 'starter' (18 questions shipped with parafork), or a question.jsonl file")
     p.add_argument("--limit", type=int, default=None, help="first N questions")
     p.add_argument("--per-category", type=int, default=None, help="first N questions of each category")
     p.add_argument("--max-tokens", type=int, default=max_tokens, help="per answer, over all threads")
