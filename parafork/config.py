@@ -62,6 +62,7 @@ class EngineConfig:
     quant: str | None = None  # llamacpp: weights of an exported GGUF ("f16", "q8_0"); None: f16, or a .gguf as it is
     prefix_caching: bool = True  # reuse computed KV blocks of identical token prefixes across requests
     speculative: str | None = None  # "ngram": requests draft and verify (engine/speculation.py) unless they say "off"
+    row_kernel: bool = True  # torch, bf16: linears through parafork's AVX-512 BF16 row kernel where it builds (row_kernel.py)
 
     def __post_init__(self) -> None:
         resolve_dtype(self.dtype)  # validates

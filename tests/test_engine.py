@@ -265,7 +265,7 @@ def test_dtype_auto_follows_the_cpu_and_bf16_runs_on_any_cpu(tiny_dir, tiny_llm,
     monkeypatch.setattr(config, "cpu_has_fast_bf16", lambda: fast_bf16)
     monkeypatch.setattr(torch_runner, "cpu_has_fast_bf16", lambda: fast)
     assert config.resolve_dtype("auto") == (torch.bfloat16 if fast_bf16 else torch.float32)
-    bf16 = LLM(str(tiny_dir), dtype="bfloat16", num_kv_blocks=64, block_size=4)
+    bf16 = LLM(str(tiny_dir), dtype="bfloat16", num_kv_blocks=64, block_size=4, row_kernel=False)  # oneDNN packing
     assert bf16.runner.layers[0].qkv.packed == fast
     assert tiny_llm.runner.layers[0].qkv.packed  # fp32 weights are packed for oneDNN everywhere
     prompt = {"prompt_token_ids": [10, 11, 12]}

@@ -97,6 +97,7 @@ class RunnerInfo:
     # One more fed row's cost relative to a one-row step (sizes speculative drafts: speculation.py).
     draft_row_cost: float = 0.1
     paged: bool = True  # KV addressed by the engine's block tables (False: by sequence id, llama.cpp)
+    kernels: str = ""  # what computes the linears, and why where it is not the fastest path (benches print it)
 
 
 @runtime_checkable

@@ -25,6 +25,7 @@ Design choices for CPU decode (measured, see RESOURCES.md):
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -32,35 +33,57 @@ import torch
 import torch.nn.functional as F
 
 from ..config import cpu_has_fast_bf16
+from . import row_kernel
 from .runner import BlockCopy, RunnerInfo, SequenceSlice
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
 class _Linear:
-    """y = x @ W^T + b, with oneDNN-packed weights where oneDNN has kernels for the dtype.
+    """y = x @ W^T + b: through parafork's row kernel (`row_kernel.py`) where it is loaded (bf16),
+    else with oneDNN-packed weights where oneDNN has kernels for the dtype.
 
-    Packing pays in fp32 too: on an AVX2 EPYC, MKL's fp32 GEMM for 1-16 rows ran the
+    oneDNN packing pays in fp32 too: on an AVX2 EPYC, MKL's fp32 GEMM for 1-16 rows ran the
     SmolLM2 linear stack in 44/71/113/164/189 ms, oneDNN's packed one in 32/34/41/51/82 ms.
+    The row kernel takes at most `row_kernel.MAX_ROWS` rows a call; a longer input (a prefill
+    chunk) goes through it that many rows at a time.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, kernel=None,
+                 fp32_out: bool = False) -> None:
         weight = weight.detach().to(dtype).contiguous()
         self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
-        self.packed = (dtype == torch.float32 and torch.backends.mkldnn.is_available()) or (
+        self.out_features = weight.shape[0]
+        self.fp32_out = fp32_out
+        self.kernel = kernel if dtype == torch.bfloat16 else None
+        self.packed = self.kernel is None and ((dtype == torch.float32 and torch.backends.mkldnn.is_available()) or (
             dtype == torch.bfloat16 and cpu_has_fast_bf16()
-        )
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 16) if self.packed else weight
+        ))
+        if self.kernel is not None:
+            self.weight = self.kernel.pack(weight)
+        else:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 16) if self.packed else weight
         self.nbytes = weight.numel() * weight.element_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            rows = self.kernel.MAX_ROWS
+            if x.shape[0] <= rows:
+                y = self.kernel.mm(x, self.weight, self.out_features, self.fp32_out)
+            else:
+                y = torch.cat([self.kernel.mm(c, self.weight, self.out_features, self.fp32_out) for c in x.split(rows)])
+            return y if self.bias is None else y + self.bias
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return y.float() if self.fp32_out else y
 
 
 class _Layer:
-    def __init__(self, hf_layer, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    def __init__(self, hf_layer, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, kernel) -> None:
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
         scale = 1.0 / math.sqrt(head_dim)
         q_w, q_b = attn.q_proj.weight * scale, attn.q_proj.bias
@@ -70,10 +93,11 @@ class _Layer:
             torch.cat([q_w, attn.k_proj.weight, attn.v_proj.weight]),
             torch.cat(biases) if biases else None,
             dtype,
+            kernel,
         )
-        self.o = _Linear(attn.o_proj.weight, attn.o_proj.bias, dtype)
-        self.gate_up = _Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), None, dtype)
-        self.down = _Linear(mlp.down_proj.weight, None, dtype)
+        self.o = _Linear(attn.o_proj.weight, attn.o_proj.bias, dtype, kernel)
+        self.gate_up = _Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), None, dtype, kernel)
+        self.down = _Linear(mlp.down_proj.weight, None, dtype, kernel)
         self.input_norm = hf_layer.input_layernorm.weight.detach().to(dtype)
         self.post_norm = hf_layer.post_attention_layernorm.weight.detach().to(dtype)
 
@@ -104,6 +128,8 @@ class _AttentionGroup:
     query_index: torch.Tensor | None  # [B*Q] rows of the group's tokens, None when Q == 1
     valid_rows: torch.Tensor | None  # [T_g] rows of the padded [B*Q] layout that are real
     max_q: int
+    # Decode rows through the row kernel's attention: keys per sequence (`gather_slots` as [B, L]).
+    kv_lens: torch.Tensor | None = None
 
 
 @dataclass
@@ -140,13 +166,24 @@ class TorchRunner:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.group = self.num_heads // self.num_kv_heads
         self.eps = config.rms_norm_eps
+        # The row kernel for bf16 (built once per machine), unless the config turns it off.
+        kernel = None
+        self.linear_path = "off (row_kernel=False)" if not engine_config.row_kernel else "not used (float32)"
+        if engine_config.row_kernel and dtype == torch.bfloat16:
+            kernel = row_kernel.load()
+            self.linear_path = "on" if kernel is not None else f"off: {row_kernel.unavailable()}"
+            if kernel is None:
+                log.warning("linear layers through oneDNN: %s", row_kernel.unavailable())
+        self.kernel = kernel
+        self._no_delta = torch.empty(0, dtype=dtype)
         with torch.no_grad():
             self.layers = [
-                _Layer(layer, self.num_heads, self.num_kv_heads, self.head_dim, dtype) for layer in hf_model.model.layers
+                _Layer(layer, self.num_heads, self.num_kv_heads, self.head_dim, dtype, kernel)
+                for layer in hf_model.model.layers
             ]
             self.embed = hf_model.get_input_embeddings().weight.detach().to(dtype)
             self.final_norm = hf_model.model.norm.weight.detach().to(dtype)
-            self.lm_head = _Linear(hf_model.get_output_embeddings().weight, None, dtype)
+            self.lm_head = _Linear(hf_model.get_output_embeddings().weight, None, dtype, kernel, fp32_out=True)
         weight_bytes = self.lm_head.nbytes + sum(l.qkv.nbytes + l.o.nbytes + l.gate_up.nbytes + l.down.nbytes for l in self.layers)
         self.max_position = config.max_position_embeddings
         self.info = RunnerInfo(
@@ -157,6 +194,7 @@ class TorchRunner:
             max_live_sequences=None,
             # Step of 1/8 rows: 49.3/78.8 ms on a 2-core AVX2 EPYC (fp32), 12.7/17.3 ms on Zen 5 (bf16).
             draft_row_cost=0.08,
+            kernels=f"row kernel {self.linear_path}",
         )
         self._init_rope(config)
         # Slot num_blocks*block_size is a scratch slot: padded keys point there.
@@ -240,7 +278,10 @@ class TorchRunner:
         num_joined = [len(x) for x in span_slots]
         # Own keys from `skip` on: the shared prefix before it is attended once for all its sharers.
         skip, shared = [0] * len(batch), []
-        if len(batch) > 1 and max(q_lens) <= self.SHORT_SLICE:
+        # One query per sequence and the row kernel: its attention reads every key in place, so a
+        # shared prefix costs no gather and is not split off.
+        kernel_decode = self.kernel is not None and self.head_dim % 16 == 0 and max(q_lens) == 1
+        if len(batch) > 1 and max(q_lens) <= self.SHORT_SLICE and not kernel_decode:
             skip, shared = self._shared_prefixes(batch)
         kv_lens = [j + n - k for j, n, k in zip(num_joined, own_lens, skip)]
         max_q, max_kv = max(q_lens), max(kv_lens)
@@ -264,6 +305,10 @@ class TorchRunner:
                     gather_slots[i, : len(slots)] = torch.tensor(slots, dtype=torch.long)
         kv_len_t = torch.tensor(kv_lens)
         gather_slots = torch.where(key_pos[None, :] < kv_len_t[:, None], gather_slots, scratch_block * bs)
+        if kernel_decode:
+            return _AttentionGroup(rows=rows, gather_slots=gather_slots, attn_bias=None, long_mask=None, causal=False,
+                                   shared=[], num_seqs=num_b, max_kv=max_kv, query_index=None, valid_rows=None,
+                                   max_q=1, kv_lens=kv_len_t)
 
         # Query positions, padded per sequence to max_q (padding repeats the last real query).
         offsets = torch.arange(max_q)
@@ -342,8 +387,13 @@ class TorchRunner:
             return torch.tensor(ends) - 1
         return torch.tensor([r for s, end in zip(batch, ends) for r in range(end - s.num_logits, end)])
 
-    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # One fused op (accumulates in fp32 for bf16 too) instead of HF's eight.
+    def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+        """x += delta (the residual, in place; `x` is this step's own tensor), then the RMS norm of x:
+        one call of the row kernel in bf16, else one fused op (fp32 accumulation) instead of HF's eight."""
+        if self.kernel is not None:
+            return self.kernel.add_rms_norm(x, self._no_delta if delta is None else delta, weight, self.eps)
+        if delta is not None:
+            x.add_(delta)
         return F.rms_norm(x, weight.shape, weight, self.eps)
 
     def _attention(self, layer_idx: int, qkv: torch.Tensor, inp: _StepInputs) -> torch.Tensor:
@@ -368,6 +418,8 @@ class TorchRunner:
         """[T_g, H*D] attention output of one group's queries `q` ([T_g, H, D], its rows in order)."""
         h, kvh, d, g = self.num_heads, self.num_kv_heads, self.head_dim, self.group
         num_b, max_q = grp.num_seqs, grp.max_q
+        if grp.kv_lens is not None:
+            return self.kernel.decode_attention(q, cache, grp.gather_slots, grp.kv_lens)
         if grp.attn_bias is None:
             return self._long_slice_attention(q, cache, grp)
         if grp.query_index is not None:
@@ -449,12 +501,13 @@ class TorchRunner:
     def forward(self, batch: list[SequenceSlice]) -> torch.Tensor:
         """Runs one step; returns float32 logits of each slice's last `num_logits` tokens."""
         inp = self._prepare(batch)
-        x = self.embed[inp.token_ids]
+        x = self.embed[inp.token_ids]  # a copy: the residual stream is updated in place
+        delta = None  # each block's output, added to x by the next norm
         for i, layer in enumerate(self.layers):
-            h = self._rms_norm(x, layer.input_norm)
-            x = x + layer.o(self._attention(i, layer.qkv(h), inp))
-            h = self._rms_norm(x, layer.post_norm)
+            h = self._add_norm(x, delta, layer.input_norm)
+            delta = layer.o(self._attention(i, layer.qkv(h), inp))
+            h = self._add_norm(x, delta, layer.post_norm)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
-        x = self._rms_norm(x.index_select(0, inp.last_rows), self.final_norm)
-        return self.lm_head(x).float()
+            delta = layer.down(F.silu(gate) * up)
+        x = (x + delta).index_select(0, inp.last_rows)
+        return self.lm_head(self._add_norm(x, None, self.final_norm))

@@ -1,0 +1,215 @@
+// A few rows through a linear layer at the cost of reading its weights once (AVX-512 BF16).
+//
+// y[n, m] = sum_k x[n, k] * W[m, k] for n < 16 rows. W is packed once as [M/16][K/2][16][2]
+// bf16: one 64-byte load holds 16 outputs x 2 k, and one `vdpbf16ps` per row multiplies it by
+// that row's broadcast (k, k+1) pair into 16 fp32 sums. So each weight byte is read once per
+// step, whatever the row count, and no horizontal sum is needed; several 16-output blocks are
+// in flight for few rows (independent chains), one for many (accumulators fill the registers).
+// Output blocks are split over torch's intra-op threads. fp32 accumulation; the output is
+// rounded to bf16 or kept fp32 (the logits).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <vector>
+
+static constexpr int64_t kMaxRows = 16;
+
+static torch::Tensor pack(torch::Tensor w) {  // [M, K] -> [ceil(M/16), K/2, 16, 2] bf16, M padded with zeros
+  TORCH_CHECK(w.dim() == 2 && w.size(1) % 2 == 0, "pack: want a [M, K] weight with K even");
+  w = w.to(torch::kBFloat16);
+  int64_t M = w.size(0), K = w.size(1), Mp = (M + 15) / 16 * 16;
+  auto wp = torch::zeros({Mp, K}, w.options());
+  wp.narrow(0, 0, M).copy_(w);
+  return wp.view({Mp / 16, 16, K / 2, 2}).permute({0, 2, 1, 3}).contiguous();
+}
+
+template <int N>
+static inline void store(__m512 acc, float* y32, at::BFloat16* y16, int64_t offset) {
+  if (y32) _mm512_storeu_ps(y32 + offset, acc);
+  else _mm256_storeu_si256((__m256i*)(y16 + offset), (__m256i)_mm512_cvtneps_pbh(acc));
+}
+
+template <int N, int B>
+static void blocks(const uint32_t* x, int64_t K2, const __m512bh* wb, int64_t mb0, int64_t mb1, float* y32,
+                   at::BFloat16* y16, int64_t ld) {
+  // x: [K2, N] pairs (k-major, so a step's broadcasts are adjacent); B output blocks at a time.
+  int64_t mb = mb0;
+  for (; mb + B <= mb1; mb += B) {
+    __m512 acc[B][N];
+    for (int b = 0; b < B; ++b)
+      for (int n = 0; n < N; ++n) acc[b][n] = _mm512_setzero_ps();
+    const __m512bh* w = wb + mb * K2;
+    for (int64_t k = 0; k < K2; ++k) {
+      const uint32_t* xk = x + k * N;
+      for (int b = 0; b < B; ++b) {
+        __m512bh wv = w[b * K2 + k];
+        for (int n = 0; n < N; ++n) acc[b][n] = _mm512_dpbf16_ps(acc[b][n], (__m512bh)_mm512_set1_epi32(xk[n]), wv);
+      }
+    }
+    for (int b = 0; b < B; ++b)
+      for (int n = 0; n < N; ++n) store<N>(acc[b][n], y32, y16, n * ld + (mb + b) * 16);
+  }
+  if (mb < mb1) blocks<N, 1>(x, K2, wb, mb, mb1, y32, y16, ld);
+}
+
+// x [N, K] bf16 (N <= 16), wp from pack(), M the unpadded output size -> [N, M] (fp32 or bf16).
+static torch::Tensor mm(torch::Tensor x, torch::Tensor wp, int64_t M, bool fp32_out) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16, "mm: want [N, K] bf16 rows");
+  int64_t N = x.size(0), K = x.size(1), MB = wp.size(0), K2 = K / 2, ld = MB * 16;
+  TORCH_CHECK(wp.dim() == 4 && wp.size(1) == K2 && wp.size(2) == 16 && wp.size(3) == 2, "mm: weight not packed for K=", K);
+  TORCH_CHECK(N >= 1 && N <= kMaxRows, "mm: 1 to 16 rows, got ", N);
+  x = x.contiguous();
+  std::vector<uint32_t> xt(K2 * N);  // [K2, N] (k, k+1) pairs: a step's broadcasts lie side by side
+  const uint32_t* xr = (const uint32_t*)x.data_ptr();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K2; ++k) xt[k * N + n] = xr[n * K2 + k];
+  auto y = torch::empty({N, ld}, x.options().dtype(fp32_out ? torch::kFloat : torch::kBFloat16));
+  const uint32_t* xp = xt.data();
+  const __m512bh* w = (const __m512bh*)wp.data_ptr();
+  float* y32 = fp32_out ? y.data_ptr<float>() : nullptr;
+  at::BFloat16* y16 = fp32_out ? nullptr : y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, MB, 8, [&](int64_t b0, int64_t b1) {
+    switch (N) {
+#define ROWS(n) case n: blocks<n, (n <= 2 ? 4 : n <= 6 ? 2 : 1)>(xp, K2, w, b0, b1, y32, y16, ld); break;
+      ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
+      ROWS(9) ROWS(10) ROWS(11) ROWS(12) ROWS(13) ROWS(14) ROWS(15) ROWS(16)
+#undef ROWS
+    }
+  });
+  return ld == M ? y : y.narrow(1, 0, M);
+}
+
+// x += delta (bf16, in place; delta may be empty), then h = w * rms_norm(x) as HF's Llama norm
+// rounds it: the sum of squares in fp32, x * rsqrt(mean + eps) rounded to bf16, times w in bf16.
+// One call instead of the ~10 small ops (casts, pow, mean, rsqrt, muls, add) a layer paid twice.
+static torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor delta, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16, "add_rms_norm: want [T, D] bf16");
+  int64_t T = x.size(0), D = x.size(1);
+  bool add = delta.numel() > 0;
+  if (add) delta = delta.contiguous();
+  auto wc = w.contiguous();
+  auto h = torch::empty_like(x);
+  at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  const at::BFloat16* dp = add ? delta.data_ptr<at::BFloat16>() : nullptr;
+  const at::BFloat16* wp = wc.data_ptr<at::BFloat16>();
+  at::BFloat16* hp = h.data_ptr<at::BFloat16>();
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      at::BFloat16* xr = xp + t * D;
+      float ss = 0.f;
+      for (int64_t k = 0; k < D; ++k) {
+        float v = add ? (float)(at::BFloat16)((float)xr[k] + (float)dp[t * D + k]) : (float)xr[k];
+        if (add) xr[k] = (at::BFloat16)v;
+        ss += v * v;
+      }
+      float r = 1.f / std::sqrt(ss / D + (float)eps);
+      for (int64_t k = 0; k < D; ++k)
+        hp[t * D + k] = (at::BFloat16)((float)wp[k] * (float)(at::BFloat16)((float)xr[k] * r));
+    }
+  });
+  return h;
+}
+
+static inline __m512 load_bf16(const at::BFloat16* p) {  // 16 bf16 -> 16 fp32
+  __m256i u = _mm256_loadu_si256((const __m256i*)p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(u), 16));
+}
+
+// exp(x) for 16 lanes: 2^(x log2 e) split into 2^n * 2^f, |f| <= 1/2, 2^f by a degree-6
+// polynomial (relative error ~2e-7), then scaled by 2^n; x = -inf gives 0. std::exp per score
+// was most of this kernel's time.
+static inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));  // f ln2, |.| <= 0.35
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Decode attention, one query per sequence: out[b, h] = softmax(q[b, h] . K) V over the keys at
+// slots[b, :lens[b]] of the paged cache [slots, 2, KVH, D] (every one visible: joined spans, then
+// the sequence's own entries up to the query). Keys are read in place (no gathered copy), scores
+// and sums in fp32; the softmax scale is already in q. Query head h reads KV head h / G.
+// Replaces, per layer, a gather of every key, casts, two batched matmuls and a softmax.
+static torch::Tensor decode_attention(torch::Tensor q, torch::Tensor cache, torch::Tensor slots, torch::Tensor lens) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kBFloat16 && cache.scalar_type() == torch::kBFloat16,
+              "decode_attention: want bf16 q [B, H, D] and cache [S, 2, KVH, D]");
+  q = q.contiguous();
+  int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = cache.size(2), G = H / KVH, L = slots.size(1);
+  TORCH_CHECK(D % 16 == 0 && cache.size(3) == D && H % KVH == 0 && cache.is_contiguous(), "decode_attention: shapes");
+  auto sl = slots.to(torch::kLong).contiguous();
+  auto ln = lens.to(torch::kLong).contiguous();
+  auto out = torch::empty({B, H * D}, q.options());
+  const at::BFloat16* qp = q.data_ptr<at::BFloat16>();
+  const at::BFloat16* cp = cache.data_ptr<at::BFloat16>();
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  const int64_t* lp = ln.data_ptr<int64_t>();
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  const int64_t DV = D / 16, stride = 2 * KVH * D;
+  at::parallel_for(0, B * KVH, 1, [&](int64_t w0, int64_t w1) {
+    const int64_t Lp = (L + 15) / 16 * 16;
+    std::vector<float> scores(G * Lp);
+    std::vector<__m512> qf(G * DV), acc(G * DV);
+    for (int64_t w = w0; w < w1; ++w) {
+      int64_t b = w / KVH, kvh = w % KVH, n = lp[b];
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t v = 0; v < DV; ++v) qf[g * DV + v] = load_bf16(qp + (b * H + kvh * G + g) * D + v * 16);
+      std::vector<float> mx(G, -INFINITY);
+      for (int64_t l = 0; l < n; ++l) {
+        const at::BFloat16* k = cp + sp[b * L + l] * stride + kvh * D;
+        __m512 kv[8];
+        for (int64_t v = 0; v < DV && v < 8; ++v) kv[v] = load_bf16(k + v * 16);
+        for (int64_t g = 0; g < G; ++g) {
+          __m512 d = _mm512_setzero_ps();
+          for (int64_t v = 0; v < DV; ++v) d = _mm512_fmadd_ps(qf[g * DV + v], v < 8 ? kv[v] : load_bf16(k + v * 16), d);
+          float sc = _mm512_reduce_add_ps(d);
+          scores[g * Lp + l] = sc;
+          mx[g] = std::max(mx[g], sc);
+        }
+      }
+      int64_t n16 = (n + 15) / 16 * 16;  // scores padded to whole vectors with -inf
+      for (int64_t g = 0; g < G; ++g) {
+        float* sc = scores.data() + g * Lp;
+        for (int64_t l = n; l < n16; ++l) sc[l] = -INFINITY;
+        __m512 m = _mm512_set1_ps(mx[g]), sum = _mm512_setzero_ps();
+        for (int64_t l = 0; l < n16; l += 16) {
+          __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + l), m));
+          _mm512_storeu_ps(sc + l, e);
+          sum = _mm512_add_ps(sum, e);
+        }
+        __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+        for (int64_t l = 0; l < n16; l += 16) _mm512_storeu_ps(sc + l, _mm512_mul_ps(_mm512_loadu_ps(sc + l), inv));
+        for (int64_t v = 0; v < DV; ++v) acc[g * DV + v] = _mm512_setzero_ps();
+      }
+      for (int64_t l = 0; l < n; ++l) {
+        const at::BFloat16* vv = cp + sp[b * L + l] * stride + (KVH + kvh) * D;
+        for (int64_t v = 0; v < DV; ++v) {
+          __m512 x = load_bf16(vv + v * 16);
+          for (int64_t g = 0; g < G; ++g)
+            acc[g * DV + v] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * Lp + l]), x, acc[g * DV + v]);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t v = 0; v < DV; ++v)
+          _mm256_storeu_si256((__m256i*)(op + b * H * D + (kvh * G + g) * D + v * 16),
+                              (__m256i)_mm512_cvtneps_pbh(acc[g * DV + v]));
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack", &pack, "pack a [M, K] weight for mm");
+  m.def("mm", &mm, "x [N<=16, K] bf16 times a packed weight");
+  m.def("add_rms_norm", &add_rms_norm, "x += delta in place, then w * rms_norm(x)");
+  m.def("decode_attention", &decode_attention, "one query per sequence over its keys in the paged cache");
+  m.attr("MAX_ROWS") = kMaxRows;
+}

@@ -1,0 +1,112 @@
+"""parafork's row kernel (engine/row_kernel.py): each op against an independent fp32 reference,
+the torch runner with it against HF in bf16 and against the oneDNN path it replaces, and the
+fallback where it cannot be had. Skipped, with the reason, on CPUs without AVX-512 BF16."""
+import pytest
+import torch
+
+from parafork import models
+from parafork.config import EngineConfig
+from parafork.engine import row_kernel
+from parafork.engine.runner import BlockCopy, SequenceSlice
+from parafork.engine.torch_runner import TorchRunner, _Linear
+
+kernel = row_kernel.load()
+needs_kernel = pytest.mark.skipif(kernel is None, reason=f"row kernel unavailable: {row_kernel.unavailable()}")
+
+
+def _bf16_close(got: torch.Tensor, want: torch.Tensor, scale: float = 1.0) -> None:
+    # bf16 keeps 8 bits of mantissa: outputs are rounded once (relative 2^-8) on top of fp32 sums.
+    torch.testing.assert_close(got.float(), want, atol=scale * 2e-2, rtol=1e-2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 16, 40])
+def test_linear_equals_fp32_for_any_row_count_and_unpadded_widths(rows):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(100, 96, generator=g)  # 100 outputs: not a multiple of 16, so the packing pads
+    b = torch.randn(100, generator=g)
+    x = torch.randn(rows, 96, generator=g).bfloat16()
+    want = x.float() @ w.bfloat16().float().T + b.bfloat16().float()
+    lin = _Linear(w, b, torch.bfloat16, kernel)
+    assert lin.kernel is not None and not lin.packed
+    _bf16_close(lin(x), want, scale=10)
+    logits = _Linear(w, None, torch.bfloat16, kernel, fp32_out=True)(x)
+    assert logits.dtype == torch.float32  # the lm_head keeps fp32 sums: no rounding of the logits
+    torch.testing.assert_close(logits, x.float() @ w.bfloat16().float().T, atol=1e-3, rtol=1e-4)
+
+
+@needs_kernel
+def test_add_rms_norm_adds_in_place_and_rounds_as_hf_does():
+    g = torch.Generator().manual_seed(0)
+    x, d = torch.randn(7, 64, generator=g).bfloat16(), torch.randn(7, 64, generator=g).bfloat16()
+    w = torch.randn(64, generator=g).bfloat16()
+    summed = x + d  # the residual add in bf16, as HF does it
+    var = summed.float().pow(2).mean(-1, keepdim=True)
+    want = w * (summed.float() * torch.rsqrt(var + 1e-5)).bfloat16()  # HF's LlamaRMSNorm
+    got = kernel.add_rms_norm(x, d, w, 1e-5)
+    assert torch.equal(x, summed)  # in place
+    torch.testing.assert_close(got, want, atol=0, rtol=1e-2)
+    torch.testing.assert_close(kernel.add_rms_norm(x, torch.empty(0, dtype=torch.bfloat16), w, 1e-5), want,
+                               atol=0, rtol=1e-2)
+    assert torch.equal(x, summed)  # no delta: x untouched
+
+
+@needs_kernel
+def test_decode_attention_equals_softmax_attention_over_each_sequences_slots():
+    g = torch.Generator().manual_seed(1)
+    cache = torch.randn(500, 2, 3, 32, generator=g).bfloat16()  # [slots, K/V, KV heads, head dim]
+    q = torch.randn(4, 6, 32, generator=g).bfloat16()  # 6 query heads over 3 KV heads
+    lens = torch.tensor([50, 17, 1, 33])
+    slots = torch.randint(0, 499, (4, 50), generator=g)
+    out = kernel.decode_attention(q, cache, slots, lens).float().view(4, 6, 32)
+    for b in range(4):
+        kv = cache[slots[b, : lens[b]]].float()
+        for h in range(6):
+            p = torch.softmax(kv[:, 0, h // 2] @ q[b, h].float(), 0)
+            _bf16_close(out[b, h], p @ kv[:, 1, h // 2])
+
+
+@needs_kernel
+def test_the_runner_with_the_kernel_matches_hf_and_the_onednn_path_with_forks_and_a_stranger(tiny_dir, tiny_llm):
+    hf = models.load_hf_model(tiny_dir, tiny_llm.tokenizer, torch.bfloat16)
+    prompt, other = list(range(300, 370)), list(range(800, 830))
+
+    def run(use_kernel: bool):
+        runner = TorchRunner(hf, EngineConfig(num_kv_blocks=64, block_size=4, dtype="bfloat16", row_kernel=use_kernel))
+        assert (runner.kernel is not None) == use_kernel and runner.info.kernels == (
+            "row kernel on" if use_kernel else "row kernel off (row_kernel=False)")
+        first = runner.forward([SequenceSlice(0, prompt, 0, list(range(18)))])  # a prefill: 16 rows at a time
+        runner.forward([SequenceSlice(9, other, 0, list(range(40, 48)))])
+        tables = {0: list(range(18))}
+        for child, tail in ((1, 20), (2, 21)):
+            runner.fork(0, child, BlockCopy(17, tail, 2))
+            tables[child] = list(range(17)) + [tail, tail + 10]
+        decode = [SequenceSlice(0, [5], 70, tables[0] + [30]), SequenceSlice(1, [6], 70, tables[1]),
+                  SequenceSlice(9, [7], 30, list(range(40, 48))), SequenceSlice(2, [8], 70, tables[2])]
+        assert (runner._prepare(decode).groups[0].kv_lens is not None) == use_kernel  # the kernel's attention ran
+        drafts = [SequenceSlice(1, [9, 10, 11], 71, tables[1], num_logits=3)]  # several queries: the matmul path
+        return first, runner.forward(decode), runner.forward(drafts)
+
+    with_kernel, without = run(True), run(False)
+    with torch.no_grad():
+        refs = [hf(torch.tensor([ids])).logits[0, -n:].float() for ids, n in
+                [(prompt, 1), (prompt + [5], 1), (prompt + [6], 1), (other + [7], 1), (prompt + [8], 1),
+                 (prompt + [6, 9, 10, 11], 3)]]
+    got = torch.cat([torch.cat(with_kernel)])
+    base = torch.cat([torch.cat(without)])
+    want = torch.cat(refs)
+    # bf16 end to end: both paths sit as close to HF's bf16 logits as each other.
+    err_kernel, err_onednn = (got - want).abs().max().item(), (base - want).abs().max().item()
+    assert err_kernel < 0.1 and err_kernel <= 2 * err_onednn + 0.02, (err_kernel, err_onednn)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.8
+
+
+def test_without_the_kernel_the_runner_uses_onednn_and_says_why(tiny_dir, tiny_llm, monkeypatch):
+    monkeypatch.setattr(row_kernel, "_load", lambda: (None, "this CPU lacks avx512_bf16 (test)"))
+    hf = models.load_hf_model(tiny_dir, tiny_llm.tokenizer, torch.float32)
+    runner = TorchRunner(hf, EngineConfig(num_kv_blocks=16, block_size=4, dtype="bfloat16"))
+    assert runner.kernel is None and runner.layers[0].qkv.kernel is None
+    assert runner.info.kernels == "row kernel off: this CPU lacks avx512_bf16 (test)"
+    assert runner.forward([SequenceSlice(0, [1, 2, 3], 0, [0])]).shape == (1, runner.info.vocab_size)
+    fp32 = TorchRunner(hf, EngineConfig(num_kv_blocks=16, block_size=4, dtype="float32"))
+    assert fp32.kernel is None and fp32.info.kernels == "row kernel not used (float32)"
