@@ -5,7 +5,11 @@
 - decode step time with 1/2/4/8/16 live threads that share one prompt's KV blocks, as
   APAR siblings do;
 - achieved weight bandwidth (weight bytes x steps/s) against this machine's read
-  bandwidth, measured here by summing a buffer larger than the caches;
+  bandwidth, measured here by summing a buffer larger than the caches; each step's floor
+  (weight bytes / that bandwidth: a step can cost no less, whatever its rows) and the share
+  of it the step reaches (the roofline);
+- `--also BACKEND[:QUANT]` measures more backends in the same run, one after the other, and
+  `--plot` draws step cost against rows, one line per backend, beside the floor;
 - llama.cpp on its own (`reference_greedy`: one sequence, greedy, no engine) on the same
   GGUF and prompt: with `--backend llamacpp` the GGUF the engine runs (`ar_vs_llamacpp`
   compares like with like), with the torch backend a `--gguf` file if given;
@@ -137,23 +141,83 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per thread count")
     p.add_argument("--prefill", default=PREFILL_LENGTHS, help="comma list of prompt lengths whose prefill is timed")
     p.add_argument("--gguf", default=None, help="torch backend: the same model as GGUF, for llama.cpp's own AR tok/s")
+    p.add_argument("--also", action="append", default=[], metavar="BACKEND[:QUANT]",
+                   help="measure this backend too, in the same run (e.g. llamacpp:q8_0); repeatable")
+    p.add_argument("--plot", default=None, help="write a PNG of step cost against rows, one line per backend")
+
+
+def parse_also(items: list[str]) -> list[tuple[str, str | None]]:
+    """`--also` items as (backend, quant); a bad one is refused before anything runs."""
+    from ..config import BACKENDS, GGUF_QUANTS
+
+    out = []
+    for item in items:
+        backend, _, quant = item.partition(":")
+        if backend not in BACKENDS or backend == "auto":
+            raise ValueError(f"--also {item}: the backend must be one of {', '.join(b for b in BACKENDS if b != 'auto')}")
+        if quant and (backend != "llamacpp" or quant not in GGUF_QUANTS):
+            raise ValueError(f"--also {item}: a quant ({', '.join(GGUF_QUANTS)}) applies to llamacpp only")
+        out.append((backend, quant or None))
+    return out
+
+
+def plot_steps(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in results:
+        rows = [int(n) for n in r["step_ms"]]
+        line, = ax.plot(rows, list(r["step_ms"].values()), marker="o", label=f"{r['backend']} ({r['dtype']})")
+        ax.axhline(r["floor_ms"], color=line.get_color(), linestyle=":", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(THREAD_COUNTS, [str(n) for n in THREAD_COUNTS])
+    ax.set_xlabel("rows per step (live threads)")
+    ax.set_ylabel("decode step (ms)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Step cost against rows; dotted: weights / read bandwidth", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def run(args) -> dict:
+    """One backend's figures (the JSON as before); with `--also`, each further backend's under
+    `also`, measured after it in the same run."""
+    also = parse_also(getattr(args, "also", []) or [])
+    result = run_one(args, args.backend, args.quant)
+    results = [result]
+    for backend, quant in also:
+        results.append(run_one(args, backend, quant))
+    if also:
+        result["also"] = results[1:]
+    if getattr(args, "plot", None):
+        plot_steps(results, args.plot)
+        print(f"wrote {args.plot}")
+    write_json(result, args.json)
+    return result
+
+
+def run_one(args, backend: str, quant: str | None) -> dict:
     torch.set_num_threads(args.cpu_threads)
     lengths = parse_list(getattr(args, "prefill", PREFILL_LENGTHS), "--prefill", kind=int)
-    llm = LLM(args.model, dtype=args.dtype, cpu_threads=args.cpu_threads, num_kv_blocks=KV_BLOCKS, backend=args.backend,
-              quant=args.quant)
+    llm = LLM(args.model, dtype=args.dtype, cpu_threads=args.cpu_threads, num_kv_blocks=KV_BLOCKS, backend=backend,
+              quant=quant)
     too_long = [n for n in lengths if n >= llm.runner.info.max_position or n >= KV_BLOCKS * llm.config.block_size]
     if too_long:
         raise ValueError(f"--prefill {too_long}: longer than the model's {llm.runner.info.max_position} positions "
                          f"or the bench's KV pool")
     on_llamacpp = llm.runner.info.gguf is not None
-    dtype_name = f"gguf {args.quant or 'as given'}" if on_llamacpp else str(llm.config.torch_dtype).removeprefix("torch.")
+    dtype_name = f"gguf {quant or 'as given'}" if on_llamacpp else str(llm.config.torch_dtype).removeprefix("torch.")
     gguf = llm.runner.info.gguf or args.gguf
     prompt_ids = models.apply_chat_template(llm.tokenizer, PROMPT)
-    print(f"parafork bench engine: model={args.model} backend={'llamacpp' if on_llamacpp else args.backend} "
+    print(f"parafork bench engine: model={args.model} backend={'llamacpp' if on_llamacpp else backend} "
           f"weights={dtype_name} threads={args.cpu_threads} tokens={args.tokens}")
+    if llm.runner.info.kernels:
+        print(f"  linears                     {llm.runner.info.kernels}")
     bandwidth = read_bandwidth_gbs()
     print(f"  machine read bandwidth      {bandwidth:8.1f} GB/s")
     reference = None if on_llamacpp else hf_model(llm, llm.config.torch_dtype)
@@ -168,19 +232,23 @@ def run(args) -> dict:
           + (f"   {ar / own:.2f}x llama.cpp alone" if own else ""))
     achieved = llm.runner.info.weight_bytes * ar / 1e9
     print(f"  achieved weight bandwidth   {achieved:8.1f} GB/s   {100 * achieved / bandwidth:.0f}% of measured")
+    floor = llm.runner.info.weight_bytes / (bandwidth * 1e9) * 1e3  # ms to read the weights once
+    print(f"  step floor (weights / bw)   {floor:8.1f} ms   {llm.runner.info.weight_bytes / 1e6:.0f} MB of weights")
     steps = {}
     for n in THREAD_COUNTS:
         steps[n] = step_ms(llm, prompt_ids, n, context=len(prompt_ids) + args.tokens, steps=args.steps)
-        print(f"  step with {n:2d} live threads    {steps[n]:8.1f} ms   {steps[n] / steps[1]:.2f}x one thread")
+        print(f"  step with {n:2d} live threads    {steps[n]:8.1f} ms   {steps[n] / steps[1]:.2f}x one thread"
+              f"   {100 * floor / steps[n]:3.0f}% of the floor")
     prefill = {}
     for n in lengths:
         own_n, hf_n = prefill_tokens_per_s(llm, n, reference)
         prefill[str(n)] = {"tok_s": own_n, "hf_tok_s": hf_n}
         print(f"  prefill {n:5d} tokens         {own_n:8.1f} tok/s" + (f"   {own_n / hf_n:.2f}x HF forward" if hf_n else ""))
-    result = {
-        "backend": "llamacpp" if on_llamacpp else args.backend,
+    return {
+        "backend": "llamacpp" if on_llamacpp else backend,
         "dtype": dtype_name,
-        "quant": args.quant,
+        "quant": quant,
+        "kernels": llm.runner.info.kernels,
         "cpu_threads": args.cpu_threads,
         "tokens": args.tokens,
         "hf_tok_s": hf,
@@ -191,6 +259,9 @@ def run(args) -> dict:
         "gguf": str(gguf) if gguf else None,
         "step_ms": {str(n): ms for n, ms in steps.items()},
         "step_ratio_8_vs_1": steps[8] / steps[1],
+        "step_ratio_16_vs_1": steps[16] / steps[1],
+        "floor_ms": floor,
+        "floor_share": {str(n): floor / ms for n, ms in steps.items()},
         "prefill": prefill,
         "bandwidth_gbs": bandwidth,
         "achieved_gbs": achieved,
@@ -198,5 +269,3 @@ def run(args) -> dict:
         "weight_bytes": llm.runner.info.weight_bytes,
         **metadata(torch.get_num_threads()),
     }
-    write_json(result, args.json)
-    return result
