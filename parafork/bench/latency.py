@@ -7,9 +7,11 @@ with the same `max_tokens`:
   `apar`, at AR's pace): `apar_vs_serial` is APAR's parallel speed-up on identical output;
 - `base`: the untuned base model, plain AR, on the parafork engine (what a user runs without APAR);
 - `hf`: HF `generate` with the untuned base model (the reference implementation's baseline);
-- `llamacpp`: with `--backend llamacpp`, llama.cpp on its own (one sequence, greedy, no engine)
-  on the GGUF the engine runs, `[Fork]` banned: `apar_vs_llamacpp` is APAR on llama.cpp against
-  llama.cpp's own AR;
+- `llamacpp`: llama.cpp on its own (one sequence, greedy, no engine), `[Fork]` banned, on the
+  GGUF the engine runs with `--backend llamacpp`, else on the same model exported to Q8_0 GGUF
+  (`LLAMACPP_QUANT`: llama.cpp's fastest weights on these CPUs, 122 tok/s against f16's 91 in
+  `results/rows/engine.json`): `apar_vs_llamacpp` is APAR on any backend against the AR loop a
+  CPU user would run instead;
 - `sot`: Skeleton-of-Thought prompting with the untuned base model on the parafork engine;
 - `apar-unguarded`, `serial-unguarded`: `apar` and `serial` without the answer guards (no
   budget planning, no repeated-head guard, no penalties: how parafork decoded before issue 12),
@@ -32,6 +34,7 @@ since the modes' answers differ in length.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 import time
 
 import torch
@@ -168,18 +171,29 @@ def _engine_record(llm: LLM, prompt: str, params: SamplingParams) -> dict:
     }
 
 
+LLAMACPP_QUANT = "q8_0"
+
+
+def _exported_gguf(llm: LLM):
+    """The model `llm` runs (adapter merged) as a GGUF for llama.cpp, exported once into the cache."""
+    from dataclasses import replace
+
+    from ..export import gguf_for
+
+    config = replace(llm.config, backend="llamacpp", quant=LLAMACPP_QUANT)
+    return gguf_for(config, models.resolve_model_path(llm.config.model), llm.adapter)
+
+
 def _llamacpp_record(llm: LLM, prompt: str, max_tokens: int, threads: int) -> dict:
     """llama.cpp alone on the GGUF `llm` runs (its runner's file), greedy AR, `[Fork]` banned."""
     from ..engine.llamacpp_runner import reference_greedy
 
-    gguf = llm.runner.info.gguf
-    if gguf is None:
-        raise ValueError("mode llamacpp needs --backend llamacpp (llama.cpp alone on the same GGUF)")
+    gguf = llm.runner.info.gguf or _exported_gguf(llm)
     prompt_ids = llm.encode(prompt)
     out, wall = reference_greedy(gguf, prompt_ids, max_tokens, threads, stop_ids=llm.control.eos_ids,
                                  banned=llm.control.ids)
-    return single_sequence_record(llm.tokenizer, prompt_ids, out, llm.control.eos_ids, wall, max_tokens,
-                                  llm.config.block_size)
+    return {**single_sequence_record(llm.tokenizer, prompt_ids, out, llm.control.eos_ids, wall, max_tokens,
+                                     llm.config.block_size), "gguf": Path(gguf).name}
 
 
 def aggregate(records: list[dict]) -> dict:
