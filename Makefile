@@ -7,7 +7,7 @@ VLLM_VENV ?= .venv-vllm
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup vllm demo test bench clean
+.PHONY: setup vllm demo test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -42,9 +42,14 @@ demo: setup
 test: setup vllm
 	$(PY) -m pytest -q -rs --durations=15
 
+# The quick loop: no bundled-model tests, no real vLLM or llama.cpp server (CI runs them all).
+test-fast: setup
+	$(PY) -m pytest -q -rs -m "not model" --ignore=tests/test_vllm.py --ignore=tests/test_llamacpp.py
+
 # The papers' measurements, one command (about 5 hours on 2 cores); figures land in results/.
 # MT-Bench latency leaves out `hf` (HF generate, the slowest mode, measured on Vicuna).
 bench: setup
+	@test -n "$$PARAFORK_VICUNA" || { echo "make bench needs Vicuna Bench: set PARAFORK_VICUNA to its question.jsonl (FastChat's fastchat/llm_judge/data/vicuna_bench/)"; exit 2; }
 	$(VENV)/bin/parafork bench engine --json results/engine.json
 	$(VENV)/bin/parafork bench latency --suite vicuna --json results/latency_vicuna.json --plot results/latency_vicuna.png
 	$(VENV)/bin/parafork bench latency --suite mtbench --modes ar,apar,serial,sot --json results/latency_mtbench.json --plot results/latency_mtbench.png
