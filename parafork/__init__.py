@@ -1,7 +1,7 @@
 """parafork: auto-parallel auto-regressive (APAR) decoding.
 
 The public names load on first use, so that a submodule which needs only torch (the
-logits processor that `parafork.vllm_plugin` puts inside vLLM's own process and venv)
+logits processor that `parafork.vllm.plugin` puts inside vLLM's own process and venv)
 imports without the engine's dependencies.
 """
 from __future__ import annotations

@@ -58,7 +58,7 @@ def cmd_generate_vllm(args, params: SamplingParams) -> int:
     import asyncio
 
     from . import models
-    from .vllm_driver import VLLMDriver
+    from .vllm.driver import VLLMDriver
 
     path = models.resolve_model_path(args.model)
     tokenizer, control = models.load_tokenizer(path)
@@ -192,7 +192,7 @@ def cmd_serve(args) -> int:
 def cmd_vllm_serve(args) -> int:
     """Real vLLM serving the tuned model with APAR's rules plugin, in the foreground until Ctrl-C."""
     from .config import resolve_dtype
-    from .vllm_server import VLLMServer, merged_model, vllm_unavailable
+    from .vllm.server import VLLMServer, merged_model, vllm_unavailable
 
     if reason := vllm_unavailable():
         raise SystemExit(f"parafork vllm-serve: {reason}")

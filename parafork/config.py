@@ -87,7 +87,7 @@ class EngineConfig:
 def add_engine_args(p: argparse.ArgumentParser, speculative: bool = True, vllm: bool = False) -> None:
     """The engine options of every command (`EngineConfig`'s fields, where they are defined);
     `speculative`: offer --speculative (benches choose their modes' drafting themselves);
-    `vllm`: offer --backend vllm (APAR on real vLLM, `vllm_server.py`; not an engine runner)."""
+    `vllm`: offer --backend vllm (APAR on real vLLM, `vllm/server.py`; not an engine runner)."""
     p.add_argument("--model", default="bundled", help="'bundled', 'base', a local HF folder (safetensors) or a .gguf file")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="auto: bf16 where the CPU computes it natively, float32 otherwise")

@@ -69,7 +69,7 @@ def llamacpp_sources() -> Path:
     import tarfile
     import tempfile
 
-    from .engine.llamacpp_api import XLLAMACPP_VERSION
+    from .runners.llamacpp_api import XLLAMACPP_VERSION
 
     target = models.cache_dir() / f"llamacpp-src-{XLLAMACPP_VERSION}"
     if (target / "convert_hf_to_gguf.py").is_file():

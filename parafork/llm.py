@@ -17,7 +17,7 @@ from . import models
 from .config import EngineConfig
 from .engine.engine import Engine, RequestOutput
 from .engine.thread import FinishReason
-from .engine.factory import build_runner
+from .runners.factory import build_runner
 from .rules import NoRepeatedHeads
 from .sampling import FORKING_MODES, SamplingParams
 

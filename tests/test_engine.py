@@ -259,7 +259,7 @@ def test_dtype_auto_follows_the_cpu_and_bf16_runs_on_any_cpu(tiny_dir, tiny_llm,
     """'auto' is bf16 only where oneDNN computes bf16 natively; an explicit bf16 still runs
     (unpacked) on CPUs without it instead of failing in oneDNN's weight packing."""
     from parafork import config
-    from parafork.engine import torch_runner
+    from parafork.runners import torch_runner
 
     fast = fast_bf16 and config.cpu_has_fast_bf16()  # packing needs the real CPU feature
     monkeypatch.setattr(config, "cpu_has_fast_bf16", lambda: fast_bf16)
@@ -298,7 +298,7 @@ def test_models_refuse_unknown_names_and_pickled_weights(tmp_path):
 
 
 def test_hf_fallback_backend_gives_the_same_answers_with_forks(tiny_dir, tiny_llm):
-    from parafork.engine.hf_runner import HFRunner
+    from parafork.runners.hf_runner import HFRunner
     from parafork.llm import LLM
 
     slow = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=64, block_size=4, backend="hf")

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from parafork import models
-from parafork.engine.llamacpp_api import load
-from parafork.engine.llamacpp_runner import MAX_SEQUENCES, LlamaCppRunner, reference_greedy
+from parafork.runners.llamacpp_api import load
+from parafork.runners.llamacpp_runner import MAX_SEQUENCES, LlamaCppRunner, reference_greedy
 from parafork.engine.runner import SequenceSlice
 from parafork.llm import LLM
 from parafork.rules import ForceForks

@@ -1,4 +1,4 @@
-"""parafork's row kernel (engine/row_kernel.py): each op against an independent fp32 reference,
+"""parafork's row kernel (runners/row_kernel.py): each op against an independent fp32 reference,
 the torch runner with it against HF in bf16 and against the oneDNN path it replaces, and the
 fallback where it cannot be had. Skipped, with the reason, on CPUs without AVX-512 BF16."""
 import pytest
@@ -6,9 +6,9 @@ import torch
 
 from parafork import models
 from parafork.config import EngineConfig
-from parafork.engine import row_kernel
+from parafork.runners import row_kernel
 from parafork.engine.runner import BlockCopy, SequenceSlice
-from parafork.engine.torch_runner import TorchRunner, _Linear
+from parafork.runners.torch_runner import TorchRunner, _Linear
 
 kernel = row_kernel.load()
 needs_kernel = pytest.mark.skipif(kernel is None, reason=f"row kernel unavailable: {row_kernel.unavailable()}")

@@ -149,7 +149,7 @@ def test_a_step_mixing_prefill_chunks_and_decode_rows_equals_each_alone(tiny_llm
     from parafork import models
     from parafork.config import EngineConfig
     from parafork.engine.runner import SequenceSlice
-    from parafork.engine.torch_runner import TorchRunner
+    from parafork.runners.torch_runner import TorchRunner
 
     hf = models.load_hf_model(tiny_dir, tiny_llm.tokenizer, torch.float32)
     runner = TorchRunner(hf, EngineConfig(num_kv_blocks=64, block_size=4, dtype="float32"))
@@ -179,7 +179,7 @@ def test_a_long_slice_attends_as_the_padded_path_does_after_a_prefix_and_with_jo
     from parafork import models
     from parafork.config import EngineConfig
     from parafork.engine.runner import KVSpan, SequenceSlice
-    from parafork.engine.torch_runner import TorchRunner
+    from parafork.runners.torch_runner import TorchRunner
 
     hf = models.load_hf_model(tiny_dir, tiny_llm.tokenizer, torch.float32)
     first, second = list(range(300, 330)), list(range(600, 640))
@@ -222,7 +222,7 @@ def test_siblings_read_their_shared_prefix_once_and_attend_exactly_as_each_alone
     from parafork import models
     from parafork.config import EngineConfig
     from parafork.engine.runner import BlockCopy, SequenceSlice
-    from parafork.engine.torch_runner import TorchRunner
+    from parafork.runners.torch_runner import TorchRunner
 
     hf = models.load_hf_model(tiny_dir, tiny_llm.tokenizer, torch.float32)
     prompt, other = list(range(300, 370)), list(range(800, 830))  # 70 tokens: 17 full blocks of 4, 2 in the 18th

@@ -93,7 +93,7 @@ def test_draft_lengths_follow_acceptance_the_cost_of_a_row_and_the_batch():
 def test_the_runner_returns_logits_at_every_drafted_position(tiny_llm, tiny_dir):
     from parafork import models
     from parafork.config import EngineConfig
-    from parafork.engine.torch_runner import TorchRunner
+    from parafork.runners.torch_runner import TorchRunner
 
     hf = models.load_hf_model(tiny_dir, tiny_llm.tokenizer, torch.float32)
     runner = TorchRunner(hf, EngineConfig(num_kv_blocks=8, block_size=4, dtype="float32"))

@@ -14,8 +14,8 @@ import torch
 from parafork import models
 from parafork.sampling import SamplingParams
 from parafork.tokens import ControlTokens
-from parafork.vllm_driver import VLLMDriver, driver_params
-from parafork.vllm_plugin import thread_rules
+from parafork.vllm.driver import VLLMDriver, driver_params
+from parafork.vllm.plugin import thread_rules
 
 CONTROL = ControlTokens(fork_id=10, child_id=11, eos_ids=frozenset({2}), join_id=12)
 PROMPT = "Give me three tips for sleeping well."  # the bundled model forks it: 4 threads, 138 tokens
@@ -91,7 +91,7 @@ def test_driver_refuses_what_vllm_cannot_do():
 
 @pytest.fixture(scope="module")
 def vllm_server():
-    from parafork.vllm_server import VLLMServer, merged_model, vllm_unavailable
+    from parafork.vllm.server import VLLMServer, merged_model, vllm_unavailable
 
     reason = vllm_unavailable()
     if reason:

@@ -95,7 +95,7 @@ def prefill_tokens_per_s(llm: LLM, length: int, hf=None, repeats: int = 2) -> tu
 
 def llamacpp_tokens_per_s(gguf, prompt_ids: list[int], tokens: int, threads: int) -> float:
     """llama.cpp alone, greedy, exactly `tokens` tokens (end of turn not checked), best of two."""
-    from ..engine.llamacpp_runner import reference_greedy
+    from ..runners.llamacpp_runner import reference_greedy
 
     reference_greedy(gguf, prompt_ids, 4, threads)  # warm-up
     return max(tokens / reference_greedy(gguf, prompt_ids, tokens, threads)[1] for _ in range(2))

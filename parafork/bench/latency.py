@@ -186,7 +186,7 @@ def _exported_gguf(llm: LLM):
 
 def _llamacpp_record(llm: LLM, prompt: str, max_tokens: int, threads: int) -> dict:
     """llama.cpp alone on the GGUF `llm` runs (its runner's file), greedy AR, `[Fork]` banned."""
-    from ..engine.llamacpp_runner import reference_greedy
+    from ..runners.llamacpp_runner import reference_greedy
 
     gguf = llm.runner.info.gguf or _exported_gguf(llm)
     prompt_ids = llm.encode(prompt)

@@ -1,11 +1,11 @@
 """`parafork bench latency|throughput --backend vllm`: APAR on real vLLM against vLLM's own AR.
 
-One `vllm serve` (`vllm_server.VLLMServer`, the tuned model merged, APAR's rules plugin
+One `vllm serve` (`vllm.server.VLLMServer`, the tuned model merged, APAR's rules plugin
 loaded) serves every mode of the run, so the modes meet the same server, back to back:
 
 - `vllm-ar`: vLLM's own decoding of the merged model, one plain request per answer (control
   tokens banned by `logit_bias`, vLLM's built-in penalties, no plugin);
-- `vllm-apar`: APAR on vLLM (`vllm_driver.VLLMDriver`): one vLLM request per thread;
+- `vllm-apar`: APAR on vLLM (`vllm.driver.VLLMDriver`): one vLLM request per thread;
 - `vllm-serial`: the same tree one request at a time (a parent stops at each `[Fork]`);
 - `engine-apar`, `engine-ar`: parafork's own engine in this process, same params, for the
   same answers (`same_as_engine`: greedy token ids equal) and the speed of both engines.
@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from .. import models
 from ..config import resolve_dtype
-from ..vllm_driver import VLLMDriver, driver_params
-from ..vllm_server import VLLMServer, merged_model, vllm_unavailable
+from ..vllm.driver import VLLMDriver, driver_params
+from ..vllm.server import VLLMServer, merged_model, vllm_unavailable
 from .common import (Checkpoint, by_category, grouped_bars, metadata, percentile, pyplot, report, resolve_penalties,
                      save_figure)
 from .latency import answer_checks

@@ -25,7 +25,7 @@ addresses KV by sequence (llama.cpp) in step with the engine:
   fallback, which recomputes, records which keys the sequence sees from now on). The sources
   are released afterwards; their KV stays as long as the joining sequence attends to it.
 
-`engine/factory.py` builds the runner a configuration names; this module holds the protocol
+`runners/factory.py` builds the runner a configuration names; this module holds the protocol
 and its data types only (the runners import it, never the other way round).
 """
 from __future__ import annotations

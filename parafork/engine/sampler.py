@@ -78,7 +78,7 @@ def penalize_row(row: np.ndarray, context: Sequence[int], answer_start: int, con
                  frequency: float, presence: float, repetition: float) -> None:
     """The penalties of `apply_penalties` on one float32 row (edited in place) for a thread whose
     context (what it sees) is `context`, the answer starting at `answer_start`. Shared with
-    `vllm_plugin`, which applies it to a vLLM request's prompt + output."""
+    `vllm/plugin.py`, which applies it to a vLLM request's prompt + output."""
     if repetition != 1:
         seen = set(context).difference(control_ids)
         seen = np.fromiter(seen, dtype=np.int64, count=len(seen))

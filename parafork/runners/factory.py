@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .runner import Runner
+from ..engine.runner import Runner
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ..config import cpu_has_fast_bf16
 from . import row_kernel
-from .runner import BlockCopy, RunnerInfo, SequenceSlice
+from ..engine.runner import BlockCopy, RunnerInfo, SequenceSlice
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .runner import BlockCopy, JoinSource, RunnerInfo, SequenceSlice
+from ..engine.runner import BlockCopy, JoinSource, RunnerInfo, SequenceSlice
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """APAR's decoding rules inside vLLM's own process: a vLLM logits processor.
 
-Loaded by `vllm serve MODEL --logits-processors parafork.vllm_plugin:APARRules` (parafork
-on vLLM's PYTHONPATH; `parafork.vllm_server` starts it so), it lets one vLLM request be one
+Loaded by `vllm serve MODEL --logits-processors parafork.vllm.plugin:APARRules` (parafork
+on vLLM's PYTHONPATH; `parafork.vllm.server` starts it so), it lets one vLLM request be one
 APAR thread decoded as parafork's engine decodes it (`engine/sampler.py`):
 
 - `[Child]` and `[Join]` are never sampled (a vLLM thread cannot join: joins attend to
@@ -17,7 +17,7 @@ APAR thread decoded as parafork's engine decodes it (`engine/sampler.py`):
   that has what the rule reads of an engine thread (no budget planning: that needs the
   whole tree, which only the driver sees).
 
-The driver (`vllm_driver.py`) sends the thread's facts in `vllm_xargs`; a request without
+The driver (`vllm/driver.py`) sends the thread's facts in `vllm_xargs`; a request without
 them is left alone, so the processor costs plain vLLM requests nothing. Only torch, numpy and
 the standard library are imported here (and `rules` and `engine.sampler`, which need no
 more), since this module runs in vLLM's venv.
@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .engine.sampler import penalize_row
+from ..engine.sampler import penalize_row
 
 # The keys the driver sets in `vllm_xargs` (all integers or floats).
 XARG_KEYS = (
@@ -66,8 +66,8 @@ def thread_rules(args: dict, tokenizer_loader):
     rep = float(args.get("apar_repetition_penalty", 1))
     heads = None
     if args.get("apar_no_repeat_heads", 0):
-        from .rules import NoRepeatedHeads
-        from .tokens import ControlTokens
+        from ..rules import NoRepeatedHeads
+        from ..tokens import ControlTokens
 
         heads = NoRepeatedHeads(ControlTokens(fork, child, frozenset({eos}), join), tokenizer_loader())
 

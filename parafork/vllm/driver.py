@@ -9,10 +9,10 @@ Fork token -> thread -> vLLM request -> restored text, as in parafork's engine:
   the driver opens the child's request at once. vLLM's prefix cache holds the parent's full
   KV blocks, so a child re-prefills only the tokens of the parent's last, partial block and
   its own `[Child]` (measured per answer: `DriverOutput.prefilled_tokens`); vLLM's block
-  size sets that cost (`vllm_server.py` picks the smallest vLLM's CPU attention accepts).
+  size sets that cost (`vllm/server.py` picks the smallest vLLM's CPU attention accepts).
 - APAR's rules for each request (`[Fork]` where allowed, `[Child]`/`[Join]` never,
   penalties over what the thread sees, `rules.NoRepeatedHeads`) run inside vLLM, in
-  `vllm_plugin.APARRules`, from facts the driver sends in `vllm_xargs`.
+  `plugin.APARRules`, from facts the driver sends in `vllm_xargs`.
 - The answer is restored with `restore.linearize` and streamed in reading order; stop
   strings end it there (`llm.Detokenizer`). Ending early (budget, stop string, a closed
   stream) cancels every open request of the tree: vLLM aborts a request whose stream closes.
@@ -38,10 +38,10 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
-from .llm import Detokenizer
-from .restore import linearize
-from .sampling import FORKING_MODES, PENALTIES, SamplingParams
-from .tokens import ControlTokens
+from ..llm import Detokenizer
+from ..restore import linearize
+from ..sampling import FORKING_MODES, PENALTIES, SamplingParams
+from ..tokens import ControlTokens
 
 
 @dataclass(eq=False)
@@ -99,7 +99,7 @@ class _Tree:
 
 
 class VLLMDriver:
-    """APAR over a vLLM OpenAI-compatible server (`vllm_server.VLLMServer` starts one).
+    """APAR over a vLLM OpenAI-compatible server (`server.VLLMServer` starts one).
 
     `generate` / `stream` take a prompt (a user message, chat messages or token ids) and
     `SamplingParams`; `sampling_defaults` (penalties left at None) as `LLM.sampling_defaults`.
@@ -127,7 +127,7 @@ class VLLMDriver:
         return self._client
 
     def encode(self, prompt) -> list[int]:
-        from .models import apply_chat_template
+        from ..models import apply_chat_template
 
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return list(prompt)

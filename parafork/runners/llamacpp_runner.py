@@ -24,7 +24,7 @@ import torch
 
 from .llamacpp_api import load
 from ..sampling import MAX_DRAFT_TOKENS
-from .runner import BlockCopy, RunnerInfo, SequenceSlice
+from ..engine.runner import BlockCopy, RunnerInfo, SequenceSlice
 
 MAX_SEQUENCES = 64
 GGML_TYPE_F32 = 0  # ggml.h, enum ggml_type
