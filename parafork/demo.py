@@ -90,7 +90,7 @@ def run_apar(llm: LLM, prompt: str, params: SamplingParams, live: bool) -> Run:
     from rich.table import Table
 
     def view() -> Table:
-        table = Table(title=f"APAR threads, step {llm.total_steps - first_step}", expand=True)
+        table = Table(title=f"APAR threads, step {llm.engine.total_steps - first_step}", expand=True)
         table.add_column("item head", ratio=2, no_wrap=True)
         table.add_column("body, as it grows", ratio=5, no_wrap=True)
         table.add_column("", width=4)
@@ -99,7 +99,7 @@ def run_apar(llm: LLM, prompt: str, params: SamplingParams, live: bool) -> Run:
             table.add_row(head, body, "done" if finished else "...")
         return table
 
-    first_step = llm.total_steps
+    first_step = llm.engine.total_steps
     with Live(view(), console=Console(), refresh_per_second=8, transient=False) as screen:
         while out is None:
             out = next((o for o in llm.step() if o.request_id == request_id and o.finished), None)

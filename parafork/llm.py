@@ -1,13 +1,14 @@
 """`LLM`: the user-facing facade over the engine, as in vLLM.
 
-`LLM(model="bundled").generate(prompts, SamplingParams(...))`. It adds what the engine
-leaves out: finding and loading the model and tokenizer, encoding prompts (chat template),
-turning restored tokens into text deltas, and the generate/stream loops.
+`LLM(model="bundled").generate(prompts, SamplingParams(...))`. It holds an `Engine` (`.engine`)
+and adds text only: finding and loading the model and tokenizer, encoding prompts (chat
+template), turning restored tokens into text deltas and stop strings, and the generate/stream
+loops. Request policy (the model's sampling defaults, the head guard) is the engine's, applied
+in `Engine.add`, so no way of adding a request skips it.
 """
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
 from typing import Iterator, Sequence, Union
 
 import torch
@@ -19,7 +20,7 @@ from .engine.engine import Engine, RequestOutput
 from .engine.thread import FinishReason
 from .runners.factory import build_runner
 from .rules import NoRepeatedHeads
-from .sampling import FORKING_MODES, SamplingParams
+from .sampling import SamplingParams
 
 # A prompt is a user message (chat template applied), a list of chat messages, or raw ids.
 Prompt = Union[str, Sequence[dict], dict]
@@ -78,20 +79,38 @@ class Detokenizer:
         return delta
 
 
-class LLM(Engine):
+class LLM:
     def __init__(self, model: str = "bundled", **config) -> None:
         config = EngineConfig(model=model, **config)
         if config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
         path = models.resolve_model_path(model)
-        self.tokenizer, control = models.load_tokenizer(path)
+        self.tokenizer, self.control = models.load_tokenizer(path)
         self.adapter = config.adapter or models.default_adapter(model)
-        # What a request that leaves a penalty unset (None) gets: the model's generation_config.json.
-        self.sampling_defaults = models.sampling_defaults(path, self.adapter)
-        super().__init__(config, build_runner(config, path, self.tokenizer, self.adapter), control)
+        self.engine = Engine(config, build_runner(config, path, self.tokenizer, self.adapter), self.control,
+                             sampling_defaults=models.sampling_defaults(path, self.adapter),
+                             head_guard=NoRepeatedHeads(self.control, self.tokenizer))
+        self.config = self.engine.config
         self._detokenizers: dict[str, Detokenizer] = {}
-        self._head_guard = NoRepeatedHeads(control, self.tokenizer)
         self._ids = itertools.count()
+
+    @property
+    def sampling_defaults(self) -> dict[str, float]:
+        """What a request that leaves a penalty unset (None) gets: the model's generation_config.json."""
+        return self.engine.sampling_defaults
+
+    # The engine's read-outs, for callers that hold only the facade.
+    def stats(self):
+        return self.engine.stats()
+
+    def check_idle(self) -> None:
+        self.engine.check_idle()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def request_tree(self, request_id: str):
+        return self.engine.request_tree(request_id)
 
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, dict):
@@ -105,26 +124,24 @@ class LLM(Engine):
     ) -> str:
         """Queues a prompt; returns its request id. With `stream=False`, outputs carry text
         only once the request has finished (the answer is restored and decoded once)."""
-        params = (params or SamplingParams()).with_defaults(self.sampling_defaults)
-        if params.no_repeat_heads and params.mode in FORKING_MODES:
-            params = replace(params, logits_rules=(*params.logits_rules, self._head_guard))
+        params = params or SamplingParams()
         request_id = request_id or f"req-{next(self._ids)}"
         # Stop strings are looked for at every step, so such a request is restored at every step.
-        self.add(request_id, self.encode(prompt), params, stream or bool(params.stop))
+        self.engine.add(request_id, self.encode(prompt), params, stream or bool(params.stop))
         # Raw mode shows [Fork] markers in the text; otherwise special tokens are hidden unless asked for.
         skip = params.skip_special_tokens and params.mode != "raw"
         self._detokenizers[request_id] = Detokenizer(self.tokenizer, skip, params.stop)
         return request_id
 
     def abort(self, request_id: str) -> None:
-        super().abort(request_id)
+        self.engine.abort(request_id)
         self._detokenizers.pop(request_id, None)
 
     def step(self) -> list[RequestOutput]:
         """One engine step; the outputs carry text (final text so far, and its new part). A stop
         string in the restored text ends its request there: the text (and tokens, logprobs)
         end before it, `finish_reason` is "stop", and the request's threads are freed."""
-        outputs = super().step()
+        outputs = self.engine.step()
         for out in outputs:
             detokenizer = self._detokenizers.get(out.request_id)
             if detokenizer is None:
@@ -137,7 +154,7 @@ class LLM(Engine):
                 out.token_ids = out.token_ids[:kept]
                 out.logprobs = out.logprobs[:kept] if out.logprobs is not None else None
                 if not out.finished:
-                    super().abort(out.request_id, FinishReason.STOP)  # the detokenizer stays until below
+                    self.engine.abort(out.request_id, FinishReason.STOP)  # the detokenizer stays until below
                 out.finished, out.finish_reason, out.complete = True, "stop", True
             out.delta = detokenizer.delta(out.finished)
             out.text = detokenizer.text

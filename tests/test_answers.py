@@ -291,6 +291,22 @@ def test_unset_penalties_take_the_models_defaults(tiny_dir, tmp_path):
     assert plain.sampling_defaults == {}
     assert plain.generate(PROMPT, SamplingParams(max_tokens=30, mode="ar"))[0].token_ids == off
     llm.check_idle()
+    # The facade holds the engine and cannot skip its policy: a request added to the engine
+    # itself gets the model's defaults and the head guard, exactly once.
+    from parafork.engine.engine import Engine
+    from parafork.rules import NoRepeatedHeads
+
+    assert not isinstance(llm, Engine) and isinstance(llm.engine, Engine)
+    llm.engine.add("direct", llm.encode(PROMPT), SamplingParams(max_tokens=4, mode="apar"))
+    params = llm.engine.requests["direct"].params
+    assert params.frequency_penalty == 2.0
+    assert [r for r in params.logits_rules if isinstance(r, NoRepeatedHeads)] == [llm.engine.head_guard]
+    llm.engine.abort("direct")
+    rid = llm.add_request(PROMPT, SamplingParams(max_tokens=4, mode="apar", frequency_penalty=0.5))
+    params = llm.engine.requests[rid].params
+    assert params.frequency_penalty == 0.5 and sum(isinstance(r, NoRepeatedHeads) for r in params.logits_rules) == 1
+    llm.abort(rid)
+    llm.check_idle()
 
 
 def test_sampling_defaults_prefer_the_adapter_and_are_validated(tmp_path):

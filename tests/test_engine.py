@@ -38,7 +38,7 @@ def check_against_oracle(llm, hf, recorder: LogitsRecorder, atol: float) -> int:
     for thread, n, row in recorder.rows:
         by_thread.setdefault(thread.thread_id, []).append((n, row))
         threads[thread.thread_id] = thread
-    keep = torch.ones(llm.runner.info.vocab_size, dtype=torch.bool)
+    keep = torch.ones(llm.engine.runner.info.vocab_size, dtype=torch.bool)
     keep[list(ct.ids)] = False  # the APAR rules edit these columns
     checked = 0
     for tid, rows in by_thread.items():
@@ -54,7 +54,7 @@ def check_against_oracle(llm, hf, recorder: LogitsRecorder, atol: float) -> int:
 
 @pytest.mark.model
 def test_ar_greedy_equals_hf_generate_token_for_token(base_llm, base_hf):
-    hits = base_llm.block_manager.hit_tokens
+    hits = base_llm.engine.block_manager.hit_tokens
     outs = base_llm.generate(PROMPTS, SamplingParams(max_tokens=40, mode="ar"))
     outs += base_llm.generate(PROMPTS[:1], SamplingParams(max_tokens=40, mode="ar"))
     for prompt, out in zip(PROMPTS, outs):
@@ -69,7 +69,7 @@ def test_ar_greedy_equals_hf_generate_token_for_token(base_llm, base_hf):
     # The repeated prompt's full blocks came from the prefix cache (the five ran together, so
     # they found nothing), so the equality above covers a cached prefix too.
     first = len(models.apply_chat_template(base_llm.tokenizer, PROMPTS[0]))
-    assert base_llm.block_manager.hit_tokens - hits == (first - 1) // 16 * 16
+    assert base_llm.engine.block_manager.hit_tokens - hits == (first - 1) // 16 * 16
     assert_pool_full(base_llm)
 
 
@@ -172,12 +172,12 @@ def test_prefix_cache_reuses_blocks_across_requests_and_changes_no_output(tiny_d
     prompts = [{"prompt_token_ids": shared + [600 + i, 700 + i]} for i in range(3)] + [{"prompt_token_ids": shared}]
     force = ForceForks(tiny_llm.control, frozenset({3}), child_tokens=6, root_tokens=12)
     params = SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=60, logits_rules=[force])
-    hits = tiny_llm.block_manager.hit_tokens
+    hits = tiny_llm.engine.block_manager.hit_tokens
     for prompt in prompts:  # one after another: each finds the earlier ones' blocks
         assert tiny_llm.generate(prompt, params)[0].token_ids == uncached.generate(prompt, params)[0].token_ids
     # 30 shared tokens = 7 full blocks of 4, found by each of the last three requests.
-    assert tiny_llm.block_manager.hit_tokens - hits == 3 * 28
-    assert uncached.block_manager.hit_tokens == 0
+    assert tiny_llm.engine.block_manager.hit_tokens - hits == 3 * 28
+    assert uncached.engine.block_manager.hit_tokens == 0
     assert_pool_full(tiny_llm)
 
 
@@ -198,7 +198,7 @@ def test_aborted_and_closed_streams_free_every_block(tiny_llm):
     rid = tiny_llm.add_request({"prompt_token_ids": list(range(50, 70))}, params)
     for _ in range(8):
         tiny_llm.step()
-    assert tiny_llm.block_manager.num_free < tiny_llm.block_manager.num_blocks
+    assert tiny_llm.engine.block_manager.num_free < tiny_llm.engine.block_manager.num_blocks
     tiny_llm.abort(rid)
     assert_pool_full(tiny_llm)
     stream = tiny_llm.stream([{"prompt_token_ids": list(range(70, 90))}] * 2, params)
@@ -266,8 +266,8 @@ def test_dtype_auto_follows_the_cpu_and_bf16_runs_on_any_cpu(tiny_dir, tiny_llm,
     monkeypatch.setattr(torch_runner, "cpu_has_fast_bf16", lambda: fast)
     assert config.resolve_dtype("auto") == (torch.bfloat16 if fast_bf16 else torch.float32)
     bf16 = LLM(str(tiny_dir), dtype="bfloat16", num_kv_blocks=64, block_size=4, row_kernel=False)  # oneDNN packing
-    assert bf16.runner.layers[0].qkv.packed == fast
-    assert tiny_llm.runner.layers[0].qkv.packed  # fp32 weights are packed for oneDNN everywhere
+    assert bf16.engine.runner.layers[0].qkv.packed == fast
+    assert tiny_llm.engine.runner.layers[0].qkv.packed  # fp32 weights are packed for oneDNN everywhere
     prompt = {"prompt_token_ids": [10, 11, 12]}
     params = SamplingParams(max_tokens=8, mode="ar", ignore_eos=True)
     assert bf16.generate(prompt, params)[0].num_generated_tokens == 8
@@ -302,7 +302,7 @@ def test_hf_fallback_backend_gives_the_same_answers_with_forks(tiny_dir, tiny_ll
     from parafork.llm import LLM
 
     slow = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=64, block_size=4, backend="hf")
-    assert isinstance(slow.runner, HFRunner)
+    assert isinstance(slow.engine.runner, HFRunner)
     force = ForceForks(slow.control, frozenset({2, 5}), child_tokens=5, root_tokens=9)
     prompts = [{"prompt_token_ids": list(range(30, 41))}, {"prompt_token_ids": list(range(60, 66))}]
     params = SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=60, logits_rules=[force])

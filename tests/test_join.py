@@ -110,7 +110,7 @@ def check_rows(llm, hf, rec: LogitsRecorder, atol: float) -> tuple[int, int]:
     root = next(t for t, _, _ in rec.rows if t.parent is None)
     oracle = TreeOracle(root)
     ref = oracle.logits(hf)
-    keep = torch.ones(llm.runner.info.vocab_size, dtype=torch.bool)
+    keep = torch.ones(llm.engine.runner.info.vocab_size, dtype=torch.bool)
     keep[list(llm.control.ids)] = False  # the APAR rules edit these columns
     after = 0
     for thread, n, row in rec.rows:
@@ -223,7 +223,7 @@ def test_after_a_join_the_parent_sees_every_branch_on_llamacpp(tiny_dir):
     checked, after = check_rows(llm, hf, rec, atol=1e-4)
     assert after >= 10
     llm.check_idle()
-    assert not llm.runner.live
+    assert not llm.engine.runner.live
 
 
 class TreePlan:
@@ -284,7 +284,7 @@ def test_random_trees_with_joins_leak_nothing_and_attend_as_the_oracle_says(
             llm.abort(ids[1])
             ended[ids[1]] = "abort"
         assert steps < 2000
-    assert not llm.runner.live
+    assert not llm.engine.runner.live
     llm.check_idle()  # every block and sequence id back, after joins, preemption and aborts
     for rid, rec in zip(ids, recs):
         if ended.get(rid) == "stop" and rec.rows:  # ended by itself: its whole tree was computed
@@ -309,7 +309,7 @@ def test_joins_are_made_again_after_a_preemption(recorded, tiny_dir):
                 outs[out.request_id] = out
     assert sum(o.num_preemptions for o in outs.values()) > 0
     assert all(o.finish_reason == "stop" and o.num_threads == 5 for o in outs.values())
-    assert len(llm.runner.joins) > 6  # two joins per answer, and again after preemptions
+    assert len(llm.engine.runner.joins) > 6  # two joins per answer, and again after preemptions
     for rec in recs:
         check_rows(llm, hf, rec, atol=1e-4)
     llm.check_idle()

@@ -85,7 +85,7 @@ def test_concurrent_forked_requests_equal_each_run_alone(tiny_dir):
 def test_after_finish_abort_and_preemption_every_sequence_and_cell_is_free(tiny_dir, blocks, forks, abort_after, spec):
     llm = tiny_llamacpp(tiny_dir, num_kv_blocks=blocks)
     if spec == "ngram":
-        llm.runner.info = replace(llm.runner.info, draft_row_cost=0.0)  # every proposed draft is fed
+        llm.engine.runner.info = replace(llm.engine.runner.info, draft_row_cost=0.0)  # every proposed draft is fed
     force = ForceForks(llm.control, frozenset(forks), child_tokens=8, root_tokens=14)
     params = SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=80, logits_rules=[force], speculative=spec)
     ids = [llm.add_request({"prompt_token_ids": list(range(500 + 3 * i, 516 + 3 * i))}, params) for i in range(4)]
@@ -95,11 +95,11 @@ def test_after_finish_abort_and_preemption_every_sequence_and_cell_is_free(tiny_
         steps += 1
         if steps == abort_after:
             llm.abort(ids[1])
-        with_ids = {t.seq_id for r in llm.requests.values() for t in r.threads if t.seq_id is not None}
-        assert llm.runner.live == with_ids
+        with_ids = {t.seq_id for r in llm.engine.requests.values() for t in r.threads if t.seq_id is not None}
+        assert llm.engine.runner.live == with_ids
     llm.check_idle()
-    assert not llm.runner.live
-    assert all(llm.runner.cells_in_use(s) == (-1, -1) for s in range(MAX_SEQUENCES))
+    assert not llm.engine.runner.live
+    assert all(llm.engine.runner.cells_in_use(s) == (-1, -1) for s in range(MAX_SEQUENCES))
 
 
 def test_drafts_on_llamacpp_give_the_same_tokens_and_leave_no_rejected_cell(tiny_dir, base_dir):
@@ -107,7 +107,7 @@ def test_drafts_on_llamacpp_give_the_same_tokens_and_leave_no_rejected_cell(tiny
     base = LLM("base", backend="llamacpp", cpu_threads=1, num_kv_blocks=64)
     # On this backend drafted rows are dear (draft_row_cost 0.7) and the allocator rarely drafts;
     # here rows cost nothing, so every proposed draft is fed and llama.cpp verifies it.
-    base.runner.info = replace(base.runner.info, draft_row_cost=0.0)
+    base.engine.runner.info = replace(base.engine.runner.info, draft_row_cost=0.0)
     accepted = 0
     for prompt in PROMPTS[:2]:
         own, _ = reference_greedy(models.base_gguf_path(), base.encode(prompt), 64, threads=1, stop_ids=base.control.eos_ids)
@@ -118,7 +118,7 @@ def test_drafts_on_llamacpp_give_the_same_tokens_and_leave_no_rejected_cell(tiny
     # The tiny model with forks: the same tree as without drafts; after every step a sequence
     # holds cells up to its last cached token and no further (rejected positions removed).
     llm = tiny_llamacpp(tiny_dir)
-    llm.runner.info = replace(llm.runner.info, draft_row_cost=0.0)
+    llm.engine.runner.info = replace(llm.engine.runner.info, draft_row_cost=0.0)
     force = ForceForks(llm.control, frozenset({2, 6}), child_tokens=20, root_tokens=24)
     params = SamplingParams(max_tokens=300, logits_rules=[force], plan_budget=False, no_repeat_heads=False)
     prompts = [{"prompt_token_ids": list(range(400 + 5 * i, 420 + 5 * i))} for i in range(3)]
@@ -129,15 +129,15 @@ def test_drafts_on_llamacpp_give_the_same_tokens_and_leave_no_rejected_cell(tiny
         for out in llm.step():
             if out.finished:
                 outs[out.request_id] = out
-        for request in llm.requests.values():
+        for request in llm.engine.requests.values():
             for t in request.threads:
                 if t.seq_id is not None and t.num_cached:
-                    assert llm.runner.cells_in_use(t.seq_id)[1] == t.num_cached - 1
+                    assert llm.engine.runner.cells_in_use(t.seq_id)[1] == t.num_cached - 1
     assert [outs[i].token_ids for i in ids] == [o.token_ids for o in plain]
     assert sum(outs[i].num_accepted_tokens for i in ids) > 0
     assert sum(outs[i].num_draft_tokens - outs[i].num_accepted_tokens for i in ids) > 0  # rejections happened
     llm.check_idle()
-    assert all(llm.runner.cells_in_use(s) == (-1, -1) for s in range(MAX_SEQUENCES))
+    assert all(llm.engine.runner.cells_in_use(s) == (-1, -1) for s in range(MAX_SEQUENCES))
 
 
 def test_a_gguf_file_is_loaded_as_it_is(tiny_gguf, tmp_path):
@@ -233,4 +233,4 @@ def test_the_openai_server_answers_from_the_llamacpp_backend(tiny_dir):
         srv.should_exit = True
         thread.join(10)
     llm.check_idle()
-    assert all(llm.runner.cells_in_use(s) == (-1, -1) for s in range(MAX_SEQUENCES))
+    assert all(llm.engine.runner.cells_in_use(s) == (-1, -1) for s in range(MAX_SEQUENCES))

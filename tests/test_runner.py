@@ -66,16 +66,16 @@ class RecordingRunner:
 def recorded(tiny_dir):
     def make(max_live_sequences=None, **config):
         llm = LLM(str(tiny_dir), dtype="float32", block_size=4, **config)
-        llm.runner = RecordingRunner(llm.runner, max_live_sequences)
-        llm.scheduler.seq_ids.limit = max_live_sequences
+        llm.engine.runner = RecordingRunner(llm.engine.runner, max_live_sequences)
+        llm.engine.scheduler.seq_ids.limit = max_live_sequences
         return llm
 
     return make
 
 
 def test_torch_runner_implements_the_protocol(tiny_llm):
-    assert isinstance(tiny_llm.runner, Runner)
-    assert tiny_llm.runner.info.vocab_size == len(tiny_llm.tokenizer)
+    assert isinstance(tiny_llm.engine.runner, Runner)
+    assert tiny_llm.engine.runner.info.vocab_size == len(tiny_llm.tokenizer)
 
 
 def test_every_sequence_is_forked_then_released_once(recorded):
@@ -84,7 +84,7 @@ def test_every_sequence_is_forked_then_released_once(recorded):
     prompts = [{"prompt_token_ids": list(range(100 + i, 112 + i))} for i in range(3)]
     outs = llm.generate(prompts, SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=60, logits_rules=[force]))
     assert all(o.num_threads == 4 for o in outs)
-    runner = llm.runner
+    runner = llm.engine.runner
     assert len(runner.forks) == 9 and not runner.live
     assert len(runner.released) == 12  # 3 roots + 9 children, each released once
     assert all(copy is None or copy.num_slots < 4 for _, _, copy in runner.forks)  # only a partial tail is copied
@@ -96,7 +96,7 @@ def test_drafted_sequences_are_truncated_while_live_and_released_once(recorded):
     force = ForceForks(llm.control, frozenset({2, 5, 9}), child_tokens=20, root_tokens=24)
     prompts = [{"prompt_token_ids": list(range(100 + i, 112 + i))} for i in range(3)]
     outs = llm.generate(prompts, SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=300, logits_rules=[force]))
-    runner = llm.runner
+    runner = llm.engine.runner
     assert sum(o.num_accepted_tokens for o in outs) > 0
     assert runner.truncated and all(n > 0 for _, n in runner.truncated)
     assert not runner.live and len(runner.released) == 12
@@ -109,7 +109,7 @@ def test_a_cap_on_live_sequences_bans_forks_beyond_it_and_still_finishes(recorde
     prompts = [{"prompt_token_ids": list(range(300 + i, 310 + i))} for i in range(2)]
     outs = llm.generate(prompts, SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=50, logits_rules=[force]))
     assert all(o.finished for o in outs)
-    assert sum(o.num_threads for o in outs) >= 3 and llm.runner.most_live <= 3
+    assert sum(o.num_threads for o in outs) >= 3 and llm.engine.runner.most_live <= 3
     llm.check_idle()
 
 
@@ -134,10 +134,10 @@ def test_after_finish_abort_and_preemption_every_block_and_sequence_id_is_free(
         if steps == abort_after:
             llm.abort(ids[1])
         if steps % stats_every == 0:
-            with_ids = {t.seq_id for r in llm.requests.values() for t in r.threads if t.seq_id is not None}
-            assert llm.runner.live <= llm.scheduler.seq_ids.live == with_ids
+            with_ids = {t.seq_id for r in llm.engine.requests.values() for t in r.threads if t.seq_id is not None}
+            assert llm.engine.runner.live <= llm.engine.scheduler.seq_ids.live == with_ids
             assert llm.stats().sequences_live == len(with_ids)
-    assert not llm.runner.live
+    assert not llm.engine.runner.live
     llm.check_idle()
 
 
@@ -259,10 +259,10 @@ def test_apar_answers_are_the_same_with_and_without_shared_prefix_attention(tiny
     answers = []
     for min_saved in (4, 10**6):
         llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=512, block_size=4)
-        llm.runner.MIN_SAVED_KEYS = min_saved
+        llm.engine.runner.MIN_SAVED_KEYS = min_saved
         merges = []
-        merge = llm.runner._merge_shared
-        llm.runner._merge_shared = lambda *a: merges.append(1) or merge(*a)
+        merge = llm.engine.runner._merge_shared
+        llm.engine.runner._merge_shared = lambda *a: merges.append(1) or merge(*a)
         force = ForceForks(llm.control, frozenset({3, 6, 9, 12}), child_tokens=12, root_tokens=20)
         outs = llm.generate(prompts, SamplingParams(max_tokens=120, logits_rules=[force]))
         assert all(o.num_threads > 1 for o in outs)

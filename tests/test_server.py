@@ -51,9 +51,9 @@ def client(url: str, key: str | None = KEY) -> openai.OpenAI:
 
 def wait_pool_full(llm, seconds: float = 10) -> None:
     deadline = time.time() + seconds
-    while llm.block_manager.num_free != llm.block_manager.num_blocks and time.time() < deadline:
+    while llm.engine.block_manager.num_free != llm.engine.block_manager.num_blocks and time.time() < deadline:
         time.sleep(0.05)
-    assert llm.block_manager.num_free == llm.block_manager.num_blocks
+    assert llm.engine.block_manager.num_free == llm.engine.block_manager.num_blocks
 
 
 def test_chat_streamed_and_not_give_the_same_answer(server):
@@ -361,7 +361,7 @@ def test_shutdown_lets_in_flight_requests_finish_and_nothing_hangs(tiny_dir):
 
     req = threading.Thread(target=slow_request)
     req.start()
-    while llm.total_steps < 3:
+    while llm.engine.total_steps < 3:
         time.sleep(0.01)
     srv.should_exit = True
     thread.join(40)
@@ -369,7 +369,7 @@ def test_shutdown_lets_in_flight_requests_finish_and_nothing_hangs(tiny_dir):
     assert not thread.is_alive() and not req.is_alive()
     assert got.get("finish") == "length" or "error" in got
     assert not app.state.engine.thread.is_alive()
-    assert llm.block_manager.num_free == llm.block_manager.num_blocks
+    assert llm.engine.block_manager.num_free == llm.engine.block_manager.num_blocks
 
 
 def test_driver_benchmark_compares_apar_and_ar_through_one_server(server):

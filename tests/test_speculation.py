@@ -166,7 +166,7 @@ def test_sampled_law_with_drafts_is_the_models_own(tiny_llm, monkeypatch):
     passed the chi-square over single tokens: marginals alone do not show the bias); the engine
     gave z = -0.1."""
     # Rows cost nothing here, so every proposed draft is fed whole (the verifier is what is tested).
-    monkeypatch.setattr(tiny_llm.runner, "info", replace(tiny_llm.runner.info, draft_row_cost=0.0))
+    monkeypatch.setattr(tiny_llm.engine.runner, "info", replace(tiny_llm.engine.runner.info, draft_row_cost=0.0))
     few = FewTokens(tiny_llm.control)
     params = [SamplingParams(max_tokens=120, mode="ar", temperature=1.0, seed=s, speculative="ngram", logits_rules=[few])
               for s in range(40)]
@@ -203,7 +203,7 @@ def test_rejections_give_back_their_blocks_and_preemption_still_loses_nothing(ti
     finished = {}
     while len(finished) < len(ids):
         for out in small.step():
-            small.block_manager.check_invariants()  # after every step, rejections included
+            small.engine.block_manager.check_invariants()  # after every step, rejections included
             if out.finished:
                 finished[out.request_id] = out
     outs = [finished[i] for i in ids]

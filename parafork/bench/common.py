@@ -198,7 +198,7 @@ def timed_run(llm: LLM, prompts: list[Prompt], params: SamplingParams) -> TimedR
     """Prompts run together to completion, stepped by hand to time the prefill apart."""
     ids = [llm.add_request(p, params, stream=False) for p in prompts]
     done: dict[str, RequestOutput] = {}
-    steps_before, start = llm.total_steps, time.perf_counter()
+    steps_before, start = llm.engine.total_steps, time.perf_counter()
     prefill_s, peak = 0.0, 0
     try:
         while len(done) < len(ids):
@@ -206,8 +206,8 @@ def timed_run(llm: LLM, prompts: list[Prompt], params: SamplingParams) -> TimedR
                 if out.finished:
                     done[out.request_id] = out
             prefill_s = prefill_s or time.perf_counter() - start
-            peak = max(peak, llm.block_manager.num_blocks - llm.block_manager.num_free)
+            peak = max(peak, llm.engine.block_manager.num_blocks - llm.engine.block_manager.num_free)
     finally:
         for request_id in ids:
             llm.abort(request_id)
-    return TimedRun([done[i] for i in ids], time.perf_counter() - start, prefill_s, llm.total_steps - steps_before, peak)
+    return TimedRun([done[i] for i in ids], time.perf_counter() - start, prefill_s, llm.engine.total_steps - steps_before, peak)

@@ -105,7 +105,7 @@ def step_ms(llm: LLM, prompt_ids: list[int], threads: int, context: int, steps: 
     """Decode step time with `threads` live threads forked from one prompt of `context` tokens,
     as APAR siblings are: blocks and sequence ids come from the engine's own pools (so the
     prefix cache never sees blocks written behind its back) and go back at the end."""
-    runner, bm, seq_ids = llm.runner, llm.block_manager, llm.scheduler.seq_ids
+    runner, bm, seq_ids = llm.engine.runner, llm.engine.block_manager, llm.engine.scheduler.seq_ids
     ids = (prompt_ids * (context // len(prompt_ids) + 1))[:context]
     request = Request("bench-step", ids, SamplingParams(), arrival=-1)
     root = request.root
@@ -206,18 +206,18 @@ def run_one(args, backend: str, quant: str | None) -> dict:
     lengths = parse_list(getattr(args, "prefill", PREFILL_LENGTHS), "--prefill", kind=int)
     llm = LLM(args.model, dtype=args.dtype, cpu_threads=args.cpu_threads, num_kv_blocks=KV_BLOCKS, backend=backend,
               quant=quant)
-    too_long = [n for n in lengths if n >= llm.runner.info.max_position or n >= KV_BLOCKS * llm.config.block_size]
+    too_long = [n for n in lengths if n >= llm.engine.runner.info.max_position or n >= KV_BLOCKS * llm.config.block_size]
     if too_long:
-        raise ValueError(f"--prefill {too_long}: longer than the model's {llm.runner.info.max_position} positions "
+        raise ValueError(f"--prefill {too_long}: longer than the model's {llm.engine.runner.info.max_position} positions "
                          f"or the bench's KV pool")
-    on_llamacpp = llm.runner.info.gguf is not None
+    on_llamacpp = llm.engine.runner.info.gguf is not None
     dtype_name = f"gguf {quant or 'as given'}" if on_llamacpp else str(llm.config.torch_dtype).removeprefix("torch.")
-    gguf = llm.runner.info.gguf or args.gguf
+    gguf = llm.engine.runner.info.gguf or args.gguf
     prompt_ids = models.apply_chat_template(llm.tokenizer, PROMPT)
     print(f"parafork bench engine: model={args.model} backend={'llamacpp' if on_llamacpp else backend} "
           f"weights={dtype_name} threads={args.cpu_threads} tokens={args.tokens}")
-    if llm.runner.info.kernels:
-        print(f"  linears                     {llm.runner.info.kernels}")
+    if llm.engine.runner.info.kernels:
+        print(f"  linears                     {llm.engine.runner.info.kernels}")
     bandwidth = read_bandwidth_gbs()
     print(f"  machine read bandwidth      {bandwidth:8.1f} GB/s")
     reference = None if on_llamacpp else hf_model(llm, llm.config.torch_dtype)
@@ -230,10 +230,10 @@ def run_one(args, backend: str, quant: str | None) -> dict:
     ar = ar_tokens_per_s(llm, prompt_ids, args.tokens)
     print(f"  parafork AR (batch 1)       {ar:8.1f} tok/s" + (f"   {ar / hf:.2f}x HF" if hf else "")
           + (f"   {ar / own:.2f}x llama.cpp alone" if own else ""))
-    achieved = llm.runner.info.weight_bytes * ar / 1e9
+    achieved = llm.engine.runner.info.weight_bytes * ar / 1e9
     print(f"  achieved weight bandwidth   {achieved:8.1f} GB/s   {100 * achieved / bandwidth:.0f}% of measured")
-    floor = llm.runner.info.weight_bytes / (bandwidth * 1e9) * 1e3  # ms to read the weights once
-    print(f"  step floor (weights / bw)   {floor:8.1f} ms   {llm.runner.info.weight_bytes / 1e6:.0f} MB of weights")
+    floor = llm.engine.runner.info.weight_bytes / (bandwidth * 1e9) * 1e3  # ms to read the weights once
+    print(f"  step floor (weights / bw)   {floor:8.1f} ms   {llm.engine.runner.info.weight_bytes / 1e6:.0f} MB of weights")
     steps = {}
     for n in THREAD_COUNTS:
         steps[n] = step_ms(llm, prompt_ids, n, context=len(prompt_ids) + args.tokens, steps=args.steps)
@@ -248,7 +248,7 @@ def run_one(args, backend: str, quant: str | None) -> dict:
         "backend": "llamacpp" if on_llamacpp else backend,
         "dtype": dtype_name,
         "quant": quant,
-        "kernels": llm.runner.info.kernels,
+        "kernels": llm.engine.runner.info.kernels,
         "cpu_threads": args.cpu_threads,
         "tokens": args.tokens,
         "hf_tok_s": hf,
@@ -266,6 +266,6 @@ def run_one(args, backend: str, quant: str | None) -> dict:
         "bandwidth_gbs": bandwidth,
         "achieved_gbs": achieved,
         "achieved_pct": 100 * achieved / bandwidth,
-        "weight_bytes": llm.runner.info.weight_bytes,
+        "weight_bytes": llm.engine.runner.info.weight_bytes,
         **metadata(torch.get_num_threads()),
     }

@@ -188,7 +188,7 @@ def _llamacpp_record(llm: LLM, prompt: str, max_tokens: int, threads: int) -> di
     """llama.cpp alone on the GGUF `llm` runs (its runner's file), greedy AR, `[Fork]` banned."""
     from ..runners.llamacpp_runner import reference_greedy
 
-    gguf = llm.runner.info.gguf or _exported_gguf(llm)
+    gguf = llm.engine.runner.info.gguf or _exported_gguf(llm)
     prompt_ids = llm.encode(prompt)
     out, wall = reference_greedy(gguf, prompt_ids, max_tokens, threads, stop_ids=llm.control.eos_ids,
                                  banned=llm.control.ids)

@@ -44,7 +44,7 @@ def closed_loop(llm: LLM, prompts: list[str], concurrency: int, params: Sampling
                     tokens += len(out.token_ids)
                     preemptions += out.num_preemptions
                     bar.update(1)
-            peak = max(peak, llm.block_manager.num_blocks - llm.block_manager.num_free)
+            peak = max(peak, llm.engine.block_manager.num_blocks - llm.engine.block_manager.num_free)
     finally:
         for request_id in sent:
             llm.abort(request_id)

@@ -23,7 +23,7 @@ is left every KV block and sequence id is back in its pool (`check_idle`).
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..config import EngineConfig
 from ..restore import linearize, restore_origins
@@ -82,7 +82,12 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, runner: Runner, control: ControlTokens) -> None:
+    def __init__(self, config: EngineConfig, runner: Runner, control: ControlTokens,
+                 sampling_defaults: dict[str, float] | None = None, head_guard=None) -> None:
+        """`sampling_defaults`: what a request that leaves a penalty, `join` or `max_depth` unset
+        (None) gets (the model's generation_config.json); `head_guard`: the logits rule that
+        requests with `no_repeat_heads` get in forking modes (`rules.NoRepeatedHeads`). Both
+        are the engine's request policy, applied once, in `add`, whoever adds the request."""
         info = runner.info
         if config.max_model_len and config.max_model_len > info.max_position:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's {info.max_position} positions")
@@ -92,6 +97,8 @@ class Engine:
         self.config = config
         self.runner = runner
         self.control = control
+        self.sampling_defaults = dict(sampling_defaults or {})
+        self.head_guard = head_guard
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.prefix_caching, info.paged)
         self.scheduler = Scheduler(self.block_manager, config.max_batch_tokens, info.max_live_sequences)
         self.seq_ids = self.scheduler.seq_ids
@@ -102,8 +109,12 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: bool = True) -> None:
-        """Queues a request. With `stream=False` its outputs carry tokens only once it has
-        finished, which spares restoring the growing tree at every step."""
+        """Queues a request, its params resolved here (the model's defaults, the head guard).
+        With `stream=False` its outputs carry tokens only once it has finished, which spares
+        restoring the growing tree at every step."""
+        params = params.with_defaults(self.sampling_defaults)
+        if params.no_repeat_heads and params.mode in FORKING_MODES and self.head_guard is not None:
+            params = replace(params, logits_rules=(*params.logits_rules, self.head_guard))
         vocab = self.runner.info.vocab_size
         if not prompt_ids:
             raise ValueError("the prompt is empty")
