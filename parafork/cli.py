@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 
 from .config import GGUF_QUANTS, add_engine_args, engine_options, resolve_dtype
-from .sampling import MODES, PENALTIES, SamplingParams
+from .sampling import ANSWER_MAX_TOKENS, MODES, PENALTIES, SamplingParams
 
 
 def _llm(args):
@@ -236,9 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="answer one prompt, streamed, with the engine's figures")
     g.add_argument("prompt")
     g.add_argument("--mode", default="apar", choices=[m for m in MODES if m != "raw"])
-    g.add_argument("--max-tokens", type=int, default=512)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-tokens", type=int, default=ANSWER_MAX_TOKENS)
+    g.add_argument("--temperature", type=float, default=SamplingParams.temperature)
+    g.add_argument("--top-p", type=float, default=SamplingParams.top_p)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None, help="a stop string (repeat for several)")
     for name in PENALTIES:
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="APAR live on a real prompt, against the same answer decoded serially and the base model")
     d.add_argument("--prompt", default="How can I improve my time management skills?",
                    help="default: Vicuna Bench question 1")
-    d.add_argument("--max-tokens", type=int, default=512)
+    d.add_argument("--max-tokens", type=int, default=ANSWER_MAX_TOKENS)
     d.add_argument("--no-live", dest="live", action="store_false", help="no live thread view (also when not a terminal)")
     add_engine_args(d)
     d.set_defaults(func=cmd_demo)

@@ -33,9 +33,14 @@ class LogitsRule(Protocol):
     def __call__(self, thread: Thread, logits: torch.Tensor) -> None: ...
 
 
+# `max_tokens` where a person asks one question and names none: `parafork generate`, `parafork demo`
+# and the server (OpenAI's clients leave it unset). The bundled model's answers run to ~350 tokens.
+ANSWER_MAX_TOKENS = 512
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 256  # over all threads of the request, control tokens included
+    max_tokens: int = 256  # over all threads of the request, control tokens included (the library's default)
     temperature: float = 0.0  # 0 is greedy
     top_p: float = 1.0
     seed: int | None = None

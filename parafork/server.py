@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine.engine import EngineStats, RequestOutput
 from .llm import LLM
-from .sampling import MAX_DEPTH, MAX_DRAFT_TOKENS, Mode, SamplingParams
+from .sampling import ANSWER_MAX_TOKENS, MAX_DEPTH, MAX_DRAFT_TOKENS, Mode, SamplingParams
 
 
 class APIError(Exception):
@@ -44,6 +44,36 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 class _Pending:
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+@dataclass(frozen=True)
+class _Add:
+    """Start one engine request per choice (`n`) of one prompt; `request_ids[i]` answers `choices[i]`."""
+    request_ids: list[str]
+    prompt: object
+    choices: list[SamplingParams]
+    stream: bool
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _Drain:
+    """Let requests in flight finish until `deadline` (time.monotonic()), then abort the rest and stop."""
+    deadline: float
+
+
+@dataclass(frozen=True)
+class _Deferred:
+    """A later choice of an `_Add`, started one step after the first (it then finds the prompt's
+    KV blocks in the prefix cache)."""
+    request_id: str
+    prompt: object
+    params: SamplingParams
+    stream: bool
 
 
 class EngineWorker:
@@ -65,15 +95,15 @@ class EngineWorker:
         ids = [base] + [f"{base}-{i}" for i in range(1, len(choices))]
         pendings = [_Pending(loop) for _ in choices]
         self.pending.update(zip(ids, pendings))
-        self.commands.put(("add", ids, prompt, (choices, stream)))
+        self.commands.put(_Add(ids, prompt, choices, stream))
         return list(zip(ids, pendings))
 
     def abort(self, request_id: str) -> None:
-        self.commands.put(("abort", request_id, None, None))
+        self.commands.put(_Abort(request_id))
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Lets in-flight requests finish (up to `timeout`), then aborts the rest."""
-        self.commands.put(("drain", None, time.monotonic() + timeout, None))
+        self.commands.put(_Drain(time.monotonic() + timeout))
         self.thread.join(timeout + 5)
 
     def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
@@ -83,33 +113,31 @@ class EngineWorker:
             if isinstance(item, Exception) or item.finished:
                 self.pending.pop(request_id, None)
 
-    def _handle(self, command: tuple) -> None:
-        kind, request_id, payload, extra = command
-        if kind == "add":  # the first choice now; the others after the next step, so that they
-            choices, stream = extra  # take the prompt's KV blocks from the prefix cache
-            first, *others = zip(request_id, choices)
+    def _handle(self, command: _Add | _Abort | _Drain) -> None:
+        if isinstance(command, _Add):  # the first choice now; the others after the next step
+            ids, prompt, stream = command.request_ids, command.prompt, command.stream
             try:
-                self.llm.add_request(payload, first[1], request_id=first[0], stream=stream)
+                self.llm.add_request(prompt, command.choices[0], request_id=ids[0], stream=stream)
             except ValueError as e:
-                for rid in request_id:
+                for rid in ids:
                     self._deliver(rid, APIError(400, str(e)))
                 return
-            self.deferred += [(rid, payload, params, stream) for rid, params in others]
-        elif kind == "abort":
-            self.llm.abort(request_id)
-            self.pending.pop(request_id, None)
-        elif kind == "drain":
-            self._drain_deadline = payload
+            self.deferred += [_Deferred(rid, prompt, params, stream) for rid, params in zip(ids[1:], command.choices[1:])]
+        elif isinstance(command, _Abort):
+            self.llm.abort(command.request_id)
+            self.pending.pop(command.request_id, None)
+        else:
+            self._drain_deadline = command.deadline
 
     def _add_deferred(self) -> None:
         deferred, self.deferred = self.deferred, []
-        for request_id, prompt, params, stream in deferred:
-            if request_id in self.pending:  # not aborted meanwhile
-                self.llm.add_request(prompt, params, request_id=request_id, stream=stream)
+        for d in deferred:
+            if d.request_id in self.pending:  # not aborted meanwhile
+                self.llm.add_request(d.prompt, d.params, request_id=d.request_id, stream=d.stream)
 
     def _run(self) -> None:
         self._drain_deadline: float | None = None
-        self.deferred: list[tuple] = []
+        self.deferred: list[_Deferred] = []
         while True:
             block = not self.llm.has_unfinished_requests() and self._drain_deadline is None
             try:
@@ -215,7 +243,7 @@ class _Common(BaseModel):
         self.check_extra_fields()
         if self.logit_bias and not all(-100 <= v <= 100 for v in self.logit_bias.values()):
             raise APIError(400, "logit_bias values must be in [-100, 100]", param="logit_bias")
-        max_tokens = self.max_completion_tokens or self.max_tokens or min(512, limit)
+        max_tokens = self.max_completion_tokens or self.max_tokens or min(ANSWER_MAX_TOKENS, limit)
         if max_tokens > limit:
             raise APIError(400, f"max_tokens={max_tokens} exceeds this server's limit of {limit}", param="max_tokens")
         return SamplingParams(
