@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from parafork.engine import speculation
 from parafork.engine.runner import SequenceSlice
-from parafork.engine.speculation import DraftStats, draft_lengths, propose
+from parafork.engine.speculation import draft_lengths, propose
+from parafork.engine.thread import DraftStats
 from parafork.llm import LLM
 from parafork.rules import ForceForks
 from parafork.sampling import SamplingParams

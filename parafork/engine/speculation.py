@@ -53,29 +53,6 @@ NGRAM_MAX = 4  # longest context suffix looked up
 # minimum 1/2/3 gave 21.8/21.8/19.7 tok/s against 18.0 without drafts, 2 with 41% fewer draft
 # tokens than 1 (acceptance 41% vs 29%), which counts where rows are dear (llama.cpp).
 NGRAM_MIN = 2
-DECAY = 0.8  # weight of a thread's past verifications against the newest
-
-
-@dataclass
-class DraftStats:
-    """A thread's recent acceptance (decayed counts)."""
-
-    accepted: float = 0.0
-    rejected: float = 0.0
-
-    @property
-    def acceptance(self) -> float:
-        return (self.accepted + 1) / (self.accepted + self.rejected + 2)
-
-    def update(self, proposed: int, accepted: int) -> None:
-        self.accepted = self.accepted * DECAY + accepted
-        self.rejected = self.rejected * DECAY + (accepted < proposed)
-
-    def idle(self) -> None:
-        self.accepted *= DECAY
-        self.rejected *= DECAY
-
-
 def draft_lengths(candidates: list[tuple[float, int]], sampling: int, rows: int, row_cost: float) -> list[int]:
     """How many tokens of each proposed draft to feed this step.
 

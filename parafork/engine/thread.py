@@ -30,7 +30,6 @@ import torch
 
 from ..sampling import SamplingParams
 from .runner import KVSpan
-from .speculation import DraftStats
 
 
 class FinishReason(str, Enum):
@@ -41,6 +40,31 @@ class FinishReason(str, Enum):
 
 
 _thread_ids = itertools.count()
+
+
+
+# A thread's record of its drafts (engine/speculation.py), kept with the thread it describes:
+DECAY = 0.8  # weight of a thread's past verifications against the newest
+
+
+@dataclass
+class DraftStats:
+    """A thread's recent acceptance (decayed counts)."""
+
+    accepted: float = 0.0
+    rejected: float = 0.0
+
+    @property
+    def acceptance(self) -> float:
+        return (self.accepted + 1) / (self.accepted + self.rejected + 2)
+
+    def update(self, proposed: int, accepted: int) -> None:
+        self.accepted = self.accepted * DECAY + accepted
+        self.rejected = self.rejected * DECAY + (accepted < proposed)
+
+    def idle(self) -> None:
+        self.accepted *= DECAY
+        self.rejected *= DECAY
 
 
 @dataclass(frozen=True)
