@@ -101,3 +101,21 @@ def test_sampling_params_stay_free_of_engine_code():
     runtime = _import_time_imports(PACKAGE / "sampling.py")
     assert not any(m.startswith("parafork.engine") for m in runtime)
     assert not [f.name for f in tree.body if isinstance(f, ast.FunctionDef)], "policy belongs in engine/sampler.py"
+
+
+def test_the_readmes_file_walk_names_files_that_exist():
+    """The README's table walks request -> thread -> block table -> runner -> restored text; every
+    path it names (a cell's later names sit beside its first) is in the tree."""
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| ") and "`parafork/" in line]
+    assert len(rows) >= 12
+    steps = [row.split("|")[1].strip() for row in rows]
+    assert [s for s in steps if s][:6] == ["request", "fork token", "thread", "block table", "runner", "restored text"]
+    for row in rows:
+        names = re.findall(r"`([^`]+)`", row.split("|")[2])
+        folder = (PACKAGE.parent / names[0]).parent
+        for i, name in enumerate(names):
+            path = PACKAGE.parent / name if i == 0 or name.startswith("parafork/") else folder / name
+            assert path.exists(), f"README names {name} ({path}), which is not in the tree"
