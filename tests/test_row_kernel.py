@@ -110,3 +110,25 @@ def test_without_the_kernel_the_runner_uses_onednn_and_says_why(tiny_dir, tiny_l
     assert runner.forward([SequenceSlice(0, [1, 2, 3], 0, [0])]).shape == (1, runner.info.vocab_size)
     fp32 = TorchRunner(hf, EngineConfig(num_kv_blocks=16, block_size=4, dtype="float32"))
     assert fp32.kernel is None and fp32.info.kernels == "row kernel not used (float32)"
+
+
+@needs_kernel
+def test_rope_cache_rotates_q_and_k_and_writes_kv_where_the_slots_say_and_silu_mul_is_the_mlps():
+    g = torch.Generator().manual_seed(2)
+    t, h, kvh, d = 5, 4, 2, 16
+    qkv = torch.randn(t, (h + 2 * kvh) * d, generator=g).bfloat16()
+    angles = torch.rand(t, d // 2, generator=g) * 3
+    cos = torch.cat([angles.cos(), angles.cos()], -1).bfloat16()
+    sin = torch.cat([-angles.sin(), angles.sin()], -1).bfloat16()  # the runner's signed table
+    cache = torch.zeros(20, 2, kvh, d, dtype=torch.bfloat16)
+    slots = torch.tensor([3, 7, 0, 19, 12])
+    q = kernel.rope_cache(qkv, cos[:, None], sin[:, None], cache, slots, h)
+    x = qkv.float().view(t, h + 2 * kvh, d)
+    rot = x[:, : h + kvh] * cos.float()[:, None] + x[:, : h + kvh].roll(d // 2, -1) * sin.float()[:, None]
+    _bf16_close(q, rot[:, :h])
+    _bf16_close(cache[slots, 0], rot[:, h:])
+    assert torch.equal(cache[slots, 1], qkv.view(t, h + 2 * kvh, d)[:, h + kvh:])
+    assert cache[[1, 2, 4]].abs().sum() == 0  # nothing written elsewhere
+    gate_up = torch.randn(3, 2 * 24, generator=g).bfloat16()
+    gate, up = gate_up.chunk(2, -1)
+    _bf16_close(kernel.silu_mul(gate_up), (torch.nn.functional.silu(gate) * up).float())

@@ -392,6 +392,13 @@ class TorchRunner:
             return torch.tensor(ends) - 1
         return torch.tensor([r for s, end in zip(batch, ends) for r in range(end - s.num_logits, end)])
 
+    def _silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up, HF's rounding (the activation rounded to the dtype before the product)."""
+        if self.kernel is not None:
+            return self.kernel.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
     def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
         """x += delta (the residual, in place; `x` is this step's own tensor), then the RMS norm of x:
         one call of the row kernel in bf16, else one fused op (fp32 accumulation) instead of HF's eight."""
@@ -404,14 +411,16 @@ class TorchRunner:
     def _attention(self, layer_idx: int, qkv: torch.Tensor, inp: _StepInputs) -> torch.Tensor:
         h, kvh, d, g = self.num_heads, self.num_kv_heads, self.head_dim, self.group
         t = qkv.shape[0]
-        qkv = qkv.view(t, h + 2 * kvh, d)
-        qk = qkv[:, : h + kvh]
-        qk = torch.addcmul(qk * inp.cos, qk.roll(d // 2, dims=-1), inp.sin)
-        kv_new = torch.cat([qk[:, h:], qkv[:, h + kvh :]], dim=1).view(t, 2, kvh, d)
         cache = self.kv_cache[layer_idx]
-        cache.index_copy_(0, inp.slot_mapping, kv_new)
-
-        q = qk[:, :h]
+        if self.kernel is not None:  # rotary q/k and the cache write in one call
+            q = self.kernel.rope_cache(qkv, inp.cos, inp.sin, cache, inp.slot_mapping, h)
+        else:
+            qkv = qkv.view(t, h + 2 * kvh, d)
+            qk = qkv[:, : h + kvh]
+            qk = torch.addcmul(qk * inp.cos, qk.roll(d // 2, dims=-1), inp.sin)
+            kv_new = torch.cat([qk[:, h:], qkv[:, h + kvh :]], dim=1).view(t, 2, kvh, d)
+            cache.index_copy_(0, inp.slot_mapping, kv_new)
+            q = qk[:, :h]
         if len(inp.groups) == 1:
             return self._group_attention(q, cache, inp.groups[0])
         out = torch.empty(t, h * d, dtype=self.dtype)
@@ -512,7 +521,6 @@ class TorchRunner:
             h = self._add_norm(x, delta, layer.input_norm)
             delta = layer.o(self._attention(i, layer.qkv(h), inp))
             h = self._add_norm(x, delta, layer.post_norm)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            delta = layer.down(F.silu(gate) * up)
+            delta = layer.down(self._silu_mul(layer.gate_up(h)))
         x = (x + delta).index_select(0, inp.last_rows)
         return self.lm_head(self._add_norm(x, None, self.final_norm))

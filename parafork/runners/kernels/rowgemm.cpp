@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 static constexpr int64_t kMaxRows = 16;
@@ -206,10 +207,70 @@ static torch::Tensor decode_attention(torch::Tensor q, torch::Tensor cache, torc
   return out;
 }
 
+// Rotary embedding of q and k, and the step's K/V written to the paged cache, in one call:
+// qkv [T, (H + 2 KVH) * D] bf16 rows, cos/sin [T, D] (sin's first half negated, so that
+// rot(x) = x cos + roll(x, D/2) sin), slots [T]. Returns the rotated queries [T, H, D]; the
+// rotated keys and the values go to cache[slot, 0/1, kv head]. fp32 inside, bf16 out.
+static torch::Tensor rope_cache(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor cache,
+                                torch::Tensor slots, int64_t H) {
+  TORCH_CHECK(qkv.scalar_type() == torch::kBFloat16 && cache.scalar_type() == torch::kBFloat16 && cache.is_contiguous(),
+              "rope_cache: bf16 qkv and cache");
+  qkv = qkv.contiguous();
+  auto c = cos.contiguous(), sn = sin.contiguous();
+  auto sl = slots.to(torch::kLong).contiguous();
+  int64_t T = qkv.size(0), KVH = cache.size(2), D = cache.size(3), half = D / 2;
+  TORCH_CHECK(qkv.size(1) == (H + 2 * KVH) * D && c.numel() == T * D && sn.numel() == T * D, "rope_cache: shapes");
+  auto q = torch::empty({T, H, D}, qkv.options());
+  const at::BFloat16* x = qkv.data_ptr<at::BFloat16>();
+  const at::BFloat16* cp = c.data_ptr<at::BFloat16>();
+  const at::BFloat16* sp = sn.data_ptr<at::BFloat16>();
+  const int64_t* slp = sl.data_ptr<int64_t>();
+  at::BFloat16* qp = q.data_ptr<at::BFloat16>();
+  at::BFloat16* kv = cache.data_ptr<at::BFloat16>();
+  const int64_t width = (H + 2 * KVH) * D, stride = 2 * KVH * D;
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const at::BFloat16* row = x + t * width;
+    const at::BFloat16* ct = cp + t * D;
+    const at::BFloat16* st = sp + t * D;
+    for (int64_t head = 0; head < H + KVH; ++head) {
+      const at::BFloat16* in = row + head * D;
+      at::BFloat16* out = head < H ? qp + (t * H + head) * D : kv + slp[t] * stride + (head - H) * D;
+      for (int64_t j = 0; j < D; ++j) {
+        float rolled = (float)in[j < half ? j + half : j - half];
+        out[j] = (at::BFloat16)((float)in[j] * (float)ct[j] + rolled * (float)st[j]);
+      }
+    }
+    std::memcpy(kv + slp[t] * stride + KVH * D, row + (H + KVH) * D, KVH * D * sizeof(at::BFloat16));
+  }
+  });
+  return q;
+}
+
+// silu(gate) * up for gate_up rows [T, 2F] (gate first), fp32 inside, bf16 out [T, F].
+static torch::Tensor silu_mul(torch::Tensor gu) {
+  TORCH_CHECK(gu.dim() == 2 && gu.scalar_type() == torch::kBFloat16 && gu.size(1) % 2 == 0, "silu_mul: [T, 2F] bf16");
+  gu = gu.contiguous();
+  int64_t T = gu.size(0), F = gu.size(1) / 2;
+  auto y = torch::empty({T, F}, gu.options());
+  const at::BFloat16* p = gu.data_ptr<at::BFloat16>();
+  at::BFloat16* o = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t j = 0; j < F; ++j) {
+        float g = (float)p[t * 2 * F + j], u = (float)p[t * 2 * F + F + j];
+        o[t * F + j] = (at::BFloat16)((float)(at::BFloat16)(g / (1.f + std::exp(-g))) * u);
+      }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "pack a [M, K] weight for mm");
   m.def("mm", &mm, "x [N<=16, K] bf16 times a packed weight");
   m.def("add_rms_norm", &add_rms_norm, "x += delta in place, then w * rms_norm(x)");
   m.def("decode_attention", &decode_attention, "one query per sequence over its keys in the paged cache");
+  m.def("rope_cache", &rope_cache, "rotary q/k, K/V into the paged cache; returns q");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.attr("MAX_ROWS") = kMaxRows;
 }
