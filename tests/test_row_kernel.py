@@ -51,19 +51,51 @@ def test_add_rms_norm_adds_in_place_and_rounds_as_hf_does():
     assert torch.equal(x, summed)  # no delta: x untouched
 
 
+NO_PREFIX = (torch.empty(0, 0, dtype=torch.long), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
+
+
+def _attention_reference(q, cache, keys_of):
+    """fp32 softmax attention of each sequence's one query over the slots `keys_of(b)`."""
+    heads, group = q.shape[1], q.shape[1] // cache.shape[2]
+    out = torch.empty(q.shape[0], heads, q.shape[2])
+    for b in range(q.shape[0]):
+        kv = cache[keys_of(b)].float()
+        for h in range(heads):
+            p = torch.softmax(kv[:, 0, h // group] @ q[b, h].float(), 0)
+            out[b, h] = p @ kv[:, 1, h // group]
+    return out
+
+
 @needs_kernel
-def test_decode_attention_equals_softmax_attention_over_each_sequences_slots():
+@pytest.mark.parametrize("head_dim", [32, 64])
+def test_decode_attention_equals_softmax_attention_over_each_sequences_slots(head_dim):
     g = torch.Generator().manual_seed(1)
-    cache = torch.randn(500, 2, 3, 32, generator=g).bfloat16()  # [slots, K/V, KV heads, head dim]
-    q = torch.randn(4, 6, 32, generator=g).bfloat16()  # 6 query heads over 3 KV heads
-    lens = torch.tensor([50, 17, 1, 33])
-    slots = torch.randint(0, 499, (4, 50), generator=g)
-    out = kernel.decode_attention(q, cache, slots, lens).float().view(4, 6, 32)
-    for b in range(4):
-        kv = cache[slots[b, : lens[b]]].float()
-        for h in range(6):
-            p = torch.softmax(kv[:, 0, h // 2] @ q[b, h].float(), 0)
-            _bf16_close(out[b, h], p @ kv[:, 1, h // 2])
+    cache = torch.randn(500, 2, 3, head_dim, generator=g).bfloat16()  # [slots, K/V, KV heads, head dim]
+    q = torch.randn(4, 6, head_dim, generator=g).bfloat16()  # 6 query heads over 3 KV heads
+    lens = torch.tensor([150, 17, 1, 64])  # across chunks of 64 keys, one key, exactly one chunk
+    slots = torch.randint(0, 499, (4, 150), generator=g)
+    out = kernel.decode_attention(q, cache, slots, lens, *NO_PREFIX).float().view(4, 6, head_dim)
+    _bf16_close(out, _attention_reference(q, cache, lambda b: slots[b, : lens[b]]))
+
+
+@needs_kernel
+def test_decode_attention_reads_a_shared_prefix_once_for_its_members_and_merges_it_with_their_own_keys():
+    g = torch.Generator().manual_seed(3)
+    cache = torch.randn(600, 2, 3, 64, generator=g).bfloat16()
+    q = torch.randn(5, 9, 64, generator=g).bfloat16()
+    prefix_slots = torch.randint(0, 599, (2, 130), generator=g)
+    prefix_lens = torch.tensor([130, 16])
+    prefix_of = torch.tensor([0, 1, 0, -1, 0])  # three siblings on prefix 0, one on prefix 1, one on none
+    lens = torch.tensor([3, 40, 1, 70, 65])
+    slots = torch.randint(0, 599, (5, 70), generator=g)
+    out = kernel.decode_attention(q, cache, slots, lens, prefix_slots, prefix_lens, prefix_of).float().view(5, 9, 64)
+
+    def keys_of(b):
+        own = slots[b, : lens[b]]
+        p = int(prefix_of[b])
+        return own if p < 0 else torch.cat([prefix_slots[p, : prefix_lens[p]], own])
+
+    _bf16_close(out, _attention_reference(q, cache, keys_of))
 
 
 @needs_kernel

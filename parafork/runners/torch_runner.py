@@ -133,8 +133,10 @@ class _AttentionGroup:
     query_index: torch.Tensor | None  # [B*Q] rows of the group's tokens, None when Q == 1
     valid_rows: torch.Tensor | None  # [T_g] rows of the padded [B*Q] layout that are real
     max_q: int
-    # Decode rows through the row kernel's attention: keys per sequence (`gather_slots` as [B, L]).
+    # Decode rows through the row kernel's attention: keys per sequence (`gather_slots` as [B, L],
+    # the part after any shared prefix), and the shared prefixes (`_kernel_prefixes`).
     kv_lens: torch.Tensor | None = None
+    kernel_prefixes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -283,11 +285,12 @@ class TorchRunner:
         num_joined = [len(x) for x in span_slots]
         # Own keys from `skip` on: the shared prefix before it is attended once for all its sharers.
         skip, shared = [0] * len(batch), []
-        # One query per sequence and the row kernel: its attention reads every key in place, so a
-        # shared prefix costs no gather and is not split off.
+        # One query per sequence and the row kernel: its attention reads every key in place and
+        # a shared prefix's chunks once for all its sharers, at no cost of its own (no gather, no
+        # merge of small ops), so any prefix that two sequences share is split off.
         kernel_decode = self.kernel is not None and self.head_dim % 16 == 0 and max(q_lens) == 1
-        if len(batch) > 1 and max(q_lens) <= self.SHORT_SLICE and not kernel_decode:
-            skip, shared = self._shared_prefixes(batch)
+        if len(batch) > 1 and max(q_lens) <= self.SHORT_SLICE:
+            skip, shared = self._shared_prefixes(batch, min_saved_keys=1 if kernel_decode else self.MIN_SAVED_KEYS)
         kv_lens = [j + n - k for j, n, k in zip(num_joined, own_lens, skip)]
         max_q, max_kv = max(q_lens), max(kv_lens)
         num_b = len(batch)
@@ -312,8 +315,8 @@ class TorchRunner:
         gather_slots = torch.where(key_pos[None, :] < kv_len_t[:, None], gather_slots, scratch_block * bs)
         if kernel_decode:
             return _AttentionGroup(rows=rows, gather_slots=gather_slots, attn_bias=None, long_mask=None, causal=False,
-                                   shared=[], num_seqs=num_b, max_kv=max_kv, query_index=None, valid_rows=None,
-                                   max_q=1, kv_lens=kv_len_t)
+                                   shared=shared, num_seqs=num_b, max_kv=max_kv, query_index=None, valid_rows=None,
+                                   max_q=1, kv_lens=kv_len_t, kernel_prefixes=self._kernel_prefixes(shared, num_b))
 
         # Query positions, padded per sequence to max_q (padding repeats the last real query).
         offsets = torch.arange(max_q)
@@ -354,10 +357,25 @@ class TorchRunner:
             max_q=max_q,
         )
 
-    def _shared_prefixes(self, batch: list[SequenceSlice]) -> tuple[list[int], list[_SharedPrefix]]:
+    @staticmethod
+    def _kernel_prefixes(shared: list[_SharedPrefix], num_b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The row kernel's form of the shared prefixes: slots [P, longest] (padded), lengths [P]
+        and, per sequence, the index of its prefix (-1: none)."""
+        if not shared:
+            return torch.empty(0, 0, dtype=torch.long), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+        longest = max(len(p.slots) for p in shared)
+        slots = torch.zeros(len(shared), longest, dtype=torch.long)
+        prefix_of = torch.full((num_b,), -1, dtype=torch.long)
+        for i, p in enumerate(shared):
+            slots[i, : len(p.slots)] = p.slots
+            prefix_of[p.members] = i
+        return slots, torch.tensor([len(p.slots) for p in shared]), prefix_of
+
+    def _shared_prefixes(self, batch: list[SequenceSlice], min_saved_keys: int) -> tuple[list[int], list[_SharedPrefix]]:
         """Per sequence, how many of its own KV entries a shared prefix covers (0: none), and the
         prefixes. Sequences without joins whose block tables start with the same block share the
-        full blocks their tables have in common that lie before every one of their queries."""
+        full blocks their tables have in common that lie before every one of their queries, where
+        that saves at least `min_saved_keys` key reads."""
         bs = self.block_size
         by_first: dict[int, list[int]] = {}
         for i, s in enumerate(batch):
@@ -372,7 +390,7 @@ class TorchRunner:
             n = 0
             while n < limit and all(t[n] == tables[0][n] for t in tables):
                 n += 1
-            if n == 0 or (len(members) - 1) * n * bs < self.MIN_SAVED_KEYS:
+            if n == 0 or (len(members) - 1) * n * bs < min_saved_keys:
                 continue
             for i in members:
                 skip[i] = n * bs
@@ -433,7 +451,7 @@ class TorchRunner:
         h, kvh, d, g = self.num_heads, self.num_kv_heads, self.head_dim, self.group
         num_b, max_q = grp.num_seqs, grp.max_q
         if grp.kv_lens is not None:
-            return self.kernel.decode_attention(q, cache, grp.gather_slots, grp.kv_lens)
+            return self.kernel.decode_attention(q, cache, grp.gather_slots, grp.kv_lens, *grp.kernel_prefixes)
         if grp.attn_bias is None:
             return self._long_slice_attention(q, cache, grp)
         if grp.query_index is not None:

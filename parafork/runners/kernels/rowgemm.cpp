@@ -10,7 +10,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <atomic>
 #include <cmath>
+#include <omp.h>
 #include <cstring>
 #include <vector>
 
@@ -81,6 +83,16 @@ static torch::Tensor mm(torch::Tensor x, torch::Tensor wp, int64_t M, bool fp32_
   return ld == M ? y : y.narrow(1, 0, M);
 }
 
+static inline __m512 load_bf16(const at::BFloat16* p) {  // 16 bf16 -> 16 fp32
+  __m256i u = _mm256_loadu_si256((const __m256i*)p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(u), 16));
+}
+
+static inline __m512 load_bf16_rounded(__m512 x) {  // x rounded to bf16, as fp32
+  __m256i b = (__m256i)_mm512_cvtneps_pbh(x);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
 // x += delta (bf16, in place; delta may be empty), then h = w * rms_norm(x) as HF's Llama norm
 // rounds it: the sum of squares in fp32, x * rsqrt(mean + eps) rounded to bf16, times w in bf16.
 // One call instead of the ~10 small ops (casts, pow, mean, rsqrt, muls, add) a layer paid twice.
@@ -95,26 +107,36 @@ static torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor delta, torch::T
   const at::BFloat16* dp = add ? delta.data_ptr<at::BFloat16>() : nullptr;
   const at::BFloat16* wp = wc.data_ptr<at::BFloat16>();
   at::BFloat16* hp = h.data_ptr<at::BFloat16>();
+  const int64_t DV = D / 16 * 16;  // vector part; any tail is done one by one, rounded the same way
   at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       at::BFloat16* xr = xp + t * D;
-      float ss = 0.f;
-      for (int64_t k = 0; k < D; ++k) {
+      __m512 ssv = _mm512_setzero_ps();
+      for (int64_t k = 0; k < DV; k += 16) {
+        __m512 v = load_bf16(xr + k);
+        if (add) {
+          v = load_bf16_rounded(_mm512_add_ps(v, load_bf16(dp + t * D + k)));
+          _mm256_storeu_si256((__m256i*)(xr + k), (__m256i)_mm512_cvtneps_pbh(v));
+        }
+        ssv = _mm512_fmadd_ps(v, v, ssv);
+      }
+      float ss = _mm512_reduce_add_ps(ssv);
+      for (int64_t k = DV; k < D; ++k) {
         float v = add ? (float)(at::BFloat16)((float)xr[k] + (float)dp[t * D + k]) : (float)xr[k];
         if (add) xr[k] = (at::BFloat16)v;
         ss += v * v;
       }
       float r = 1.f / std::sqrt(ss / D + (float)eps);
-      for (int64_t k = 0; k < D; ++k)
+      __m512 rv = _mm512_set1_ps(r);
+      for (int64_t k = 0; k < DV; k += 16) {
+        __m512 y = _mm512_mul_ps(load_bf16(wp + k), load_bf16_rounded(_mm512_mul_ps(load_bf16(xr + k), rv)));
+        _mm256_storeu_si256((__m256i*)(hp + t * D + k), (__m256i)_mm512_cvtneps_pbh(y));
+      }
+      for (int64_t k = DV; k < D; ++k)
         hp[t * D + k] = (at::BFloat16)((float)wp[k] * (float)(at::BFloat16)((float)xr[k] * r));
     }
   });
   return h;
-}
-
-static inline __m512 load_bf16(const at::BFloat16* p) {  // 16 bf16 -> 16 fp32
-  __m256i u = _mm256_loadu_si256((const __m256i*)p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(u), 16));
 }
 
 // exp(x) for 16 lanes: 2^(x log2 e) split into 2^n * 2^f, |f| <= 1/2, 2^f by a degree-6
@@ -135,80 +157,198 @@ static inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-static inline __m512 load_bf16_rounded(__m512 x) {  // x rounded to bf16, as fp32
-  __m256i b = (__m256i)_mm512_cvtneps_pbh(x);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+
+// hsum of each of 16 vectors, as one vector: r[j] = sum of a[j]'s lanes (45 ops where 16
+// `_mm512_reduce_add_ps` take ~130; the score of one query against 16 keys at once).
+static inline __m512 hsum16(__m512* a) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3]
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: partial sums of a[4i..4i+3]
+    __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  __m512 e0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+  __m512 e1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, 0x88), _mm512_shuffle_f32x4(e0, e1, 0xDD));
 }
 
-// Decode attention, one query per sequence: out[b, h] = softmax(q[b, h] . K) V over the keys at
-// slots[b, :lens[b]] of the paged cache [slots, 2, KVH, D] (every one visible: joined spans, then
-// the sequence's own entries up to the query). Keys are read in place (no gathered copy), scores
-// and sums in fp32; the softmax scale is already in q. Query head h reads KV head h / G.
-// Replaces, per layer, a gather of every key, casts, two batched matmuls and a softmax.
-static torch::Tensor decode_attention(torch::Tensor q, torch::Tensor cache, torch::Tensor slots, torch::Tensor lens) {
+// One chunk of keys against several query rows that all see it: for each row, its running
+// softmax state over the chunk (max m, sum l, unnormalised acc[D]), to be merged later.
+struct Partial {
+  float m, l;
+};
+static constexpr int64_t kChunk = 64;  // keys per task: 1 sequence x 3 KV heads x 160 keys -> 9 tasks for 2 threads
+
+// DV = D / 16 is a template argument so that the accumulators stay in registers (a runtime
+// count kept them on the stack, a store and a reload per multiply-add: 3x slower).
+template <int DV>
+static void attend_chunk(const float* const* q, int64_t R, const at::BFloat16* cache, const int64_t* slots, int64_t n,
+                         int64_t stride, int64_t koff, int64_t voff, float* kf, float* vf, float* sc,
+                         Partial* const* part, float* const* acc) {
+  constexpr int64_t D = DV * 16;
+  const int64_t n16 = (n + 15) / 16 * 16;
+  for (int64_t j = 0; j < n16; ++j)  // keys and values to fp32 once for all rows (zeros past n)
+    for (int64_t v = 0; v < DV; ++v) {
+      bool real = j < n;
+      _mm512_storeu_ps(kf + j * D + v * 16, real ? load_bf16(cache + slots[j] * stride + koff + v * 16) : _mm512_setzero_ps());
+      if (real) _mm512_storeu_ps(vf + j * D + v * 16, load_bf16(cache + slots[j] * stride + voff + v * 16));
+    }
+  for (int64_t r = 0; r < R; ++r) {
+    const float* qr = q[r];
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t j0 = 0; j0 < n16; j0 += 16) {
+      __m512 d[16];
+      for (int j = 0; j < 16; ++j) d[j] = _mm512_setzero_ps();
+      for (int64_t v = 0; v < DV; ++v) {
+        __m512 qv = _mm512_loadu_ps(qr + v * 16);
+        for (int j = 0; j < 16; ++j) d[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kf + (j0 + j) * D + v * 16), d[j]);
+      }
+      __m512 s = hsum16(d);
+      if (j0 + 16 > n) s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), (__mmask16)((1u << (n - j0)) - 1), s);
+      _mm512_storeu_ps(sc + j0, s);
+      mx = _mm512_max_ps(mx, s);
+    }
+    float m = _mm512_reduce_max_ps(mx);
+    __m512 mv = _mm512_set1_ps(m), sum = _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < n16; j0 += 16) {
+      __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + j0), mv));
+      _mm512_storeu_ps(sc + j0, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    __m512 a[DV];
+    for (int64_t v = 0; v < DV; ++v) a[v] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      __m512 p = _mm512_set1_ps(sc[j]);
+      for (int64_t v = 0; v < DV; ++v) a[v] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vf + j * D + v * 16), a[v]);
+    }
+    for (int64_t v = 0; v < DV; ++v) _mm512_storeu_ps(acc[r] + v * 16, a[v]);
+    part[r]->m = m;
+    part[r]->l = _mm512_reduce_add_ps(sum);
+  }
+}
+
+// Decode attention, one query per sequence: out[b, h] = softmax(q[b, h] . K) V over the keys of
+// sequence b: the first plens[p] slots of pslots[p] where prefix_of[b] = p >= 0 (a prefix that
+// several sequences share, APAR siblings' common ancestors: read once for all of them), then its
+// own slots[b, :lens[b]] (joined spans and its own entries up to the query; every one visible).
+// Keys are read in place from the paged cache [slots, 2, KVH, D]; scores and sums in fp32; the
+// softmax scale is already in q; query head h reads KV head h / G. The keys are cut into chunks
+// of kChunk, one task per (key source, KV head, chunk), so one sequence's attention still runs on
+// every thread (flash-decoding); each task leaves per-row partial softmax states, merged at the end.
+static torch::Tensor decode_attention(torch::Tensor q, torch::Tensor cache, torch::Tensor slots, torch::Tensor lens,
+                                      torch::Tensor pslots, torch::Tensor plens, torch::Tensor prefix_of) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kBFloat16 && cache.scalar_type() == torch::kBFloat16,
               "decode_attention: want bf16 q [B, H, D] and cache [S, 2, KVH, D]");
-  q = q.contiguous();
   int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = cache.size(2), G = H / KVH, L = slots.size(1);
-  TORCH_CHECK(D % 16 == 0 && cache.size(3) == D && H % KVH == 0 && cache.is_contiguous(), "decode_attention: shapes");
+  TORCH_CHECK(D % 16 == 0 && D <= 256 && cache.size(3) == D && H % KVH == 0 && cache.is_contiguous(),
+              "decode_attention: shapes");
+  q = q.contiguous();
   auto sl = slots.to(torch::kLong).contiguous();
   auto ln = lens.to(torch::kLong).contiguous();
-  auto out = torch::empty({B, H * D}, q.options());
-  const at::BFloat16* qp = q.data_ptr<at::BFloat16>();
-  const at::BFloat16* cp = cache.data_ptr<at::BFloat16>();
+  int64_t NP = pslots.numel() ? pslots.size(0) : 0, LP = NP ? pslots.size(1) : 0;
+  auto psl = pslots.to(torch::kLong).contiguous();
+  auto pln = plens.to(torch::kLong).contiguous();
+  auto pof = prefix_of.to(torch::kLong).contiguous();
+  TORCH_CHECK(NP == 0 || (pln.numel() == NP && pof.numel() == B), "decode_attention: prefix shapes");
   const int64_t* sp = sl.data_ptr<int64_t>();
   const int64_t* lp = ln.data_ptr<int64_t>();
+  const int64_t* psp = NP ? psl.data_ptr<int64_t>() : nullptr;
+  const int64_t* plp = NP ? pln.data_ptr<int64_t>() : nullptr;
+  const int64_t* pop = NP ? pof.data_ptr<int64_t>() : nullptr;
+
+  // Partial states: per sequence, its prefix's chunks then its own, each for every query head.
+  auto chunks = [](int64_t n) { return (n + kChunk - 1) / kChunk; };
+  std::vector<int64_t> base(B + 1, 0), own0(B);
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t p = NP ? pop[b] : -1;
+    own0[b] = p >= 0 ? chunks(plp[p]) : 0;
+    base[b + 1] = base[b] + own0[b] + chunks(lp[b]);
+  }
+  std::vector<Partial> parts(base[B] * H);
+  std::vector<float> accs(base[B] * H * D);
+  const at::BFloat16* qptr = q.data_ptr<at::BFloat16>();
+
+  struct Task { int64_t prefix, seq, kvh, chunk; };  // prefix >= 0: that prefix's members; else sequence `seq`
+  std::vector<Task> tasks;
+  std::vector<std::vector<int64_t>> members(NP);
+  for (int64_t b = 0; b < B; ++b)
+    if (NP && pop[b] >= 0) members[pop[b]].push_back(b);
+  for (int64_t p = 0; p < NP; ++p)
+    if (!members[p].empty())
+      for (int64_t h = 0; h < KVH; ++h)
+        for (int64_t c = 0; c < chunks(plp[p]); ++c) tasks.push_back({p, -1, h, c});
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < KVH; ++h)
+      for (int64_t c = 0; c < chunks(lp[b]); ++c) tasks.push_back({-1, b, h, c});
+
+  const at::BFloat16* cp = cache.data_ptr<at::BFloat16>();
+  const int64_t stride = 2 * KVH * D, DV = D / 16, num_tasks = (int64_t)tasks.size();
+  auto out = torch::empty({B, H * D}, q.options());
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  const int64_t DV = D / 16, stride = 2 * KVH * D;
-  at::parallel_for(0, B * KVH, 1, [&](int64_t w0, int64_t w1) {
-    const int64_t Lp = (L + 15) / 16 * 16;
-    std::vector<float> scores(G * Lp);
-    std::vector<__m512> qf(G * DV), acc(G * DV);
-    for (int64_t w = w0; w < w1; ++w) {
-      int64_t b = w / KVH, kvh = w % KVH, n = lp[b];
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t v = 0; v < DV; ++v) qf[g * DV + v] = load_bf16(qp + (b * H + kvh * G + g) * D + v * 16);
-      std::vector<float> mx(G, -INFINITY);
-      for (int64_t l = 0; l < n; ++l) {
-        const at::BFloat16* k = cp + sp[b * L + l] * stride + kvh * D;
-        __m512 kv[8];
-        for (int64_t v = 0; v < DV && v < 8; ++v) kv[v] = load_bf16(k + v * 16);
+  // One parallel region for both phases. Tasks are taken from a shared counter, not split in
+  // two ranges: a shared prefix's tasks (rows for every sibling) cost many times a lone
+  // sequence's, and a static split put them all on one thread (16 siblings: 5.2 ms a step).
+  std::atomic<int64_t> next{0};
+  int threads = (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> kf(kChunk * D), vf(kChunk * D), sc(kChunk), qbuf(G * B * D);
+    std::vector<const float*> qs;
+    std::vector<Partial*> ps;
+    std::vector<float*> as;
+    for (int64_t t; (t = next.fetch_add(1)) < num_tasks;) {
+      const Task& task = tasks[t];
+      qs.clear(), ps.clear(), as.clear();
+      const int64_t* keys;
+      int64_t n;
+      auto add_rows = [&](int64_t b, int64_t part) {
         for (int64_t g = 0; g < G; ++g) {
-          __m512 d = _mm512_setzero_ps();
-          for (int64_t v = 0; v < DV; ++v) d = _mm512_fmadd_ps(qf[g * DV + v], v < 8 ? kv[v] : load_bf16(k + v * 16), d);
-          float sc = _mm512_reduce_add_ps(d);
-          scores[g * Lp + l] = sc;
-          mx[g] = std::max(mx[g], sc);
+          int64_t h = task.kvh * G + g, i = (base[b] + part) * H + h;
+          float* qr = qbuf.data() + qs.size() * D;  // the query to fp32
+          for (int64_t v = 0; v < DV; ++v) _mm512_storeu_ps(qr + v * 16, load_bf16(qptr + (b * H + h) * D + v * 16));
+          qs.push_back(qr);
+          ps.push_back(&parts[i]);
+          as.push_back(&accs[i * D]);
         }
+      };
+      if (task.prefix >= 0) {
+        keys = psp + task.prefix * LP + task.chunk * kChunk;
+        n = std::min(kChunk, plp[task.prefix] - task.chunk * kChunk);
+        for (int64_t b : members[task.prefix]) add_rows(b, task.chunk);
+      } else {
+        keys = sp + task.seq * L + task.chunk * kChunk;
+        n = std::min(kChunk, lp[task.seq] - task.chunk * kChunk);
+        add_rows(task.seq, own0[task.seq] + task.chunk);
       }
-      int64_t n16 = (n + 15) / 16 * 16;  // scores padded to whole vectors with -inf
-      for (int64_t g = 0; g < G; ++g) {
-        float* sc = scores.data() + g * Lp;
-        for (int64_t l = n; l < n16; ++l) sc[l] = -INFINITY;
-        __m512 m = _mm512_set1_ps(mx[g]), sum = _mm512_setzero_ps();
-        for (int64_t l = 0; l < n16; l += 16) {
-          __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + l), m));
-          _mm512_storeu_ps(sc + l, e);
-          sum = _mm512_add_ps(sum, e);
-        }
-        __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
-        for (int64_t l = 0; l < n16; l += 16) _mm512_storeu_ps(sc + l, _mm512_mul_ps(_mm512_loadu_ps(sc + l), inv));
-        for (int64_t v = 0; v < DV; ++v) acc[g * DV + v] = _mm512_setzero_ps();
+      switch (DV) {
+#define HEAD(dv) case dv: attend_chunk<dv>(qs.data(), (int64_t)qs.size(), cp, keys, n, stride, task.kvh * D, \
+                                           (KVH + task.kvh) * D, kf.data(), vf.data(), sc.data(), ps.data(), as.data()); break;
+        HEAD(1) HEAD(2) HEAD(3) HEAD(4) HEAD(5) HEAD(6) HEAD(7) HEAD(8)
+        HEAD(9) HEAD(10) HEAD(11) HEAD(12) HEAD(13) HEAD(14) HEAD(15) HEAD(16)
+#undef HEAD
       }
-      for (int64_t l = 0; l < n; ++l) {
-        const at::BFloat16* vv = cp + sp[b * L + l] * stride + (KVH + kvh) * D;
-        for (int64_t v = 0; v < DV; ++v) {
-          __m512 x = load_bf16(vv + v * 16);
-          for (int64_t g = 0; g < G; ++g)
-            acc[g * DV + v] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * Lp + l]), x, acc[g * DV + v]);
-        }
-      }
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t v = 0; v < DV; ++v)
-          _mm256_storeu_si256((__m256i*)(op + b * H * D + (kvh * G + g) * D + v * 16),
-                              (__m256i)_mm512_cvtneps_pbh(acc[g * DV + v]));
     }
-  });
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t w = 0; w < B * H; ++w) {  // each query head's partial states merged
+      int64_t b = w / H, h = w % H;
+      float m = -INFINITY;
+      for (int64_t c = base[b]; c < base[b + 1]; ++c) m = std::max(m, parts[c * H + h].m);
+      float l = 0.f;
+      __m512 a[16];
+      for (int64_t v = 0; v < DV; ++v) a[v] = _mm512_setzero_ps();
+      for (int64_t c = base[b]; c < base[b + 1]; ++c) {
+        float s = std::exp(parts[c * H + h].m - m);
+        l += parts[c * H + h].l * s;
+        __m512 sv = _mm512_set1_ps(s);
+        for (int64_t v = 0; v < DV; ++v) a[v] = _mm512_fmadd_ps(sv, _mm512_loadu_ps(&accs[(c * H + h) * D + v * 16]), a[v]);
+      }
+      __m512 inv = _mm512_set1_ps(1.f / l);
+      for (int64_t v = 0; v < DV; ++v)
+        _mm256_storeu_si256((__m256i*)(op + w * D + v * 16), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(a[v], inv)));
+    }
+  }
   return out;
 }
 
