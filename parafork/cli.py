@@ -122,7 +122,7 @@ def cmd_demo(args) -> int:
 BENCHES = {
     "engine": "raw engine speed: HF vs AR tokens/s, step time vs live threads",
     "latency": "one request at a time: AR, APAR, serial, HF, SoT side by side, forks per category (paper Fig. 4)",
-    "throughput": "closed-loop load, batched AR vs APAR per KV budget (paper Fig. 5)",
+    "throughput": "closed-loop load, batched AR vs APAR per KV pool (paper Fig. 5)",
     "quality": "quality proxies: APAR vs AR answers and the untuned base model",
     "ceiling": "the step ceiling of written answers: tokens per decode step if forked where a data recipe cuts",
     "driver": "APAR via the remote driver vs AR through the same OpenAI-compatible server",

@@ -37,8 +37,11 @@ PREFILL_LENGTHS = "256,1024,2048"
 KV_BLOCKS = 512  # the bench engine's KV pool
 
 
-def read_bandwidth_gbs(mib: int = 512, repeats: int = 5) -> float:
-    """Best of a few full reads of a buffer far larger than the last-level cache."""
+def read_bandwidth_gbs(mib: int = 512, repeats: int = 10) -> float:
+    """Best of several full reads of a buffer far larger than the last-level cache. On the
+    shared 2-core VMs the reading moved between 34 and 78 GB/s from one run to the next, so the
+    bench reads it before and after the step timings and keeps the higher (the floor it
+    implies is then the lower, and the share of it a step reaches is not flattered)."""
     buf = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
     buf.sum()
     best = min(_timed(buf.sum) for _ in range(repeats))
@@ -234,9 +237,14 @@ def run_one(args, backend: str, quant: str | None) -> dict:
     print(f"  achieved weight bandwidth   {achieved:8.1f} GB/s   {100 * achieved / bandwidth:.0f}% of measured")
     floor = llm.engine.runner.info.weight_bytes / (bandwidth * 1e9) * 1e3  # ms to read the weights once
     print(f"  step floor (weights / bw)   {floor:8.1f} ms   {llm.engine.runner.info.weight_bytes / 1e6:.0f} MB of weights")
-    steps = {}
+    steps = {n: step_ms(llm, prompt_ids, n, context=len(prompt_ids) + args.tokens, steps=args.steps)
+             for n in THREAD_COUNTS}
+    again = read_bandwidth_gbs()
+    if again > bandwidth:
+        bandwidth = again
+        floor = llm.engine.runner.info.weight_bytes / (bandwidth * 1e9) * 1e3
+        print(f"  read bandwidth, read again  {bandwidth:8.1f} GB/s   step floor {floor:.1f} ms")
     for n in THREAD_COUNTS:
-        steps[n] = step_ms(llm, prompt_ids, n, context=len(prompt_ids) + args.tokens, steps=args.steps)
         print(f"  step with {n:2d} live threads    {steps[n]:8.1f} ms   {steps[n] / steps[1]:.2f}x one thread"
               f"   {100 * floor / steps[n]:3.0f}% of the floor")
     prefill = {}

@@ -1,6 +1,6 @@
 """`parafork bench throughput`: batched AR against batched APAR under closed-loop load.
 
-For each KV budget (pool size in blocks) and concurrency c, c clients each keep one
+For each KV pool (pool size in blocks) and concurrency c, c clients each keep one
 request in flight: when a request finishes, its client sends the next question of the
 suite at once. Per run: answer tokens/s over the whole run, request latency mean/p50/p99,
 the pool's peak KV blocks and preemptions. AR and APAR run back to back on the same
@@ -102,7 +102,7 @@ def run_throughput(
 
 
 def compare(runs: list[dict]) -> list[dict]:
-    """APAR against each baseline at each (KV budget, concurrency): throughput gain, KV share."""
+    """APAR against each baseline at each (KV pool, concurrency): throughput gain, KV share."""
     by_key = {(r["kv_blocks"], r["concurrency"], r["mode"]): r for r in runs}
     rows = []
     for (blocks, c, mode), apar in by_key.items():
@@ -149,7 +149,7 @@ def plot(result: dict, path: str) -> None:
         axes[2].plot([r["kv_blocks"] for r in at_c], [r["tok_s"] for r in at_c], "o-", label=mode.upper())
     axes[0].set(xscale="log", xlabel="concurrent clients", ylabel="answer tokens/s", title=f"throughput (KV {kv_max} blocks)")
     axes[1].set(xscale="log", xlabel="concurrent clients", ylabel="latency (s)", title="request latency")
-    axes[2].set(xscale="log", xlabel="KV budget (blocks)", ylabel="answer tokens/s", title=f"throughput vs KV ({c_max} clients)")
+    axes[2].set(xscale="log", xlabel="KV pool (blocks)", ylabel="answer tokens/s", title=f"throughput vs KV ({c_max} clients)")
     for ax in axes:
         ax.legend()
     fig.suptitle(f"parafork bench throughput ({result['date']}, {result['commit']})")

@@ -37,10 +37,6 @@ def _need(threads, expected: float) -> float:
     return sum(max(expected - len(t.own_tokens), len(t.own_tokens) / 2) for t in threads)
 
 
-def _left(request: Request) -> int:
-    return request.params.max_tokens - request.num_generated
-
-
 def may_fork(thread: Thread, extra: int = 0) -> bool:
     """Whether the budget left has room for another body (and `extra` tokens before its fork)."""
     request = thread.request
@@ -48,10 +44,10 @@ def may_fork(thread: Thread, extra: int = 0) -> bool:
         return True
     expected = expected_body(request)
     live_children = [t for t in request.threads if t.parent is not None and not t.finished]
-    return _left(request) >= _need(live_children, expected) + expected + 1 + PARENT_RESERVE + extra
+    return request.tokens_left >= _need(live_children, expected) + expected + 1 + PARENT_RESERVE + extra
 
 
-def held(thread: Thread) -> bool:
+def waits_for_descendants(thread: Thread) -> bool:
     """True while `thread` should wait for its live descendants (see the module's rules)."""
     request = thread.request
     if not thread.children or not request.params.plan_budget:
@@ -65,4 +61,4 @@ def held(thread: Thread) -> bool:
             ancestor = ancestor.parent
         if ancestor is thread:
             descendants.append(t)
-    return bool(descendants) and _left(request) <= _need(descendants, expected_body(request))
+    return bool(descendants) and request.tokens_left <= _need(descendants, expected_body(request))

@@ -218,7 +218,7 @@ class Engine:
                 continue
             request, params = thread.request, thread.request.params
             # Room for every draft token to be accepted and one more sampled after them.
-            room = min(params.max_tokens - request.num_generated, self.config.max_model_len - len(thread.token_ids)) - 1
+            room = min(request.tokens_left, self.config.max_model_len - len(thread.token_ids)) - 1
             draft = speculation.propose(thread, min(params.num_draft_tokens, room), self.control)
             if draft:
                 proposals.append((i, thread, draft))

@@ -1,7 +1,7 @@
 """Continuous batching over the threads of all requests.
 
 Every step feeds, in one forward, the pending tokens of every live thread of the running
-requests (oldest first), then admits waiting requests while the token budget and the KV
+requests (oldest first), then admits waiting requests while the step's tokens and the KV
 pool allow (a long prompt is prefilled in chunks). When the pool cannot hold the next
 step, the newest running request is preempted: its blocks are freed and its live threads
 are recomputed from their tokens when it runs again, one thread at a time so that forks
@@ -30,7 +30,7 @@ import heapq
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
-from .budget import held
+from .budget import waits_for_descendants
 from .runner import BlockCopy
 from .thread import FinishReason, Request, Thread
 
@@ -131,13 +131,13 @@ class Scheduler:
         self.running.remove(request)
         self.add(request)
 
-    def _schedule_request(self, request: Request, batch: ScheduledBatch, budget: int, reserve: int = 0) -> int | None:
-        """Adds the request's live threads to the batch; returns the budget left, or None
+    def _schedule_request(self, request: Request, batch: ScheduledBatch, tokens_left: int, reserve: int = 0) -> int | None:
+        """Adds the request's live threads to the batch; returns the step's tokens left, or None
         when the pool cannot hold them with `reserve` blocks to spare (the batch is left
         without them)."""
         start, new_ids, room = len(batch), 0, self.seq_ids.room
         # Parents wait for children near the end (budget.py), joining threads for their group.
-        threads = [t for t in request.kv_threads if (t.finished or not held(t)) and t.window]
+        threads = [t for t in request.kv_threads if (t.finished or not waits_for_descendants(t)) and t.window]
         if request.params.mode == "serial":
             threads = threads[-1:]  # the newest thread runs alone: depth first, in reading order
         for thread in threads:
@@ -145,7 +145,7 @@ class Scheduler:
                 if any(len(t.window) > 2 for t in threads if t.thread_id < thread.thread_id):
                     break  # recompute one thread at a time, so later ones find its blocks in the cache
                 self.block_manager.match_prefix(thread)
-            n = min(len(thread.window), budget)
+            n = min(len(thread.window), tokens_left)
             if n == 0:
                 continue
             new_ids += thread.seq_id is None
@@ -156,24 +156,24 @@ class Scheduler:
             self.block_manager.allocate(thread, thread.num_cached + n)
             batch.threads.append(thread)
             batch.num_tokens.append(n)
-            budget -= n
+            tokens_left -= n
         for thread in batch.threads[start:]:  # ids only once the request's threads all fit
             if thread.seq_id is None:
                 thread.seq_id = self.seq_ids.take()
-        return budget
+        return tokens_left
 
     def schedule(self) -> tuple[ScheduledBatch, list[Request]]:
         """The next step's batch, and requests that can never fit the pool (taken out of the
         queues with their finish reason and error set; the engine finishes them)."""
         batch = ScheduledBatch()
         unservable: list[Request] = []
-        budget = self.max_batch_tokens
+        tokens_left = self.max_batch_tokens
         i = 0
         while i < len(self.running):
             request = self.running[i]
-            left = self._schedule_request(request, batch, budget)
+            left = self._schedule_request(request, batch, tokens_left)
             if left is not None:
-                budget, i = left, i + 1
+                tokens_left, i = left, i + 1
                 continue
             # Out of blocks: preempt the newest request and retry (possibly this one).
             victim = self.running[-1]
@@ -183,9 +183,9 @@ class Scheduler:
                 self._fail(request)
             else:
                 self._preempt(victim)
-        while self.waiting and budget > 0:
+        while self.waiting and tokens_left > 0:
             request = self.waiting[0]
-            left = self._schedule_request(request, batch, budget, reserve=len(batch))
+            left = self._schedule_request(request, batch, tokens_left, reserve=len(batch))
             if left is None:
                 for thread in request.threads:  # a waiting request holds no blocks, matched ones included
                     self.free(thread)
@@ -197,12 +197,12 @@ class Scheduler:
                 break
             self.waiting.pop(0)
             bisect.insort(self.running, request, key=lambda r: r.arrival)
-            budget = left
-        batch.tokens_left = budget
+            tokens_left = left
+        batch.tokens_left = tokens_left
         return batch, unservable
 
     def add_draft(self, batch: ScheduledBatch, index: int, draft: list[int]) -> list[int]:
-        """Gives thread `index` of the batch the part of `draft` that the step's token budget
+        """Gives thread `index` of the batch the part of `draft` that the step's tokens left
         and the free KV blocks allow (drafts come after every thread's and request's
         pending tokens and never cause a preemption); returns that part."""
         thread = batch.threads[index]

@@ -189,6 +189,11 @@ class Request:
         self.error: str | None = None
         self.streaming = True  # outputs carry text at every step (else only when finished)
 
+    @property
+    def tokens_left(self) -> int:
+        """The request's budget: what is left of `max_tokens`, which covers all its threads."""
+        return self.params.max_tokens - self.num_generated
+
     def _new_thread(self, token_ids: list[int], own_start: int, depth: int, parent: Thread | None) -> Thread:
         thread = Thread(self, token_ids, own_start, depth=depth, parent=parent)
         if self.params.logprobs is not None:
