@@ -164,3 +164,30 @@ def test_rope_cache_rotates_q_and_k_and_writes_kv_where_the_slots_say_and_silu_m
     gate_up = torch.randn(3, 2 * 24, generator=g).bfloat16()
     gate, up = gate_up.chunk(2, -1)
     _bf16_close(kernel.silu_mul(gate_up), (torch.nn.functional.silu(gate) * up).float())
+
+
+@needs_kernel
+def test_the_fused_decode_loop_gives_the_python_loops_logits_bit_for_bit(tiny_dir, tiny_llm):
+    hf = models.load_hf_model(tiny_dir, tiny_llm.tokenizer, torch.bfloat16)
+    runner = TorchRunner(hf, EngineConfig(num_kv_blocks=64, block_size=4, dtype="bfloat16"))
+    assert runner._fused is not None
+    prompt = list(range(300, 340))
+    runner.forward([SequenceSlice(0, prompt, 0, list(range(10)))])
+    runner.fork(0, 1, BlockCopy(9, 20, 0))
+    decode = [SequenceSlice(0, [5], 40, list(range(11))), SequenceSlice(1, [6], 40, list(range(10)) + [21])]
+    calls = []
+    fused_loop = runner.kernel.decode_layers
+
+    class Spy:  # counts the fused calls; everything else is the kernel itself
+        def __getattr__(self, name):
+            return getattr(row_kernel.load(), name)
+
+        def decode_layers(self, *args):
+            calls.append(1)
+            return fused_loop(*args)
+
+    runner.kernel = Spy()
+    fused = runner.forward(decode)  # the same slots are written again with the same K/V each time
+    runner._fused = None
+    looped = runner.forward(decode)
+    assert calls == [1] and torch.equal(fused, looped)

@@ -191,6 +191,14 @@ class TorchRunner:
             self.embed = hf_model.get_input_embeddings().weight.detach().to(dtype)
             self.final_norm = hf_model.model.norm.weight.detach().to(dtype)
             self.lm_head = _Linear(hf_model.get_output_embeddings().weight, None, dtype, kernel, fp32_out=True)
+        # The row kernel's decode loop (`forward`) takes every layer's packed weights at once;
+        # layers with biases (qkv) keep the Python loop, which adds them.
+        linears = [(l.qkv, l.o, l.gate_up, l.down) for l in self.layers]
+        self._fused = None
+        if kernel is not None and all(lin.bias is None and lin.kernel is not None for ls in linears for lin in ls):
+            self._fused = ([t for l, ls in zip(self.layers, linears) for t in [*(lin.weight for lin in ls), l.input_norm,
+                                                                                 l.post_norm]],
+                           [lin.out_features for ls in linears for lin in ls])
         weight_bytes = self.lm_head.nbytes + sum(l.qkv.nbytes + l.o.nbytes + l.gate_up.nbytes + l.down.nbytes for l in self.layers)
         self.max_position = config.max_position_embeddings
         self.info = RunnerInfo(
@@ -534,11 +542,19 @@ class TorchRunner:
         """Runs one step; returns float32 logits of each slice's last `num_logits` tokens."""
         inp = self._prepare(batch)
         x = self.embed[inp.token_ids]  # a copy: the residual stream is updated in place
-        delta = None  # each block's output, added to x by the next norm
-        for i, layer in enumerate(self.layers):
-            h = self._add_norm(x, delta, layer.input_norm)
-            delta = layer.o(self._attention(i, layer.qkv(h), inp))
-            h = self._add_norm(x, delta, layer.post_norm)
-            delta = layer.down(self._silu_mul(layer.gate_up(h)))
-        x = (x + delta).index_select(0, inp.last_rows)
+        group = inp.groups[0]
+        if self._fused is not None and len(inp.groups) == 1 and group.kv_lens is not None and len(x) <= self.kernel.MAX_ROWS:
+            # A decode step: the same layer loop in one call of the row kernel (`decode_layers`).
+            x = self.kernel.decode_layers(x, *self._fused, self.kv_cache, inp.cos, inp.sin, inp.slot_mapping,
+                                          group.gather_slots, group.kv_lens, *group.kernel_prefixes, self.num_heads,
+                                          self.eps)
+        else:
+            delta = None  # each block's output, added to x by the next norm
+            for i, layer in enumerate(self.layers):
+                h = self._add_norm(x, delta, layer.input_norm)
+                delta = layer.o(self._attention(i, layer.qkv(h), inp))
+                h = self._add_norm(x, delta, layer.post_norm)
+                delta = layer.down(self._silu_mul(layer.gate_up(h)))
+            x = x + delta
+        x = x.index_select(0, inp.last_rows)
         return self.lm_head(self._add_norm(x, None, self.final_norm))
