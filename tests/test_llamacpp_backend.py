@@ -194,8 +194,8 @@ def test_latency_bench_and_generate_run_on_the_llamacpp_backend(tiny_dir, tmp_pa
 
 
 def test_latency_bench_puts_llamacpps_own_loop_beside_apar_on_the_torch_backend(tiny_dir, tmp_path):
-    """Mode llamacpp on the torch engine: llama.cpp alone on the same model exported to Q8_0,
-    in the same run as the engine's modes."""
+    """Modes llamacpp and llamacpp-f16 on the torch engine: llama.cpp alone on the same model
+    exported to Q8_0 and to F16, in the same run as the engine's modes."""
     import json
     from types import SimpleNamespace
 
@@ -204,13 +204,15 @@ def test_latency_bench_puts_llamacpps_own_loop_beside_apar_on_the_torch_backend(
     args = SimpleNamespace(
         model=str(tiny_dir), base_model=str(tiny_dir), adapter=None, dtype="float32", cpu_threads=1, suite="starter",
         backend="torch", quant=None, limit=1, per_category=None, max_tokens=10, json=str(tmp_path / "lat.json"),
-        plot=None, modes="ar,apar,llamacpp", spec=None,
+        plot=None, modes="ar,apar,llamacpp,llamacpp-f16", spec=None,
     )
     latency.run(args)
     saved = json.loads((tmp_path / "lat.json").read_text())
     q = saved["questions"][0]["modes"]
     assert q["llamacpp"]["gguf"].endswith("-q8_0.gguf") and q["llamacpp"]["tokens"] > 0
-    assert saved["config"]["backend"] == "torch" and {"apar_vs_llamacpp", "ar_vs_llamacpp"} <= set(saved["speedup_tok_s"])
+    assert q["llamacpp-f16"]["gguf"].endswith("-f16.gguf") and q["llamacpp-f16"]["tokens"] > 0
+    assert saved["config"]["backend"] == "torch" and {"apar_vs_llamacpp", "ar_vs_llamacpp", "apar_vs_llamacpp_f16",
+                                                       "ar_vs_llamacpp_f16"} <= set(saved["speedup_tok_s"])
 
 
 def test_the_openai_server_answers_from_the_llamacpp_backend(tiny_dir):

@@ -12,6 +12,8 @@ with the same `max_tokens`:
   (`LLAMACPP_QUANT`: llama.cpp's fastest weights on these CPUs, 122 tok/s against f16's 91 in
   `results/rows/engine.json`): `apar_vs_llamacpp` is APAR on any backend against the AR loop a
   CPU user would run instead;
+- `llamacpp-f16`: the same on the model exported to F16, 16-bit weights like the torch engine's
+  bf16 (`apar_vs_llamacpp_f16`: the like-for-like weights format);
 - `sot`: Skeleton-of-Thought prompting with the untuned base model on the parafork engine;
 - `apar-unguarded`, `serial-unguarded`: `apar` and `serial` without the answer guards (no
   budget planning, no repeated-head guard, no penalties: how parafork decoded before issue 12),
@@ -53,7 +55,7 @@ from .common import (Checkpoint, add_output_args, add_penalty_args, add_suite_ar
                      save_figure, timed_run)
 from .suite import load_suite, select
 
-MODES = ("ar", "apar", "serial", "base", "hf", "sot", "llamacpp", "ar+spec", "apar+spec", "apar-unguarded",
+MODES = ("ar", "apar", "serial", "base", "hf", "sot", "llamacpp", "llamacpp-f16", "ar+spec", "apar+spec", "apar-unguarded",
          "serial-unguarded")
 EARLY_STOP_TOKENS = 60
 ENGINE_MODES = ("ar", "apar", "serial", "ar+spec", "apar+spec", "apar-unguarded", "serial-unguarded")
@@ -69,6 +71,8 @@ SPEEDUPS = {
     "apar_vs_hf": ("apar", "hf"),
     "apar_vs_llamacpp": ("apar", "llamacpp"),
     "ar_vs_llamacpp": ("ar", "llamacpp"),
+    "apar_vs_llamacpp_f16": ("apar", "llamacpp-f16"),
+    "ar_vs_llamacpp_f16": ("ar", "llamacpp-f16"),
     "sot_vs_ar": ("sot", "ar"),
 }
 
@@ -174,21 +178,22 @@ def _engine_record(llm: LLM, prompt: str, params: SamplingParams) -> dict:
 LLAMACPP_QUANT = "q8_0"
 
 
-def _exported_gguf(llm: LLM):
+def _exported_gguf(llm: LLM, quant: str):
     """The model `llm` runs (adapter merged) as a GGUF for llama.cpp, exported once into the cache."""
     from dataclasses import replace
 
     from ..export import gguf_for
 
-    config = replace(llm.config, backend="llamacpp", quant=LLAMACPP_QUANT)
+    config = replace(llm.config, backend="llamacpp", quant=quant)
     return gguf_for(config, models.resolve_model_path(llm.config.model), llm.adapter)
 
 
-def _llamacpp_record(llm: LLM, prompt: str, max_tokens: int, threads: int) -> dict:
-    """llama.cpp alone on the GGUF `llm` runs (its runner's file), greedy AR, `[Fork]` banned."""
+def _llamacpp_record(llm: LLM, prompt: str, max_tokens: int, threads: int, quant: str | None = None) -> dict:
+    """llama.cpp alone, greedy AR, `[Fork]` banned: on the GGUF `llm` runs (its runner's file)
+    or, on another backend, the model exported as `LLAMACPP_QUANT`; `quant`: exported as that."""
     from ..runners.llamacpp_runner import reference_greedy
 
-    gguf = llm.engine.runner.info.gguf or _exported_gguf(llm)
+    gguf = (None if quant else llm.engine.runner.info.gguf) or _exported_gguf(llm, quant or LLAMACPP_QUANT)
     prompt_ids = llm.encode(prompt)
     out, wall = reference_greedy(gguf, prompt_ids, max_tokens, threads, stop_ids=llm.control.eos_ids,
                                  banned=llm.control.ids)
@@ -330,8 +335,9 @@ def run_latency(
                 rec["modes"][mode] = _engine_record(tuned, q["prompt"], engine_params(mode, max_tokens, penalties))
             elif mode == "base":
                 rec["modes"][mode] = _engine_record(base, q["prompt"], SamplingParams(max_tokens=max_tokens, mode="ar"))
-            elif mode == "llamacpp":
-                rec["modes"][mode] = _llamacpp_record(tuned, q["prompt"], max_tokens, threads)
+            elif mode in ("llamacpp", "llamacpp-f16"):
+                quant = "f16" if mode == "llamacpp-f16" else None
+                rec["modes"][mode] = _llamacpp_record(tuned, q["prompt"], max_tokens, threads, quant)
             elif mode == "hf":
                 rec["modes"][mode] = hf.run(models.apply_chat_template(hf.tokenizer, q["prompt"]), max_tokens)
             else:
