@@ -164,7 +164,11 @@ class EngineWorker:
                     self._deliver(request_id, APIError(500, f"engine error: {e}", "server_error"))
                 continue
             for out in outputs:
-                if out.delta or out.finished:
+                if out.finished and out.error:  # failed inside the engine: a 500 with the reason
+                    if out.delta:  # what a streamed client has not seen yet, before the error
+                        self._deliver(out.request_id, replace(out, finished=False))
+                    self._deliver(out.request_id, APIError(500, out.error, "server_error"))
+                elif out.delta or out.finished:
                     self._deliver(out.request_id, out)
             self._add_deferred()
             self.stats = self.llm.stats()

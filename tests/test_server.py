@@ -440,3 +440,27 @@ def test_a_joined_answer_streams_in_reading_order_through_the_server(tiny_dir):
     finally:
         srv.should_exit = True
         thread.join(10)
+
+
+def test_a_request_that_fails_inside_the_engine_gets_a_500_with_the_reason_streamed_or_not(tiny_dir):
+    """A prompt that fits the pool but an answer that outgrows it (end of text banned): the
+    engine ends it with `RequestOutput.error`; the client gets that message as a 500, or as an
+    error event after what was streamed, never a hang or a 200."""
+    llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=12, block_size=4)
+    url, srv, thread = start_server(create_app(llm, "tiny", api_key=KEY))
+    try:
+        ban_eos = {str(i): -100 for i in llm.control.eos_ids}
+        body = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=200, temperature=0,
+                    logit_bias=ban_eos, extra_body={"parafork": {"mode": "ar"}})
+        c = client(url)
+        with pytest.raises(openai.InternalServerError, match="more KV blocks than the whole pool"):
+            c.chat.completions.create(**body)
+        pieces = []
+        with pytest.raises(openai.APIError, match="more KV blocks than the whole pool"):
+            for piece in c.chat.completions.create(**body, stream=True):
+                pieces.append(piece)
+        assert pieces and all(p.choices[0].finish_reason is None for p in pieces)  # text came, then the error
+        wait_pool_full(llm)
+    finally:
+        srv.should_exit = True
+        thread.join(10)

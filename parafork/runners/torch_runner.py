@@ -207,8 +207,9 @@ class TorchRunner:
             weight_bytes=weight_bytes,
             prefix_caching=True,
             max_live_sequences=None,
-            # Step of 1/8 rows: 49.3/78.8 ms on a 2-core AVX2 EPYC (fp32), 12.7/17.3 ms on Zen 5 (bf16).
-            draft_row_cost=0.08,
+            # Step of 1/8 rows: 49.3/78.8 ms on a 2-core AVX2 EPYC (fp32), 12.7/17.3 ms on Zen 5 (bf16,
+            # oneDNN); through the row kernel 6.9/8.1 ms (16 rows 8.4; results/rows/engine.txt).
+            draft_row_cost=0.02 if kernel is not None else 0.08,
             kernels=f"row kernel {self.linear_path}",
         )
         self._init_rope(config)
