@@ -74,7 +74,7 @@ def test_bench_engine_puts_backends_side_by_side_with_the_floor_and_a_plot(tiny_
     assert main(argv) == 0
     saved = json.loads(out.read_text())
     runs = [saved, *saved["also"]]
-    assert [r["backend"] for r in runs] == ["auto", "llamacpp"] and runs[1]["quant"] == "q8_0"
+    assert [r["backend"] for r in runs] == ["torch", "llamacpp"] and runs[1]["quant"] == "q8_0"  # "auto" resolved
     for r in runs:  # the floor: weight bytes over the bandwidth measured in the same run
         assert r["floor_ms"] == pytest.approx(r["weight_bytes"] / (r["bandwidth_gbs"] * 1e9) * 1e3)
         assert r["floor_share"]["8"] == pytest.approx(r["floor_ms"] / r["step_ms"]["8"])

@@ -204,6 +204,12 @@ def run(args) -> dict:
     return result
 
 
+def _backend_name(runner) -> str:
+    from ..runners.torch_runner import TorchRunner
+
+    return "llamacpp" if runner.info.gguf is not None else "torch" if isinstance(runner, TorchRunner) else "hf"
+
+
 def run_one(args, backend: str, quant: str | None) -> dict:
     torch.set_num_threads(args.cpu_threads)
     lengths = parse_list(getattr(args, "prefill", PREFILL_LENGTHS), "--prefill", kind=int)
@@ -214,10 +220,11 @@ def run_one(args, backend: str, quant: str | None) -> dict:
         raise ValueError(f"--prefill {too_long}: longer than the model's {llm.engine.runner.info.max_position} positions "
                          f"or the bench's KV pool")
     on_llamacpp = llm.engine.runner.info.gguf is not None
+    backend = _backend_name(llm.engine.runner)  # what "auto" resolved to
     dtype_name = f"gguf {quant or 'as given'}" if on_llamacpp else str(llm.config.torch_dtype).removeprefix("torch.")
     gguf = llm.engine.runner.info.gguf or args.gguf
     prompt_ids = models.apply_chat_template(llm.tokenizer, PROMPT)
-    print(f"parafork bench engine: model={args.model} backend={'llamacpp' if on_llamacpp else backend} "
+    print(f"parafork bench engine: model={args.model} backend={backend} "
           f"weights={dtype_name} threads={args.cpu_threads} tokens={args.tokens}")
     if llm.engine.runner.info.kernels:
         print(f"  linears                     {llm.engine.runner.info.kernels}")
@@ -257,7 +264,7 @@ def run_one(args, backend: str, quant: str | None) -> dict:
         prefill[str(n)] = {"tok_s": own_n, "hf_tok_s": hf_n}
         print(f"  prefill {n:5d} tokens         {own_n:8.1f} tok/s" + (f"   {own_n / hf_n:.2f}x HF forward" if hf_n else ""))
     return {
-        "backend": "llamacpp" if on_llamacpp else backend,
+        "backend": backend,
         "dtype": dtype_name,
         "quant": quant,
         "kernels": llm.engine.runner.info.kernels,
