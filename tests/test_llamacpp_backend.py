@@ -18,6 +18,7 @@ from parafork.sampling import SamplingParams
 from parafork.tokens import CHILD, FORK
 
 from .conftest import PROMPTS
+from .test_runner import run_four_forking_requests
 
 
 @pytest.fixture(scope="session")
@@ -86,17 +87,11 @@ def test_after_finish_abort_and_preemption_every_sequence_and_cell_is_free(tiny_
     llm = tiny_llamacpp(tiny_dir, num_kv_blocks=blocks)
     if spec == "ngram":
         llm.engine.runner.info = replace(llm.engine.runner.info, draft_row_cost=0.0)  # every proposed draft is fed
-    force = ForceForks(llm.control, frozenset(forks), child_tokens=8, root_tokens=14)
-    params = SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=80, logits_rules=[force], speculative=spec)
-    ids = [llm.add_request({"prompt_token_ids": list(range(500 + 3 * i, 516 + 3 * i))}, params) for i in range(4)]
-    steps = 0
-    while llm.has_unfinished_requests():
-        llm.step()
-        steps += 1
-        if steps == abort_after:
-            llm.abort(ids[1])
-        with_ids = {t.seq_id for r in llm.engine.requests.values() for t in r.threads if t.seq_id is not None}
+
+    def check(steps: int, with_ids: set[int]) -> None:
         assert llm.engine.runner.live == with_ids
+
+    run_four_forking_requests(llm, forks, abort_after, check, speculative=spec)
     llm.check_idle()
     assert not llm.engine.runner.live
     assert all(llm.engine.runner.cells_in_use(s) == (-1, -1) for s in range(MAX_SEQUENCES))

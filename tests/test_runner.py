@@ -113,6 +113,21 @@ def test_a_cap_on_live_sequences_bans_forks_beyond_it_and_still_finishes(recorde
     llm.check_idle()
 
 
+def run_four_forking_requests(llm, forks, abort_after: int, check, **params) -> None:
+    """Four requests with forced forks stepped to the end, the second aborted after
+    `abort_after` steps; `check(steps, seq ids the threads hold)` after every step."""
+    force = ForceForks(llm.control, frozenset(forks), child_tokens=8, root_tokens=14)
+    params = SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=80, logits_rules=[force], **params)
+    ids = [llm.add_request({"prompt_token_ids": list(range(500 + 3 * i, 516 + 3 * i))}, params) for i in range(4)]
+    steps = 0
+    while llm.has_unfinished_requests():
+        llm.step()
+        steps += 1
+        if steps == abort_after:
+            llm.abort(ids[1])
+        check(steps, {t.seq_id for r in llm.engine.requests.values() for t in r.threads if t.seq_id is not None})
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     blocks=st.integers(12, 40),
@@ -124,19 +139,13 @@ def test_after_finish_abort_and_preemption_every_block_and_sequence_id_is_free(
     recorded, blocks, forks, abort_after, stats_every
 ):
     llm = recorded(num_kv_blocks=blocks)
-    force = ForceForks(llm.control, frozenset(forks), child_tokens=8, root_tokens=14)
-    ids = [llm.add_request({"prompt_token_ids": list(range(500 + 3 * i, 516 + 3 * i))},
-                           SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=80, logits_rules=[force])) for i in range(4)]
-    steps = 0
-    while llm.has_unfinished_requests():
-        llm.step()
-        steps += 1
-        if steps == abort_after:
-            llm.abort(ids[1])
+
+    def check(steps: int, with_ids: set[int]) -> None:
         if steps % stats_every == 0:
-            with_ids = {t.seq_id for r in llm.engine.requests.values() for t in r.threads if t.seq_id is not None}
             assert llm.engine.runner.live <= llm.engine.scheduler.seq_ids.live == with_ids
             assert llm.stats().sequences_live == len(with_ids)
+
+    run_four_forking_requests(llm, forks, abort_after, check)
     assert not llm.engine.runner.live
     llm.check_idle()
 

@@ -131,13 +131,19 @@ def test_a_run_resumes_from_a_checkpoint_written_under_another_compute_dtype(tin
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
 
 
-def test_warm_start_from_an_adapter_keeps_its_weights_at_step_zero(tiny_dir, tmp_path):
-    from parafork.train import build_model
-
+def _trained_briefly(tiny_dir, tmp_path) -> TrainConfig:
+    """Two steps of training on a tiny data folder; the adapter lands in tmp_path/run/adapter."""
     write_data(tmp_path / "data")
     cfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), model=str(tiny_dir),
                       steps=2, accum=2, lr=1e-2, warmup=1, rank=4, cpu_threads=1)
     train(cfg)
+    return cfg
+
+
+def test_warm_start_from_an_adapter_keeps_its_weights_at_step_zero(tiny_dir, tmp_path):
+    from parafork.train import build_model
+
+    cfg = _trained_briefly(tiny_dir, tmp_path)
     tokenizer, control = models.load_tokenizer(tiny_dir)
     warm = build_model(TrainConfig(**{**cfg.__dict__, "init_adapter": str(tmp_path / "run" / "adapter")}), tokenizer, control)
     trained = {n: p for n, p in warm.named_parameters() if p.requires_grad}
@@ -158,10 +164,7 @@ def test_warm_start_from_an_adapter_without_join_grows_the_join_row(tiny_dir, tm
 
     from parafork.train import build_model
 
-    write_data(tmp_path / "data")
-    cfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), model=str(tiny_dir),
-                      steps=2, accum=2, lr=1e-2, warmup=1, rank=4, cpu_threads=1)
-    train(cfg)
+    cfg = _trained_briefly(tiny_dir, tmp_path)
     tokenizer, control = models.load_tokenizer(tiny_dir)
     old = tmp_path / "run" / "adapter"  # made into an adapter of two rows, as v2's
     config = json.loads((old / "adapter_config.json").read_text())
