@@ -1,11 +1,12 @@
-"""parafork's row kernel: a linear layer over 1-16 rows at the cost of reading its weights once.
+"""parafork's row kernel: a linear layer over a few rows at the cost of reading its weights once.
 
 APAR pays only if a decode step of a few rows costs about one row. oneDNN's bf16 GEMV does
 not get there on these CPUs: the SmolLM2-135M linear stack (30 layers + lm_head, weights far
 larger than the caches) took 12.9 ms for one row (21 GB/s) on the 2-core Zen 5; this kernel
 (`kernels/rowgemm.cpp`, AVX-512 BF16 `vdpbf16ps` over weights packed 16 outputs x 2 k per
 64-byte line) took 8.1 ms (33 GB/s, close to what a plain read reaches), 8 rows 1.14-1.29x
-one row. Past 16 rows (prefill chunks) the runner feeds it 16 rows at a time.
+one row (since: 6.9 ms, 8 rows 1.16x, 16 rows 1.22x; results/rows/). Past 16 rows (prefill
+chunks, wide batches) it goes 16 rows at a time over each L2-resident group of weights.
 
 It is compiled for the machine it runs on, once, with torch's C++ extension builder (gcc,
 ninja; ~30 s on 2 cores) into `$PARAFORK_CACHE/kernels/`, and loaded from there afterwards.
@@ -28,7 +29,6 @@ from .. import models
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parent / "kernels" / "rowgemm.cpp"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
-MAX_ROWS = 16
 
 
 def _cpu_flags() -> set[str]:

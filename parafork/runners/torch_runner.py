@@ -52,8 +52,10 @@ class _Linear:
 
     oneDNN packing pays in fp32 too: on an AVX2 EPYC, MKL's fp32 GEMM for 1-16 rows ran the
     SmolLM2 linear stack in 44/71/113/164/189 ms, oneDNN's packed one in 32/34/41/51/82 ms.
-    The row kernel takes at most `row_kernel.MAX_ROWS` rows a call; a longer input (a prefill
-    chunk) goes through it that many rows at a time.
+    The row kernel runs 16 rows at a time; a longer input (a prefill chunk, a wide batch) goes
+    through in one call, its 16-row chunks over the same L2-resident group of weights (30 layers'
+    linears on the 2-core Zen 5: 64 rows 17.3 ms, against 19.8 ms for 16-row calls one after the
+    other and 30.8 ms through oneDNN).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, kernel=None,
@@ -74,11 +76,7 @@ class _Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
-            rows = self.kernel.MAX_ROWS
-            if x.shape[0] <= rows:
-                y = self.kernel.mm(x, self.weight, self.out_features, self.fp32_out)
-            else:
-                y = torch.cat([self.kernel.mm(c, self.weight, self.out_features, self.fp32_out) for c in x.split(rows)])
+            y = self.kernel.mm(x, self.weight, self.out_features, self.fp32_out)
             return y if self.bias is None else y + self.bias
         if self.packed:
             y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
@@ -544,7 +542,7 @@ class TorchRunner:
         inp = self._prepare(batch)
         x = self.embed[inp.token_ids]  # a copy: the residual stream is updated in place
         group = inp.groups[0]
-        if self._fused is not None and len(inp.groups) == 1 and group.kv_lens is not None and len(x) <= self.kernel.MAX_ROWS:
+        if self._fused is not None and len(inp.groups) == 1 and group.kv_lens is not None:
             # A decode step: the same layer loop in one call of the row kernel (`decode_layers`).
             x = self.kernel.decode_layers(x, *self._fused, self.kv_cache, inp.cos, inp.sin, inp.slot_mapping,
                                           group.gather_slots, group.kv_lens, *group.kernel_prefixes, self.num_heads,

@@ -1,6 +1,6 @@
 // A few rows through a linear layer at the cost of reading its weights once (AVX-512 BF16).
 //
-// y[n, m] = sum_k x[n, k] * W[m, k] for n < 16 rows. W is packed once as [M/16][K/2][16][2]
+// y[n, m] = sum_k x[n, k] * W[m, k] for up to 16 rows a pass. W is packed once as [M/16][K/2][16][2]
 // bf16: one 64-byte load holds 16 outputs x 2 k, and one `vdpbf16ps` per row multiplies it by
 // that row's broadcast (k, k+1) pair into 16 fp32 sums. So each weight byte is read once per
 // step, whatever the row count, and no horizontal sum is needed; several 16-output blocks are
@@ -64,28 +64,49 @@ static void blocks(const uint32_t* x, int64_t K2, const __m512bh* wb, int64_t mb
   if (mb < mb1) blocks<N, 1>(x, K2, wb, mb, mb1, y32, y16, ld);
 }
 
-// x [N, K] bf16 (N <= 16), wp from pack(), M the unpadded output size -> [N, M] (fp32 or bf16).
+static void rows(int64_t N, const uint32_t* x, int64_t K2, const __m512bh* w, int64_t b0, int64_t b1, float* y32,
+                 at::BFloat16* y16, int64_t ld) {  // 1 to 16 rows over output blocks [b0, b1)
+  switch (N) {
+#define ROWS(n) case n: blocks<n, (n <= 2 ? 4 : 1)>(x, K2, w, b0, b1, y32, y16, ld); break;
+    ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
+    ROWS(9) ROWS(10) ROWS(11) ROWS(12) ROWS(13) ROWS(14) ROWS(15) ROWS(16)
+#undef ROWS
+  }
+}
+
+// x [N, K] bf16, wp from pack(), M the unpadded output size -> [N, M] (fp32 or bf16). Rows go
+// 16 at a time; past 16, every 16-row chunk runs over a group of kGroupBlocks output blocks
+// before the next group, so the group's weights come from memory once and from L2 for the
+// other chunks (16-row calls one after the other read all the weights again each time).
+static constexpr int64_t kGroupBlocks = 8;
 static torch::Tensor mm(torch::Tensor x, torch::Tensor wp, int64_t M, bool fp32_out) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16, "mm: want [N, K] bf16 rows");
   int64_t N = x.size(0), K = x.size(1), MB = wp.size(0), K2 = K / 2, ld = MB * 16;
   TORCH_CHECK(wp.dim() == 4 && wp.size(1) == K2 && wp.size(2) == 16 && wp.size(3) == 2, "mm: weight not packed for K=", K);
-  TORCH_CHECK(N >= 1 && N <= kMaxRows, "mm: 1 to 16 rows, got ", N);
+  TORCH_CHECK(N >= 1, "mm: no rows");
   x = x.contiguous();
-  std::vector<uint32_t> xt(K2 * N);  // [K2, N] (k, k+1) pairs: a step's broadcasts lie side by side
+  const int64_t chunks = (N + kMaxRows - 1) / kMaxRows;
+  // Per 16-row chunk, [K2, n] (k, k+1) pairs: a step's broadcasts lie side by side.
+  std::vector<uint32_t> xt(K2 * N);
   const uint32_t* xr = (const uint32_t*)x.data_ptr();
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < K2; ++k) xt[k * N + n] = xr[n * K2 + k];
+  for (int64_t c = 0; c < chunks; ++c) {
+    int64_t n0 = c * kMaxRows, n = std::min(kMaxRows, N - n0);
+    uint32_t* dst = xt.data() + n0 * K2;
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t k = 0; k < K2; ++k) dst[k * n + r] = xr[(n0 + r) * K2 + k];
+  }
   auto y = torch::empty({N, ld}, x.options().dtype(fp32_out ? torch::kFloat : torch::kBFloat16));
-  const uint32_t* xp = xt.data();
   const __m512bh* w = (const __m512bh*)wp.data_ptr();
   float* y32 = fp32_out ? y.data_ptr<float>() : nullptr;
   at::BFloat16* y16 = fp32_out ? nullptr : y.data_ptr<at::BFloat16>();
   at::parallel_for(0, MB, 8, [&](int64_t b0, int64_t b1) {
-    switch (N) {
-#define ROWS(n) case n: blocks<n, (n <= 2 ? 4 : 1)>(xp, K2, w, b0, b1, y32, y16, ld); break;
-      ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
-      ROWS(9) ROWS(10) ROWS(11) ROWS(12) ROWS(13) ROWS(14) ROWS(15) ROWS(16)
-#undef ROWS
+    for (int64_t g = b0; g < b1; g += chunks > 1 ? kGroupBlocks : b1 - b0) {
+      int64_t g1 = chunks > 1 ? std::min(b1, g + kGroupBlocks) : b1;
+      for (int64_t c = 0; c < chunks; ++c) {
+        int64_t n0 = c * kMaxRows;
+        rows(std::min(kMaxRows, N - n0), xt.data() + n0 * K2, K2, w, g, g1, y32 ? y32 + n0 * ld : nullptr,
+             y16 ? y16 + n0 * ld : nullptr, ld);
+      }
     }
   });
   return ld == M ? y : y.narrow(1, 0, M);
@@ -451,7 +472,7 @@ static torch::Tensor silu_mul(torch::Tensor gu) {
   return y;
 }
 
-// Every decoder layer of a decode step in one call (up to 16 rows, one query per sequence):
+// Every decoder layer of a decode step in one call (one query per sequence):
 // the same ops the runner's Python loop calls, in the same order, so the result is the same
 // bit for bit; what goes is ~10 Python-to-C++ calls a layer (300 a step for 30 layers, ~1 ms
 // of a 6-7 ms one-row step on the 2-core Zen 5). `weights` holds per layer: qkv, o, gate_up,
@@ -462,9 +483,9 @@ static torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> w
                                    torch::Tensor slot_mapping, torch::Tensor slots, torch::Tensor lens,
                                    torch::Tensor pslots, torch::Tensor plens, torch::Tensor prefix_of, int64_t H,
                                    double eps) {
-  const int64_t layers = (int64_t)caches.size(), T = x.size(0);
-  TORCH_CHECK(weights.size() == (size_t)(6 * layers) && sizes.size() == (size_t)(4 * layers) && T <= kMaxRows,
-              "decode_layers: 6 weights and 4 sizes a layer, at most 16 rows");
+  const int64_t layers = (int64_t)caches.size();
+  TORCH_CHECK(weights.size() == (size_t)(6 * layers) && sizes.size() == (size_t)(4 * layers),
+              "decode_layers: 6 weights and 4 sizes a layer");
   torch::Tensor delta = torch::empty({0}, x.options());
   for (int64_t l = 0; l < layers; ++l) {
     const torch::Tensor* w = &weights[6 * l];
@@ -480,11 +501,10 @@ static torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> w
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "pack a [M, K] weight for mm");
-  m.def("mm", &mm, "x [N<=16, K] bf16 times a packed weight");
+  m.def("mm", &mm, "x [N, K] bf16 times a packed weight");
   m.def("add_rms_norm", &add_rms_norm, "x += delta in place, then w * rms_norm(x)");
   m.def("decode_attention", &decode_attention, "one query per sequence over its keys in the paged cache");
   m.def("rope_cache", &rope_cache, "rotary q/k, K/V into the paged cache; returns q");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("decode_layers", &decode_layers, "every decoder layer of a decode step in one call");
-  m.attr("MAX_ROWS") = kMaxRows;
 }
