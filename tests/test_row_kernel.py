@@ -116,14 +116,19 @@ def test_the_runner_with_the_kernel_matches_hf_and_the_onednn_path_with_forks_an
         decode = [SequenceSlice(0, [5], 70, tables[0] + [30]), SequenceSlice(1, [6], 70, tables[1]),
                   SequenceSlice(9, [7], 30, list(range(40, 48))), SequenceSlice(2, [8], 70, tables[2])]
         assert (runner._prepare(decode).groups[0].kv_lens is not None) == use_kernel  # the kernel's attention ran
-        drafts = [SequenceSlice(1, [9, 10, 11], 71, tables[1], num_logits=3)]  # several queries: the matmul path
-        return first, runner.forward(decode), runner.forward(drafts)
+        drafts = [SequenceSlice(1, [9, 10, 11], 71, tables[1], num_logits=3)]  # several queries: one row each
+        assert (runner._prepare(drafts).groups[0].kv_lens is not None) == use_kernel
+        # Two siblings feeding two tokens each: rows of several slices over their shared prefix.
+        pairs = [SequenceSlice(1, [14, 15], 74, tables[1], num_logits=2), SequenceSlice(2, [16, 17], 71, tables[2], num_logits=2)]
+        if use_kernel:
+            assert runner._prepare(pairs).groups[0].kernel_prefixes[2].tolist() == [0, 0, 0, 0]  # every row on prefix 0
+        return first, runner.forward(decode), runner.forward(drafts), runner.forward(pairs)
 
     with_kernel, without = run(True), run(False)
     with torch.no_grad():
         refs = [hf(torch.tensor([ids])).logits[0, -n:].float() for ids, n in
                 [(prompt, 1), (prompt + [5], 1), (prompt + [6], 1), (other + [7], 1), (prompt + [8], 1),
-                 (prompt + [6, 9, 10, 11], 3)]]
+                 (prompt + [6, 9, 10, 11], 3), (prompt + [6, 9, 10, 11, 14, 15], 2), (prompt + [8, 16, 17], 2)]]
     got = torch.cat([torch.cat(with_kernel)])
     base = torch.cat([torch.cat(without)])
     want = torch.cat(refs)
@@ -191,3 +196,21 @@ def test_the_fused_decode_loop_gives_the_python_loops_logits_bit_for_bit(tiny_di
     runner._fused = None
     looped = runner.forward(decode)
     assert calls == [1] and torch.equal(fused, looped)
+
+
+@needs_kernel
+def test_kernel_rows_of_multi_token_slices_see_exactly_their_causal_keys(tiny_dir, tiny_llm):
+    """Each query row of a slice attends to its sequence's entries up to itself, no further: the
+    shared prefix (once for all sharers) plus its own remaining keys, for siblings of 2-3 tokens."""
+    hf = models.load_hf_model(tiny_dir, tiny_llm.tokenizer, torch.bfloat16)
+    runner = TorchRunner(hf, EngineConfig(num_kv_blocks=64, block_size=4, dtype="bfloat16"))
+    tables = {1: list(range(10)) + [20, 21], 2: list(range(10)) + [30, 31]}  # 40 shared entries
+    batch = [SequenceSlice(1, [5, 6, 7], 41, tables[1], num_logits=3), SequenceSlice(2, [8, 9], 42, tables[2], num_logits=2)]
+    group = runner._prepare(batch).groups[0]
+    prefix_slots, prefix_lens, prefix_of = group.kernel_prefixes
+    assert prefix_of.tolist() == [0] * 5 and prefix_lens.tolist() == [40]
+    rows = [(s, i) for s in batch for i in range(len(s.token_ids))]
+    for r, (s, i) in enumerate(rows):
+        want = {s.block_table[k // 4] * 4 + k % 4 for k in range(s.start + i + 1)}
+        got = prefix_slots[0, :40].tolist() + group.gather_slots[r, : group.kv_lens[r]].tolist()
+        assert sorted(got) == sorted(want), (r, i)

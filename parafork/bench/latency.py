@@ -1,7 +1,9 @@
 """`parafork bench latency`: one request at a time, every mode side by side (the paper's Fig. 4).
 
-For each question the modes run back to back (so machine drift hits them alike), greedy,
-with the same `max_tokens`:
+A bench mode is one way of answering, compared with the others: a request mode of the engine
+(`SamplingParams.mode`: ar, apar, serial), one of those with a variant (`+spec`, `-unguarded`), or
+a baseline outside the engine (base, hf, llamacpp, llamacpp-f16, sot). For each question the modes
+run back to back (so machine drift hits them alike), greedy, with the same `max_tokens`:
 - `ar`, `apar`: the parafork engine with the tuned model, forking off and on;
 - `serial`: the tuned model's APAR tree decoded one thread at a time (the same answers as
   `apar`, at AR's pace): `apar_vs_serial` is APAR's parallel speed-up on identical output;

@@ -292,10 +292,12 @@ class TorchRunner:
         num_joined = [len(x) for x in span_slots]
         # Own keys from `skip` on: the shared prefix before it is attended once for all its sharers.
         skip, shared = [0] * len(batch), []
-        # One query per sequence and the row kernel: its attention reads every key in place and
-        # a shared prefix's chunks once for all its sharers, at no cost of its own (no gather, no
-        # merge of small ops), so any prefix that two sequences share is split off.
-        kernel_decode = self.kernel is not None and self.head_dim % 16 == 0 and max(q_lens) == 1
+        # Short slices and the row kernel: its attention reads every key in place and a shared
+        # prefix's chunks once for all its sharers, at no cost of its own (no gather, no merge of
+        # small ops), so any prefix that two sequences share is split off. (Only one-token slices
+        # went this way at first; a step with a fork's or a draft's few tokens then took the
+        # padded matmul path for all its rows: 32 APAR requests, 35 of 40 steps, a third of the time.)
+        kernel_decode = self.kernel is not None and self.head_dim % 16 == 0 and max(q_lens) <= self.SHORT_SLICE
         if len(batch) > 1 and max(q_lens) <= self.SHORT_SLICE:
             skip, shared = self._shared_prefixes(batch, min_saved_keys=1 if kernel_decode else self.MIN_SAVED_KEYS)
         kv_lens = [j + n - k for j, n, k in zip(num_joined, own_lens, skip)]
@@ -321,9 +323,18 @@ class TorchRunner:
         kv_len_t = torch.tensor(kv_lens)
         gather_slots = torch.where(key_pos[None, :] < kv_len_t[:, None], gather_slots, scratch_block * bs)
         if kernel_decode:
+            # One query row at a time: a slice of q tokens (a fork's first tokens, a draft) is q
+            # rows with the slice's keys, row i seeing its own entries up to itself (causal).
+            prefix_slots, prefix_lens, prefix_of = self._kernel_prefixes(shared, num_b)
+            if max(q_lens) > 1:
+                q_len_t = torch.tensor(q_lens)
+                seq = torch.repeat_interleave(torch.arange(num_b), q_len_t)
+                later = torch.cat([torch.arange(q - 1, -1, -1) for q in q_lens])  # queries after row i in its slice
+                gather_slots, kv_len_t = gather_slots[seq], kv_len_t[seq] - later
+                prefix_of = prefix_of[seq] if len(prefix_of) else prefix_of
             return _AttentionGroup(rows=rows, gather_slots=gather_slots, attn_bias=None, long_mask=None, causal=False,
                                    shared=shared, num_seqs=num_b, max_kv=max_kv, query_index=None, valid_rows=None,
-                                   max_q=1, kv_lens=kv_len_t, kernel_prefixes=self._kernel_prefixes(shared, num_b))
+                                   max_q=1, kv_lens=kv_len_t, kernel_prefixes=(prefix_slots, prefix_lens, prefix_of))
 
         # Query positions, padded per sequence to max_q (padding repeats the last real query).
         offsets = torch.arange(max_q)
