@@ -333,3 +333,25 @@ def test_serial_mode_decodes_the_same_tree_one_thread_at_a_time(tiny_llm):
     assert serial.num_steps == serial.num_generated_tokens - (serial.num_threads - 1)
     assert apar.num_steps < serial.num_steps
     assert_pool_full(tiny_llm)
+
+
+def test_preemptions_and_the_tokens_they_make_the_engine_feed_again_are_counted(tiny_dir):
+    """A pool too small for three answers at once: the newest is preempted and recomputed. With
+    the prefix cache off every token cached at a preemption is fed again, so the recomputed
+    tokens are exactly those; per request and in the engine's totals (`/metrics` reads them)."""
+    llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=14, block_size=4, prefix_caching=False)
+    lost = []
+    preempt = llm.engine.scheduler._preempt
+
+    def counting(request):
+        lost.append(sum(t.num_cached for t in request.threads))
+        preempt(request)
+
+    llm.engine.scheduler._preempt = counting
+    ban_eos = {i: -100.0 for i in llm.control.eos_ids}
+    params = SamplingParams(max_tokens=24, mode="ar", logit_bias=ban_eos)
+    outs = llm.generate([{"prompt_token_ids": list(range(100 + 10 * i, 108 + 10 * i))} for i in range(3)], params)
+    stats = llm.stats()
+    assert lost and sum(o.num_preemptions for o in outs) == len(lost) == stats.preemptions_total
+    assert sum(o.num_recomputed_tokens for o in outs) == sum(lost) == stats.recomputed_tokens_total > 0
+    llm.check_idle()

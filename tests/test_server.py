@@ -77,6 +77,7 @@ def test_models_health_and_metrics(server):
     assert json.load(urllib.request.urlopen(f"{url}/health")) == {"status": "ok"}
     metrics = urllib.request.urlopen(f"{url}/metrics").read().decode()
     assert "parafork_kv_blocks_free 256" in metrics and "parafork_requests_live" in metrics
+    assert all(f"parafork_{name}_total " in metrics for name in ("joins", "preemptions", "recomputed_tokens"))
 
 
 @pytest.mark.parametrize(
@@ -430,8 +431,10 @@ def test_a_joined_answer_streams_in_reading_order_through_the_server(tiny_dir):
         joined = dict(extra_body={"parafork": {"join": True}})
         full = c.chat.completions.create(**ask, **joined)
         assert full.choices[0].finish_reason == "stop" and full.usage.model_extra["parafork"]["threads"] == 5
-        # The same tree restored on this side: the engine's own restoration, from the library.
-        ref = llm.generate([ask["messages"]], SamplingParams(max_tokens=200, join=True))[0]
+        # The same tree restored on this side: the engine's own restoration, from the library, on
+        # an engine of its own (the server's worker steps `llm`: two threads must not both step it).
+        ref_llm = ForcedTreeLLM(str(tiny_dir), dtype="float32", num_kv_blocks=256, block_size=4)
+        ref = ref_llm.generate([ask["messages"]], SamplingParams(max_tokens=200, join=True))[0]
         assert full.choices[0].message.content == ref.text
         chunks = list(c.chat.completions.create(**ask, **joined, stream=True))
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == ref.text

@@ -5,6 +5,7 @@ Where vLLM cannot run (no venv, or it does not import on this CPU), the server t
 the reason (`pytest -rs` prints it; `make test` passes -rs)."""
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 
@@ -191,7 +192,13 @@ def test_vllm_cancelled_stream_aborts_every_request(driver, vllm_server):
         agen = driver.stream(PROMPT, driver_params(max_tokens=512))
         async for out in agen:
             if out.num_threads >= 3:
-                seen_running.append(vllm_server.metrics().get("vllm:num_requests_running", 0))
+                # vLLM's gauge can lag the requests just sent: read it for up to 3 s while they run.
+                for _ in range(30):
+                    running = vllm_server.metrics().get("vllm:num_requests_running", 0)
+                    if running >= 2:
+                        break
+                    await asyncio.sleep(0.1)
+                seen_running.append(running)
                 break
         await agen.aclose()
 

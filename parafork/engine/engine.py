@@ -54,6 +54,7 @@ class RequestOutput:
     num_prompt_tokens: int
     attention_work: int = 0  # sum over fed tokens of the KV length each attends to
     num_preemptions: int = 0
+    num_recomputed_tokens: int = 0  # tokens fed again after preemptions (prefix-cache hits not counted)
     num_draft_tokens: int = 0  # speculative draft tokens fed (engine/speculation.py)
     num_accepted_tokens: int = 0  # of which the model's own samples agreed with
     error: str | None = None
@@ -81,6 +82,8 @@ class EngineStats:
     draft_tokens_total: int = 0
     accepted_draft_tokens_total: int = 0
     joins_total: int = 0
+    preemptions_total: int = 0
+    recomputed_tokens_total: int = 0
 
 
 class Engine:
@@ -107,7 +110,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self.total_steps = 0
-        self._counts = {"requests": 0, "tokens": 0, "forks": 0, "joins": 0, "drafted": 0, "accepted": 0}
+        self._counts = {"requests": 0, "tokens": 0, "forks": 0, "joins": 0, "drafted": 0, "accepted": 0, "recomputed": 0}
 
     # ---- requests -------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: bool = True) -> None:
@@ -176,6 +179,8 @@ class Engine:
             draft_tokens_total=self._counts["drafted"],
             accepted_draft_tokens_total=self._counts["accepted"],
             joins_total=self._counts["joins"],
+            preemptions_total=self.scheduler.num_preemptions,
+            recomputed_tokens_total=self._counts["recomputed"],
         )
 
     def check_idle(self) -> None:
@@ -286,6 +291,9 @@ class Engine:
             # Token k (0-based position) attends to k + 1 keys; this slice holds positions c..c+fed-1.
             joined = sum(span.end - span.start for _, span in thread.spans)
             thread.request.attention_work += fed * (thread.num_cached + joined) + fed * (fed + 1) // 2
+            redo = max(0, min(thread.num_cached + n, thread.recompute_until) - thread.num_cached)
+            thread.request.num_recomputed_tokens += redo
+            self._counts["recomputed"] += redo
             thread.num_cached += n
             self.block_manager.register(thread)
             if thread.num_cached == len(thread.token_ids) and not thread.finished:
@@ -429,6 +437,7 @@ class Engine:
             num_prompt_tokens=len(request.prompt_token_ids),
             attention_work=request.attention_work,
             num_preemptions=request.num_preemptions,
+            num_recomputed_tokens=request.num_recomputed_tokens,
             num_draft_tokens=request.num_draft_tokens,
             num_accepted_tokens=request.num_accepted_tokens,
             error=request.error,

@@ -83,6 +83,7 @@ class Scheduler:
         self.waiting: list[Request] = []  # sorted by arrival
         self.running: list[Request] = []  # sorted by arrival
         self._released: list[int] = []
+        self.num_preemptions = 0  # over all requests, since the start
 
     def add(self, request: Request) -> None:
         bisect.insort(self.waiting, request, key=lambda r: r.arrival)
@@ -126,8 +127,10 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         for thread in request.threads:
+            thread.recompute_until = max(thread.recompute_until, thread.num_cached)
             self.free(thread)
         request.num_preemptions += 1
+        self.num_preemptions += 1
         self.running.remove(request)
         self.add(request)
 

@@ -100,6 +100,7 @@ class Thread:
     thread_id: int = field(default_factory=lambda: next(_thread_ids))  # birth order, never reused
     seq_id: int | None = None  # the runner's handle while the thread holds KV (reused after release)
     num_cached: int = 0  # leading tokens whose K/V sit in the cache
+    recompute_until: int = 0  # after a preemption: tokens fed again below this were computed before
     block_table: list[int] = field(default_factory=list)
     block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the full blocks computed
     children: dict[int, Thread] = field(default_factory=dict)  # own index of a [Fork] -> child
@@ -180,6 +181,7 @@ class Request:
         self.num_generated = 0  # tokens appended over all threads, control tokens included
         self.num_steps = 0  # forward passes this request took part in
         self.num_preemptions = 0
+        self.num_recomputed_tokens = 0  # fed again after a preemption (prefix-cache hits not counted)
         self.held_blocks: dict[int, int] = {}  # KV block -> how many of this request's threads hold it
         self.peak_blocks = 0  # most distinct KV blocks held at once (after a step)
         self.attention_work = 0  # sum over fed tokens of the keys each one attends to
