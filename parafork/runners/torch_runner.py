@@ -131,8 +131,9 @@ class _AttentionGroup:
     query_index: torch.Tensor | None  # [B*Q] rows of the group's tokens, None when Q == 1
     valid_rows: torch.Tensor | None  # [T_g] rows of the padded [B*Q] layout that are real
     max_q: int
-    # Decode rows through the row kernel's attention: keys per sequence (`gather_slots` as [B, L],
-    # the part after any shared prefix), and the shared prefixes (`_kernel_prefixes`).
+    # Short slices through the row kernel's attention: keys per query row (`gather_slots` as
+    # [rows, L], the part after any shared prefix; `kv_lens` per row), and the shared prefixes
+    # in the kernel's form (`_kernel_prefixes`; `shared` stays empty on this path).
     kv_lens: torch.Tensor | None = None
     kernel_prefixes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -333,7 +334,7 @@ class TorchRunner:
                 gather_slots, kv_len_t = gather_slots[seq], kv_len_t[seq] - later
                 prefix_of = prefix_of[seq] if len(prefix_of) else prefix_of
             return _AttentionGroup(rows=rows, gather_slots=gather_slots, attn_bias=None, long_mask=None, causal=False,
-                                   shared=shared, num_seqs=num_b, max_kv=max_kv, query_index=None, valid_rows=None,
+                                   shared=[], num_seqs=num_b, max_kv=max_kv, query_index=None, valid_rows=None,
                                    max_q=1, kv_lens=kv_len_t, kernel_prefixes=(prefix_slots, prefix_lens, prefix_of))
 
         # Query positions, padded per sequence to max_q (padding repeats the last real query).

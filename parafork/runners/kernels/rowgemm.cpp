@@ -117,7 +117,7 @@ static inline __m512 load_bf16(const at::BFloat16* p) {  // 16 bf16 -> 16 fp32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(u), 16));
 }
 
-static inline __m512 load_bf16_rounded(__m512 x) {  // x rounded to bf16, as fp32
+static inline __m512 round_bf16(__m512 x) {  // x rounded to bf16, kept as fp32
   __m256i b = (__m256i)_mm512_cvtneps_pbh(x);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
 }
@@ -136,32 +136,32 @@ static torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor delta, torch::T
   const at::BFloat16* dp = add ? delta.data_ptr<at::BFloat16>() : nullptr;
   const at::BFloat16* wp = wc.data_ptr<at::BFloat16>();
   at::BFloat16* hp = h.data_ptr<at::BFloat16>();
-  const int64_t DV = D / 16 * 16;  // vector part; any tail is done one by one, rounded the same way
+  const int64_t vec_end = D / 16 * 16;  // the vector part; any tail is done one by one, rounded the same way
   at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       at::BFloat16* xr = xp + t * D;
       __m512 ssv = _mm512_setzero_ps();
-      for (int64_t k = 0; k < DV; k += 16) {
+      for (int64_t k = 0; k < vec_end; k += 16) {
         __m512 v = load_bf16(xr + k);
         if (add) {
-          v = load_bf16_rounded(_mm512_add_ps(v, load_bf16(dp + t * D + k)));
+          v = round_bf16(_mm512_add_ps(v, load_bf16(dp + t * D + k)));
           _mm256_storeu_si256((__m256i*)(xr + k), (__m256i)_mm512_cvtneps_pbh(v));
         }
         ssv = _mm512_fmadd_ps(v, v, ssv);
       }
       float ss = _mm512_reduce_add_ps(ssv);
-      for (int64_t k = DV; k < D; ++k) {
+      for (int64_t k = vec_end; k < D; ++k) {
         float v = add ? (float)(at::BFloat16)((float)xr[k] + (float)dp[t * D + k]) : (float)xr[k];
         if (add) xr[k] = (at::BFloat16)v;
         ss += v * v;
       }
       float r = 1.f / std::sqrt(ss / D + (float)eps);
       __m512 rv = _mm512_set1_ps(r);
-      for (int64_t k = 0; k < DV; k += 16) {
-        __m512 y = _mm512_mul_ps(load_bf16(wp + k), load_bf16_rounded(_mm512_mul_ps(load_bf16(xr + k), rv)));
+      for (int64_t k = 0; k < vec_end; k += 16) {
+        __m512 y = _mm512_mul_ps(load_bf16(wp + k), round_bf16(_mm512_mul_ps(load_bf16(xr + k), rv)));
         _mm256_storeu_si256((__m256i*)(hp + t * D + k), (__m256i)_mm512_cvtneps_pbh(y));
       }
-      for (int64_t k = DV; k < D; ++k)
+      for (int64_t k = vec_end; k < D; ++k)
         hp[t * D + k] = (at::BFloat16)((float)wp[k] * (float)(at::BFloat16)((float)xr[k] * r));
     }
   });
@@ -459,7 +459,7 @@ static torch::Tensor silu_mul(torch::Tensor gu) {
       if (j0 + 16 <= F) {
         __m512 g = load_bf16(gp + j0), u = load_bf16(gp + F + j0);
         __m512 act = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-        act = load_bf16_rounded(act);
+        act = round_bf16(act);
         _mm256_storeu_si256((__m256i*)(o + t * F + j0), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(act, u)));
       } else {
         for (int64_t j = j0; j < F; ++j) {
