@@ -62,6 +62,7 @@ class EngineConfig:
     quant: str | None = None  # llamacpp: weights of an exported GGUF ("f16", "q8_0"); None: f16, or a .gguf as it is
     prefix_caching: bool = True  # reuse computed KV blocks of identical token prefixes across requests
     speculative: str | None = None  # "ngram": requests draft and verify (engine/speculation.py) unless they say "off"
+    admission_reserve: float = 1.0  # scales the future KV a request must find free to be admitted (scheduler.py); 0: none
     row_kernel: bool = True  # torch, bf16: linears through parafork's AVX-512 BF16 row kernel where it builds (row_kernel.py)
 
     def __post_init__(self) -> None:
@@ -74,6 +75,8 @@ class EngineConfig:
             raise ValueError("quant applies to backend='llamacpp' only")
         if self.speculative not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative must be None or one of {', '.join(SPECULATIVE_METHODS[1:])}, got {self.speculative!r}")
+        if not isinstance(self.admission_reserve, (int, float)) or not 0 <= self.admission_reserve <= 4:
+            raise ValueError(f"admission_reserve must be a number from 0 to 4, got {self.admission_reserve!r}")
         for name in ("block_size", "num_kv_blocks", "max_batch_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

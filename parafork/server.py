@@ -366,6 +366,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_tokens
             "parafork_joins_total": stats.joins_total,
             "parafork_preemptions_total": stats.preemptions_total,
             "parafork_recomputed_tokens_total": stats.recomputed_tokens_total,
+            "parafork_serialized_steps_total": stats.serialized_steps_total,
+            "parafork_admission_growth_ratio": round(stats.growth_ratio, 4),
         }
         return "".join(f"{k} {v}\n" for k, v in lines.items())
 
@@ -458,6 +460,9 @@ def _usage(outs: list[RequestOutput]) -> dict:
             "generated_tokens": sum(o.num_generated_tokens for o in outs),
             "draft_tokens": sum(o.num_draft_tokens for o in outs),
             "accepted_draft_tokens": sum(o.num_accepted_tokens for o in outs),
+            "preemptions": sum(o.num_preemptions for o in outs),
+            "recomputed_tokens": sum(o.num_recomputed_tokens for o in outs),
+            "serialized_steps": sum(o.num_serialized_steps for o in outs),
         },
     }
 

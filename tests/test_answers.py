@@ -337,3 +337,24 @@ def test_sampling_defaults_prefer_the_adapter_and_are_validated(tmp_path):
             models.sampling_defaults(model, adapter)
         with pytest.raises(ValueError, match="max_depth must be an integer in"):
             SamplingParams(max_depth=bad)
+
+
+def test_the_head_guards_newline_set_says_what_decoding_says(tiny_llm):
+    """The guard skips its decode when no token of the tail holds a line break; that set test
+    must agree with decoding the tail, for any tokens (byte-level pieces, specials included)."""
+    import random
+
+    from parafork.rules import NoRepeatedHeads
+
+    tok = tiny_llm.tokenizer
+    guard = NoRepeatedHeads(tiny_llm.control, tok)
+    guard._token_texts()
+    newline = sorted(guard._newline_ids)
+    assert newline and tok.encode("a\nb", add_special_tokens=False)[1] in guard._newline_ids
+    rng = random.Random(0)
+    for _ in range(300):
+        window = [rng.randrange(len(tok)) for _ in range(rng.randint(1, 32))]
+        if rng.random() < 0.3:
+            window[rng.randrange(len(window))] = rng.choice(newline)
+        decoded = "\n" in tok.decode(window, skip_special_tokens=True)
+        assert decoded == (not guard._newline_ids.isdisjoint(window)), window

@@ -149,7 +149,7 @@ def test_concurrent_requests_with_forks_equal_each_run_alone_on_the_real_model(b
 def test_tiny_pool_preempts_and_recomputes_without_losing_anything(tiny_dir):
     from parafork.llm import LLM
 
-    small = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=24, block_size=4)
+    small = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=24, block_size=4, admission_reserve=0)  # admit all: preempt
     # Every thread ends by rule (not by the shared token budget), so scheduling cannot
     # change which tokens each thread gets.
     force = ForceForks(small.control, frozenset({2, 6}), child_tokens=14, root_tokens=16)
@@ -339,7 +339,7 @@ def test_preemptions_and_the_tokens_they_make_the_engine_feed_again_are_counted(
     """A pool too small for three answers at once: the newest is preempted and recomputed. With
     the prefix cache off every token cached at a preemption is fed again, so the recomputed
     tokens are exactly those; per request and in the engine's totals (`/metrics` reads them)."""
-    llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=14, block_size=4, prefix_caching=False)
+    llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=14, block_size=4, prefix_caching=False, admission_reserve=0)
     lost = []
     preempt = llm.engine.scheduler._preempt
 

@@ -255,15 +255,16 @@ counts = st.frozensets(st.integers(1, 14), max_size=3)
     forks=st.lists(counts, min_size=1, max_size=4),
     joins=st.lists(counts, min_size=1, max_size=4),
     ends=st.lists(st.integers(4, 18), min_size=1, max_size=4),
-    blocks=st.sampled_from([24, 40, 256]),  # small pools preempt
+    blocks=st.sampled_from([24, 40, 256]),  # small pools preempt (more so without an admission reserve)
+    reserve=st.sampled_from([0.0, 1.0]),
     abort_after=st.integers(0, 40),
     stop=st.booleans(),
     serial=st.booleans(),
 )
 def test_random_trees_with_joins_leak_nothing_and_attend_as_the_oracle_says(
-    recorded, tiny_dir, forks, joins, ends, blocks, abort_after, stop, serial
+    recorded, tiny_dir, forks, joins, ends, blocks, reserve, abort_after, stop, serial
 ):
-    llm = recorded(num_kv_blocks=blocks)
+    llm = recorded(num_kv_blocks=blocks, admission_reserve=reserve)
     hf = _tiny_hf(tiny_dir, llm.tokenizer)
     recs, ids = [], []
     for i in range(3):
@@ -295,7 +296,7 @@ def test_joins_are_made_again_after_a_preemption(recorded, tiny_dir):
     """Three two-group answers on a pool that holds about one: requests are preempted after
     their joins, recompute their finished children, make the joins again, and still attend
     exactly as the oracle says."""
-    llm = recorded(num_kv_blocks=30)
+    llm = recorded(num_kv_blocks=30, admission_reserve=0)
     hf = _tiny_hf(tiny_dir, llm.tokenizer)
     recs = [LogitsRecorder() for _ in range(3)]
     force = ForceForks(llm.control, **TWO_GROUPS)

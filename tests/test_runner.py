@@ -134,11 +134,12 @@ def run_four_forking_requests(llm, forks, abort_after: int, check, **params) -> 
     forks=st.sets(st.integers(1, 10), max_size=4),
     abort_after=st.integers(0, 12),
     stats_every=st.integers(1, 3),
+    reserve=st.sampled_from([0.0, 1.0]),
 )
 def test_after_finish_abort_and_preemption_every_block_and_sequence_id_is_free(
-    recorded, blocks, forks, abort_after, stats_every
+    recorded, blocks, forks, abort_after, stats_every, reserve
 ):
-    llm = recorded(num_kv_blocks=blocks)
+    llm = recorded(num_kv_blocks=blocks, admission_reserve=reserve)
 
     def check(steps: int, with_ids: set[int]) -> None:
         if steps % stats_every == 0:

@@ -196,7 +196,7 @@ def test_sampled_law_with_drafts_is_the_models_own(tiny_llm, monkeypatch):
 
 
 def test_rejections_give_back_their_blocks_and_preemption_still_loses_nothing(tiny_dir):
-    small = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=24, block_size=4, speculative="ngram")
+    small = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=24, block_size=4, speculative="ngram", admission_reserve=0)
     force = ForceForks(small.control, frozenset({2, 6}), child_tokens=14, root_tokens=16)
     params = SamplingParams(max_tokens=500, logits_rules=[force])
     prompts = [{"prompt_token_ids": list(range(400 + i, 420 + i))} for i in range(5)]

@@ -3,8 +3,9 @@
 For each KV pool (pool size in blocks) and concurrency c, c clients each keep one
 request in flight: when a request finishes, its client sends the next question of the
 suite at once. Per run: answer tokens/s over the whole run, request latency mean/p50/p99,
-the pool's peak KV blocks and preemptions. AR and APAR run back to back on the same
-engine, same questions, same order (the paper's Fig. 5).
+the pool's peak KV blocks, preemptions, the tokens they made the engine feed again
+(recomputed) and the request-steps run serialized for lack of KV (scheduler.py). AR and
+APAR run back to back on the same engine, same questions, same order (the paper's Fig. 5).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def closed_loop(llm: LLM, prompts: list[str], concurrency: int, params: Sampling
     """Runs every prompt with `concurrency` clients; returns the run's figures."""
     queue = list(prompts)
     sent: dict[str, float] = {}
-    latencies, tokens, preemptions, peak = [], 0, 0, 0
+    latencies, tokens, preemptions, recomputed, serialized, peak = [], 0, 0, 0, 0, 0
     start = time.perf_counter()
     try:
         while queue or sent:
@@ -43,6 +44,8 @@ def closed_loop(llm: LLM, prompts: list[str], concurrency: int, params: Sampling
                     latencies.append(time.perf_counter() - sent.pop(out.request_id))
                     tokens += len(out.token_ids)
                     preemptions += out.num_preemptions
+                    recomputed += out.num_recomputed_tokens
+                    serialized += out.num_serialized_steps
                     bar.update(1)
             peak = max(peak, llm.engine.block_manager.num_blocks - llm.engine.block_manager.num_free)
     finally:
@@ -60,6 +63,8 @@ def closed_loop(llm: LLM, prompts: list[str], concurrency: int, params: Sampling
         "latency_p99": percentile(latencies, 99),
         "peak_kv_blocks": peak,
         "preemptions": preemptions,
+        "recomputed_tokens": recomputed,
+        "serialized_steps": serialized,
     }
 
 
@@ -122,11 +127,13 @@ def compare(runs: list[dict]) -> list[dict]:
 
 
 def print_table(result: dict) -> None:
-    print(f"{'KV':>6s} {'clients':>7s} {'mode':>5s} {'tok/s':>8s} {'lat mean':>8s} {'p50':>7s} {'p99':>7s} {'peak KV':>7s} {'preempt':>7s}")
+    print(f"{'KV':>6s} {'clients':>7s} {'mode':>6s} {'tok/s':>8s} {'lat mean':>8s} {'p50':>7s} {'p99':>7s} {'peak KV':>7s} "
+          f"{'preempt':>7s} {'recomp':>7s} {'serial':>7s}")
     for r in result["runs"]:
         print(
-            f"{r['kv_blocks']:6d} {r['concurrency']:7d} {r['mode']:>5s} {r['tok_s']:8.1f} {r['latency_mean']:7.2f}s "
-            f"{r['latency_p50']:6.2f}s {r['latency_p99']:6.2f}s {r['peak_kv_blocks']:7d} {r['preemptions']:7d}"
+            f"{r['kv_blocks']:6d} {r['concurrency']:7d} {r['mode']:>6s} {r['tok_s']:8.1f} {r['latency_mean']:7.2f}s "
+            f"{r['latency_p50']:6.2f}s {r['latency_p99']:6.2f}s {r['peak_kv_blocks']:7d} {r['preemptions']:7d} "
+            f"{r.get('recomputed_tokens', 0):7d} {r.get('serialized_steps', 0):7d}"
         )
     for row in result["comparison"]:
         print(

@@ -175,7 +175,8 @@ class BlockManager:
 
     def truncate(self, thread: Thread, num_tokens: int) -> None:
         """Cuts the thread's block table to the blocks its first `num_tokens` tokens need (after a
-        rejected draft); the blocks cut were taken for the draft, so only this thread held them."""
+        rejected draft, or a schedule that did not fit); the blocks cut were taken for those
+        tokens, so only this thread held them."""
         keep = -(-num_tokens // self.block_size)
         assert all(self.ref_counts[b] == 1 for b in thread.block_table[keep:]), "a draft's block is shared"
         self._drop(thread, thread.block_table[keep:])

@@ -55,6 +55,7 @@ class RequestOutput:
     attention_work: int = 0  # sum over fed tokens of the KV length each attends to
     num_preemptions: int = 0
     num_recomputed_tokens: int = 0  # tokens fed again after preemptions (prefix-cache hits not counted)
+    num_serialized_steps: int = 0  # steps its threads ran one at a time for lack of KV (scheduler.py)
     num_draft_tokens: int = 0  # speculative draft tokens fed (engine/speculation.py)
     num_accepted_tokens: int = 0  # of which the model's own samples agreed with
     error: str | None = None
@@ -84,6 +85,8 @@ class EngineStats:
     joins_total: int = 0
     preemptions_total: int = 0
     recomputed_tokens_total: int = 0
+    serialized_steps_total: int = 0  # request-steps run one thread at a time for lack of KV
+    growth_ratio: float = 0.0  # admission's estimate of the budget left that becomes KV (scheduler.py)
 
 
 class Engine:
@@ -105,7 +108,8 @@ class Engine:
         self.sampling_defaults = dict(sampling_defaults or {})
         self.head_guard = head_guard
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.prefix_caching, info.paged)
-        self.scheduler = Scheduler(self.block_manager, config.max_batch_tokens, info.max_live_sequences)
+        self.scheduler = Scheduler(self.block_manager, config.max_batch_tokens, info.max_live_sequences,
+                                   admission_reserve=config.admission_reserve)
         self.seq_ids = self.scheduler.seq_ids
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
@@ -181,6 +185,8 @@ class Engine:
             joins_total=self._counts["joins"],
             preemptions_total=self.scheduler.num_preemptions,
             recomputed_tokens_total=self._counts["recomputed"],
+            serialized_steps_total=self.scheduler.num_serialized_steps,
+            growth_ratio=self.scheduler.growth_ratio,
         )
 
     def check_idle(self) -> None:
@@ -438,6 +444,7 @@ class Engine:
             attention_work=request.attention_work,
             num_preemptions=request.num_preemptions,
             num_recomputed_tokens=request.num_recomputed_tokens,
+            num_serialized_steps=request.num_serialized_steps,
             num_draft_tokens=request.num_draft_tokens,
             num_accepted_tokens=request.num_accepted_tokens,
             error=request.error,

@@ -7,11 +7,27 @@ step, the newest running request is preempted: its blocks are freed and its live
 are recomputed from their tokens when it runs again, one thread at a time so that forks
 find their shared prefixes in the prefix cache. Nothing is dropped.
 
-Admission keeps headroom so that preemption stays rare: a waiting request is admitted only
-if, after its blocks, one free block is left for every thread already in the step (each
-may open a new block soon). Without it, a preempted request came back as soon as its blocks
-were free, left no room to grow, and was preempted again: 64 APAR clients on 256 blocks
-thrashed (198 preemptions for 64 requests, throughput below serial decoding's).
+Admission reserves growth so that preemption stays rare: a waiting request is admitted only
+if its prompt's blocks, one free block for every thread already in the step (each may open
+a new block soon) and the future KV of every running request and of itself fit the free
+blocks. A request's future KV is `growth_ratio` x its budget left (`max_tokens` over all its
+threads, so children are included), in blocks, scaled by `EngineConfig.admission_reserve`
+(0: no growth reserved). The ratio adapts as SGLang's does: every preemption raises it (the
+estimate was too low), every step without one lowers it a little, within [GROWTH_MIN, 1].
+An idle pool admits whatever fits. Without a reserve, a preempted request came back as soon
+as its blocks were free, left no room to grow, and was preempted again: 64 APAR clients on
+256 blocks thrashed (198 preemptions for 64 requests, throughput below serial decoding's);
+with only the one-block-a-thread headroom, 61 (AR) and 46 (APAR) preemptions for 64
+requests remained (results/load, 902fb93).
+Waiting requests are admitted in arrival order and a preempted one keeps its arrival, so
+nothing newer is admitted while a preempted tree waits.
+
+Load-adaptive forking: when the pool cannot hold a request's threads for the next step, the
+request first runs **serialized** for that step (its newest thread alone, as in `serial`
+mode: the same text, since a thread sees only its ancestors) before anything is preempted;
+a serialized request opens at most one block a step and keeps all its verified work.
+`Request.num_serialized_steps` counts those steps. Only when even that does not fit is the
+youngest request preempted.
 
 A thread holds a runner sequence id exactly while it holds KV: it takes one when it is
 first scheduled (or born by a fork) and gives it back when its blocks are freed (finished,
@@ -75,15 +91,30 @@ class SequenceIds:
         heapq.heappush(self._free, seq_id)
 
 
+GROWTH_START = 0.5  # share of a request's budget left expected to become KV, at the start
+GROWTH_MIN = 0.2  # the share never falls below this
+GROWTH_RAISE = 0.2  # added after each preemption (up to 1)
+GROWTH_DECAY = 0.002  # taken off at each step without one
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_batch_tokens: int, max_live_sequences: int | None = None) -> None:
+    def __init__(self, block_manager: BlockManager, max_batch_tokens: int, max_live_sequences: int | None = None,
+                 admission_reserve: float = 1.0) -> None:
         self.block_manager = block_manager
+        self.admission_reserve = admission_reserve  # scales future_blocks; 0: admission reserves no growth
         self.max_batch_tokens = max_batch_tokens
         self.seq_ids = SequenceIds(max_live_sequences)
         self.waiting: list[Request] = []  # sorted by arrival
         self.running: list[Request] = []  # sorted by arrival
         self._released: list[int] = []
         self.num_preemptions = 0  # over all requests, since the start
+        self.num_serialized_steps = 0  # request-steps run serialized for lack of KV, since the start
+        self.growth_ratio = GROWTH_START
+
+    def future_blocks(self, request: Request) -> int:
+        """The KV blocks the request is expected to add before it ends (admission's reserve)."""
+        tokens = int(self.admission_reserve * self.growth_ratio * max(0, request.tokens_left))
+        return -(-tokens // self.block_manager.block_size)
 
     def add(self, request: Request) -> None:
         bisect.insort(self.waiting, request, key=lambda r: r.arrival)
@@ -131,17 +162,20 @@ class Scheduler:
             self.free(thread)
         request.num_preemptions += 1
         self.num_preemptions += 1
+        self.growth_ratio = min(1.0, self.growth_ratio + GROWTH_RAISE)
         self.running.remove(request)
         self.add(request)
 
-    def _schedule_request(self, request: Request, batch: ScheduledBatch, tokens_left: int, reserve: int = 0) -> int | None:
-        """Adds the request's live threads to the batch; returns the step's tokens left, or None
-        when the pool cannot hold them with `reserve` blocks to spare (the batch is left
-        without them)."""
+    def _schedule_request(self, request: Request, batch: ScheduledBatch, tokens_left: int, reserve: int = 0,
+                          serialized: bool = False) -> int | None:
+        """Adds the request's live threads to the batch (`serialized`: its newest one only);
+        returns the step's tokens left, or None when the pool cannot hold them with `reserve`
+        blocks to spare (the batch is left without them)."""
         start, new_ids, room = len(batch), 0, self.seq_ids.room
+        held: list[int] = []  # blocks each thread added to the batch held before this call
         # Parents wait for children near the end (budget.py), joining threads for their group.
-        threads = [t for t in request.kv_threads if (t.finished or not waits_for_descendants(t)) and t.window]
-        if request.params.mode == "serial":
+        threads = self._schedulable(request)
+        if serialized or request.params.mode == "serial":
             threads = threads[-1:]  # the newest thread runs alone: depth first, in reading order
         for thread in threads:
             if thread.num_cached == 0:
@@ -154,8 +188,11 @@ class Scheduler:
             new_ids += thread.seq_id is None
             no_id = room is not None and new_ids > room
             if no_id or self.block_manager.blocks_needed(thread, thread.num_cached + n) > self.block_manager.num_free - reserve:
+                for added, had in zip(batch.threads[start:], held):  # give back what this call took
+                    self.block_manager.truncate(added, had * self.block_manager.block_size)
                 del batch.threads[start:], batch.num_tokens[start:]
                 return None
+            held.append(len(thread.block_table))
             self.block_manager.allocate(thread, thread.num_cached + n)
             batch.threads.append(thread)
             batch.num_tokens.append(n)
@@ -165,20 +202,30 @@ class Scheduler:
                 thread.seq_id = self.seq_ids.take()
         return tokens_left
 
+    @staticmethod
+    def _schedulable(request: Request) -> list[Thread]:
+        return [t for t in request.kv_threads if (t.finished or not waits_for_descendants(t)) and t.window]
+
     def schedule(self) -> tuple[ScheduledBatch, list[Request]]:
         """The next step's batch, and requests that can never fit the pool (taken out of the
         queues with their finish reason and error set; the engine finishes them)."""
         batch = ScheduledBatch()
         unservable: list[Request] = []
         tokens_left = self.max_batch_tokens
+        preemptions = self.num_preemptions
         i = 0
         while i < len(self.running):
             request = self.running[i]
             left = self._schedule_request(request, batch, tokens_left)
+            if left is None and request.params.mode != "serial" and len(self._schedulable(request)) > 1:
+                left = self._schedule_request(request, batch, tokens_left, serialized=True)
+                if left is not None:
+                    request.num_serialized_steps += 1
+                    self.num_serialized_steps += 1
             if left is not None:
                 tokens_left, i = left, i + 1
                 continue
-            # Out of blocks: preempt the newest request and retry (possibly this one).
+            # Out of blocks even serialized: preempt the newest request and retry (possibly this one).
             victim = self.running[-1]
             if victim is request and len(self.running) == 1:
                 unservable.append(request)
@@ -186,9 +233,14 @@ class Scheduler:
                 self._fail(request)
             else:
                 self._preempt(victim)
+        if self.num_preemptions == preemptions:
+            self.growth_ratio = max(GROWTH_MIN, self.growth_ratio - GROWTH_DECAY)
+        growth = sum(self.future_blocks(r) for r in self.running)
         while self.waiting and tokens_left > 0:
             request = self.waiting[0]
-            left = self._schedule_request(request, batch, tokens_left, reserve=len(batch))
+            # An idle pool admits whatever fits: a reserve alone never makes a request unservable.
+            reserve = len(batch) + growth + self.future_blocks(request) if self.running else 0
+            left = self._schedule_request(request, batch, tokens_left, reserve=reserve)
             if left is None:
                 for thread in request.threads:  # a waiting request holds no blocks, matched ones included
                     self.free(thread)
@@ -200,6 +252,7 @@ class Scheduler:
                 break
             self.waiting.pop(0)
             bisect.insort(self.running, request, key=lambda r: r.arrival)
+            growth += self.future_blocks(request)
             tokens_left = left
         batch.tokens_left = tokens_left
         return batch, unservable

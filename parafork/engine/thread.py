@@ -182,6 +182,7 @@ class Request:
         self.num_steps = 0  # forward passes this request took part in
         self.num_preemptions = 0
         self.num_recomputed_tokens = 0  # fed again after a preemption (prefix-cache hits not counted)
+        self.num_serialized_steps = 0  # steps its threads ran one at a time for lack of KV (scheduler.py)
         self.held_blocks: dict[int, int] = {}  # KV block -> how many of this request's threads hold it
         self.peak_blocks = 0  # most distinct KV blocks held at once (after a step)
         self.attention_work = 0  # sum over fed tokens of the keys each one attends to
