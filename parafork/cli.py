@@ -64,7 +64,7 @@ def cmd_generate_vllm(args, params: SamplingParams) -> int:
     tokenizer, control = models.load_tokenizer(path)
     adapter = args.adapter if getattr(args, "adapter", None) else models.default_adapter(args.model)
     driver = VLLMDriver(args.vllm, args.served_name or args.model, tokenizer, control,
-                        models.sampling_defaults(path, adapter), api_key=args.api_key)
+                        models.sampling_defaults(path, adapter), api_key=args.api_key, tree_priority=args.tree_priority)
     params = driver.resolve(replace(params, plan_budget=False))
 
     async def show():
@@ -203,7 +203,7 @@ def cmd_vllm_serve(args) -> int:
     print(f"starting: {' '.join(server.command)}\nlog: {server.log_path}", flush=True)
     with server:
         print(f"vLLM serves {server.served_name!r} at {server.url}; APAR on it: "
-              f"parafork generate \"...\" --vllm {server.url} --served-name {server.served_name}", flush=True)
+              f"parafork generate \"...\" --vllm {server.url} --served-name {server.served_name} --tree-priority", flush=True)
         try:
             while server.process.poll() is None:
                 time.sleep(1)
@@ -249,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a vLLM server (…/v1) serving `parafork export`'s folder with the APAR plugin: APAR on it "
                         "(README, 'APAR on real vLLM')")
     g.add_argument("--api-key", default=None, help="with --remote or --vllm")
+    g.add_argument("--tree-priority", action="store_true",
+                   help="with --vllm: an answer's requests share one vLLM priority, so vLLM preempts the youngest answer "
+                        "whole (the server must run --scheduling-policy priority, as `parafork vllm-serve` does)")
     g.add_argument("--served-name", default=None, help="with --remote or --vllm: the model id the server knows")
     add_engine_args(g)
     g.set_defaults(func=cmd_generate)

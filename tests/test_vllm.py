@@ -87,6 +87,27 @@ def test_driver_refuses_what_vllm_cannot_do():
     assert driver.resolve(None).plan_budget is False
 
 
+def test_with_tree_priority_every_request_of_an_answer_carries_the_answers_arrival():
+    """vLLM preempts the largest (priority, arrival): a tree's requests share its arrival
+    number, so the youngest tree goes first, whole; without the option none is sent."""
+    from parafork.vllm.driver import DriverThread, _Tree
+    from parafork.vllm.server import VLLMServer
+
+    for on in (True, False):
+        driver = VLLMDriver("http://127.0.0.1:9/v1", "m", None, CONTROL, tree_priority=on)
+        params = driver.resolve(driver_params(mode="apar"))
+        trees = []
+        for arrival in range(2):
+            root = DriverThread(prefix=[1, 2], own_tokens=[])
+            tree = _Tree(root, params)
+            tree.arrival = next(driver._arrivals)
+            child = DriverThread(prefix=[1, 2, CONTROL.fork_id], own_tokens=[CONTROL.child_id], depth=1)
+            trees.append([driver._body(tree, t, False, i).get("priority") for i, t in enumerate((root, child))])
+        assert trees == ([[0, 0], [1, 1]] if on else [[None, None], [None, None]])
+    assert "--scheduling-policy" in VLLMServer("m").command
+    assert "--scheduling-policy" not in VLLMServer("m", priority_scheduling=False).command
+
+
 # -- real vLLM ---------------------------------------------------------------------------------
 
 
@@ -106,7 +127,8 @@ def driver(vllm_server):
     path = models.resolve_model_path("bundled")
     tokenizer, control = models.load_tokenizer(path)
     return VLLMDriver(vllm_server.url, vllm_server.served_name, tokenizer, control,
-                      models.sampling_defaults(path, models.default_adapter("bundled")))
+                      models.sampling_defaults(path, models.default_adapter("bundled")),
+                      tree_priority=vllm_server.priority_scheduling)  # every real test sends tree priorities
 
 
 def wait_idle(server, timeout=20.0) -> float:

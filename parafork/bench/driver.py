@@ -27,14 +27,16 @@ from .suite import load_suite, select
 
 @contextmanager
 def local_server(model: str, adapter: str | None, dtype: str, threads: int, backend: str = "auto",
-                 quant: str | None = None) -> Iterator[str]:
-    """parafork's own server on a free loopback port, for as long as the block runs."""
+                 quant: str | None = None, num_kv_blocks: int | None = None) -> Iterator[str]:
+    """parafork's own server on a free loopback port, for as long as the block runs
+    (`num_kv_blocks`: its KV pool; None: the engine's default)."""
     import uvicorn
 
     from ..llm import LLM
     from ..server import create_app
 
-    llm = LLM(model, adapter=adapter, dtype=dtype, cpu_threads=threads, backend=backend, quant=quant)
+    pool = {} if num_kv_blocks is None else {"num_kv_blocks": num_kv_blocks}
+    llm = LLM(model, adapter=adapter, dtype=dtype, cpu_threads=threads, backend=backend, quant=quant, **pool)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -92,7 +94,8 @@ def target_server(args) -> Iterator[tuple[str, str, str | None]]:
         with llamacpp_server(gguf_for(config, path, adapter), args.llamacpp_slots, args.cpu_threads) as url:
             yield url, "gguf", None
     else:
-        with local_server(args.model, args.adapter, args.dtype, args.cpu_threads, args.backend, args.quant) as url:
+        with local_server(args.model, args.adapter, args.dtype, args.cpu_threads, args.backend, args.quant,
+                          getattr(args, "kv_blocks", None)) as url:
             yield url, args.model, None
 
 

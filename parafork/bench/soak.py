@@ -184,6 +184,9 @@ def summarize(records: list[dict], wall: float, rss: list, metrics: dict, client
         "kv_blocks_used_at_end": metrics.get("parafork_kv_blocks_used"),
         "sequences_live_at_end": metrics.get("parafork_sequences_live"),
         "requests_live_at_end": metrics.get("parafork_requests_live"),
+        "preemptions": metrics.get("parafork_preemptions_total"),
+        "recomputed_tokens": metrics.get("parafork_recomputed_tokens_total"),
+        "serialized_steps": metrics.get("parafork_serialized_steps_total"),
     }
 
 
@@ -193,6 +196,8 @@ def add_arguments(p) -> None:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="the clients' random choices")
     p.add_argument("--plot", default=None, help="write RSS over time (PNG) here")
+    p.add_argument("--kv-blocks", type=int, default=None,
+                   help="parafork's own server: its KV pool in blocks (a small one makes the load preempt)")
 
 
 def _own_rss_mib() -> float:
@@ -201,13 +206,15 @@ def _own_rss_mib() -> float:
 
 
 def run(args) -> dict:
+    if args.kv_blocks is not None and (args.url or getattr(args, "llamacpp_slots", None)):
+        raise ValueError("--kv-blocks sizes parafork's own server; it does not apply with --url or --llamacpp-slots")
     prompts = [q["prompt"] for q in select(load_suite(args.suite), args.limit, args.per_category)]
     with target_server(args) as (url, served_name, api_key):
         own = not args.url and not getattr(args, "llamacpp_slots", None)  # parafork's server runs in this process
         result = run_soak(url, served_name, prompts, args.clients, args.minutes, api_key, args.seed,
                           _own_rss_mib if own else None)
     result.update(config={"url": args.url or "local server", "model": args.model, "suite": args.suite,
-                          "clients": args.clients, "minutes": args.minutes, "seed": args.seed}, **metadata(args.cpu_threads))
+                          "clients": args.clients, "minutes": args.minutes, "seed": args.seed, "kv_blocks": args.kv_blocks}, **metadata(args.cpu_threads))
     growth = result["rss_growth_after_warmup"]
     print(
         f"{result['clients']} clients for {result['wall_s'] / 60:.1f} min: {result['requests']} requests {result['by_kind']}\n"
@@ -215,7 +222,9 @@ def run(args) -> dict:
         f"cancelled {result['cancelled']}, bad inputs refused {result['bad_refused']}, accepted {result['bad_accepted'] or 0}\n"
         f"{result['tok_s']:.1f} answer tok/s; latency p50 {result['latency_p50']:.2f} s, p99 {result['latency_p99']:.2f} s; "
         f"RSS growth after warm-up {'-' if growth is None else f'{100 * growth:+.1f}%'}; at the end: "
-        f"KV blocks used {result['kv_blocks_used_at_end']}, sequences live {result['sequences_live_at_end']}"
+        f"KV blocks used {result['kv_blocks_used_at_end']}, sequences live {result['sequences_live_at_end']}; "
+        f"preemptions {result['preemptions']}, recomputed tokens {result['recomputed_tokens']}, "
+        f"serialized request-steps {result['serialized_steps']}"
     )
     if args.plot and result["rss_mib"]:
         plt = pyplot()

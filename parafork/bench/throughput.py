@@ -143,23 +143,25 @@ def print_table(result: dict) -> None:
 
 
 def plot(result: dict, path: str) -> None:
+    """One row per KV pool: tokens/s, p50 (solid) and p99 (dashed) latency, and preemptions
+    against clients, one line per mode."""
     plt = pyplot()
-    runs = result["runs"]
-    kv_max, c_max = max(result["config"]["kv_blocks"]), max(result["config"]["concurrency"])
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for mode in MODES:
-        at_kv = sorted((r for r in runs if r["mode"] == mode and r["kv_blocks"] == kv_max), key=lambda r: r["concurrency"])
-        at_c = sorted((r for r in runs if r["mode"] == mode and r["concurrency"] == c_max), key=lambda r: r["kv_blocks"])
-        axes[0].plot([r["concurrency"] for r in at_kv], [r["tok_s"] for r in at_kv], "o-", label=mode.upper())
-        axes[1].plot([r["concurrency"] for r in at_kv], [r["latency_p50"] for r in at_kv], "o-", label=f"{mode.upper()} p50")
-        axes[1].plot([r["concurrency"] for r in at_kv], [r["latency_p99"] for r in at_kv], "x--", label=f"{mode.upper()} p99")
-        axes[2].plot([r["kv_blocks"] for r in at_c], [r["tok_s"] for r in at_c], "o-", label=mode.upper())
-    axes[0].set(xscale="log", xlabel="concurrent clients", ylabel="answer tokens/s", title=f"throughput (KV {kv_max} blocks)")
-    axes[1].set(xscale="log", xlabel="concurrent clients", ylabel="latency (s)", title="request latency")
-    axes[2].set(xscale="log", xlabel="KV pool (blocks)", ylabel="answer tokens/s", title=f"throughput vs KV ({c_max} clients)")
-    for ax in axes:
-        ax.legend()
-    fig.suptitle(f"parafork bench throughput ({result['date']}, {result['commit']})")
+    runs, pools = result["runs"], sorted(result["config"]["kv_blocks"])
+    fig, axes = plt.subplots(len(pools), 3, figsize=(13, 3.6 * len(pools)), squeeze=False)
+    for row, blocks in zip(axes, pools):
+        for mode in MODES:
+            at = sorted((r for r in runs if r["mode"] == mode and r["kv_blocks"] == blocks), key=lambda r: r["concurrency"])
+            clients = [r["concurrency"] for r in at]
+            line = row[0].plot(clients, [r["tok_s"] for r in at], "o-", label=mode.upper())[0]
+            row[1].plot(clients, [r["latency_p50"] for r in at], "o-", color=line.get_color(), label=f"{mode.upper()} p50")
+            row[1].plot(clients, [r["latency_p99"] for r in at], "x--", color=line.get_color(), label=f"{mode.upper()} p99")
+            row[2].plot(clients, [r["preemptions"] for r in at], "o-", color=line.get_color(), label=mode.upper())
+        row[0].set(xscale="log", xlabel="concurrent clients", ylabel="answer tokens/s", title=f"throughput (KV {blocks} blocks)")
+        row[1].set(xscale="log", xlabel="concurrent clients", ylabel="latency (s)", title=f"request latency (KV {blocks} blocks)")
+        row[2].set(xscale="log", xlabel="concurrent clients", ylabel="preemptions", title=f"preemptions (KV {blocks} blocks)")
+        for ax in row:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"parafork bench throughput ({result['date']}, {result['commit']}, {result.get('machine', '')})")
     save_figure(fig, path)
 
 

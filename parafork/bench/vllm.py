@@ -60,7 +60,8 @@ def make_driver(server: VLLMServer, args) -> VLLMDriver:
     path = models.resolve_model_path(args.model)
     tokenizer, control = models.load_tokenizer(path)
     adapter = args.adapter or models.default_adapter(args.model)
-    return VLLMDriver(server.url, server.served_name, tokenizer, control, models.sampling_defaults(path, adapter))
+    return VLLMDriver(server.url, server.served_name, tokenizer, control, models.sampling_defaults(path, adapter),
+                      tree_priority=server.priority_scheduling)
 
 
 def _record(out, seconds: float) -> dict:

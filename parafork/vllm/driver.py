@@ -34,6 +34,7 @@ instead; the bundled model forks ~5 threads an answer, under the default 16).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
@@ -89,6 +90,7 @@ class _Tree:
         self.tasks: set[asyncio.Task] = set()
         self.waiting: list[DriverThread] = []  # children beyond max_threads open requests
         self.error: BaseException | None = None
+        self.arrival = 0  # the driver's count of answers before this one (vLLM priority, tree_priority)
 
     def left(self) -> int:
         return self.params.max_tokens - self.used
@@ -103,11 +105,23 @@ class VLLMDriver:
 
     `generate` / `stream` take a prompt (a user message, chat messages or token ids) and
     `SamplingParams`; `sampling_defaults` (penalties left at None) as `LLM.sampling_defaults`.
+
+    `tree_priority`: every request of an answer carries vLLM's `priority` = the answer's
+    arrival number (the server must run `--scheduling-policy priority`, as `VLLMServer` does by
+    default). vLLM then preempts the running request with the largest (priority, arrival):
+    the youngest answer's threads, all of them before any of an older answer's, instead of
+    the newest request, which under APAR is usually an older answer's fresh child; and it
+    admits an older answer's children before younger answers' roots (the APAR paper's
+    group scheduling). Off, every request has priority 0 (a server without the policy
+    refuses any other value).
     """
 
     def __init__(self, base_url: str, model: str, tokenizer, control: ControlTokens,
-                 sampling_defaults: dict | None = None, api_key: str | None = None, timeout: float = 600.0) -> None:
+                 sampling_defaults: dict | None = None, api_key: str | None = None, timeout: float = 600.0,
+                 tree_priority: bool = False) -> None:
         self.base_url, self.api_key, self.timeout = base_url, api_key or "none", timeout
+        self.tree_priority = tree_priority
+        self._arrivals = itertools.count()
         self._client, self._loop = None, None
         self.model, self.tokenizer, self.control = model, tokenizer, control
         self.sampling_defaults = sampling_defaults or {}
@@ -181,6 +195,8 @@ class VLLMDriver:
             body["logit_bias"] = bias
         if p.seed is not None:
             body["seed"] = p.seed + index  # one stream of draws per thread, as the engine keeps
+        if self.tree_priority:
+            body["priority"] = tree.arrival  # the whole tree's: see the class docstring
         return body
 
     async def _request(self, tree: _Tree, thread: DriverThread, stop_at_fork: bool) -> str | None:
@@ -291,6 +307,7 @@ class VLLMDriver:
         start = time.perf_counter()
         root = DriverThread(prompt_ids, [])
         tree = _Tree(root, params)
+        tree.arrival = next(self._arrivals)
         detokenizer = Detokenizer(self.tokenizer, params.skip_special_tokens, params.stop)
         runner = self._run_serial if params.mode == "serial" else self._run_apar
         self._start(tree, runner(tree, root))

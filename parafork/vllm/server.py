@@ -94,7 +94,7 @@ class VLLMServer:
                  host: str = "127.0.0.1", port: int | None = None, block_size: int = BLOCK_SIZE,
                  max_model_len: int = 2048, kv_cache_gib: int = 2, api_key: str | None = None,
                  extra_args: list[str] | None = None, log_path: str | os.PathLike | None = None,
-                 start_timeout: float = 600.0) -> None:
+                 start_timeout: float = 600.0, priority_scheduling: bool = True) -> None:
         self.model_dir, self.served_name, self.host = Path(model_dir), served_name, host
         self.port = port or free_port()
         self.api_key, self.start_timeout = api_key, start_timeout
@@ -106,6 +106,7 @@ class VLLMServer:
             "--max-model-len", str(max_model_len), "--block-size", str(block_size),
             "--enforce-eager", "--enable-prompt-tokens-details", "--generation-config", "vllm",
             "--logits-processors", "parafork.vllm.plugin:APARRules",
+            *(["--scheduling-policy", "priority"] if priority_scheduling else []),
             *(["--api-key", api_key] if api_key else []), *(extra_args or []),
         ]
         self.env = {
@@ -114,6 +115,7 @@ class VLLMServer:
             "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
         }
         self.process: subprocess.Popen | None = None
+        self.priority_scheduling = priority_scheduling  # drivers may send tree priorities (driver.py)
 
     @property
     def url(self) -> str:
