@@ -137,6 +137,9 @@ def cmd_bench(args) -> int:
     if getattr(args, "backend", None) == "vllm":  # APAR on real vLLM (bench/vllm.py)
         importlib.import_module(".bench.vllm", __package__).run(args)
         return 0
+    if getattr(args, "fork_limit", None) is not None:
+        raise ValueError("--fork-limit applies with --backend vllm (the vLLM driver); parafork's engine defers or "
+                         "serializes forks by itself (engine/scheduler.py)")
     importlib.import_module(f".bench.{args.what}", __package__).run(args)
     return 0
 
@@ -340,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
             bb.add_argument("--vllm-arg", action="append", default=None,
                             help="with --backend vllm: one more option for `vllm serve` (repeat), "
                                  "e.g. --vllm-arg=--tensor-parallel-size=4")
+            bb.add_argument("--fork-limit", type=int, default=None,
+                            help="with --backend vllm: send requests with [Fork] banned while the driver has this many "
+                                 "vLLM requests open (VLLMDriver.fork_limit; default: never)")
     b.set_defaults(func=cmd_bench)
     return parser
 

@@ -251,8 +251,8 @@ def test_sot_expands_every_skeleton_point_in_parallel(tiny_llm, monkeypatch):
     tiny_llm.check_idle()
 
 
-def test_throughput_closed_loop_loses_nothing_and_writes_plots(tiny_dir, tmp_path):
-    args = _args(tiny_dir, tmp_path, limit=4, concurrency="1,3", kv_blocks="8,64", requests_per_client=2)
+def test_throughput_closed_loop_loses_nothing_and_writes_plots(tiny_dir, tmp_path, monkeypatch):
+    args = _args(tiny_dir, tmp_path, limit=4, concurrency="1,3", kv_blocks="8,64", requests_per_client=2, rounds=1)
     result = throughput.run(args)
     saved = json.loads((tmp_path / "out.json").read_text())
     assert (tmp_path / "out.png").stat().st_size > 0
@@ -261,6 +261,23 @@ def test_throughput_closed_loop_loses_nothing_and_writes_plots(tiny_dir, tmp_pat
         assert r["requests"] == r["completed"] == 2 * r["concurrency"] and r["tokens"] > 0
         assert r["peak_kv_blocks"] <= r["kv_blocks"]
         assert r["latency_p50"] <= r["latency_p99"]
+    # --rounds: every point N times, the modes' order reversed every other round; means reported.
+    order, real_closed_loop = [], throughput.closed_loop
+
+    def spy(llm, prompts, c, params, bar):
+        order.append(params.mode)
+        return real_closed_loop(llm, prompts, c, params, bar)
+
+    monkeypatch.setattr(throughput, "closed_loop", spy)
+    result = throughput.run(_args(tiny_dir, tmp_path, limit=2, concurrency="2", kv_blocks="64", requests_per_client=1,
+                                  rounds=2))
+    assert order == ["ar", "serial", "apar", "apar", "serial", "ar"]
+    for r in result["runs"]:
+        assert len(r["per_round"]) == 2
+        assert r["tok_s"] == pytest.approx(sum(x["tok_s"] for x in r["per_round"]) / 2)
+    assert all(len(row["throughput_gain_pct_rounds"]) == 2 for row in result["comparison"])
+    with pytest.raises(ValueError, match="--rounds"):
+        throughput.run(_args(tiny_dir, tmp_path, limit=2, concurrency="2", kv_blocks="64", requests_per_client=1, rounds=0))
     with pytest.raises(ValueError, match="--concurrency"):
         parse_list("1,x", "--concurrency", int)
     with pytest.raises(ValueError, match="--kv-blocks"):

@@ -108,6 +108,20 @@ def test_with_tree_priority_every_request_of_an_answer_carries_the_answers_arriv
     assert "--scheduling-policy" not in VLLMServer("m", priority_scheduling=False).command
 
 
+def test_fork_limit_bans_forks_on_requests_sent_under_load():
+    """A request sent while the driver has fork_limit requests open may not fork; other modes
+    and an unloaded request are untouched; a limit below one request is refused."""
+    from parafork.vllm.driver import DriverThread, _Tree
+
+    driver = VLLMDriver("http://127.0.0.1:9/v1", "m", None, CONTROL, fork_limit=2)
+    root = DriverThread(prefix=[1, 2], own_tokens=[])
+    tree = _Tree(root, driver.resolve(driver_params(mode="apar")))
+    assert driver._body(tree, root, False, 0)["vllm_xargs"]["apar_fork"] == 1
+    assert driver._body(tree, root, False, 0, loaded=True)["vllm_xargs"]["apar_fork"] == 0
+    with pytest.raises(ValueError, match="fork_limit"):
+        VLLMDriver("http://127.0.0.1:9/v1", "m", None, CONTROL, fork_limit=0)
+
+
 # -- real vLLM ---------------------------------------------------------------------------------
 
 
@@ -189,6 +203,26 @@ def test_vllm_penalties_plugin_equals_vllm_builtin(driver):
         ours = driver.generate(PROMPT, driver_params(mode="apar", max_depth=1, max_tokens=80, frequency_penalty=penalty))
         vllm_own = driver.generate(PROMPT, driver_params(mode="ar", max_tokens=80, frequency_penalty=penalty))
         assert ours.num_threads == 1 and ours.token_ids == vllm_own.token_ids, penalty
+
+
+@pytest.mark.model
+def test_vllm_fork_limit_leaves_answers_sent_under_load_unforked(driver, vllm_server):
+    """fork_limit=1, two answers at once: the first's root is sent alone and forks, its
+    children (sent while it is open) and the second answer's root are sent with [Fork]
+    banned, so the second answer is one thread, the answer of a thread that may not fork."""
+    limited = VLLMDriver(vllm_server.url, vllm_server.served_name, driver.tokenizer, driver.control,
+                         driver.sampling_defaults, tree_priority=True, fork_limit=1)
+    params = driver_params(mode="apar", max_tokens=300)
+
+    async def both():
+        return await asyncio.gather(limited.generate_async(PROMPT, params), limited.generate_async(PROMPT, params))
+
+    first, second = limited.run(both())
+    alone = driver.generate(PROMPT, driver_params(mode="apar", max_depth=1, max_tokens=300))
+    assert first.num_threads > 1 and first.requests_unforked == first.num_threads - 1
+    assert second.num_threads == 1 and second.requests_unforked == 1
+    assert second.token_ids[:100] == alone.token_ids[:100]
+    assert limited.open_requests == 0 and wait_idle(vllm_server) == 0
 
 
 @pytest.mark.model

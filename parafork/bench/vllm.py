@@ -61,7 +61,7 @@ def make_driver(server: VLLMServer, args) -> VLLMDriver:
     tokenizer, control = models.load_tokenizer(path)
     adapter = args.adapter or models.default_adapter(args.model)
     return VLLMDriver(server.url, server.served_name, tokenizer, control, models.sampling_defaults(path, adapter),
-                      tree_priority=server.priority_scheduling)
+                      tree_priority=server.priority_scheduling, fork_limit=getattr(args, "fork_limit", None))
 
 
 def _record(out, seconds: float) -> dict:
@@ -264,7 +264,8 @@ def _wave(driver: VLLMDriver, server: VLLMServer, prompts: list[list[str]], mode
     return {"clients": len(prompts), "answers": len(outs), "wall_s": wall, "answer_tokens": tokens, "tok_s": tokens / wall,
             "latency_mean_s": statistics.mean(latencies), "latency_p90_s": percentile(latencies, 90),
             "peak_kv_usage": peak[0], "threads": statistics.mean(o.num_threads for o in outs),
-            "requests": sum(o.num_requests for o in outs), "cut": sum(o.finish_reason == "length" for o in outs)}
+            "requests": sum(o.num_requests for o in outs), "cut": sum(o.finish_reason == "length" for o in outs),
+            "requests_unforked": sum(o.requests_unforked for o in outs)}
 
 
 def run_throughput(args, questions: list[dict], concurrency: list[int]) -> dict:
@@ -285,6 +286,7 @@ def run_throughput(args, questions: list[dict], concurrency: list[int]) -> dict:
         command = " ".join(server.command[1:])
     return {"bench": "throughput", "backend": "vllm", "config": {"model": args.model, "suite": args.suite,
             "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client, "dtype": dtype_name(args),
+            "fork_limit": getattr(args, "fork_limit", None),
             "penalties": penalties, "server": command},
             **metadata(args.cpu_threads), "levels": levels}
 
@@ -294,12 +296,15 @@ def print_throughput(result: dict) -> None:
           f"{result['config']['max_tokens']}, {result['config']['requests_per_client']} answers per client in turn, "
           "AR then APAR on the same prompts")
     print(f"{'clients':>8s}{'AR tok/s':>10s}{'APAR tok/s':>12s}{'gain':>8s}{'AR lat s':>10s}{'APAR lat s':>12s}"
-          f"{'AR p90':>8s}{'APAR p90':>10s}{'AR KV':>7s}{'APAR KV':>9s}{'threads':>9s}")
+          f"{'AR p90':>8s}{'APAR p90':>10s}{'AR KV':>7s}{'APAR KV':>9s}{'threads':>9s}{'unforked':>9s}")
     for lv in result["levels"]:
         a, p = lv["ar"], lv["apar"]
         print(f"{lv['clients']:8d}{a['tok_s']:10.1f}{p['tok_s']:12.1f}{lv['apar_vs_ar_tok_s'] - 1:+8.0%}"
               f"{a['latency_mean_s']:10.1f}{p['latency_mean_s']:12.1f}{a['latency_p90_s']:8.1f}{p['latency_p90_s']:10.1f}"
-              f"{a['peak_kv_usage']:7.0%}{p['peak_kv_usage']:9.0%}{p['threads']:9.1f}")
+              f"{a['peak_kv_usage']:7.0%}{p['peak_kv_usage']:9.0%}{p['threads']:9.1f}{p.get('requests_unforked', 0):9d}")
+    if result["config"].get("fork_limit") is not None:
+        print(f"unforked: APAR's vLLM requests sent with [Fork] banned (the driver had {result['config']['fork_limit']} "
+              "or more open: --fork-limit)")
 
 
 def plot_throughput(result: dict, path: str) -> None:

@@ -72,6 +72,7 @@ class DriverOutput:
     child_prefilled_tokens: int  # of those that reported usage, what vLLM computed: the forks' cost; -1: not said
     child_requests_reported: int  # children's first requests whose usage came back (a cancelled one sends none)
     seconds: float
+    requests_unforked: int = 0  # requests sent with [Fork] banned: the driver had fork_limit or more open
 
 
 class _Tree:
@@ -91,6 +92,7 @@ class _Tree:
         self.waiting: list[DriverThread] = []  # children beyond max_threads open requests
         self.error: BaseException | None = None
         self.arrival = 0  # the driver's count of answers before this one (vLLM priority, tree_priority)
+        self.unforked = 0  # requests sent with [Fork] banned for load (VLLMDriver.fork_limit)
 
     def left(self) -> int:
         return self.params.max_tokens - self.used
@@ -114,13 +116,26 @@ class VLLMDriver:
     admits an older answer's children before younger answers' roots (the APAR paper's
     group scheduling). Off, every request has priority 0 (a server without the policy
     refuses any other value).
+
+    `fork_limit`: a request is sent with `[Fork]` banned when the driver already has this
+    many vLLM requests open (all answers together), as vLLM turns its own speculative
+    decoding off above a batch size. Why: on vLLM every fork costs a request whose prompt
+    re-prefills the parent's last partial KV block (block size 32 on CPU: ~16 tokens) and its
+    `[Child]`, extra rows that are nearly free while vLLM's batch is small and cost as much as
+    decoding once its step is compute-bound; there a thread that does not fork writes the
+    item inline, as AR does. Requests already forked run on; the decision is per request,
+    when it is sent, and counted (`DriverOutput.requests_unforked`). None: forks are never
+    banned for load.
     """
 
     def __init__(self, base_url: str, model: str, tokenizer, control: ControlTokens,
                  sampling_defaults: dict | None = None, api_key: str | None = None, timeout: float = 600.0,
-                 tree_priority: bool = False) -> None:
+                 tree_priority: bool = False, fork_limit: int | None = None) -> None:
+        if fork_limit is not None and fork_limit < 1:
+            raise ValueError(f"fork_limit must be at least 1 open request (got {fork_limit}); None turns it off")
         self.base_url, self.api_key, self.timeout = base_url, api_key or "none", timeout
-        self.tree_priority = tree_priority
+        self.tree_priority, self.fork_limit = tree_priority, fork_limit
+        self.open_requests = 0  # vLLM requests in flight, all answers (fork_limit)
         self._arrivals = itertools.count()
         self._client, self._loop = None, None
         self.model, self.tokenizer, self.control = model, tokenizer, control
@@ -164,7 +179,8 @@ class VLLMDriver:
             raise ValueError("the vLLM driver cannot serve this request: " + "; ".join(problems))
         return params
 
-    def _body(self, tree: _Tree, thread: DriverThread, stop_at_fork: bool, index: int) -> dict:
+    def _body(self, tree: _Tree, thread: DriverThread, stop_at_fork: bool, index: int, loaded: bool = False) -> dict:
+        """The request's extra fields; `loaded`: [Fork] banned for load (`fork_limit`)."""
         p, c = tree.params, self.control
         eos = min(c.eos_ids)
         bias = {str(k): float(v) for k, v in (p.logit_bias or {}).items()}
@@ -181,7 +197,7 @@ class VLLMDriver:
             body.update(frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
                         repetition_penalty=p.repetition_penalty)
         else:
-            may_fork = p.mode == "raw" or (p.mode in FORKING_MODES and thread.depth + 1 < p.max_depth)
+            may_fork = p.mode == "raw" or (p.mode in FORKING_MODES and thread.depth + 1 < p.max_depth and not loaded)
             body["vllm_xargs"] = {
                 "apar_answer_start": tree.prompt_len, "apar_own_start": len(thread.prefix), "apar_child": int(thread.depth > 0),
                 "apar_fork": int(may_fork), "apar_fork_id": c.fork_id, "apar_child_id": c.child_id,
@@ -209,10 +225,17 @@ class VLLMDriver:
         prompt = thread.prefix + thread.own_tokens
         index = tree.threads.index(thread)
         forked_now = thread.depth > 0 and len(thread.own_tokens) == 1  # a child's first request: what a fork costs
-        stream = await self.client.completions.create(
-            model=self.model, prompt=prompt, max_tokens=n, temperature=p.temperature, top_p=p.top_p,
-            stream=True, extra_body=self._body(tree, thread, stop_at_fork, index),
-        )
+        loaded = p.mode in FORKING_MODES and self.fork_limit is not None and self.open_requests >= self.fork_limit
+        tree.unforked += loaded
+        self.open_requests += 1
+        try:
+            stream = await self.client.completions.create(
+                model=self.model, prompt=prompt, max_tokens=n, temperature=p.temperature, top_p=p.top_p,
+                stream=True, extra_body=self._body(tree, thread, stop_at_fork, index, loaded),
+            )
+        except BaseException:
+            self.open_requests -= 1
+            raise
         tree.requests += 1
         tree.child_prompt_tokens += len(prompt) if forked_now else 0
         finish = stop_reason = None
@@ -244,6 +267,7 @@ class VLLMDriver:
                 if choice.finish_reason is not None:
                     finish, stop_reason = choice.finish_reason, (choice.model_extra or {}).get("stop_reason")
         finally:
+            self.open_requests -= 1
             await stream.close()
         if stop_at_fork and finish == "stop" and stop_reason == self.control.fork_id and (
                 not thread.own_tokens or thread.own_tokens[-1] != self.control.fork_id):
@@ -341,7 +365,7 @@ class VLLMDriver:
                         child_prompt_tokens=tree.child_prompt_tokens,
                         child_prefilled_tokens=tree.child_prefilled if tree.prefill_known else -1,
                         child_requests_reported=tree.child_reported,
-                        seconds=time.perf_counter() - start,
+                        seconds=time.perf_counter() - start, requests_unforked=tree.unforked,
                     )
                 if finished:
                     return
