@@ -63,6 +63,9 @@ class EngineConfig:
     prefix_caching: bool = True  # reuse computed KV blocks of identical token prefixes across requests
     speculative: str | None = None  # "ngram": requests draft and verify (engine/speculation.py) unless they say "off"
     admission_reserve: float = 1.0  # scales the future KV a request must find free to be admitted (scheduler.py); 0: none
+    # A fork sampled in a step of at least this many rows is deferred (engine.py): the child gets
+    # the parent's KV one step later, [Fork] included, and feeds one row fewer. None: never.
+    defer_forks_from_rows: int | None = 16
     row_kernel: bool = True  # torch, bf16: linears through parafork's AVX-512 BF16 row kernel where it builds (row_kernel.py)
 
     def __post_init__(self) -> None:
@@ -77,6 +80,9 @@ class EngineConfig:
             raise ValueError(f"speculative must be None or one of {', '.join(SPECULATIVE_METHODS[1:])}, got {self.speculative!r}")
         if not isinstance(self.admission_reserve, (int, float)) or not 0 <= self.admission_reserve <= 4:
             raise ValueError(f"admission_reserve must be a number from 0 to 4, got {self.admission_reserve!r}")
+        if self.defer_forks_from_rows is not None and (
+                not isinstance(self.defer_forks_from_rows, int) or self.defer_forks_from_rows < 0):
+            raise ValueError(f"defer_forks_from_rows must be None or an integer >= 0, got {self.defer_forks_from_rows!r}")
         for name in ("block_size", "num_kv_blocks", "max_batch_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -367,6 +367,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_tokens
             "parafork_preemptions_total": stats.preemptions_total,
             "parafork_recomputed_tokens_total": stats.recomputed_tokens_total,
             "parafork_serialized_steps_total": stats.serialized_steps_total,
+            "parafork_deferred_forks_total": stats.deferred_forks_total,
             "parafork_admission_growth_ratio": round(stats.growth_ratio, 4),
         }
         return "".join(f"{k} {v}\n" for k, v in lines.items())
@@ -463,6 +464,7 @@ def _usage(outs: list[RequestOutput]) -> dict:
             "preemptions": sum(o.num_preemptions for o in outs),
             "recomputed_tokens": sum(o.num_recomputed_tokens for o in outs),
             "serialized_steps": sum(o.num_serialized_steps for o in outs),
+            "deferred_forks": sum(o.num_deferred_forks for o in outs),
         },
     }
 

@@ -91,17 +91,58 @@ def test_forked_threads_see_exactly_their_ancestors_nested(tiny_llm, tiny_dir):
     hf = models.load_hf_model(tiny_dir, tiny_llm.tokenizer, torch.float32)
     rec = LogitsRecorder()
 
-    def nested(thread, logits):  # every thread forks after 3 and 8 own tokens
-        if len(thread.own_tokens) in (3, 8) and logits[tiny_llm.control.fork_id] != float("-inf"):
-            logits.fill_(float("-inf"))
-            logits[tiny_llm.control.fork_id] = 0
-
+    nested = _every_thread_forks_at((3, 8), tiny_llm.control)
     params = SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=120, max_depth=3, max_threads=16, logits_rules=[rec, nested])
     out = tiny_llm.generate({"prompt_token_ids": list(range(100, 113))}, params)[0]
     assert out.num_threads > 4
     assert max(t.depth for t, _, _ in rec.rows) == 2
     check_against_oracle(tiny_llm, hf, rec, atol=1e-4)
     assert_pool_full(tiny_llm)
+
+
+def _every_thread_forks_at(counts, control, end_after: int | None = None):
+    """Every thread forks after these own-token counts, where it may, and ends after
+    `end_after` own tokens (None: runs free)."""
+    def rule(thread, logits):
+        n = len(thread.own_tokens)
+        if end_after is not None and n >= end_after:
+            logits.fill_(float("-inf"))
+            logits[min(control.eos_ids)] = 0
+        elif n in counts and logits[control.fork_id] != float("-inf"):
+            logits.fill_(float("-inf"))
+            logits[control.fork_id] = 0
+    return rule
+
+
+def test_deferred_forks_see_exactly_their_ancestors_with_one_row_fewer_each(tiny_dir):
+    """Every fork deferred (defer_forks_from_rows=0): a child gets its parent's KV through the
+    [Fork] a step later and feeds [Child] alone. Each thread's logits still equal the HF oracle's
+    over its own context (depth 3, forks on and off block boundaries, four requests at once),
+    the tokens equal those of immediate forks (every thread ends by rule, not by the shared
+    budget, whose end would depend on when each thread ran), and one row per fork is saved."""
+    outs, fed = {}, {}
+    for name, limit in (("immediate", None), ("deferred", 0)):
+        llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=256, block_size=4, defer_forks_from_rows=limit)
+        forward, fed[name] = llm.engine.runner.forward, 0
+
+        def counting(slices, forward=forward, name=name):
+            fed[name] += sum(len(s.token_ids) for s in slices)
+            return forward(slices)
+
+        llm.engine.runner.forward = counting
+        rec = LogitsRecorder()
+        params = SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=400, max_depth=3, max_threads=16,
+                                logits_rules=[rec, _every_thread_forks_at((3, 8), llm.control, end_after=14)])
+        outs[name] = llm.generate([{"prompt_token_ids": list(range(100 + i, 113 + 2 * i))} for i in range(4)], params)
+        if name == "deferred":
+            hf = models.load_hf_model(tiny_dir, llm.tokenizer, torch.float32)
+            assert check_against_oracle(llm, hf, rec, atol=1e-4) > 100
+        assert_pool_full(llm)
+    forks = sum(o.num_threads - 1 for o in outs["deferred"])
+    assert forks > 8 and sum(o.num_deferred_forks for o in outs["deferred"]) == forks
+    for now, later in zip(outs["immediate"], outs["deferred"]):
+        assert later.token_ids == now.token_ids and later.num_threads == now.num_threads and now.num_deferred_forks == 0
+    assert fed["immediate"] - fed["deferred"] == forks
 
 
 def test_a_fork_does_not_change_the_parent(tiny_llm):
@@ -146,10 +187,14 @@ def test_concurrent_requests_with_forks_equal_each_run_alone_on_the_real_model(b
     assert_pool_full(base_llm)
 
 
-def test_tiny_pool_preempts_and_recomputes_without_losing_anything(tiny_dir):
+@pytest.mark.parametrize("defer", [None, 0])
+def test_tiny_pool_preempts_and_recomputes_without_losing_anything(tiny_dir, defer):
+    """(`defer=0`: every fork deferred, so some requests are preempted while a child waits for
+    its KV; it is then recomputed like every thread.)"""
     from parafork.llm import LLM
 
-    small = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=24, block_size=4, admission_reserve=0)  # admit all: preempt
+    small = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=24, block_size=4, admission_reserve=0,  # admit all: preempt
+                defer_forks_from_rows=defer)
     # Every thread ends by rule (not by the shared token budget), so scheduling cannot
     # change which tokens each thread gets.
     force = ForceForks(small.control, frozenset({2, 6}), child_tokens=14, root_tokens=16)

@@ -82,9 +82,11 @@ def test_concurrent_forked_requests_equal_each_run_alone(tiny_dir):
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(blocks=st.integers(14, 40), forks=st.sets(st.integers(1, 10), max_size=4), abort_after=st.integers(0, 12),
-       spec=st.sampled_from(["off", "ngram"]))
-def test_after_finish_abort_and_preemption_every_sequence_and_cell_is_free(tiny_dir, blocks, forks, abort_after, spec):
-    llm = tiny_llamacpp(tiny_dir, num_kv_blocks=blocks, admission_reserve=0)  # preemptions likely
+       spec=st.sampled_from(["off", "ngram"]), defer=st.sampled_from([None, 0]))
+def test_after_finish_abort_and_preemption_every_sequence_and_cell_is_free(tiny_dir, blocks, forks, abort_after, spec,
+                                                                          defer):
+    llm = tiny_llamacpp(tiny_dir, num_kv_blocks=blocks, admission_reserve=0,  # preemptions likely
+                        defer_forks_from_rows=defer)  # 0: every child waits a step for its parent's cells
     if spec == "ngram":
         llm.engine.runner.info = replace(llm.engine.runner.info, draft_row_cost=0.0)  # every proposed draft is fed
 

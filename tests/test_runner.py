@@ -103,11 +103,20 @@ def test_drafted_sequences_are_truncated_while_live_and_released_once(recorded):
     llm.check_idle()
 
 
-def test_a_cap_on_live_sequences_bans_forks_beyond_it_and_still_finishes(recorded):
-    llm = recorded(max_live_sequences=3, num_kv_blocks=256)
+@pytest.mark.parametrize("defer", [None, 0])  # 0: deferred children count against the cap before they hold an id
+def test_a_cap_on_live_sequences_bans_forks_beyond_it_and_still_finishes(recorded, defer):
+    llm = recorded(max_live_sequences=3, num_kv_blocks=256, defer_forks_from_rows=defer)
     force = ForceForks(llm.control, frozenset({1, 2, 3, 4, 5}), child_tokens=4)
     prompts = [{"prompt_token_ids": list(range(300 + i, 310 + i))} for i in range(2)]
-    outs = llm.generate(prompts, SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=50, logits_rules=[force]))
+    params = SamplingParams(plan_budget=False, no_repeat_heads=False, max_tokens=50, logits_rules=[force])
+    if defer == 0:  # between the step that samples a [Fork] and the next, the child is owed an id
+        llm.add_request(prompts[0], params)
+        while not any(t.fork_deferred for r in llm.engine.requests.values() for t in r.threads):
+            llm.step()
+        assert llm.engine._fork_room() == llm.engine.seq_ids.room - 1
+        while llm.has_unfinished_requests():
+            llm.step()
+    outs = llm.generate(prompts, params)
     assert all(o.finished for o in outs)
     assert sum(o.num_threads for o in outs) >= 3 and llm.engine.runner.most_live <= 3
     llm.check_idle()
@@ -135,11 +144,12 @@ def run_four_forking_requests(llm, forks, abort_after: int, check, **params) -> 
     abort_after=st.integers(0, 12),
     stats_every=st.integers(1, 3),
     reserve=st.sampled_from([0.0, 1.0]),
+    defer=st.sampled_from([None, 0]),  # 0: every fork deferred (a child waits a step for its KV)
 )
 def test_after_finish_abort_and_preemption_every_block_and_sequence_id_is_free(
-    recorded, blocks, forks, abort_after, stats_every, reserve
+    recorded, blocks, forks, abort_after, stats_every, reserve, defer
 ):
-    llm = recorded(num_kv_blocks=blocks, admission_reserve=reserve)
+    llm = recorded(num_kv_blocks=blocks, admission_reserve=reserve, defer_forks_from_rows=defer)
 
     def check(steps: int, with_ids: set[int]) -> None:
         if steps % stats_every == 0:

@@ -187,6 +187,7 @@ def summarize(records: list[dict], wall: float, rss: list, metrics: dict, client
         "preemptions": metrics.get("parafork_preemptions_total"),
         "recomputed_tokens": metrics.get("parafork_recomputed_tokens_total"),
         "serialized_steps": metrics.get("parafork_serialized_steps_total"),
+        "deferred_forks": metrics.get("parafork_deferred_forks_total"),
     }
 
 
@@ -224,7 +225,7 @@ def run(args) -> dict:
         f"RSS growth after warm-up {'-' if growth is None else f'{100 * growth:+.1f}%'}; at the end: "
         f"KV blocks used {result['kv_blocks_used_at_end']}, sequences live {result['sequences_live_at_end']}; "
         f"preemptions {result['preemptions']}, recomputed tokens {result['recomputed_tokens']}, "
-        f"serialized request-steps {result['serialized_steps']}"
+        f"serialized request-steps {result['serialized_steps']}, deferred forks {result['deferred_forks']}"
     )
     if args.plot and result["rss_mib"]:
         plt = pyplot()

@@ -5,7 +5,8 @@ request in flight: when a request finishes, its client sends the next question o
 suite at once. Per run: answer tokens/s over the whole run and while every client was busy
 (`closed_loop`), request latency mean/p50/p99,
 the pool's peak KV blocks, preemptions, the tokens they made the engine feed again
-(recomputed) and the request-steps run serialized for lack of KV (scheduler.py). AR and
+(recomputed), the request-steps run serialized for lack of KV (scheduler.py) and the forks
+deferred because rows were dear (engine.py). AR and
 APAR run back to back on the same engine, same questions, same order (the paper's Fig. 5).
 
 `--rounds N` runs every point N times, the modes' order reversed every other round (AR,
@@ -50,7 +51,7 @@ def closed_loop(llm: LLM, prompts: list[str], concurrency: int, params: Sampling
     by the run's share of answer tokens among generated ones."""
     queue = list(prompts)
     sent: dict[str, float] = {}
-    latencies, tokens, generated, preemptions, recomputed, serialized, peak = [], 0, 0, 0, 0, 0, 0
+    latencies, tokens, generated, preemptions, recomputed, serialized, deferred, peak = [], 0, 0, 0, 0, 0, 0, 0
     generated_before = llm.engine.stats().generated_tokens_total
     window: tuple[float, int] | None = None  # (seconds, generated tokens) while every client was busy
     start = time.perf_counter()
@@ -68,6 +69,7 @@ def closed_loop(llm: LLM, prompts: list[str], concurrency: int, params: Sampling
                     preemptions += out.num_preemptions
                     recomputed += out.num_recomputed_tokens
                     serialized += out.num_serialized_steps
+                    deferred += out.num_deferred_forks
                     bar.update(1)
             peak = max(peak, llm.engine.block_manager.num_blocks - llm.engine.block_manager.num_free)
     finally:
@@ -91,6 +93,7 @@ def closed_loop(llm: LLM, prompts: list[str], concurrency: int, params: Sampling
         "preemptions": preemptions,
         "recomputed_tokens": recomputed,
         "serialized_steps": serialized,
+        "deferred_forks": deferred,
     }
 
 
@@ -143,7 +146,8 @@ def run_throughput(
 def mean_figures(rounds: list[dict]) -> dict:
     """One point's figures: the mean of each over its rounds (counts rounded), the rounds kept."""
     mean = {k: sum(r[k] for r in rounds) / len(rounds) for k in rounds[0]}
-    for k in ("requests", "completed", "tokens", "generated_tokens", "peak_kv_blocks", "preemptions", "recomputed_tokens", "serialized_steps"):
+    for k in ("requests", "completed", "tokens", "generated_tokens", "peak_kv_blocks", "preemptions", "recomputed_tokens", "serialized_steps",
+              "deferred_forks"):
         mean[k] = round(mean[k])
     if len(rounds) > 1:
         mean["per_round"] = rounds
@@ -176,13 +180,13 @@ def compare(runs: list[dict]) -> list[dict]:
 
 def print_table(result: dict) -> None:
     print(f"{'KV':>6s} {'clients':>7s} {'mode':>6s} {'tok/s':>8s} {'steady':>8s} {'lat mean':>8s} {'p50':>7s} {'p99':>7s} {'peak KV':>7s} "
-          f"{'preempt':>7s} {'recomp':>7s} {'serial':>7s}")
+          f"{'preempt':>7s} {'recomp':>7s} {'serial':>7s} {'defer':>6s}")
     for r in result["runs"]:
         print(
             f"{r['kv_blocks']:6d} {r['concurrency']:7d} {r['mode']:>6s} {r['tok_s']:8.1f} {r['steady_tok_s']:8.1f} "
             f"{r['latency_mean']:7.2f}s "
             f"{r['latency_p50']:6.2f}s {r['latency_p99']:6.2f}s {r['peak_kv_blocks']:7d} {r['preemptions']:7d} "
-            f"{r.get('recomputed_tokens', 0):7d} {r.get('serialized_steps', 0):7d}"
+            f"{r.get('recomputed_tokens', 0):7d} {r.get('serialized_steps', 0):7d} {r.get('deferred_forks', 0):6d}"
             + ("  rounds: " + " ".join(f"{x['tok_s']:.1f}" for x in r["per_round"]) + " tok/s" if "per_round" in r else "")
         )
     for row in result["comparison"]:

@@ -27,7 +27,9 @@ request first runs **serialized** for that step (its newest thread alone, as in 
 mode: the same text, since a thread sees only its ancestors) before anything is preempted;
 a serialized request opens at most one block a step and keeps all its verified work.
 `Request.num_serialized_steps` counts those steps. Only when even that does not fit is the
-youngest request preempted.
+youngest request preempted. When rows rather than blocks are dear, forks are deferred by a
+step so that a child does not feed its parent's `[Fork]` again (engine.py, "Deferred forks");
+a deferred child is not scheduled until it has its KV.
 
 A thread holds a runner sequence id exactly while it holds KV: it takes one when it is
 first scheduled (or born by a fork) and gives it back when its blocks are freed (finished,
@@ -159,6 +161,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         for thread in request.threads:
             thread.recompute_until = max(thread.recompute_until, thread.num_cached)
+            thread.fork_deferred = False  # recomputed like every thread (its parent's KV is gone)
             self.free(thread)
         request.num_preemptions += 1
         self.num_preemptions += 1
@@ -204,7 +207,11 @@ class Scheduler:
 
     @staticmethod
     def _schedulable(request: Request) -> list[Thread]:
-        return [t for t in request.kv_threads if (t.finished or not waits_for_descendants(t)) and t.window]
+        """Threads with tokens to feed, but parents waiting for their children near the end of
+        the budget (one whose deferred child waits for its [Fork] feeds that) and children whose
+        fork is deferred."""
+        return [t for t in request.kv_threads if t.window and not t.fork_deferred and (
+            t.finished or not waits_for_descendants(t) or any(c.fork_deferred for c in t.children.values()))]
 
     def schedule(self) -> tuple[ScheduledBatch, list[Request]]:
         """The next step's batch, and requests that can never fit the pool (taken out of the

@@ -115,6 +115,9 @@ class Thread:
     established: int = 0  # joins[:established] have their KV in place for this thread (spans / runner cells)
     # KV of other threads attended (its blocks held by this thread), with the join it came through.
     spans: list[tuple[Join, KVSpan]] = field(default_factory=list)
+    # A child whose fork was deferred (engine.py): it holds no KV and no sequence id and is not
+    # scheduled until its parent has fed the [Fork]; then it gets the parent's KV through it.
+    fork_deferred: bool = False
 
     def position(self, index: int) -> int:
         """Model position of token `index` (its index, plus the offset of the last join before it)."""
@@ -183,6 +186,7 @@ class Request:
         self.num_preemptions = 0
         self.num_recomputed_tokens = 0  # fed again after a preemption (prefix-cache hits not counted)
         self.num_serialized_steps = 0  # steps its threads ran one at a time for lack of KV (scheduler.py)
+        self.num_deferred_forks = 0  # forks whose child got its KV a step later, rows being dear (engine.py)
         self.held_blocks: dict[int, int] = {}  # KV block -> how many of this request's threads hold it
         self.peak_blocks = 0  # most distinct KV blocks held at once (after a step)
         self.attention_work = 0  # sum over fed tokens of the keys each one attends to
