@@ -56,12 +56,12 @@ def start_server(args) -> VLLMServer:
                       extra_args=args.vllm_arg or [])
 
 
-def make_driver(server: VLLMServer, args) -> VLLMDriver:
+def make_driver(server: VLLMServer, args, fork_limit: int | None = None) -> VLLMDriver:
     path = models.resolve_model_path(args.model)
     tokenizer, control = models.load_tokenizer(path)
     adapter = args.adapter or models.default_adapter(args.model)
     return VLLMDriver(server.url, server.served_name, tokenizer, control, models.sampling_defaults(path, adapter),
-                      tree_priority=server.priority_scheduling, fork_limit=getattr(args, "fork_limit", None))
+                      tree_priority=server.priority_scheduling, fork_limit=fork_limit)
 
 
 def _record(out, seconds: float) -> dict:
@@ -274,6 +274,7 @@ def run_throughput(args, questions: list[dict], concurrency: list[int]) -> dict:
     levels = []
     with start_server(args) as server:
         driver = make_driver(server, args)
+        limited = make_driver(server, args, args.fork_limit) if args.fork_limit is not None else None
         driver.generate("Hello", driver_params(mode="ar", max_tokens=4))  # warm-up
         for c in tqdm(concurrency, desc="throughput (vLLM)", unit="level"):
             r = args.requests_per_client
@@ -282,11 +283,14 @@ def run_throughput(args, questions: list[dict], concurrency: list[int]) -> dict:
             for mode in ("ar", "apar"):  # AR first each time, then APAR on the same prompts
                 level[mode] = _wave(driver, server, wave, mode, args.max_tokens, penalties)
             level["apar_vs_ar_tok_s"] = level["apar"]["tok_s"] / level["ar"]["tok_s"]
+            if limited is not None:  # then APAR whose requests may not fork under load (--fork-limit)
+                level["apar_limited"] = _wave(limited, server, wave, "apar", args.max_tokens, penalties)
+                level["apar_limited_vs_ar_tok_s"] = level["apar_limited"]["tok_s"] / level["ar"]["tok_s"]
             levels.append(level)
         command = " ".join(server.command[1:])
     return {"bench": "throughput", "backend": "vllm", "config": {"model": args.model, "suite": args.suite,
             "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client, "dtype": dtype_name(args),
-            "fork_limit": getattr(args, "fork_limit", None),
+            "fork_limit": args.fork_limit,
             "penalties": penalties, "server": command},
             **metadata(args.cpu_threads), "levels": levels}
 
@@ -301,17 +305,27 @@ def print_throughput(result: dict) -> None:
         a, p = lv["ar"], lv["apar"]
         print(f"{lv['clients']:8d}{a['tok_s']:10.1f}{p['tok_s']:12.1f}{lv['apar_vs_ar_tok_s'] - 1:+8.0%}"
               f"{a['latency_mean_s']:10.1f}{p['latency_mean_s']:12.1f}{a['latency_p90_s']:8.1f}{p['latency_p90_s']:10.1f}"
-              f"{a['peak_kv_usage']:7.0%}{p['peak_kv_usage']:9.0%}{p['threads']:9.1f}{p.get('requests_unforked', 0):9d}")
-    if result["config"].get("fork_limit") is not None:
-        print(f"unforked: APAR's vLLM requests sent with [Fork] banned (the driver had {result['config']['fork_limit']} "
-              "or more open: --fork-limit)")
+              f"{a['peak_kv_usage']:7.0%}{p['peak_kv_usage']:9.0%}{p['threads']:9.1f}")
+    limit = result["config"].get("fork_limit")
+    if limit is not None:
+        print(f"APAR with --fork-limit {limit} (requests sent while the driver had {limit} or more open may not fork):")
+        print(f"{'clients':>8s}{'tok/s':>10s}{'vs AR':>8s}{'lat s':>8s}{'p90':>8s}{'KV':>6s}{'threads':>9s}"
+              f"{'requests':>10s}{'unforked':>10s}")
+        for lv in result["levels"]:
+            q = lv["apar_limited"]
+            print(f"{lv['clients']:8d}{q['tok_s']:10.1f}{lv['apar_limited_vs_ar_tok_s'] - 1:+8.0%}{q['latency_mean_s']:8.1f}"
+                  f"{q['latency_p90_s']:8.1f}{q['peak_kv_usage']:6.0%}{q['threads']:9.1f}{q['requests']:10d}"
+                  f"{q['requests_unforked']:10d}")
 
 
 def plot_throughput(result: dict, path: str) -> None:
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     clients = [lv["clients"] for lv in result["levels"]]
-    for mode, label in (("ar", "vLLM AR"), ("apar", "APAR on vLLM")):
+    modes = [("ar", "vLLM AR"), ("apar", "APAR on vLLM")]
+    if result["config"].get("fork_limit") is not None:
+        modes.append(("apar_limited", f"APAR, fork limit {result['config']['fork_limit']}"))
+    for mode, label in modes:
         ax1.plot(clients, [lv[mode]["tok_s"] for lv in result["levels"]], "o-", label=label)
         ax2.plot(clients, [lv[mode]["latency_mean_s"] for lv in result["levels"]], "o-", label=label)
     for ax, y in ((ax1, "answer tokens/s (all clients)"), (ax2, "mean latency per answer (s)")):
@@ -329,6 +343,8 @@ def run(args) -> dict:
 
     if args.quant is not None:
         raise ValueError("--quant applies to the llamacpp backend; vLLM serves the merged HF folder")
+    if args.what == "latency" and args.fork_limit is not None:
+        raise ValueError("--fork-limit acts under load: use it with bench throughput (latency sends one answer at a time)")
     if args.what == "latency" and args.spec:
         raise ValueError("--spec: the vLLM driver leaves speculative decoding to vLLM's own options (--vllm-arg)")
     if args.what == "latency":
