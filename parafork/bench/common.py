@@ -93,13 +93,26 @@ def grouped_bars(ax, categories: list[str], series: dict[str, list[float]]) -> N
     ax.legend()
 
 
-def metadata(threads: int) -> dict:
+def _code_commit() -> str:
+    """The checkout's commit, '+dirty' where tracked files differ from it; 'unknown' outside git."""
+    here = Path(__file__).parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                                 capture_output=True, text=True, cwd=here.parent).stdout.strip()
     except OSError:
-        commit = "unknown"
+        return "unknown"
+    return (commit + ("+dirty" if changed else "")) if commit else "unknown"
+
+
+# Read when the benches are imported, not when a run ends: a long run records the code it ran,
+# not a commit made while it ran (a 30-minute soak once recorded the commit made after it started).
+CODE_COMMIT = _code_commit()
+
+
+def metadata(threads: int) -> dict:
     return {
-        "commit": commit or "unknown",
+        "commit": CODE_COMMIT,
         "machine": f"{machine_key()}, {threads} torch threads",
         "native_bf16": cpu_has_fast_bf16(),
         "date": time.strftime("%Y-%m-%d"),
