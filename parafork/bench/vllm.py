@@ -300,7 +300,7 @@ def print_throughput(result: dict) -> None:
           f"{result['config']['max_tokens']}, {result['config']['requests_per_client']} answers per client in turn, "
           "AR then APAR on the same prompts")
     print(f"{'clients':>8s}{'AR tok/s':>10s}{'APAR tok/s':>12s}{'gain':>8s}{'AR lat s':>10s}{'APAR lat s':>12s}"
-          f"{'AR p90':>8s}{'APAR p90':>10s}{'AR KV':>7s}{'APAR KV':>9s}{'threads':>9s}{'unforked':>9s}")
+          f"{'AR p90':>8s}{'APAR p90':>10s}{'AR KV':>7s}{'APAR KV':>9s}{'threads':>9s}")
     for lv in result["levels"]:
         a, p = lv["ar"], lv["apar"]
         print(f"{lv['clients']:8d}{a['tok_s']:10.1f}{p['tok_s']:12.1f}{lv['apar_vs_ar_tok_s'] - 1:+8.0%}"

@@ -74,23 +74,51 @@ def apply_penalties(logits: torch.Tensor, threads: Sequence[Thread], control: Co
                      params.frequency_penalty, params.presence_penalty, params.repetition_penalty)
 
 
+class SeenTokens:
+    """What the penalties of `apply_penalties` read of a context that only grows: how often each
+    answer token occurs (frequency, presence) and which tokens occur at all (repetition),
+    control tokens left out. `extend` adds the context's next tokens; `penalize` edits one
+    float32 row in place. `penalize_row` builds one over a whole context; the vLLM plugin keeps
+    one per request and extends it by what the request sampled since (O(new tokens) a step,
+    not O(context))."""
+
+    def __init__(self, answer_start: int, control_ids: Sequence[int], repetition: bool = True) -> None:
+        self.answer_start, self.control = answer_start, tuple(control_ids)
+        self.length = 0  # context tokens added so far
+        self.counts: Counter = Counter()  # answer tokens
+        self.seen: set[int] | None = set() if repetition else None  # prompt and answer tokens
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        answer_from = max(0, self.answer_start - self.length)
+        if len(tokens) > answer_from:
+            self.counts.update(tokens[answer_from:])
+            for token in self.control:
+                self.counts.pop(token, None)
+        if self.seen is not None:
+            self.seen.update(tokens)
+            self.seen.difference_update(self.control)
+        self.length += len(tokens)
+
+    def penalize(self, row: np.ndarray, frequency: float, presence: float, repetition: float) -> None:
+        if repetition != 1:
+            assert self.seen is not None, "built without the seen set: SeenTokens(..., repetition=True)"
+            seen = np.fromiter(self.seen, dtype=np.int64, count=len(self.seen))
+            values, r = row[seen], np.float32(repetition)
+            row[seen] = np.where(values > 0, values / r, values * r)
+        if frequency or presence:
+            counts = self.counts
+            ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+            n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
+            row[ids] -= np.float32(frequency) * n + np.float32(presence)
+
+
 def penalize_row(row: np.ndarray, context: Sequence[int], answer_start: int, control_ids: Sequence[int],
                  frequency: float, presence: float, repetition: float) -> None:
     """The penalties of `apply_penalties` on one float32 row (edited in place) for a thread whose
-    context (what it sees) is `context`, the answer starting at `answer_start`. Shared with
-    `vllm/plugin.py`, which applies it to a vLLM request's prompt + output."""
-    if repetition != 1:
-        seen = set(context).difference(control_ids)
-        seen = np.fromiter(seen, dtype=np.int64, count=len(seen))
-        values, r = row[seen], np.float32(repetition)
-        row[seen] = np.where(values > 0, values / r, values * r)
-    if frequency or presence:
-        counts = Counter(context[answer_start:])
-        for token in control_ids:
-            counts.pop(token, None)
-        ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
-        n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
-        row[ids] -= np.float32(frequency) * n + np.float32(presence)
+    context (what it sees) is `context`, the answer starting at `answer_start`."""
+    seen = SeenTokens(answer_start, control_ids, repetition=repetition != 1)
+    seen.extend(context)
+    seen.penalize(row, frequency, presence, repetition)
 
 
 def model_logprobs(logits: torch.Tensor, threads: Sequence[Thread]) -> dict[int, torch.Tensor]:

@@ -9,8 +9,8 @@ APAR thread decoded as parafork's engine decodes it (`engine/sampler.py`):
 - `[Fork]` only where the thread may fork (`apar_fork`: the driver's depth cap and mode),
   and never right after `[Fork]` or `[Child]`;
 - penalties over what the thread sees (its ancestors' answer tokens, which are part of
-  this request's prompt, then its own), control tokens excluded (`engine.sampler.penalize_row`,
-  the engine's own rule): vLLM's built-in
+  this request's prompt, then its own), control tokens excluded (`engine.sampler.SeenTokens`,
+  the engine's own rule, kept per request and extended by each new token): vLLM's built-in
   frequency/presence penalties count only a request's own output, so a child would not be
   penalized for repeating its parent;
 - `rules.NoRepeatedHeads` with the tokenizer of the served model, over a view of the request
@@ -21,6 +21,11 @@ The driver (`vllm/driver.py`) sends the thread's facts in `vllm_xargs`; a reques
 them is left alone, so the processor costs plain vLLM requests nothing. Only torch, numpy and
 the standard library are imported here (and `rules` and `engine.sampler`, which need no
 more), since this module runs in vLLM's venv.
+
+Cost, measured: every APAR thread is a vLLM request, so this runs for every row of vLLM's
+step, in vLLM's engine process. One head guard (`NoRepeatedHeads`) serves every request of
+the processor: each guard scans the 49k-token vocabulary once (~0.18 s), and a guard per
+request made that scan once per thread (~5 an answer). Penalties are counted incrementally.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..engine.sampler import penalize_row
+from ..engine.sampler import SeenTokens
 
 # The keys the driver sets in `vllm_xargs` (all integers or floats).
 XARG_KEYS = (
@@ -53,9 +58,10 @@ class _ThreadView:
         self.request = SimpleNamespace(prompt_token_ids=prompt[:answer_start], params=SimpleNamespace(plan_budget=False))
 
 
-def thread_rules(args: dict, tokenizer_loader):
+def thread_rules(args: dict, tokenizer_loader, guards: dict | None = None):
     """The per-request function (prompt ids, output ids, logits row) -> logits row for a
-    request whose `extra_args` are `args`, or None for a request that is not an APAR thread."""
+    request whose `extra_args` are `args`, or None for a request that is not an APAR thread.
+    `guards`: the head guards already built, by control tokens (shared by every request)."""
     if "apar_fork_id" not in args:
         return None
     fork, child, join, eos = (int(args[k]) for k in ("apar_fork_id", "apar_child_id", "apar_join_id", "apar_eos_id"))
@@ -69,13 +75,24 @@ def thread_rules(args: dict, tokenizer_loader):
         from ..rules import NoRepeatedHeads
         from ..tokens import ControlTokens
 
-        heads = NoRepeatedHeads(ControlTokens(fork, child, frozenset({eos}), join), tokenizer_loader())
+        key = (fork, child, join, eos)
+        heads = guards.get(key) if guards is not None else None
+        if heads is None:
+            heads = NoRepeatedHeads(ControlTokens(fork, child, frozenset({eos}), join), tokenizer_loader())
+            if guards is not None:
+                guards[key] = heads
+    penalized = rep != 1 or freq or pres
+    seen = SeenTokens(answer_start, control, repetition=rep != 1) if penalized else None
 
     def apply(prompt: list[int], output: list[int], logits: torch.Tensor) -> torch.Tensor:
         last = output[-1] if output else prompt[-1]
-        if rep != 1 or freq or pres:
+        if seen is not None:
+            if seen.length == 0 or seen.length > len(prompt) + len(output):  # first call, or an output cut back
+                seen.__init__(answer_start, control, repetition=rep != 1)
+                seen.extend(prompt)
+            seen.extend(output[seen.length - len(prompt):])  # the tokens sampled since the last call
             work = logits if logits.dtype == torch.float32 else logits.float()
-            penalize_row(work.numpy(), prompt + output, answer_start, control, freq, pres, rep)
+            seen.penalize(work.numpy(), freq, pres, rep)
             if work is not logits:
                 logits.copy_(work)
         logits[child] = float("-inf")
@@ -102,6 +119,7 @@ def _processor_class():
             super().__init__(vllm_config, device, is_pin_memory)
             self._tokenizer_path = vllm_config.model_config.tokenizer
             self._tokenizer = None
+            self._guards: dict = {}  # one head guard for every request (thread_rules)
 
         def _load_tokenizer(self):
             if self._tokenizer is None:
@@ -114,7 +132,7 @@ def _processor_class():
             return False  # it bans tokens
 
         def new_req_logits_processor(self, params):
-            return thread_rules(params.extra_args or {}, self._load_tokenizer)
+            return thread_rules(params.extra_args or {}, self._load_tokenizer, self._guards)
 
     return APARRules
 
