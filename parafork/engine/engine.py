@@ -225,9 +225,9 @@ class Engine:
         self._release_sequences()
         if batch.threads:
             self._draft(batch)
-            rows = sum(batch.num_tokens) + sum(len(t.draft) for t in batch.threads)
+            fed = sum(batch.num_tokens) + sum(len(t.draft) for t in batch.threads)  # the forward's query rows
             limit = self.config.defer_forks_from_rows
-            self._rows_dear = limit is not None and rows >= limit
+            self._rows_dear = limit is not None and fed >= limit
             logits = self._run(batch)
             rows, ready = self._advance(batch)
             if ready:

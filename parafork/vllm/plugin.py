@@ -82,13 +82,14 @@ def thread_rules(args: dict, tokenizer_loader, guards: dict | None = None):
             if guards is not None:
                 guards[key] = heads
     penalized = rep != 1 or freq or pres
-    seen = SeenTokens(answer_start, control, repetition=rep != 1) if penalized else None
+    seen: SeenTokens | None = None  # the request's context counted so far (penalized requests)
 
     def apply(prompt: list[int], output: list[int], logits: torch.Tensor) -> torch.Tensor:
+        nonlocal seen
         last = output[-1] if output else prompt[-1]
-        if seen is not None:
-            if seen.length == 0 or seen.length > len(prompt) + len(output):  # first call, or an output cut back
-                seen.__init__(answer_start, control, repetition=rep != 1)
+        if penalized:
+            if seen is None or seen.length > len(prompt) + len(output):  # first call, or an output cut back
+                seen = SeenTokens(answer_start, control, repetition=rep != 1)
                 seen.extend(prompt)
             seen.extend(output[seen.length - len(prompt):])  # the tokens sampled since the last call
             work = logits if logits.dtype == torch.float32 else logits.float()
