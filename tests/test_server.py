@@ -77,7 +77,8 @@ def test_models_health_and_metrics(server):
     assert json.load(urllib.request.urlopen(f"{url}/health")) == {"status": "ok"}
     metrics = urllib.request.urlopen(f"{url}/metrics").read().decode()
     assert "parafork_kv_blocks_free 256" in metrics and "parafork_requests_live" in metrics
-    assert all(f"parafork_{name}_total " in metrics for name in ("joins", "preemptions", "recomputed_tokens", "serialized_steps"))
+    assert all(f"parafork_{name}_total " in metrics
+               for name in ("joins", "preemptions", "recomputed_tokens", "serialized_steps", "deferred_forks"))
 
 
 @pytest.mark.parametrize(
