@@ -217,7 +217,9 @@ def plot(result: dict, path: str) -> None:
         row[0].set(xscale="log", xlabel="concurrent clients", ylabel="answer tokens/s", title=f"throughput (KV {blocks} blocks)")
         row[1].set(xscale="log", xlabel="concurrent clients", ylabel="latency (s)", title=f"request latency (KV {blocks} blocks)")
         row[2].set(xscale="log", xlabel="concurrent clients", ylabel="preemptions", title=f"preemptions (KV {blocks} blocks)")
+        row[2].set_ylim(bottom=0, top=max([1] + [r["preemptions"] for r in runs if r["kv_blocks"] == blocks]) * 1.1)
         for ax in row:
+            ax.set_xticks(result["config"]["concurrency"], [str(c) for c in result["config"]["concurrency"]])
             ax.legend(fontsize=8)
     fig.suptitle(f"parafork bench throughput ({result['date']}, {result['commit']}, {result.get('machine', '')})")
     save_figure(fig, path)
