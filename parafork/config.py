@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 
 BACKENDS = ("auto", "torch", "hf", "llamacpp")
 SPECULATIVE_METHODS = (None, "ngram")
+STEP_COSTS = ("measured", "fixed")
 GGUF_QUANTS = ("f16", "q8_0", "f32")  # what llama.cpp's converter writes (the pinned library exports no quantizer); f32 for exactness tests
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 DTYPE_CHOICES = ("auto", "bfloat16", "float32")
@@ -22,6 +24,11 @@ def cpu_has_fast_bf16() -> bool:
     costs, and every extra row costs as much again, so parallel threads gain nothing.
     """
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def cache_dir() -> Path:
+    """Where parafork keeps what it builds or measures once per machine ($PARAFORK_CACHE)."""
+    return Path(os.environ.get("PARAFORK_CACHE", "~/.cache/parafork")).expanduser()
 
 
 def cpu_name() -> str:
@@ -64,8 +71,12 @@ class EngineConfig:
     speculative: str | None = None  # "ngram": requests draft and verify (engine/speculation.py) unless they say "off"
     admission_reserve: float = 1.0  # scales the future KV a request must find free to be admitted (scheduler.py); 0: none
     # A fork sampled in a step of at least this many rows is deferred (engine.py): the child gets
-    # the parent's KV one step later, [Fork] included, and feeds one row fewer. None: never.
-    defer_forks_from_rows: int | None = 16
+    # the parent's KV one step later, [Fork] included, and feeds one row fewer. None: never;
+    # "auto": from the rows where one more row costs 5% of a one-row step (engine/step_cost.py).
+    defer_forks_from_rows: int | str | None = "auto"
+    # "measured": time decode steps of 1-64 rows at start-up (once per machine, cached) where the
+    # runner allows it, "fixed": the runner's constant per-row cost (engine/step_cost.py).
+    step_cost: str = "measured"
     row_kernel: bool = True  # torch, bf16: linears through parafork's AVX-512 BF16 row kernel where it builds (row_kernel.py)
 
     def __post_init__(self) -> None:
@@ -80,9 +91,12 @@ class EngineConfig:
             raise ValueError(f"speculative must be None or one of {', '.join(SPECULATIVE_METHODS[1:])}, got {self.speculative!r}")
         if not isinstance(self.admission_reserve, (int, float)) or not 0 <= self.admission_reserve <= 4:
             raise ValueError(f"admission_reserve must be a number from 0 to 4, got {self.admission_reserve!r}")
-        if self.defer_forks_from_rows is not None and (
+        if self.defer_forks_from_rows not in (None, "auto") and (isinstance(self.defer_forks_from_rows, bool) or
                 not isinstance(self.defer_forks_from_rows, int) or self.defer_forks_from_rows < 0):
-            raise ValueError(f"defer_forks_from_rows must be None or an integer >= 0, got {self.defer_forks_from_rows!r}")
+            raise ValueError(f"defer_forks_from_rows must be None, 'auto' or an integer >= 0, "
+                             f"got {self.defer_forks_from_rows!r}")
+        if self.step_cost not in STEP_COSTS:
+            raise ValueError(f"step_cost must be one of {', '.join(STEP_COSTS)}, got {self.step_cost!r}")
         for name in ("block_size", "num_kv_blocks", "max_batch_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

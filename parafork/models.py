@@ -19,6 +19,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from .config import cache_dir  # noqa: E402,F401  (models.cache_dir: where the callers look)
 from .tokens import register_control_tokens  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,6 @@ BUNDLED_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-apar"
 
 class ModelNotFoundError(FileNotFoundError):
     pass
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PARAFORK_CACHE", "~/.cache/parafork")).expanduser()
 
 
 def base_gguf_path() -> Path:

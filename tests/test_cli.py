@@ -48,7 +48,9 @@ def test_bench_engine_writes_every_documented_key(tiny_dir, tmp_path, capsys):
     saved = json.loads(out.read_text())
     for key in ("dtype", "hf_tok_s", "ar_tok_s", "ar_vs_hf", "step_ms", "bandwidth_gbs", "achieved_gbs", "prefill"):
         assert key in saved
-    assert set(saved["step_ms"]) == {"1", "2", "4", "8", "16"}
+    assert set(saved["step_ms"]) == set(saved["step_ms_independent"]) == {"1", "2", "4", "8", "16", "32", "64"}
+    independent = list(saved["step_ms_independent"].values())
+    assert independent == sorted(independent) and independent[0] > 0  # the engine's curve: never cheaper with more rows
     assert saved["ar_vs_hf"] == saved["ar_tok_s"] / saved["hf_tok_s"]
     assert set(saved["prefill"]) == {"40", "300"} and all(v["tok_s"] > 0 and v["hf_tok_s"] > 0 for v in saved["prefill"].values())
     assert main(argv[:-4] + ["--prefill", "2048"]) == 2
@@ -64,7 +66,8 @@ def test_bench_engine_on_llamacpp_compares_with_llamacpp_alone_on_the_same_gguf(
     assert saved["prefill"]["40"]["tok_s"] > 0 and saved["prefill"]["40"]["hf_tok_s"] is None
     assert saved["backend"] == "llamacpp" and saved["quant"] == "q8_0" and saved["gguf"].endswith("-q8_0.gguf")
     assert saved["hf_tok_s"] is None and saved["ar_vs_llamacpp"] == saved["ar_tok_s"] / saved["llamacpp_own_tok_s"]
-    assert set(saved["step_ms"]) == {"1", "2", "4", "8", "16"}
+    assert set(saved["step_ms"]) == {"1", "2", "4", "8", "16", "32", "64"}
+    assert saved["step_ms_independent"] is None  # llama.cpp's steps cannot be timed on an empty pool
 
 
 def test_bench_engine_puts_backends_side_by_side_with_the_floor_and_a_plot(tiny_dir, tmp_path, capsys):

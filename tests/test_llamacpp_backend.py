@@ -12,6 +12,7 @@ from parafork import models
 from parafork.runners.llamacpp_api import load
 from parafork.runners.llamacpp_runner import MAX_SEQUENCES, LlamaCppRunner, reference_greedy
 from parafork.engine.runner import SequenceSlice
+from parafork.engine.step_cost import StepCost
 from parafork.llm import LLM
 from parafork.rules import ForceForks
 from parafork.sampling import SamplingParams
@@ -88,7 +89,7 @@ def test_after_finish_abort_and_preemption_every_sequence_and_cell_is_free(tiny_
     llm = tiny_llamacpp(tiny_dir, num_kv_blocks=blocks, admission_reserve=0,  # preemptions likely
                         defer_forks_from_rows=defer)  # 0: every child waits a step for its parent's cells
     if spec == "ngram":
-        llm.engine.runner.info = replace(llm.engine.runner.info, draft_row_cost=0.0)  # every proposed draft is fed
+        llm.engine.step_cost = StepCost.linear(0.0)  # every proposed draft is fed
 
     def check(steps: int, with_ids: set[int]) -> None:
         assert llm.engine.runner.live == with_ids
@@ -102,9 +103,9 @@ def test_after_finish_abort_and_preemption_every_sequence_and_cell_is_free(tiny_
 def test_drafts_on_llamacpp_give_the_same_tokens_and_leave_no_rejected_cell(tiny_dir, base_dir):
     # The shipped Q4_1 GGUF, AR: drafts verified by llama.cpp equal llama.cpp's own greedy loop.
     base = LLM("base", backend="llamacpp", cpu_threads=1, num_kv_blocks=64)
-    # On this backend drafted rows are dear (draft_row_cost 0.7) and the allocator rarely drafts;
+    # On this backend drafted rows are dear (its fixed draft_row_cost is 0.7) and the allocator rarely drafts;
     # here rows cost nothing, so every proposed draft is fed and llama.cpp verifies it.
-    base.engine.runner.info = replace(base.engine.runner.info, draft_row_cost=0.0)
+    base.engine.step_cost = StepCost.linear(0.0)
     accepted = 0
     for prompt in PROMPTS[:2]:
         own, _ = reference_greedy(models.base_gguf_path(), base.encode(prompt), 64, threads=1, stop_ids=base.control.eos_ids)
@@ -115,7 +116,7 @@ def test_drafts_on_llamacpp_give_the_same_tokens_and_leave_no_rejected_cell(tiny
     # The tiny model with forks: the same tree as without drafts; after every step a sequence
     # holds cells up to its last cached token and no further (rejected positions removed).
     llm = tiny_llamacpp(tiny_dir)
-    llm.engine.runner.info = replace(llm.engine.runner.info, draft_row_cost=0.0)
+    llm.engine.step_cost = StepCost.linear(0.0)
     force = ForceForks(llm.control, frozenset({2, 6}), child_tokens=20, root_tokens=24)
     params = SamplingParams(max_tokens=300, logits_rules=[force], plan_budget=False, no_repeat_heads=False)
     prompts = [{"prompt_token_ids": list(range(400 + 5 * i, 420 + 5 * i))} for i in range(3)]

@@ -2,8 +2,10 @@
 
 - HF `generate` tokens/s and parafork AR tokens/s at batch 1, same prompt, same dtype,
   same number of tokens (end-of-sequence ignored);
-- decode step time with 1/2/4/8/16 live threads that share one prompt's KV blocks, as
-  APAR siblings do;
+- decode step time with 1 to 64 live threads that share one prompt's KV blocks, as APAR
+  siblings do, and (where the runner's steps can be timed on an empty pool) with as many
+  independent sequences, as unrelated requests are: the curve the engine measures at
+  start-up (engine/step_cost.py), timed afresh here;
 - achieved weight bandwidth (weight bytes x steps/s) against this machine's read
   bandwidth, measured here by summing a buffer larger than the caches; each step's floor
   (weight bytes / that bandwidth: a step can cost no less, whatever its rows) and the share
@@ -26,13 +28,14 @@ import torch
 
 from .. import models
 from ..llm import LLM
+from ..engine import step_cost
 from ..engine.runner import SequenceSlice
 from ..engine.thread import Request
 from ..sampling import SamplingParams
 from .common import add_output_args, metadata, parse_list, write_json
 
 PROMPT = "Give me three tips for sleeping well."
-THREAD_COUNTS = (1, 2, 4, 8, 16)
+THREAD_COUNTS = step_cost.ROWS
 PREFILL_LENGTHS = "256,1024,2048"
 KV_BLOCKS = 512  # the bench engine's KV pool
 
@@ -173,11 +176,14 @@ def plot_steps(results: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for r in results:
         rows = [int(n) for n in r["step_ms"]]
-        line, = ax.plot(rows, list(r["step_ms"].values()), marker="o", label=f"{r['backend']} ({r['dtype']})")
+        line, = ax.plot(rows, list(r["step_ms"].values()), marker="o", label=f"{r['backend']} ({r['dtype']}), siblings")
         ax.axhline(r["floor_ms"], color=line.get_color(), linestyle=":", linewidth=1)
+        if r.get("step_ms_independent"):
+            ax.plot([int(n) for n in r["step_ms_independent"]], list(r["step_ms_independent"].values()), marker="s",
+                    linestyle="--", color=line.get_color(), label=f"{r['backend']} ({r['dtype']}), independent")
     ax.set_xscale("log", base=2)
     ax.set_xticks(THREAD_COUNTS, [str(n) for n in THREAD_COUNTS])
-    ax.set_xlabel("rows per step (live threads)")
+    ax.set_xlabel("rows per step (siblings over one prompt; independent sequences over 256 keys each)")
     ax.set_ylabel("decode step (ms)")
     ax.set_ylim(bottom=0)
     ax.set_title("Step cost against rows; dotted: weights / read bandwidth", fontsize=10)
@@ -219,6 +225,10 @@ def run_one(args, backend: str, quant: str | None) -> dict:
     if too_long:
         raise ValueError(f"--prefill {too_long}: longer than the model's {llm.engine.runner.info.max_position} positions "
                          f"or the bench's KV pool")
+    # Independent sequences first: their timing writes into the pool, which holds nothing yet.
+    independent = None
+    if llm.engine.runner.info.timed_steps:
+        independent = step_cost.measure(llm.engine.runner, KV_BLOCKS, llm.config.block_size, steps=args.steps // 2)
     on_llamacpp = llm.engine.runner.info.gguf is not None
     backend = _backend_name(llm.engine.runner)  # what "auto" resolved to
     dtype_name = f"gguf {quant or 'as given'}" if on_llamacpp else str(llm.config.torch_dtype).removeprefix("torch.")
@@ -255,9 +265,10 @@ def run_one(args, backend: str, quant: str | None) -> dict:
         bandwidth = again
         floor = llm.engine.runner.info.weight_bytes / (bandwidth * 1e9) * 1e3
         print(f"  read bandwidth, read again  {bandwidth:8.1f} GB/s   step floor {floor:.1f} ms")
-    for n in THREAD_COUNTS:
+    for i, n in enumerate(THREAD_COUNTS):
         print(f"  step with {n:2d} live threads    {steps[n]:8.1f} ms   {steps[n] / steps[1]:.2f}x one thread"
-              f"   {100 * floor / steps[n]:3.0f}% of the floor")
+              f"   {100 * floor / steps[n]:3.0f}% of the floor"
+              + (f"   independent {independent.ms[i]:6.1f} ms {independent(n):5.2f}x" if independent else ""))
     prefill = {}
     for n in lengths:
         own_n, hf_n = prefill_tokens_per_s(llm, n, reference)
@@ -277,6 +288,8 @@ def run_one(args, backend: str, quant: str | None) -> dict:
         "ar_vs_llamacpp": ar / own if own else None,
         "gguf": str(gguf) if gguf else None,
         "step_ms": {str(n): ms for n, ms in steps.items()},
+        # Monotone envelope of the timings (step_cost.StepCost), as the engine uses them.
+        "step_ms_independent": {str(n): ms for n, ms in zip(independent.rows, independent.ms)} if independent else None,
         "step_ratio_8_vs_1": steps[8] / steps[1],
         "step_ratio_16_vs_1": steps[16] / steps[1],
         "floor_ms": floor,

@@ -19,14 +19,16 @@ the children are released.
 **Deferred forks.** A fork gives the child the parent's cached KV at once, so in the next
 step the child feeds `[Fork]` and `[Child]` while the parent feeds the same `[Fork]`: two
 rows for one token's K/V. In a step of at least `EngineConfig.defer_forks_from_rows` rows
-(a step where rows are compute-bound, not free) the fork is deferred instead: the child
+(by default where one more row costs 5% of a one-row step on this machine: step_cost.py) the
+fork is deferred instead: the child
 (`Thread.fork_deferred`) holds nothing and is not scheduled until its parent has fed the
 `[Fork]`; right after that forward the parent's KV through the `[Fork]` is forked to it and
 it feeds `[Child]` alone. The text is the same (the child's context is), one row is saved
 per fork (~1.2% of an APAR answer's rows on Vicuna: 92 forks in 7,614 decode rows), and the
 child's body starts one step later, which costs nothing in throughput and little in latency
-when the batch is wide. Below the threshold rows are nearly free (16 rows cost 1.22x one on
-the row kernel, results/rows) and forks are immediate.
+when the batch is wide. Below the threshold rows are nearly free (on the 2-core Zen 5 16 rows
+cost 1.22x one through the row kernel, results/rows; on a Zen 4 8 rows cost 1.37x) and forks
+are immediate.
 
 The engine speaks token ids only; `LLM` (parafork/llm.py) adds prompts and text. Every
 sequence id the engine hands to the runner is released exactly once, and when no request
@@ -39,11 +41,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import EngineConfig
+from ..config import EngineConfig, cache_dir
 from ..restore import linearize, restore_origins
 from ..sampling import FORKING_MODES, SamplingParams
 from ..tokens import ControlTokens
-from . import speculation
+from . import speculation, step_cost
 from .block_manager import BlockManager
 from .runner import JoinSource, KVSpan, Runner, SequenceSlice
 from .sampler import apply_apar_rules, apply_penalties, model_logprobs, sample, token_logprob
@@ -130,7 +132,20 @@ class Engine:
         self.total_steps = 0
         self._counts = {"requests": 0, "tokens": 0, "forks": 0, "joins": 0, "drafted": 0, "accepted": 0, "recomputed": 0,
                         "deferred_forks": 0}
-        self._rows_dear = False  # this step's rows reach config.defer_forks_from_rows
+        # The cost of a step against its rows (sizes drafts, defers forks: step_cost.py), measured
+        # here, before any request, where the runner allows it.
+        self.step_cost = self._step_cost()
+        defer = config.defer_forks_from_rows
+        self.defer_forks_from_rows = self.step_cost.dear_from() if defer == "auto" else defer
+        self._rows_dear = False  # this step's rows reach defer_forks_from_rows
+
+    def _step_cost(self) -> step_cost.StepCost:
+        info, config = self.runner.info, self.config
+        if config.step_cost == "fixed" or not info.timed_steps:
+            return step_cost.StepCost.linear(info.draft_row_cost)
+        key = step_cost.cache_key(self.runner, config.torch_dtype, config.backend)
+        return step_cost.cached(cache_dir() / "step_cost.json", key,
+                                lambda: step_cost.measure(self.runner, config.num_kv_blocks, config.block_size))
 
     # ---- requests -------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: bool = True) -> None:
@@ -226,7 +241,7 @@ class Engine:
         if batch.threads:
             self._draft(batch)
             fed = sum(batch.num_tokens) + sum(len(t.draft) for t in batch.threads)  # the forward's query rows
-            limit = self.config.defer_forks_from_rows
+            limit = self.defer_forks_from_rows
             self._rows_dear = limit is not None and fed >= limit
             logits = self._run(batch)
             rows, ready = self._advance(batch)
@@ -258,7 +273,7 @@ class Engine:
         if not proposals:
             return
         lengths = speculation.draft_lengths([(t.draft_stats.acceptance, len(d)) for _, t, d in proposals], sampling,
-                                            sum(batch.num_tokens), self.runner.info.draft_row_cost)
+                                            sum(batch.num_tokens), self.step_cost)
         for (i, thread, draft), n in zip(proposals, lengths):
             if n:
                 thread.draft = self.scheduler.add_draft(batch, i, draft[:n])

@@ -86,6 +86,18 @@ class BlockCopy:
 
 
 @dataclass(frozen=True)
+class StepHidden:
+    """A step's logits (as `forward` returns them) and, for every fed row in batch order, the
+    residual stream entering each layer asked for, side by side (`aux`, [rows, layers x hidden]),
+    and the final normed hidden state (`final`, [rows, hidden]: the LM head's input). What an
+    EAGLE-3 draft head reads (draft/head.py); runners that have it offer `forward_hidden`."""
+
+    logits: torch.Tensor
+    aux: torch.Tensor
+    final: torch.Tensor
+
+
+@dataclass(frozen=True)
 class RunnerInfo:
     vocab_size: int
     max_position: int  # positions the model takes; a thread's context never exceeds it
@@ -94,8 +106,11 @@ class RunnerInfo:
     max_live_sequences: int | None  # None: no limit beyond the KV pool
     control_tokens: bool = True  # the model's vocabulary has [Fork]/[Child]: forking modes need them
     gguf: Path | None = None  # the GGUF file the weights come from (llama.cpp), for baselines on the same file
-    # One more fed row's cost relative to a one-row step (sizes speculative drafts: speculation.py).
+    # One more fed row's cost relative to a one-row step: the fixed estimate used where the
+    # step-cost curve is not measured (step_cost.py; it sizes drafts and defers forks).
     draft_row_cost: float = 0.1
+    # Decode steps can be timed on an empty pool (step_cost.py): KV paged, nothing recomputed.
+    timed_steps: bool = False
     paged: bool = True  # KV addressed by the engine's block tables (False: by sequence id, llama.cpp)
     kernels: str = ""  # what computes the linears, and why where it is not the fastest path (benches print it)
 

@@ -33,9 +33,9 @@ for verified tokens.
 drafts are accepted and on what else the step computes. Each thread keeps a decayed count of
 accepted draft tokens and of rejections, which gives a per-token acceptance estimate a (prior
 1/2). Each step, the proposed drafts (up to `num_draft_tokens` each) are cut to the lengths
-that maximize the whole step's expected tokens per cost (`draft_lengths`), with `row_cost` the
-runner's measured cost of one more fed row relative to a one-row step
-(`RunnerInfo.draft_row_cost`). A thread given no draft tokens has its counts decay back toward
+that maximize the whole step's expected tokens per cost (`draft_lengths`), a step's cost
+against its rows measured on this machine at start-up (step_cost.py; the runner's fixed
+`RunnerInfo.draft_row_cost` where steps cannot be timed). A thread given no draft tokens has its counts decay back toward
 the prior, so it tries again later.
 """
 from __future__ import annotations
@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .step_cost import StepCost
     from ..tokens import ControlTokens
     from .thread import Thread
 
@@ -53,27 +54,28 @@ NGRAM_MAX = 4  # longest context suffix looked up
 # minimum 1/2/3 gave 21.8/21.8/19.7 tok/s against 18.0 without drafts, 2 with 41% fewer draft
 # tokens than 1 (acceptance 41% vs 29%), which counts where rows are dear (llama.cpp).
 NGRAM_MIN = 2
-def draft_lengths(candidates: list[tuple[float, int]], sampling: int, rows: int, row_cost: float) -> list[int]:
+def draft_lengths(candidates: list[tuple[float, int]], sampling: int, rows: int, cost_of: StepCost) -> list[int]:
     """How many tokens of each proposed draft to feed this step.
 
     `candidates`: (acceptance estimate, draft length proposed) per thread with a proposal;
     `sampling`: threads that sample this step (one expected token each); `rows`: tokens fed
-    before any draft. A step's cost is modelled as 1 + row_cost * (rows - 1) one-row steps.
+    before any draft; `cost_of`: a step's cost against its rows, in one-row steps (step_cost.py).
     Draft tokens are added in order of expected gain (the j-th token of a thread with
     acceptance a yields a^j) while each raises the step's expected tokens per cost, i.e. while
-    gain / row_cost > tokens / cost. In a wide batch a draft token has to beat the tokens per
+    gain / (the next row's cost) > tokens / cost. In a wide batch a draft token has to beat the tokens per
     cost the whole batch already makes, not a lone thread's: with 12 APAR threads and rows at
     0.08, a first draft token needs a > 0.5 (measured: per-thread sizing as if alone fed
     12-thread answers drafts at 28% acceptance and made them 0.77x as fast)."""
     gains = sorted(((min(a, 0.999) ** j, i) for i, (a, longest) in enumerate(candidates) for j in range(1, longest + 1)),
                    reverse=True)
-    tokens, cost = float(sampling), 1 + row_cost * (rows - 1)
+    tokens, cost = float(sampling), cost_of(rows)
     lengths = [0] * len(candidates)
     for gain, i in gains:
+        row_cost = cost_of.marginal(rows)
         if gain * cost <= row_cost * tokens:
             break
         lengths[i] += 1
-        tokens, cost = tokens + gain, cost + row_cost
+        tokens, cost, rows = tokens + gain, cost + row_cost, rows + 1
     return lengths
 
 

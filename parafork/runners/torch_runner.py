@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ..config import cpu_has_fast_bf16
 from . import row_kernel
-from ..engine.runner import BlockCopy, RunnerInfo, SequenceSlice
+from ..engine.runner import BlockCopy, RunnerInfo, SequenceSlice, StepHidden
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +209,7 @@ class TorchRunner:
             # Step of 1/8 rows: 49.3/78.8 ms on a 2-core AVX2 EPYC (fp32), 12.7/17.3 ms on Zen 5 (bf16,
             # oneDNN); through the row kernel 6.9/8.1 ms (16 rows 8.4; results/rows/engine.txt).
             draft_row_cost=0.02 if kernel is not None else 0.08,
+            timed_steps=True,
             kernels=f"row kernel {self.linear_path}",
         )
         self._init_rope(config)
@@ -551,21 +552,50 @@ class TorchRunner:
     @torch.inference_mode()
     def forward(self, batch: list[SequenceSlice]) -> torch.Tensor:
         """Runs one step; returns float32 logits of each slice's last `num_logits` tokens."""
+        return self._forward(batch, ())[0]
+
+    @torch.inference_mode()
+    def forward_hidden(self, batch: list[SequenceSlice], layers: tuple[int, ...]) -> StepHidden:
+        """`forward`, and for every fed row (batch order) the residual stream entering each of
+        `layers` and the final normed hidden state: what a draft head reads (draft/head.py).
+        The logits are the same bit for bit: the decode step's fused layer loop is cut at the
+        layers named, and the residual stream passes between the pieces unchanged."""
+        if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= len(self.layers):
+            raise ValueError(f"hidden layers must be ascending indices below {len(self.layers)}, got {layers}")
+        logits, aux, final = self._forward(batch, tuple(layers))
+        return StepHidden(logits, aux, final)
+
+    def _forward(self, batch: list[SequenceSlice], layers: tuple[int, ...]):
         inp = self._prepare(batch)
         x = self.embed[inp.token_ids]  # a copy: the residual stream is updated in place
         group = inp.groups[0]
+        aux = []
         if self._fused is not None and len(inp.groups) == 1 and group.kv_lens is not None:
-            # A decode step: the same layer loop in one call of the row kernel (`decode_layers`).
-            x = self.kernel.decode_layers(x, *self._fused, self.kv_cache, inp.cos, inp.sin, inp.slot_mapping,
-                                          group.gather_slots, group.kv_lens, *group.kernel_prefixes, self.num_heads,
-                                          self.eps)
+            # A decode step: the same layer loop in one call of the row kernel (`decode_layers`),
+            # one call per piece between the layers whose input is wanted.
+            weights, sizes = self._fused
+            per_w, per_s = len(weights) // len(self.layers), len(sizes) // len(self.layers)
+            cuts = [0, *layers, len(self.layers)]
+            for a, b in zip(cuts, cuts[1:]):
+                if a > 0:
+                    aux.append(x.clone())
+                if b > a:
+                    x = self.kernel.decode_layers(x, weights[a * per_w:b * per_w], sizes[a * per_s:b * per_s],
+                                                  self.kv_cache[a:b], inp.cos, inp.sin, inp.slot_mapping,
+                                                  group.gather_slots, group.kv_lens, *group.kernel_prefixes,
+                                                  self.num_heads, self.eps)
         else:
             delta = None  # each block's output, added to x by the next norm
             for i, layer in enumerate(self.layers):
                 h = self._add_norm(x, delta, layer.input_norm)
+                if i in layers:
+                    aux.append(x.clone())  # the residual stream entering layer i (x holds delta now)
                 delta = layer.o(self._attention(i, layer.qkv(h), inp))
                 h = self._add_norm(x, delta, layer.post_norm)
                 delta = layer.down(self._silu_mul(layer.gate_up(h)))
             x = x + delta
-        x = x.index_select(0, inp.last_rows)
-        return self.lm_head(self._add_norm(x, None, self.final_norm))
+        if not layers:
+            x = x.index_select(0, inp.last_rows)
+            return self.lm_head(self._add_norm(x, None, self.final_norm)), None, None
+        final = self._add_norm(x, None, self.final_norm)
+        return self.lm_head(final.index_select(0, inp.last_rows)), torch.cat(aux, -1), final
