@@ -150,6 +150,10 @@ def harvest(cfg: HarvestConfig, layers: tuple[int, ...], prompts: list[dict] | N
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     index_path = out / "index.jsonl"
+    meta_path, meta = out / "meta.json", {"model": cfg.model, "layers": list(layers), "max_tokens": cfg.max_tokens}
+    if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
+        raise ValueError(f"{out} holds data of other settings ({meta_path.read_text().strip()}); use another folder")
+    meta_path.write_text(json.dumps(meta) + "\n")
     done = _done(index_path)
     shards = sorted(out.glob("shard-*.safetensors"))
     todo = [p for p in (prompts if prompts is not None else sharegpt_prompts(None, cfg.seed)) if p["key"] not in done]

@@ -1,0 +1,274 @@
+"""Training the draft head on self-distilled data (draft/data.py), resumable.
+
+Each thread of each harvested answer tree is one training sequence: its path (the ancestors'
+tokens up to its fork, then its own), the target's hidden states at every position, and the
+tokens. The head is unrolled `ttt_steps` steps over all positions at once (`EagleHead.unroll`);
+step j at position t is scored on the token the model actually wrote at t + j + 2, where that
+token is the thread's own (the prompt and the ancestors' tokens are context, taught by the
+threads that wrote them; a child's forced `[Child]` is never a label). Loss: cross-entropy over
+the draft vocabulary, step j weighted 0.8^j (EAGLE-3's); a label outside the draft vocabulary
+is left out of the loss and counts as a miss in the acceptance figures.
+
+Hard labels, not the target's distribution: the engine decodes with the model's default
+frequency penalty (0.3), so the token a greedy verify accepts is the penalized argmax, which
+the written token is and the unpenalized distribution is not.
+
+**Draft vocabulary**: the `draft_vocab` most frequent label tokens of the training threads, the
+control tokens and end tokens always in (fewer where the data holds fewer distinct tokens: the
+card states both). **Initialisation**: `lm_head` from the target's (tied)
+embedding rows of those tokens, so the head starts in the target's output space; the rest at
+random. **Held out**: `held_out` of the requests (by key hash), never trained on; the card
+reports their acceptance: per step j, the share of positions whose chain of j + 1 drafts all
+match, and the mean tokens per verify step of a chain of `ttt_steps` (1 + the matched run).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .head import EagleHead, HeadConfig
+
+STEP_WEIGHT = 0.8
+
+
+@dataclass
+class DraftTrainConfig:
+    data: str  # a folder written by draft/data.py
+    out: str
+    model: str = "bundled"
+    draft_vocab: int = 8192
+    ttt_steps: int = 3
+    epochs: float = 2.0
+    lr: float = 1e-3
+    batch_tokens: int = 4096  # padded tokens per optimizer step
+    max_len: int = 1024  # longer paths are left out (counted)
+    held_out: float = 0.05
+    save_every: int = 50
+    seed: int = 0
+    cpu_threads: int = 2
+
+
+@dataclass
+class Sequence:
+    shard: int
+    nodes: torch.Tensor  # node rows of the path, in position order
+    first_label: int  # the first position whose token is a label
+    held_out: bool
+
+
+def _held_out(key: str, share: float) -> bool:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") / 2**64 < share
+
+
+def load_sequences(folder: Path, held_out: float, max_len: int) -> tuple[list[dict], list[Sequence], dict]:
+    from safetensors.torch import load_file
+
+    lines = [json.loads(x) for x in (folder / "index.jsonl").read_text().splitlines() if x.strip()]
+    names = sorted({x["shard"] for x in lines if x.get("shard")})
+    shards = [load_file(str(folder / name)) for name in names]
+    keys: dict[tuple[str, int], tuple[str, float]] = {}
+    for name in names:
+        for k, x in enumerate(y for y in lines if y.get("shard") == name):
+            keys[(name, k)] = (x["key"], x["temperature"])
+    seqs, too_long = [], 0
+    for s, (name, shard) in enumerate(zip(names, shards)):
+        paths: dict[int, torch.Tensor] = {}
+        for row, (req, parent, own_start, first, offset, n) in enumerate(shard["threads"].tolist()):
+            own = torch.arange(offset, offset + n)
+            path = own if parent < 0 else torch.cat([paths[parent][:own_start], own])
+            paths[row] = path
+            if len(path) > max_len:
+                too_long += 1
+                continue
+            key, _ = keys[(name, req)]
+            seqs.append(Sequence(s, path, own_start + (0 if parent < 0 else 1), _held_out(key, held_out)))
+    return shards, seqs, {"requests": len(lines), "threads": len(seqs), "too_long": too_long}
+
+
+def draft_vocabulary(shards, seqs: list[Sequence], size: int, always: set[int]) -> list[int]:
+    counts: Counter = Counter()
+    for q in seqs:
+        if not q.held_out:
+            counts.update(shards[q.shard]["tokens"][q.nodes[q.first_label:]].tolist())
+    ids = set(always)
+    for token, _ in counts.most_common():
+        if len(ids) >= size:
+            break
+        ids.add(token)
+    return sorted(ids)
+
+
+def batches(seqs: list[Sequence], batch_tokens: int, rng: random.Random) -> list[list[Sequence]]:
+    """Threads of similar length together (little padding), batches in random order."""
+    order = sorted(seqs, key=lambda q: len(q.nodes))
+    out, cur = [], []
+    for q in order:
+        if cur and len(q.nodes) * (len(cur) + 1) > batch_tokens:
+            out.append(cur)
+            cur = []
+        cur.append(q)
+    if cur:
+        out.append(cur)
+    rng.shuffle(out)
+    return out
+
+
+def tensors(shards, batch: list[Sequence], embed: torch.Tensor, t2d_index: torch.Tensor, steps: int):
+    """aux [B, T, 3h], embeds [B, T + steps - 1, h], labels [steps, B, T] (draft ids, -100: none)."""
+    L = max(len(q.nodes) for q in batch)
+    T = L - 1
+    B = len(batch)
+    h3 = shards[0]["aux"].shape[1]
+    aux = torch.zeros(B, T, h3)
+    toks = torch.zeros(B, L + steps, dtype=torch.long)
+    label_ok = torch.zeros(B, L + steps, dtype=torch.bool)
+    for b, q in enumerate(batch):
+        sh = shards[q.shard]
+        n = len(q.nodes)
+        aux[b, :n - 1] = sh["aux"][q.nodes[:-1]].float()
+        toks[b, :n] = sh["tokens"][q.nodes].long()
+        label_ok[b, q.first_label:n] = True
+    embeds = embed[toks[:, 1:T + steps]].float()
+    labels = []
+    for j in range(steps):
+        idx = torch.arange(T) + j + 2
+        lab = t2d_index[toks[:, idx]]
+        lab = torch.where(label_ok[:, idx], lab, torch.full_like(lab, -100))
+        labels.append(lab)
+    return aux, embeds, torch.stack(labels)
+
+
+def train_head(cfg: DraftTrainConfig) -> dict:
+    from .. import models
+    from ..llm import LLM
+
+    torch.set_num_threads(cfg.cpu_threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    llm = LLM(cfg.model, dtype="float32", num_kv_blocks=16, step_cost="fixed")
+    runner = llm.engine.runner
+    embed = runner.embed.float()
+    from transformers import LlamaConfig
+
+    target_config = LlamaConfig.from_pretrained(models.resolve_model_path(llm.config.model))
+    digest = models.adapter_digest(llm.adapter) if llm.adapter else ""
+    shards, seqs, counts = load_sequences(Path(cfg.data), cfg.held_out, cfg.max_len)
+    c = llm.control
+    always = {c.fork_id, c.child_id, c.join_id, *c.eos_ids}
+    vocab = draft_vocabulary(shards, seqs, cfg.draft_vocab, always)
+    meta = json.loads((Path(cfg.data) / "meta.json").read_text())
+    if meta["model"] != cfg.model:
+        raise ValueError(f"{cfg.data} holds hidden states of model {meta['model']!r}, not {cfg.model!r}")
+    head = EagleHead(HeadConfig.for_target(target_config, vocab_size=embed.shape[0], draft_vocab_size=len(vocab),
+                                           aux_layers=tuple(meta["layers"]), target_digest=digest))
+    head.set_vocabulary(vocab)
+    with torch.no_grad():
+        head.lm_head.weight.copy_(embed[head.draft_to_target])
+    t2d_index = torch.full((embed.shape[0],), -100, dtype=torch.long)
+    t2d_index[head.draft_to_target] = torch.arange(len(vocab))
+    train = [q for q in seqs if not q.held_out]
+    held = [q for q in seqs if q.held_out]
+    rng = random.Random(cfg.seed)
+    per_epoch = len(batches(train, cfg.batch_tokens, random.Random(0)))
+    total = max(1, math.ceil(per_epoch * cfg.epochs))
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    ckpt = out / "checkpoint.pt"
+    step, seconds = 0, 0.0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state["vocab"] != vocab or state["config"] != asdict(cfg):
+            raise ValueError(f"{ckpt} was written for other data or settings; use another --out")
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step, seconds = state["step"], state["seconds"]
+        rng.setstate(state["rng"])
+    plan: list[list[Sequence]] = []
+    while len(plan) < total:
+        plan += batches(train, cfg.batch_tokens, random.Random(cfg.seed + len(plan)))
+    resumed_at, losses = step, []
+    bar = tqdm(total=total, initial=step, desc="draft head", unit=" step")
+    start = time.perf_counter() - seconds
+    head.train()
+    while step < total:
+        aux, embeds, labels = tensors(shards, plan[step], embed, t2d_index, cfg.ttt_steps)
+        outs = head.unroll(aux, embeds, cfg.ttt_steps)
+        loss = 0.0
+        for j, normed in enumerate(outs):
+            keep = labels[j] != -100  # the LM head (most of the head's weights) only where there is a label
+            if keep.any():
+                logits = head.logits(normed[keep])
+                loss = loss + STEP_WEIGHT ** j * F.cross_entropy(logits, labels[j][keep])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % cfg.save_every == 0 or step == total:
+            torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
+                        "seconds": time.perf_counter() - start, "rng": rng.getstate(), "vocab": vocab,
+                        "config": asdict(cfg)}, ckpt)
+    bar.close()
+    seconds = time.perf_counter() - start
+    figures = evaluate(head, shards, held, embed, t2d_index, cfg)
+    coverage = _coverage(shards, held, t2d_index)
+    head.config.card.update({
+        "data": {**counts, "folder": str(cfg.data), "held_out_threads": len(held)},
+        "draft_vocab": len(vocab), "draft_vocab_asked": cfg.draft_vocab, "held_out_label_coverage": coverage,
+        "parameters_millions": round(sum(p.numel() for p in head.parameters()) / 1e6, 2),
+        "train": {**asdict(cfg), "optimizer_steps": total, "hours": round(seconds / 3600, 3),
+                  "resumed_at_step": resumed_at, "loss_first": losses[:5], "loss_last": losses[-5:]},
+        "held_out": figures,
+    })
+    head.save(out / "head")
+    (out / "card.json").write_text(json.dumps(head.config.card, indent=1) + "\n")
+    return head.config.card
+
+
+def _coverage(shards, seqs: list[Sequence], t2d_index: torch.Tensor) -> float:
+    inside = total = 0
+    for q in seqs:
+        toks = shards[q.shard]["tokens"][q.nodes[q.first_label:]].long()
+        inside += int((t2d_index[toks] >= 0).sum())
+        total += len(toks)
+    return inside / max(1, total)
+
+
+@torch.no_grad()
+def evaluate(head: EagleHead, shards, seqs: list[Sequence], embed, t2d_index, cfg: DraftTrainConfig) -> dict:
+    """Per step j: the share of labelled positions whose drafts 0..j all match the written tokens
+    (a chain accepted that far), and the mean tokens per verify step of a chain of all steps."""
+    head.eval()
+    steps = cfg.ttt_steps
+    matched = [0] * steps
+    positions = 0
+    for batch in batches(seqs, cfg.batch_tokens, random.Random(0)):
+        aux, embeds, labels = tensors(shards, batch, embed, t2d_index, steps)
+        outs = head.unroll(aux, embeds, steps)
+        valid = labels[0] != -100
+        run = torch.ones_like(valid)
+        for j, normed in enumerate(outs):
+            guess = head.logits(normed).argmax(-1)
+            run = run & (guess == labels[j]) & (labels[j] != -100)
+            matched[j] += int((run & valid).sum())
+        positions += int(valid.sum())
+    head.train()
+    share = [m / max(1, positions) for m in matched]
+    return {"positions": positions, "chain_accepted_share": [round(s, 4) for s in share],
+            "tokens_per_verify_step": round(1 + sum(share), 4)}

@@ -1,0 +1,113 @@
+"""The EAGLE-3 head (draft/head.py) against a naive oracle, its files in vLLM's layout, and a
+tiny self-distilled training run (draft/train.py) that learns, resumes and reports."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from parafork.draft import data
+from parafork.draft.head import EagleHead, HeadConfig
+from parafork.draft.train import DraftTrainConfig, train_head
+
+CONFIG = HeadConfig(hidden_size=16, num_attention_heads=4, num_key_value_heads=2, head_dim=4, intermediate_size=24,
+                    rms_norm_eps=1e-6, rope_theta=10000.0, vocab_size=50, draft_vocab_size=12, aux_layers=(0, 1, 2),
+                    max_position_embeddings=64)
+
+
+def _naive(head: EagleHead, aux, embeds, steps):
+    """Position by position, step by step, with explicit key lists: step j at t attends to the
+    step-0 keys of positions <= t and to its own chain's keys of steps 1..j at t."""
+    c, m = head.config, head.midlayer
+    T = aux.shape[0]
+    group = c.num_attention_heads // c.num_key_value_heads
+    from parafork.draft.head import rotate
+
+    def qkv(feature, emb, pos):
+        x = torch.cat([m.input_layernorm(emb), m.hidden_norm(feature)], -1)[None]
+        q, k, v = m.self_attn.qkv(x, torch.tensor([pos]))
+        return x, q[0], k[0], v[0]
+
+    outs = torch.zeros(steps, T, c.hidden_size)
+    feature0 = head.fc(aux)
+    ctx = [qkv(feature0[t], embeds[t], t)[2:] for t in range(T)]  # step-0 keys and values
+    for t in range(T):
+        feature, chain = feature0[t], []
+        for j in range(steps):
+            _, q, k, v = qkv(feature, embeds[t + j], t + j)
+            keys = [ctx[s] for s in range(t + 1)] if j == 0 else [ctx[s] for s in range(t + 1)] + chain + [(k, v)]
+            if j > 0:
+                chain.append((k, v))
+            else:
+                chain = []
+            att = []
+            for hq in range(c.num_attention_heads):
+                kv = hq // group
+                scores = torch.stack([(q[hq] * kk[kv]).sum() / math.sqrt(c.head_dim) for kk, _ in keys])
+                p = torch.softmax(scores, 0)
+                att.append(sum(pi * vv[kv] for pi, (_, vv) in zip(p, keys)))
+            h = feature + m.self_attn.o_proj(torch.cat(att))
+            h = h + m.mlp(m.post_attention_layernorm(h))
+            outs[j, t] = head.norm(h)
+            feature = h
+    return outs
+
+
+def test_unroll_equals_a_position_by_position_oracle():
+    torch.manual_seed(0)
+    head = EagleHead(CONFIG)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    T, steps = 7, 3
+    aux = torch.randn(1, T, 3 * CONFIG.hidden_size)
+    embeds = torch.randn(1, T + steps - 1, CONFIG.hidden_size)
+    with torch.no_grad():
+        fast = torch.stack(head.unroll(aux, embeds, steps))[:, 0]
+        slow = _naive(head, aux[0], embeds[0], steps)
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+
+
+def test_files_follow_vllms_eagle3_layout_and_round_trip(tmp_path):
+    head = EagleHead(CONFIG)
+    head.set_vocabulary([3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41])
+    head.save(tmp_path)
+    names = set(load_file(str(tmp_path / "model.safetensors")))
+    assert {"fc.weight", "midlayer.self_attn.q_proj.weight", "midlayer.hidden_norm.weight",
+            "midlayer.input_layernorm.weight", "midlayer.mlp.gate_proj.weight", "norm.weight", "lm_head.weight",
+            "d2t", "t2d"} <= names
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["draft_vocab_size"] == 12
+    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 1, 2]
+    again = EagleHead.load(tmp_path)
+    assert again.draft_to_target.tolist() == [3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41]
+    assert int(again.t2d.sum()) == 12 and bool(again.t2d[41]) and not bool(again.t2d[4])
+    with pytest.raises(ValueError, match="draft vocabulary"):
+        head.set_vocabulary([1, 2, 3])
+    with pytest.raises(FileNotFoundError, match="no draft head"):
+        EagleHead.load(tmp_path / "missing")
+
+
+def test_a_tiny_head_learns_resumes_and_writes_its_card(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "LLM_OPTIONS", {"dtype": "float32", "block_size": 4, "step_cost": "fixed"})
+    prompts = [{"key": f"p{k}", "context": [], "prompt": f"List {k + 2} fruits and say why."} for k in range(6)]
+    data.harvest(data.HarvestConfig(out=str(tmp_path / "data"), requests=6, model=str(tiny_dir), max_tokens=40,
+                                    concurrency=3, num_kv_blocks=256, cpu_threads=1), (0, 1), prompts)
+    cfg = DraftTrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "head"), model=str(tiny_dir),
+                           draft_vocab=300, ttt_steps=2, epochs=3, lr=3e-3, batch_tokens=256, held_out=0.0, save_every=2,
+                           cpu_threads=1)
+    card = train_head(cfg)
+    steps = card["train"]["optimizer_steps"]
+    assert steps >= 6 and card["train"]["resumed_at_step"] == 0 and card["draft_vocab_asked"] == 300
+    assert 4 < card["draft_vocab"] <= 300 and card["held_out_label_coverage"] == 0  # nothing held out
+    assert sum(card["train"]["loss_last"]) < sum(card["train"]["loss_first"])  # it learns
+    head = EagleHead.load(tmp_path / "head" / "head")
+    assert head.config.aux_layers == (0, 1) and head.config.card == card
+    assert json.loads((tmp_path / "head" / "card.json").read_text()) == card
+    # Run again: the checkpoint is complete, nothing is trained twice.
+    assert train_head(cfg)["train"]["resumed_at_step"] == steps
+    # Settings that differ from the checkpoint's are refused, not mixed in.
+    with pytest.raises(ValueError, match="other data or settings"):
+        train_head(DraftTrainConfig(**{**cfg.__dict__, "lr": 1e-2}))
