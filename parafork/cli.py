@@ -185,6 +185,32 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_train_draft(args) -> int:
+    import json
+    from pathlib import Path
+
+    from transformers import LlamaConfig
+
+    from . import models
+    from .draft.data import HarvestConfig, harvest
+    from .draft.head import HeadConfig
+    from .draft.train import DraftTrainConfig, train_head
+
+    if args.requests < 1:
+        raise ValueError(f"--requests must be at least 1, got {args.requests}")
+    data_dir = args.data or str(Path(args.out) / "data")
+    target = LlamaConfig.from_pretrained(models.resolve_model_path(args.model))
+    layers = HeadConfig.for_target(target, vocab_size=1, draft_vocab_size=1).aux_layers
+    print(harvest(HarvestConfig(out=data_dir, requests=args.requests, model=args.model, max_tokens=args.max_tokens,
+                                concurrency=args.concurrency, cpu_threads=args.cpu_threads), layers))
+    fields = DraftTrainConfig.__dataclass_fields__
+    options = {k: v for k, v in vars(args).items() if k in fields and k not in ("data", "out")}
+    card = train_head(DraftTrainConfig(data=data_dir, out=str(Path(args.out)), **options))
+    print(json.dumps(card["held_out"], indent=1))
+    print(f"head: {Path(args.out) / 'head'}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .server import serve
 
@@ -301,6 +327,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--autocast", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 where native")
     t.add_argument("--device", default="auto", help="auto: a CUDA GPU when there is one, else cpu")
     t.set_defaults(func=cmd_train)
+
+    td = sub.add_parser("train-draft", help="an EAGLE-3 draft head on the model's own APAR answers (resumable: "
+                                           "answers and hidden states to OUT/data, the head to OUT/head)")
+    td.add_argument("--out", required=True)
+    td.add_argument("--data", default=None, help="the self-distilled data's folder (default OUT/data)")
+    td.add_argument("--model", default="bundled")
+    td.add_argument("--requests", type=int, default=800, help="ShareGPT prompts answered (greedy and sampled in turn)")
+    td.add_argument("--max-tokens", type=int, default=512)
+    td.add_argument("--concurrency", type=int, default=16)
+    for name, kind, default in [
+        ("draft-vocab", int, 8192), ("ttt-steps", int, 3), ("epochs", float, 2.0), ("lr", float, 1e-3),
+        ("batch-tokens", int, 4096), ("held-out", float, 0.05), ("save-every", int, 50), ("seed", int, 0),
+        ("cpu-threads", int, 2),
+    ]:
+        td.add_argument(f"--{name}", type=kind, default=default)
+    td.add_argument("--autocast", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 where native")
+    td.set_defaults(func=cmd_train_draft)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 BACKENDS = ("auto", "torch", "hf", "llamacpp")
-SPECULATIVE_METHODS = (None, "ngram")
+SPECULATIVE_METHODS = (None, "ngram", "eagle")
 STEP_COSTS = ("measured", "fixed")
 GGUF_QUANTS = ("f16", "q8_0", "f32")  # what llama.cpp's converter writes (the pinned library exports no quantizer); f32 for exactness tests
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
@@ -68,7 +68,10 @@ class EngineConfig:
     backend: str = "auto"  # "torch" (parafork's Llama-family runner), "hf" (any model, slow), "llamacpp" (GGUF), "auto"
     quant: str | None = None  # llamacpp: weights of an exported GGUF ("f16", "q8_0"); None: f16, or a .gguf as it is
     prefix_caching: bool = True  # reuse computed KV blocks of identical token prefixes across requests
-    speculative: str | None = None  # "ngram": requests draft and verify (engine/speculation.py) unless they say "off"
+    speculative: str | None = None  # "ngram", "eagle": requests draft and verify (engine/speculation.py) unless they say "off"
+    # A trained EAGLE-3 head (draft/head.py) for "eagle" drafts: a folder, or "bundled" (the one
+    # shipped for the bundled adapter); None: "bundled" where speculative is "eagle", else none.
+    draft_head: str | None = None
     admission_reserve: float = 1.0  # scales the future KV a request must find free to be admitted (scheduler.py); 0: none
     # A fork sampled in a step of at least this many rows is deferred (engine.py): the child gets
     # the parent's KV one step later, [Fork] included, and feeds one row fewer. None: never;

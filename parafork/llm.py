@@ -9,6 +9,7 @@ in `Engine.add`, so no way of adding a request skips it.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Iterator, Sequence, Union
 
 import torch
@@ -87,12 +88,36 @@ class LLM:
         path = models.resolve_model_path(model)
         self.tokenizer, self.control = models.load_tokenizer(path)
         self.adapter = config.adapter or models.default_adapter(model)
-        self.engine = Engine(config, build_runner(config, path, self.tokenizer, self.adapter), self.control,
+        runner = build_runner(config, path, self.tokenizer, self.adapter)
+        self.engine = Engine(config, runner, self.control,
                              sampling_defaults=models.sampling_defaults(path, self.adapter),
-                             head_guard=NoRepeatedHeads(self.control, self.tokenizer))
+                             head_guard=NoRepeatedHeads(self.control, self.tokenizer),
+                             drafter=self._drafter(config, runner))
         self.config = self.engine.config
         self._detokenizers: dict[str, Detokenizer] = {}
         self._ids = itertools.count()
+
+    def _drafter(self, config: EngineConfig, runner):
+        """The trained draft head's drafter where one is asked for (`draft_head`, or
+        speculative="eagle"), checked against the adapter it was trained for."""
+        where = config.draft_head or ("bundled" if config.speculative == "eagle" else None)
+        if where is None:
+            return None
+        from .draft.head import EagleHead
+        from .engine.eagle import HeadDrafter
+
+        if not hasattr(runner, "forward_hidden"):
+            raise ValueError(f"speculative='eagle' needs the target's hidden states, which the {config.backend!r} "
+                             "backend does not give (llama.cpp's API returns logits and embeddings only); "
+                             "use backend='torch'")
+        folder = models.BUNDLED_DRAFT_HEAD if where == "bundled" else Path(where)
+        head = EagleHead.load(folder)
+        digest = models.adapter_digest(self.adapter) if self.adapter else ""
+        if head.config.target_digest != digest:
+            raise ValueError(f"the draft head in {folder} was trained for adapter {head.config.target_digest or 'none'}, "
+                             f"this model runs adapter {digest or 'none'}: train one for it (parafork train-draft)")
+        return HeadDrafter(head, runner.embed_tokens, self.control.fork_id, set(self.control.eos_ids) | {self.control.join_id},
+                           self.control.child_id)
 
     @property
     def sampling_defaults(self) -> dict[str, float]:

@@ -31,6 +31,7 @@ BASE_DIRNAME = "smollm2-135m-instruct"
 BUILTIN_MODELS = ("bundled", "base")
 # The APAR adapter trained for the base model ships inside the package.
 BUNDLED_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-apar"
+BUNDLED_DRAFT_HEAD = Path(__file__).parent / "adapters" / "smollm2-apar-eagle"  # trained for BUNDLED_ADAPTER
 
 
 class ModelNotFoundError(FileNotFoundError):

@@ -67,8 +67,9 @@ class SamplingParams:
     # `logprobs` most likely alternatives per token; None: none.
     logprobs: int | None = None
     # Speculative decoding inside every thread (engine/speculation.py): "ngram" drafts up to
-    # `num_draft_tokens` tokens per step by prompt lookup; "off" never; None: the engine's default.
-    speculative: Literal["ngram", "off"] | None = None
+    # `num_draft_tokens` tokens per step by prompt lookup, "eagle" from the engine's trained draft
+    # head (engine/eagle.py); "off" never; None: the engine's default.
+    speculative: Literal["ngram", "eagle", "off"] | None = None
     num_draft_tokens: int = 4
     # Joins (engine/thread.py, `Join`): whether a forking thread may sample `[Join]`, after which it
     # attends to the children it forked since its previous join; while it may, finished children
@@ -107,8 +108,8 @@ class SamplingParams:
         for name in PENALTIES:
             if (problem := self.penalty_problem(name, getattr(self, name), none_ok=True)) is not None:
                 raise bad(problem)
-        if self.speculative not in (None, "ngram", "off"):
-            raise bad(f"speculative must be None, 'ngram' or 'off', got {self.speculative!r}")
+        if self.speculative not in (None, "ngram", "eagle", "off"):
+            raise bad(f"speculative must be None, 'ngram', 'eagle' or 'off', got {self.speculative!r}")
         k = self.num_draft_tokens
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT_TOKENS:
             raise bad(f"num_draft_tokens must be an integer in [1, {MAX_DRAFT_TOKENS}], got {k!r}")

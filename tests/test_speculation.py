@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from parafork.engine import speculation
 from parafork.engine.runner import SequenceSlice
-from parafork.engine.speculation import draft_lengths, propose
+from parafork.engine.speculation import chain_gains, draft_lengths, propose
 from parafork.engine.step_cost import StepCost
 from parafork.engine.thread import DraftStats
 from parafork.llm import LLM
@@ -79,28 +79,28 @@ def test_draft_lengths_follow_acceptance_the_cost_of_a_row_and_the_batch():
     sure, hopeless, fresh = DraftStats(accepted=40, rejected=0), DraftStats(accepted=0, rejected=20), DraftStats()
     cheap = StepCost.linear(0.08)  # each fed row 8% of a one-row step
     assert sure.acceptance > 0.95 and hopeless.acceptance < 0.05 and fresh.acceptance == 0.5
-    assert draft_lengths([(sure.acceptance, 8)], 1, 1, cheap) == [8]
-    assert draft_lengths([(sure.acceptance, 3)], 1, 1, cheap) == [3]  # never more than proposed
-    assert draft_lengths([(hopeless.acceptance, 8)], 1, 1, cheap) == [0]  # drafts that never pay are not fed
-    assert draft_lengths([(0.5, 8)], 1, 1, cheap)[0] >= 1  # prior 1/2: try
-    assert draft_lengths([(0.5, 8)], 1, 1, cheap)[0] > draft_lengths([(0.5, 8)], 1, 1, StepCost.linear(0.4))[0]  # dear rows: shorter
+    assert draft_lengths([chain_gains(sure.acceptance, 8)], 1, 1, cheap) == [8]
+    assert draft_lengths([chain_gains(sure.acceptance, 3)], 1, 1, cheap) == [3]  # never more than proposed
+    assert draft_lengths([chain_gains(hopeless.acceptance, 8)], 1, 1, cheap) == [0]  # drafts that never pay are not fed
+    assert draft_lengths([chain_gains(0.5, 8)], 1, 1, cheap)[0] >= 1  # prior 1/2: try
+    assert draft_lengths([chain_gains(0.5, 8)], 1, 1, cheap)[0] > draft_lengths([chain_gains(0.5, 8)], 1, 1, StepCost.linear(0.4))[0]  # dear rows: shorter
     # One lone thread at a = 0.4 drafts; beside 11 other sampling threads the same draft does not pay.
-    assert draft_lengths([(0.4, 4)], 1, 1, cheap)[0] >= 1 and draft_lengths([(0.4, 4)], 12, 12, cheap) == [0]
+    assert draft_lengths([chain_gains(0.4, 4)], 1, 1, cheap)[0] >= 1 and draft_lengths([chain_gains(0.4, 4)], 12, 12, cheap) == [0]
     # The better thread gets its tokens first.
-    assert draft_lengths([(0.3, 4), (0.9, 4)], 6, 6, cheap) == [0, 4]
+    assert draft_lengths([chain_gains(0.3, 4), chain_gains(0.9, 4)], 6, 6, cheap) == [0, 4]
     for _ in range(30):
         hopeless.idle()  # a thread that stopped drafting drifts back to the prior and tries again
-    assert draft_lengths([(hopeless.acceptance, 8)], 1, 1, cheap)[0] >= 1
+    assert draft_lengths([chain_gains(hopeless.acceptance, 8)], 1, 1, cheap)[0] >= 1
 
 
 def test_draft_lengths_follow_the_measured_curve_not_a_constant():
     # Rows free up to 8, then each as dear as a one-row step (a machine whose multiply-adds run
     # out past 8 rows): a lone thread drafts up to the knee and no further at a = 0.6, ...
     knee = StepCost.from_times({1: 10.0, 8: 10.0, 16: 90.0})
-    assert draft_lengths([(0.6, 12)], 1, 1, knee) == [7]
+    assert draft_lengths([chain_gains(0.6, 12)], 1, 1, knee) == [7]
     # ... and beside 8 sampling threads nothing, where a constant 5% a row would feed it.
-    assert draft_lengths([(0.6, 4)], 8, 8, knee) == [0]
-    assert draft_lengths([(0.6, 4)], 8, 8, StepCost.linear(0.05))[0] >= 1
+    assert draft_lengths([chain_gains(0.6, 4)], 8, 8, knee) == [0]
+    assert draft_lengths([chain_gains(0.6, 4)], 8, 8, StepCost.linear(0.05))[0] >= 1
 
 
 def test_the_runner_returns_logits_at_every_drafted_position(tiny_llm, tiny_dir):
@@ -154,7 +154,7 @@ def test_engine_option_and_per_request_switch(tiny_dir):
     with pytest.raises(ValueError, match="num_draft_tokens"):
         SamplingParams(speculative="ngram", num_draft_tokens=0)
     with pytest.raises(ValueError, match="speculative"):
-        SamplingParams(speculative="eagle")
+        SamplingParams(speculative="medusa")
 
 
 @pytest.mark.parametrize("mode", ["ar", "apar"])

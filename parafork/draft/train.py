@@ -56,6 +56,7 @@ class DraftTrainConfig:
     save_every: int = 50
     seed: int = 0
     cpu_threads: int = 2
+    autocast: str = "auto"  # "bf16", "fp32"; auto: bf16 where the CPU computes it natively (1.7x a step here)
 
 
 @dataclass
@@ -152,6 +153,11 @@ def train_head(cfg: DraftTrainConfig) -> dict:
     from .. import models
     from ..llm import LLM
 
+    from ..config import cpu_has_fast_bf16
+
+    if cfg.autocast not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"autocast must be auto, bf16 or fp32, got {cfg.autocast!r}")
+    bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and cpu_has_fast_bf16())
     torch.set_num_threads(cfg.cpu_threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
@@ -202,15 +208,18 @@ def train_head(cfg: DraftTrainConfig) -> dict:
     bar = tqdm(total=total, initial=step, desc="draft head", unit=" step")
     start = time.perf_counter() - seconds
     head.train()
+    if step < total and not train:
+        raise ValueError(f"{cfg.data}: no training threads (all {len(seqs)} held out or too long)")
     while step < total:
         aux, embeds, labels = tensors(shards, plan[step], embed, t2d_index, cfg.ttt_steps)
-        outs = head.unroll(aux, embeds, cfg.ttt_steps)
-        loss = 0.0
-        for j, normed in enumerate(outs):
-            keep = labels[j] != -100  # the LM head (most of the head's weights) only where there is a label
-            if keep.any():
-                logits = head.logits(normed[keep])
-                loss = loss + STEP_WEIGHT ** j * F.cross_entropy(logits, labels[j][keep])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            outs = head.unroll(aux, embeds, cfg.ttt_steps)
+            loss = 0.0
+            for j, normed in enumerate(outs):
+                keep = labels[j] != -100  # the LM head (most of the head's weights) only where there is a label
+                if keep.any():
+                    logits = head.logits(normed[keep]).float()
+                    loss = loss + STEP_WEIGHT ** j * F.cross_entropy(logits, labels[j][keep])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)

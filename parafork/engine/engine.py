@@ -107,11 +107,12 @@ class EngineStats:
 
 class Engine:
     def __init__(self, config: EngineConfig, runner: Runner, control: ControlTokens,
-                 sampling_defaults: dict[str, float] | None = None, head_guard=None) -> None:
+                 sampling_defaults: dict[str, float] | None = None, head_guard=None, drafter=None) -> None:
         """`sampling_defaults`: what a request that leaves a penalty, `join` or `max_depth` unset
         (None) gets (the model's generation_config.json); `head_guard`: the logits rule that
         requests with `no_repeat_heads` get in forking modes (`rules.NoRepeatedHeads`). Both
-        are the engine's request policy, applied once, in `add`, whoever adds the request."""
+        are the engine's request policy, applied once, in `add`, whoever adds the request.
+        `drafter`: an `eagle.HeadDrafter` for requests that speculate with "eagle"."""
         info = runner.info
         if config.max_model_len and config.max_model_len > info.max_position:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's {info.max_position} positions")
@@ -138,6 +139,8 @@ class Engine:
         defer = config.defer_forks_from_rows
         self.defer_forks_from_rows = self.step_cost.dear_from() if defer == "auto" else defer
         self._rows_dear = False  # this step's rows reach defer_forks_from_rows
+        self.drafter = drafter  # drafts from a trained head (eagle.py), None without one
+        self._hidden = None  # this step's StepHidden where the drafter reads it, and each thread's first row
 
     def _step_cost(self) -> step_cost.StepCost:
         info, config = self.runner.info, self.config
@@ -153,6 +156,11 @@ class Engine:
         With `stream=False` its outputs carry tokens only once it has finished, which spares
         restoring the growing tree at every step."""
         params = params.with_defaults(self.sampling_defaults)
+        if params.speculative is None and self.config.speculative:
+            params = replace(params, speculative=self.config.speculative)  # the engine's default, decided once
+        if params.speculative == "eagle" and self.drafter is None:
+            raise ValueError("speculative='eagle' needs a draft head: start the engine with draft_head (or "
+                             "speculative='eagle', which loads the bundled one)")
         if params.no_repeat_heads and params.mode in FORKING_MODES and self.head_guard is not None:
             params = replace(params, logits_rules=(*params.logits_rules, self.head_guard))
         vocab = self.runner.info.vocab_size
@@ -247,13 +255,18 @@ class Engine:
             rows, ready = self._advance(batch)
             if ready:
                 self._sample(logits, rows, ready)
+            if self._hidden is not None:
+                self._observe(batch)
             for thread in batch.threads:
                 touched[thread.request.request_id] = thread.request
         return [self._account(request) for request in touched.values()]
 
-    def _speculates(self, thread: Thread) -> bool:
+    @staticmethod
+    def _speculates(thread: Thread) -> str | None:
+        """The thread's drafting method ("ngram", "eagle"; the engine's default is put in at
+        `add`), None if it does not draft."""
         method = thread.request.params.speculative
-        return (method or self.config.speculative or "off") != "off"
+        return None if method in (None, "off") else method
 
     def _draft(self, batch: ScheduledBatch) -> None:
         """Drafts for the threads that sample this step and speculate (speculation.py)."""
@@ -267,18 +280,34 @@ class Engine:
             request, params = thread.request, thread.request.params
             # Room for every draft token to be accepted and one more sampled after them.
             room = min(request.tokens_left, self.config.max_model_len - len(thread.token_ids)) - 1
-            draft = speculation.propose(thread, min(params.num_draft_tokens, room), self.control)
+            k = min(params.num_draft_tokens, room)
+            if self._speculates(thread) == "eagle":
+                if thread.spans:  # positions moved by a join: the head's cache does not hold them
+                    continue
+                draft, gains = self.drafter.propose(thread.thread_id, thread.token_ids, k)
+            else:
+                draft = speculation.propose(thread, k, self.control)
+                gains = speculation.chain_gains(thread.draft_stats.acceptance, len(draft))
             if draft:
-                proposals.append((i, thread, draft))
+                proposals.append((i, thread, draft, gains))
         if not proposals:
             return
-        lengths = speculation.draft_lengths([(t.draft_stats.acceptance, len(d)) for _, t, d in proposals], sampling,
-                                            sum(batch.num_tokens), self.step_cost)
-        for (i, thread, draft), n in zip(proposals, lengths):
+        lengths = speculation.draft_lengths([g for *_, g in proposals], sampling, sum(batch.num_tokens), self.step_cost)
+        for (i, thread, draft, _), n in zip(proposals, lengths):
             if n:
                 thread.draft = self.scheduler.add_draft(batch, i, draft[:n])
             else:
                 thread.draft_stats.idle()
+
+    def _observe(self, batch: ScheduledBatch) -> None:
+        """Hands the drafter the target's hidden states of every verified position fed this step."""
+        aux, first = self._hidden
+        self._hidden = None
+        for thread, (row, start) in zip(batch.threads, first):
+            if self._speculates(thread) == "eagle" and not thread.request.finished:
+                verified = thread.num_cached - start
+                self.drafter.observe(thread.thread_id, start, thread.token_ids[start:start + verified],
+                                     aux[row:row + verified])
 
     def _make_joins(self) -> None:
         """Puts in place every join whose thread has fed up to its `[Join]` and whose children
@@ -321,7 +350,16 @@ class Engine:
             for t, n in zip(batch.threads, batch.num_tokens)
         ]
         self.total_steps += 1
-        return self.runner.forward(slices)
+        if self.drafter is None or not any(self._speculates(t) == "eagle" for t in batch.threads):
+            self._hidden = None
+            return self.runner.forward(slices)
+        out = self.runner.forward_hidden(slices, self.drafter.layers)
+        first, rows = [], 0
+        for t, s in zip(batch.threads, slices):
+            first.append((rows, t.num_cached))
+            rows += len(s.token_ids)
+        self._hidden = (out.aux, first)
+        return out.logits
 
     def _advance(self, batch: ScheduledBatch) -> tuple[list[int], list[Thread]]:
         """Marks the fed tokens cached; the threads whose whole context is now fed sample.
@@ -431,6 +469,8 @@ class Engine:
         self._append(thread, token, logprob)
         if token == control.fork_id and params.mode in FORKING_MODES:
             child = request.fork(thread, control.child_id)
+            if self.drafter is not None:
+                self.drafter.fork(thread.thread_id, child.thread_id, child.own_start - 1)
             request.num_generated += 1
             self._counts["forks"] += 1
             if self._rows_dear:  # the KV comes after the parent feeds the [Fork] (module docstring)
@@ -461,6 +501,9 @@ class Engine:
     def _finish_request(self, request: Request, reason: FinishReason) -> None:
         for thread in request.live_threads:
             thread.finish_reason = reason
+        if self.drafter is not None:
+            for thread in request.threads:
+                self.drafter.release(thread.thread_id)
         request.finish_reason = request.finish_reason or reason
         self.scheduler.remove(request)
         self._release_sequences()

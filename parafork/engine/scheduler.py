@@ -184,7 +184,10 @@ class Scheduler:
             if thread.num_cached == 0:
                 if any(len(t.window) > 2 for t in threads if t.thread_id < thread.thread_id):
                     break  # recompute one thread at a time, so later ones find its blocks in the cache
-                self.block_manager.match_prefix(thread)
+                if request.params.speculative != "eagle":
+                    # (A head's drafts need the target's hidden states of every position, which a
+                    # prefix-cache hit never computes: eagle.py.)
+                    self.block_manager.match_prefix(thread)
             n = min(len(thread.window), tokens_left)
             if n == 0:
                 continue

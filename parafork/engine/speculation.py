@@ -54,20 +54,27 @@ NGRAM_MAX = 4  # longest context suffix looked up
 # minimum 1/2/3 gave 21.8/21.8/19.7 tok/s against 18.0 without drafts, 2 with 41% fewer draft
 # tokens than 1 (acceptance 41% vs 29%), which counts where rows are dear (llama.cpp).
 NGRAM_MIN = 2
-def draft_lengths(candidates: list[tuple[float, int]], sampling: int, rows: int, cost_of: StepCost) -> list[int]:
+def chain_gains(acceptance: float, length: int) -> list[float]:
+    """Each token's chance to be accepted, all before it accepted too, for a thread whose draft
+    tokens are each accepted with probability `acceptance`: a, a^2, ..."""
+    a = min(acceptance, 0.999)
+    return [a ** j for j in range(1, length + 1)]
+
+
+def draft_lengths(candidates: list[list[float]], sampling: int, rows: int, cost_of: StepCost) -> list[int]:
     """How many tokens of each proposed draft to feed this step.
 
-    `candidates`: (acceptance estimate, draft length proposed) per thread with a proposal;
+    `candidates`: per thread with a proposal, each draft token's chance to be accepted (with
+    every token before it: non-increasing; `chain_gains` for n-gram drafts, the head's running
+    confidence for a trained head's: eagle.py);
     `sampling`: threads that sample this step (one expected token each); `rows`: tokens fed
     before any draft; `cost_of`: a step's cost against its rows, in one-row steps (step_cost.py).
-    Draft tokens are added in order of expected gain (the j-th token of a thread with
-    acceptance a yields a^j) while each raises the step's expected tokens per cost, i.e. while
+    Draft tokens are added in order of expected gain while each raises the step's expected tokens per cost, i.e. while
     gain / (the next row's cost) > tokens / cost. In a wide batch a draft token has to beat the tokens per
     cost the whole batch already makes, not a lone thread's: with 12 APAR threads and rows at
     0.08, a first draft token needs a > 0.5 (measured: per-thread sizing as if alone fed
     12-thread answers drafts at 28% acceptance and made them 0.77x as fast)."""
-    gains = sorted(((min(a, 0.999) ** j, i) for i, (a, longest) in enumerate(candidates) for j in range(1, longest + 1)),
-                   reverse=True)
+    gains = sorted(((g, i) for i, chain in enumerate(candidates) for g in chain), reverse=True)
     tokens, cost = float(sampling), cost_of(rows)
     lengths = [0] * len(candidates)
     for gain, i in gains:

@@ -554,6 +554,10 @@ class TorchRunner:
         """Runs one step; returns float32 logits of each slice's last `num_logits` tokens."""
         return self._forward(batch, ())[0]
 
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The input embeddings of `token_ids` (what a draft head reads beside the hidden states)."""
+        return self.embed[token_ids]
+
     @torch.inference_mode()
     def forward_hidden(self, batch: list[SequenceSlice], layers: tuple[int, ...]) -> StepHidden:
         """`forward`, and for every fed row (batch order) the residual stream entering each of

@@ -1,0 +1,189 @@
+"""Drafts from a trained EAGLE-3 head (draft/head.py), per thread, verified like n-gram drafts.
+
+Each thread that speculates with `"eagle"` keeps the head's own key/value cache over its
+context: position t holds the head's step-0 keys from the target's hidden states at t (the
+residual stream entering three layers, returned for every fed row by the runner's
+`forward_hidden`) and the embedding of the token after t. A position enters the cache once its
+next token is known, lazily, when the thread next drafts. The draft is then a chain: the head's
+output at the thread's last cached position predicts the token after the pending one; each
+further token comes from one more step of the head over its own previous output, at the next
+position, seeing the cache and the chain's earlier keys (as trained). The engine verifies the
+chain exactly as an n-gram draft (speculation.py): greedy output is the same token for token,
+and a sampled one is distributed as without drafts (a deterministic chain is a point-mass
+draft; the head's argmax is deterministic).
+
+**Forks.** A child's context is its parent's up to the `[Fork]`: at its first draft the child
+copies the parent's cache below the `[Fork]`'s position (those positions' next tokens are the
+same for both) and adds the `[Fork]`'s own position from the hidden states of whoever fed it
+(the child itself, or the parent when the fork was deferred: the parent keeps those rows until
+its children took them). A thread whose cache cannot be completed (a position's hidden states
+were never seen: after a preemption whose recompute found blocks in the prefix cache) drafts
+nothing; that is counted as `gaps`, and the output is unchanged (only fewer drafts). For the
+same reason a request that drafts with a head never takes blocks from the prefix cache
+(scheduler.py): its prompt is computed, not reused. Threads whose positions a join moved do not
+draft.
+
+**Cost.** The head is one decoder layer and an LM head over the draft vocabulary: about 7% of
+the target's weights (8,192 tokens) per drafted token; each position of context costs one row
+of the layer once. The chain's length is cut by the same rule as n-gram drafts
+(`speculation.draft_lengths`), with the head's own running confidence (the product of its top
+probabilities) as each token's chance.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..draft.head import EagleHead
+
+
+@dataclass
+class _State:
+    keys: torch.Tensor  # [capacity, kv heads, head dim]
+    values: torch.Tensor
+    n: int = 0  # positions 0..n-1 cached
+    aux: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> target features, not cached yet
+    fork_aux: dict[int, torch.Tensor] = field(default_factory=dict)  # [Fork] position -> features, for children
+    out: tuple[torch.Tensor, torch.Tensor] | None = None  # (pre-norm, normed) output at position n - 1
+    parent: _State | None = None
+    fork_pos: int = -1  # the [Fork]'s position in the parent (children only, until copied)
+
+
+class HeadDrafter:
+    """The per-thread caches of one head; the engine calls `observe` after each forward,
+    `propose` when a thread may draft, `fork` and `release` as threads are born and end."""
+
+    def __init__(self, head: EagleHead, embed, fork_id: int, stop_ids: set[int], child_id: int) -> None:
+        self.head = head.eval()
+        self.embed = embed  # token ids -> the target's input embeddings
+        self.fork_id, self.stop_ids, self.child_id = fork_id, stop_ids, child_id
+        c = head.config
+        self.group = c.num_attention_heads // c.num_key_value_heads
+        self.states: dict[int, _State] = {}
+        self.gaps = 0
+        self.layers = c.aux_layers
+
+    def _state(self, thread_id: int) -> _State:
+        state = self.states.get(thread_id)
+        if state is None:
+            c = self.head.config
+            empty = torch.empty(64, c.num_key_value_heads, c.head_dim)
+            state = self.states[thread_id] = _State(empty, empty.clone())
+        return state
+
+    def observe(self, thread_id: int, start: int, tokens: list[int], aux: torch.Tensor) -> None:
+        """The target's features of positions start.. (verified tokens only)."""
+        state = self._state(thread_id)
+        for k in range(len(aux)):
+            pos = start + k
+            if pos >= state.n:
+                state.aux[pos] = aux[k]
+            if tokens[k] == self.fork_id:
+                state.fork_aux[pos] = aux[k]
+
+    def fork(self, parent_id: int, child_id: int, fork_pos: int) -> None:
+        child = self._state(child_id)
+        child.parent, child.fork_pos = self._state(parent_id), fork_pos
+
+    def release(self, thread_id: int) -> None:
+        self.states.pop(thread_id, None)
+
+    @torch.inference_mode()
+    def propose(self, thread_id: int, token_ids: list[int], k: int) -> tuple[list[int], list[float]]:
+        """Up to `k` draft tokens after `token_ids` (the thread's context, its last token pending)
+        and the head's running confidence for each; nothing where the cache has a gap."""
+        state = self._state(thread_id)
+        last = len(token_ids) - 2  # the last position whose next token is known
+        if k <= 0 or last < 0 or not self._extend(state, token_ids, last):
+            return [], []
+        head, c = self.head, self.head.config
+        feature, normed = state.out
+        tokens, confidence, chain, p = [], [], [], 1.0
+        for j in range(k):
+            probs = torch.softmax(head.logits(normed).float(), -1)
+            top, index = probs.max(-1)
+            token = int(head.draft_to_target[index])
+            if token == self.child_id:
+                break
+            p *= float(top)
+            tokens.append(token)
+            confidence.append(p)
+            if token == self.fork_id or token in self.stop_ids or j == k - 1:
+                break
+            x = self._inputs(feature[None], torch.tensor([token]))
+            q, key, value = head.midlayer.self_attn.qkv(x, torch.tensor([last + 1 + j]))
+            chain.append((key[0], value[0]))
+            keys = torch.cat([state.keys[:state.n], *(kk[None] for kk, _ in chain)])
+            values = torch.cat([state.values[:state.n], *(vv[None] for _, vv in chain)])
+            att = self._attend(q, keys, values, None)
+            feature, normed = self._finish(feature[None], att)
+            feature, normed = feature[0], normed[0]
+        return tokens, confidence
+
+    def _inputs(self, feature: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        m = self.head.midlayer
+        return torch.cat([m.input_layernorm(self.embed(next_tokens).float()), m.hidden_norm(feature)], -1)
+
+    def _attend(self, q, keys, values, mask) -> torch.Tensor:
+        """q [R, H, D] against keys/values [L, KVH, D]; mask [R, L] (True: seen) or None."""
+        c = self.head.config
+        k = keys.repeat_interleave(self.group, 1).transpose(0, 1)  # [H, L, D]
+        v = values.repeat_interleave(self.group, 1).transpose(0, 1)
+        scores = q.transpose(0, 1) @ k.transpose(1, 2) / math.sqrt(c.head_dim)  # [H, R, L]
+        if mask is not None:
+            scores = scores.masked_fill(~mask[None], float("-inf"))
+        return (torch.softmax(scores, -1) @ v).transpose(0, 1).reshape(q.shape[0], -1)
+
+    def _finish(self, feature, att):
+        m = self.head.midlayer
+        h = feature + m.self_attn.o_proj(att)
+        h = h + m.mlp(m.post_attention_layernorm(h))
+        return h, self.head.norm(h)
+
+    def _extend(self, state: _State, token_ids: list[int], last: int) -> bool:
+        """Caches positions up to `last`; False if some position's features are missing."""
+        if state.parent is not None:  # a child's first draft: its parent's cache below the [Fork]
+            parent, fork_pos = state.parent, state.fork_pos
+            state.parent = None
+            if not self._extend(parent, token_ids[:fork_pos + 1], fork_pos - 1) or parent.n < fork_pos:
+                self.gaps += 1
+                return False
+            self._grow(state, fork_pos)
+            state.keys[:fork_pos] = parent.keys[:fork_pos]
+            state.values[:fork_pos] = parent.values[:fork_pos]
+            state.n = fork_pos
+            if fork_pos not in state.aux and fork_pos in parent.fork_aux:
+                state.aux[fork_pos] = parent.fork_aux[fork_pos]
+        if state.n > last:
+            return state.out is not None
+        new = list(range(state.n, last + 1))
+        if any(pos not in state.aux for pos in new):
+            self.gaps += bool(state.aux or state.n)  # (before the prompt is fed there is nothing yet)
+            return False
+        head = self.head
+        aux = torch.stack([state.aux.pop(pos) for pos in new]).float()
+        feature = head.fuse(aux)
+        x = self._inputs(feature, torch.tensor(token_ids[state.n + 1:last + 2]))
+        positions = torch.tensor(new)
+        q, key, value = head.midlayer.self_attn.qkv(x, positions)
+        self._grow(state, last + 1)
+        state.keys[state.n:last + 1], state.values[state.n:last + 1] = key, value
+        mask = torch.arange(last + 1)[None, :] <= positions[:, None]
+        att = self._attend(q, state.keys[:last + 1], state.values[:last + 1], mask)
+        pre, normed = self._finish(feature, att)
+        state.n = last + 1
+        state.out = (pre[-1], normed[-1])
+        return True
+
+    @staticmethod
+    def _grow(state: _State, n: int) -> None:
+        if state.keys.shape[0] < n:
+            size = max(n, 2 * state.keys.shape[0])
+            for name in ("keys", "values"):
+                old = getattr(state, name)
+                new = old.new_empty(size, *old.shape[1:])
+                new[:state.n] = old[:state.n]
+                setattr(state, name, new)
+

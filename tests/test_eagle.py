@@ -1,0 +1,109 @@
+"""Drafts from a trained head inside APAR threads (engine/eagle.py): lossless (greedy the same
+token for token, seeded sampling the same draws) with real forks, every thread's cache built
+from the runner's hidden states, and clear refusals where a head cannot serve."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from parafork.draft.head import EagleHead, HeadConfig
+from parafork.engine.step_cost import StepCost
+from parafork.llm import LLM
+from parafork.rules import ForceForks
+from parafork.sampling import SamplingParams
+
+FREE = dict(plan_budget=False, no_repeat_heads=False)
+PROMPT_IDS = [{"prompt_token_ids": list(range(600 + k, 640 + k))} for k in range(3)]
+
+
+@pytest.fixture(scope="module")
+def head_dir(tiny_dir, tmp_path_factory):
+    """A random head shaped for the tiny model, reading both its layers; its vocabulary the
+    ids 0..1999 and the control tokens (whatever the tiny model writes falls mostly outside,
+    so drafts are rejected as often as they come: what is tested is that nothing changes)."""
+    target = LlamaConfig.from_pretrained(tiny_dir)
+    llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=16, step_cost="fixed")
+    vocab = sorted(set(range(2000)) | {llm.control.fork_id, llm.control.child_id, llm.control.join_id,
+                                       *llm.control.eos_ids})
+    torch.manual_seed(0)
+    head = EagleHead(HeadConfig.for_target(target, vocab_size=llm.engine.runner.info.vocab_size,
+                                           draft_vocab_size=len(vocab), aux_layers=(0, 1)))
+    head.set_vocabulary(vocab)
+    folder = tmp_path_factory.mktemp("head")
+    head.save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def eagle_llm(tiny_dir, head_dir):
+    llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=256, block_size=4, draft_head=str(head_dir))
+    llm.engine.step_cost = StepCost.linear(0.0)  # every proposed draft is fed: the verifier is what is tested
+    return llm
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_greedy_with_forks_is_the_same_with_head_drafts(eagle_llm, defer, monkeypatch):
+    monkeypatch.setattr(eagle_llm.engine, "defer_forks_from_rows", 0 if defer else None)
+    force = ForceForks(eagle_llm.control, frozenset({3, 10}), child_tokens=30, root_tokens=50)
+    params = SamplingParams(max_tokens=200, mode="apar", logits_rules=[force], **FREE)
+    plain = eagle_llm.generate(PROMPT_IDS, params)
+    drafted = eagle_llm.generate(PROMPT_IDS, replace(params, speculative="eagle"))
+    assert [o.token_ids for o in drafted] == [o.token_ids for o in plain]
+    assert all(o.num_threads >= 3 for o in drafted)
+    assert sum(o.num_draft_tokens for o in drafted) > 50
+    assert eagle_llm.engine.drafter.states == {}  # every thread's cache dropped with its request
+    eagle_llm.check_idle()
+
+
+def test_children_draft_from_their_parents_cache(eagle_llm):
+    # Children get drafts from their first own step: their cache is the parent's below the [Fork].
+    force = ForceForks(eagle_llm.control, frozenset({5}), child_tokens=25, root_tokens=8)
+    params = SamplingParams(max_tokens=120, mode="apar", logits_rules=[force], speculative="eagle", **FREE)
+    gaps = eagle_llm.engine.drafter.gaps
+    out = eagle_llm.generate(PROMPT_IDS[0], params)[0]
+    assert out.num_threads == 2 and out.num_draft_tokens > 25
+    assert eagle_llm.engine.drafter.gaps == gaps
+
+
+def test_seeded_sampling_draws_the_same_tokens_with_head_drafts(eagle_llm):
+    force = ForceForks(eagle_llm.control, frozenset({4}), child_tokens=20, root_tokens=40)
+    params = SamplingParams(max_tokens=150, mode="apar", temperature=0.9, seed=5, logits_rules=[force], **FREE)
+    plain = eagle_llm.generate(PROMPT_IDS, params)
+    drafted = eagle_llm.generate(PROMPT_IDS, replace(params, speculative="eagle"))
+    assert [o.token_ids for o in drafted] == [o.token_ids for o in plain]
+
+
+def test_the_head_reads_the_states_the_runner_computed(eagle_llm):
+    # The drafter's cache of the prompt equals the head run over HF-free recomputed states:
+    # a second request with the same prompt builds bit-identical keys.
+    drafter = eagle_llm.engine.drafter
+    seen = []
+    real = drafter.observe
+    drafter.observe = lambda tid, start, tokens, aux: (seen.append((start, len(tokens), aux.shape)), real(tid, start, tokens, aux))
+    try:
+        eagle_llm.generate(PROMPT_IDS[0], SamplingParams(max_tokens=6, mode="ar", speculative="eagle"))
+    finally:
+        drafter.observe = real
+    h = eagle_llm.engine.runner.embed.shape[1]
+    assert seen[0][0] == 0 and seen[0][1] == 40 and seen[0][2] == (40, 2 * h)  # the prompt, every position
+    assert sum(n for _, n, _ in seen) >= 40 + 5  # then every verified token
+
+
+def test_refusals(tiny_dir, head_dir, tmp_path):
+    plain = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=64, step_cost="fixed")
+    with pytest.raises(ValueError, match="needs a draft head"):
+        plain.generate(PROMPT_IDS[0], SamplingParams(max_tokens=4, speculative="eagle"))
+    # A head trained for another adapter is refused by name.
+    head = EagleHead.load(head_dir)
+    other = tmp_path / "other"
+    head.config = replace(head.config, target_digest="0123456789ab")
+    head.save(other)
+    with pytest.raises(ValueError, match="trained for adapter 0123456789ab"):
+        LLM(str(tiny_dir), dtype="float32", num_kv_blocks=64, draft_head=str(other))
+    with pytest.raises(ValueError, match="hidden states"):
+        LLM(str(tiny_dir), backend="llamacpp", quant="f32", num_kv_blocks=64, draft_head=str(head_dir))
+    with pytest.raises(FileNotFoundError, match="no draft head"):
+        LLM(str(tiny_dir), dtype="float32", num_kv_blocks=64, draft_head=str(tmp_path / "nothing"))
