@@ -105,8 +105,9 @@ class LLM:
             return None
         from .draft.head import EagleHead
         from .engine.eagle import HeadDrafter
+        from .engine.runner import HiddenStateRunner
 
-        if not hasattr(runner, "forward_hidden"):
+        if not isinstance(runner, HiddenStateRunner):
             raise ValueError(f"speculative='eagle' needs the target's hidden states, which the {config.backend!r} "
                              "backend does not give (llama.cpp's API returns logits and embeddings only); "
                              "use backend='torch'")

@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 import parafork
-from parafork.engine.runner import Runner
+from parafork.engine.runner import HiddenStateRunner, Runner
 
 PACKAGE = Path(parafork.__file__).parent
 
@@ -87,6 +87,9 @@ def test_the_cycle_check_finds_a_cycle():
 def test_the_engine_uses_only_the_runner_protocol():
     members = {n for n in dir(Runner) if not n.startswith("_")} | set(Runner.__annotations__)
     assert members == {"info", "forward", "fork", "release", "truncate", "join"}
+    # Runners that give hidden states (a draft head's input) add two calls, nothing else.
+    members |= {n for n in dir(HiddenStateRunner) if not n.startswith("_")}
+    assert members == {"info", "forward", "fork", "release", "truncate", "join", "forward_hidden", "embed_tokens"}
     used = set()
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -46,14 +46,15 @@ def resolve_penalties(penalties: dict | None, model: str, adapter: str | None) -
     return {name: v if (v := (penalties or {}).get(name)) is not None else defaults[name] for name in PENALTIES}
 
 
-def engine_params(mode: str, max_tokens: int, penalties: dict) -> SamplingParams:
-    """The request a tuned-model mode sends: `apar+spec` is `apar` with n-gram drafts, and an
-    `-unguarded` mode has the answer guards off (budget planning, head guard, penalties)."""
+def engine_params(mode: str, max_tokens: int, penalties: dict, spec: str = "ngram") -> SamplingParams:
+    """The request a tuned-model mode sends: `apar+spec` is `apar` with drafts (`spec`: "ngram"
+    or "eagle"), and an `-unguarded` mode has the answer guards off (budget planning, head
+    guard, penalties)."""
     plain = mode.removesuffix("+spec").removesuffix("-unguarded")
     if mode.endswith("-unguarded"):
         return SamplingParams(max_tokens=max_tokens, mode=plain, speculative="off", plan_budget=False,
                               no_repeat_heads=False, frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0)
-    return SamplingParams(max_tokens=max_tokens, mode=plain, speculative="ngram" if mode.endswith("+spec") else "off",
+    return SamplingParams(max_tokens=max_tokens, mode=plain, speculative=spec if mode.endswith("+spec") else "off",
                           **penalties)
 
 

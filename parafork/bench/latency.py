@@ -20,8 +20,9 @@ run back to back (so machine drift hits them alike), greedy, with the same `max_
 - `apar-unguarded`, `serial-unguarded`: `apar` and `serial` without the answer guards (no
   budget planning, no repeated-head guard, no penalties: how parafork decoded before issue 12),
   so the guards' cost and effect are measured side by side with `apar` and `serial`;
-- `ar+spec`, `apar+spec` (with `--spec ngram`): `ar` and `apar` with n-gram drafts verified inside
-  every thread (engine/speculation.py); per mode and category the draft acceptance and the
+- `ar+spec`, `apar+spec` (with `--spec ngram` or `--spec eagle`): `ar` and `apar` with drafts
+  verified inside every thread, by n-gram lookup (engine/speculation.py) or from a trained
+  EAGLE-3 head (`--draft-head`, engine/eagle.py); per mode and category the draft acceptance and the
   accepted draft tokens per step, per answer whether it equals the answer without drafts
   (`same_as_plain`; greedy, so it should, unless the shared budget ran out at another point).
 
@@ -86,7 +87,9 @@ def add_arguments(p) -> None:
     p.add_argument("--modes", default=None, help="comma list of " + ", ".join(MODES) + " (default ar,apar,serial,base,hf,sot); "
                    "with --backend vllm: of vllm-ar, vllm-apar, vllm-serial, engine-apar, engine-ar "
                    "(default vllm-ar,vllm-apar,engine-apar)")
-    p.add_argument("--spec", default=None, choices=["ngram"], help="add modes ar+spec and apar+spec (speculative drafts)")
+    p.add_argument("--spec", default=None, choices=["ngram", "eagle"],
+                   help="add modes ar+spec and apar+spec: drafts by n-gram lookup or from a trained head")
+    p.add_argument("--draft-head", default="bundled", help="with --spec eagle: the head's folder ('bundled': the shipped one)")
     add_penalty_args(p)
 
 
@@ -307,20 +310,25 @@ def run_latency(
     backend: str = "auto",
     quant: str | None = None,
     penalties: dict | None = None,
+    spec: str = "ngram",
+    draft_head: str | None = None,
 ) -> dict:
     """`checkpoint_to`: the JSON path; finished questions are kept beside it to resume from.
-    `penalties`: frequency/presence/repetition penalties of the tuned model's guarded modes."""
+    `penalties`: frequency/presence/repetition penalties of the tuned model's guarded modes;
+    `spec`: the `+spec` modes' drafts ("ngram", or "eagle" from `draft_head`)."""
     penalties = resolve_penalties(penalties, model, adapter)
     torch.set_num_threads(threads)
     # No prefix cache: a mode run after another on the same question must not find its prompt computed.
     engine = dict(dtype=dtype, cpu_threads=threads, prefix_caching=False, backend=backend, quant=quant)
-    tuned = LLM(model, adapter=adapter, **engine) if set(ENGINE_MODES) & set(modes) else None
+    heads = {"draft_head": draft_head or "bundled"} if spec == "eagle" else {}
+    tuned = LLM(model, adapter=adapter, **engine, **heads) if set(ENGINE_MODES) & set(modes) else None
     base = LLM(base_model, **engine) if {"sot", "base"} & set(modes) else None
     hf = HFBaseline(base_model, resolve_dtype(dtype), EngineConfig().block_size) if "hf" in modes else None
     for llm in filter(None, (tuned, base)):
         llm.generate("Hello", SamplingParams(max_tokens=4))  # warm-up
     given = {"model": model, "adapter": adapter, "base_model": base_model, "dtype": dtype, "threads": threads,
-             "max_tokens": max_tokens, "modes": modes, "backend": backend, "quant": quant, "penalties": penalties}
+             "max_tokens": max_tokens, "modes": modes, "backend": backend, "quant": quant, "penalties": penalties,
+             "spec": spec, "draft_head": heads.get("draft_head")}
     # Names as given, not paths (a clone elsewhere resumes too), and the adapter's digest: a
     # run must not resume over answers of another adapter shipped under the same name.
     digest = models.adapter_digest(tuned.adapter) if tuned and tuned.adapter else None
@@ -334,7 +342,7 @@ def run_latency(
         rec = {**q, "modes": {}}
         for mode in modes:
             if mode in ENGINE_MODES:
-                rec["modes"][mode] = _engine_record(tuned, q["prompt"], engine_params(mode, max_tokens, penalties))
+                rec["modes"][mode] = _engine_record(tuned, q["prompt"], engine_params(mode, max_tokens, penalties, spec))
             elif mode == "base":
                 rec["modes"][mode] = _engine_record(base, q["prompt"], SamplingParams(max_tokens=max_tokens, mode="ar"))
             elif mode in ("llamacpp", "llamacpp-f16"):
@@ -422,7 +430,7 @@ def run(args) -> dict:
     result = run_latency(
         questions, modes, args.model, args.adapter, args.base_model, args.dtype, args.cpu_threads,
         args.max_tokens, args.json, args.backend, args.quant,
-        penalties_of(args),
+        penalties_of(args), args.spec or "ngram", args.draft_head if args.spec == "eagle" else None,
     )
     result["config"]["suite"] = args.suite
     return report(result, args, print_table, plot)

@@ -131,3 +131,18 @@ class Runner(Protocol):
     def truncate(self, seq_id: int, position: int) -> None: ...
 
     def join(self, seq_id: int, sources: list[JoinSource]) -> None: ...
+
+
+@runtime_checkable
+class HiddenStateRunner(Runner, Protocol):
+    """A runner that also gives the target's hidden states: what a trained draft head reads
+    (engine/eagle.py). The torch runner is one; llama.cpp's API returns logits and embeddings
+    only, and the HF fallback is not offered."""
+
+    def forward_hidden(self, batch: list[SequenceSlice], layers: tuple[int, ...]) -> StepHidden:
+        """`forward`, plus every fed row's residual stream entering `layers` and final hidden state."""
+        ...
+
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The model's input embeddings of `token_ids`."""
+        ...
