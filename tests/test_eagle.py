@@ -54,6 +54,10 @@ def test_greedy_with_forks_is_the_same_with_head_drafts(eagle_llm, defer, monkey
     assert [o.token_ids for o in drafted] == [o.token_ids for o in plain]
     assert all(o.num_threads >= 3 for o in drafted)
     assert sum(o.num_draft_tokens for o in drafted) > 50
+    for o in drafted:  # per draft position: every draft reaches position 0, fewer each position on
+        assert sum(o.drafted_at) == o.num_draft_tokens and sum(o.accepted_at) == o.num_accepted_tokens
+        assert list(o.drafted_at) == sorted(o.drafted_at, reverse=True)
+        assert all(a <= d for a, d in zip(o.accepted_at, o.drafted_at))
     assert eagle_llm.engine.drafter.states == {}  # every thread's cache dropped with its request
     eagle_llm.check_idle()
 

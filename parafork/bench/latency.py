@@ -172,6 +172,8 @@ def _engine_record(llm: LLM, prompt: str, params: SamplingParams) -> dict:
         "attn_work": out.attention_work,
         "drafted": out.num_draft_tokens,
         "accepted": out.num_accepted_tokens,
+        "drafted_at": list(out.drafted_at),
+        "accepted_at": list(out.accepted_at),
         "joins": out.shape.joins,
         "depth": out.shape.depth,
         "spine_tokens": out.shape.spine_tokens,
@@ -238,7 +240,24 @@ def aggregate(records: list[dict]) -> dict:
         "acceptance": sum(r.get("accepted", 0) for r in records) / max(1, sum(r.get("drafted", 0) for r in records)),
         "accepted_per_step": sum(r.get("accepted", 0) for r in records) / max(1, steps),
         "same_as_plain_rate": sum(r.get("same_as_plain", True) for r in records) / len(records),
+        **draft_positions(records),
         **tree_shapes(records),
+    }
+
+
+def draft_positions(records: list[dict]) -> dict:
+    """Speculative modes: per draft position j, the share of drafts reaching j that were accepted
+    there (`acceptance_at`), and the tokens a verify step yields (1 + accepted draft tokens per
+    draft fed: a verify step always keeps the target's own token)."""
+    drafted, accepted = [], []
+    for r in records:
+        for total, counts in ((drafted, r.get("drafted_at", [])), (accepted, r.get("accepted_at", []))):
+            total.extend([0] * (len(counts) - len(total)))
+            for j, n in enumerate(counts):
+                total[j] += n
+    return {
+        "acceptance_at": [a / d for a, d in zip(accepted, drafted) if d],
+        "tokens_per_verify_step": 1 + sum(accepted) / drafted[0] if drafted and drafted[0] else None,
     }
 
 
@@ -382,6 +401,8 @@ def print_table(result: dict) -> None:
                  f" {focus['longest_branch_tokens_mean']:6.0f} {_rate(focus['prose_fork_rate'], focus['prose_answers']):>11s}"
                  f" {_rate(focus['join_after_list_rate'], focus['closing_after_list']):>9s}")
         line += "".join(f" {m} accept {ms[m]['acceptance']:.0%} {ms[m]['accepted_per_step']:.2f}/step"
+                        f" {ms[m]['tokens_per_verify_step'] or 0:.2f}/verify"
+                        f" by position {'/'.join(f'{a:.0%}' for a in ms[m]['acceptance_at'][:4])}"
                         for m in modes if m.endswith("+spec"))
         print(line)
     print("forks .. branch: of the apar answers (else the first mode): forked, joined, mean thread levels, mean "

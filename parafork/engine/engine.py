@@ -73,6 +73,9 @@ class RequestOutput:
     num_deferred_forks: int = 0  # forks whose child got its KV a step later, rows being dear (module docstring)
     num_draft_tokens: int = 0  # speculative draft tokens fed (engine/speculation.py)
     num_accepted_tokens: int = 0  # of which the model's own samples agreed with
+    # Per draft position j: drafts fed that reached it, and how many were accepted there.
+    drafted_at: tuple[int, ...] = ()
+    accepted_at: tuple[int, ...] = ()
     error: str | None = None
     complete: bool = False  # token_ids hold the whole tree (no thread may add tokens before their end)
     # With SamplingParams.logprobs: per restored token, (log-probability, [(token, log-probability)] top).
@@ -449,6 +452,10 @@ class Engine:
         request = thread.request
         request.num_draft_tokens += len(thread.draft)
         request.num_accepted_tokens += accepted
+        for counts, n in ((request.drafted_at, len(thread.draft)), (request.accepted_at, accepted)):
+            counts.extend([0] * (n - len(counts)))
+            for j in range(n):
+                counts[j] += 1
         self._counts["drafted"] += len(thread.draft)
         self._counts["accepted"] += accepted
         thread.draft_stats.update(len(thread.draft), accepted)
@@ -548,6 +555,8 @@ class Engine:
             num_deferred_forks=request.num_deferred_forks,
             num_draft_tokens=request.num_draft_tokens,
             num_accepted_tokens=request.num_accepted_tokens,
+            drafted_at=tuple(request.drafted_at),
+            accepted_at=tuple(request.accepted_at),
             error=request.error,
             complete=complete,
             logprobs=logprobs,

@@ -192,6 +192,9 @@ class Request:
         self.attention_work = 0  # sum over fed tokens of the keys each one attends to
         self.num_draft_tokens = 0  # draft tokens fed (speculation.py)
         self.num_accepted_tokens = 0  # of which the model's own samples agreed with
+        # Per draft position j (0: the first draft token): drafts that reached it, and were accepted there.
+        self.drafted_at: list[int] = []
+        self.accepted_at: list[int] = []
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
         self.streaming = True  # outputs carry text at every step (else only when finished)
