@@ -15,9 +15,10 @@ sequence over 256 keys of its own (ms a step; `parafork bench engine` prints thi
 A per-row constant measured on one of them (it was 0.02 of a one-row step, from the Zen 5)
 misjudges the other by 5x at 16 rows, so the engine measures the curve itself: at start-up,
 before any request, it times `ROWS` rows (independent sequences over `CONTEXT` keys of
-whatever the empty pool holds: timing does not depend on the keys' values) and keeps the
-result in the user's cache, one entry per machine, runner and thread count, so it is paid
-once (about 3 s for the bundled model on a 2-core Zen 4). Runners that cannot be timed so
+whatever the empty pool holds: timing does not depend on the keys' values), three interleaved
+passes, the best of each kept, and keeps the result in the user's cache
+(`$PARAFORK_CACHE/step_cost.json`), one entry per machine, runner and thread count, so it is
+paid once (about 3 s for the bundled model on a 2-core Zen 4); delete the file to measure again. Runners that cannot be timed so
 (llama.cpp addresses KV by sequence and wants every position before a token; the HF
 fallback recomputes whole contexts) keep their fixed estimate `RunnerInfo.draft_row_cost`.
 """
@@ -102,7 +103,7 @@ class StepCost:
 
 def time_steps(runner: Runner, num_blocks: int, block_size: int, rows: int, context: int, steps: int) -> float:
     """ms of a decode step of `rows` sequences, each feeding one token after `context` keys of its
-    own, best of two rounds of `steps`. The sequences' block tables are drawn from blocks
+    own, the mean of `steps` after one warm-up. The sequences' block tables are drawn from blocks
     0..num_blocks-1 in a different order each (no two share a prefix, which the runner would
     read once for all), and the step writes one K/V slot per sequence into them: only for a
     pool that holds nothing yet. Sequence ids 0..rows-1 are released afterwards."""
@@ -111,23 +112,29 @@ def time_steps(runner: Runner, num_blocks: int, block_size: int, rows: int, cont
     batch = [SequenceSlice(s, [1], context, table) for s, table in enumerate(tables)]
     try:
         runner.forward(batch)  # warm-up
-        best = float("inf")
-        for _ in range(2):
-            start = time.perf_counter()
-            for _ in range(steps):
-                runner.forward(batch)
-            best = min(best, (time.perf_counter() - start) / steps)
-        return best * 1e3
+        start = time.perf_counter()
+        for _ in range(steps):
+            runner.forward(batch)
+        return (time.perf_counter() - start) / steps * 1e3
     finally:
         for s in range(rows):
             runner.release(s)
 
 
-def measure(runner: Runner, num_blocks: int, block_size: int, row_counts=ROWS, steps: int = 4) -> StepCost:
+def measure(runner: Runner, num_blocks: int, block_size: int, row_counts=ROWS, steps: int = 4,
+            rounds: int = 3) -> StepCost:
     """Times `row_counts` on an empty pool (see `time_steps`), with as many keys per sequence as
-    `CONTEXT` or the pool allows."""
+    `CONTEXT` or the pool allows: `rounds` passes over all row counts, the best of each kept.
+    Interleaved, so that a burst of other work on the machine (which a measurement kept for
+    good must not carry) slows one pass of every count rather than every pass of one: a single
+    pass taken beside a test run read 17 / 23 / 55 ms at 1 / 4 / 8 rows where a quiet one read
+    10 / 12 / 15."""
     context = max(block_size, min(CONTEXT, (num_blocks - 1) * block_size - 1))
-    return StepCost.from_times({n: time_steps(runner, num_blocks, block_size, n, context, steps) for n in row_counts})
+    best = {n: float("inf") for n in row_counts}
+    for _ in range(rounds):
+        for n in row_counts:
+            best[n] = min(best[n], time_steps(runner, num_blocks, block_size, n, context, steps))
+    return StepCost.from_times(best)
 
 
 def cache_key(runner: Runner, dtype: torch.dtype, backend: str) -> str:
