@@ -117,8 +117,13 @@ class LLM:
         if head.config.target_digest != digest:
             raise ValueError(f"the draft head in {folder} was trained for adapter {head.config.target_digest or 'none'}, "
                              f"this model runs adapter {digest or 'none'}: train one for it (parafork train-draft)")
+        kernel = None
+        if config.torch_dtype == torch.bfloat16 and config.row_kernel:
+            from .runners import row_kernel
+
+            kernel = row_kernel.load()  # the head's linears as the target's: bf16 rows from packed weights
         return HeadDrafter(head, runner.embed_tokens, self.control.fork_id, set(self.control.eos_ids) | {self.control.join_id},
-                           self.control.child_id)
+                           self.control.child_id, kernel=kernel)
 
     @property
     def sampling_defaults(self) -> dict[str, float]:

@@ -111,3 +111,19 @@ def test_refusals(tiny_dir, head_dir, tmp_path):
         LLM(str(tiny_dir), backend="llamacpp", quant="f32", num_kv_blocks=64, draft_head=str(head_dir))
     with pytest.raises(FileNotFoundError, match="no draft head"):
         LLM(str(tiny_dir), dtype="float32", num_kv_blocks=64, draft_head=str(tmp_path / "nothing"))
+
+
+def test_the_heads_linears_through_the_row_kernel_keep_the_output(tiny_dir, head_dir):
+    """bf16 with the row kernel: the head runs from packed bf16 weights, as the target does;
+    the drafts may differ from fp32's, the answer may not."""
+    llm = LLM(str(tiny_dir), dtype="bfloat16", num_kv_blocks=256, block_size=4, draft_head=str(head_dir))
+    if llm.engine.runner.kernel is None:
+        pytest.skip(f"the row kernel is not built here: {llm.engine.runner.linear_path}")
+    assert llm.engine.drafter.linears["q"].kernel is not None
+    llm.engine.step_cost = StepCost.linear(0.0)
+    force = ForceForks(llm.control, frozenset({3}), child_tokens=20, root_tokens=30)
+    params = SamplingParams(max_tokens=100, mode="apar", logits_rules=[force], **FREE)
+    plain = llm.generate(PROMPT_IDS, params)
+    drafted = llm.generate(PROMPT_IDS, replace(params, speculative="eagle"))
+    assert [o.token_ids for o in drafted] == [o.token_ids for o in plain]
+    assert sum(o.num_draft_tokens for o in drafted) > 20

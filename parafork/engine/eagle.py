@@ -36,7 +36,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..draft.head import EagleHead
+from ..draft.head import EagleHead, rotate
+
+
+class _Linear:
+    """x @ W^T in fp32 out: through the row kernel from packed bf16 weights (a few rows at the cost
+    of reading the weights once, as the target's linears) where it is given, else fp32 torch."""
+
+    def __init__(self, weight: torch.Tensor, kernel) -> None:
+        self.kernel, self.out_features = kernel, weight.shape[0]
+        w = weight.detach()
+        self.weight = kernel.pack(w.to(torch.bfloat16).contiguous()) if kernel is not None else w.float()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is None:
+            return x.float() @ self.weight.T
+        return self.kernel.mm(x.to(torch.bfloat16).contiguous(), self.weight, self.out_features, True)
 
 
 @dataclass
@@ -55,15 +70,22 @@ class HeadDrafter:
     """The per-thread caches of one head; the engine calls `observe` after each forward,
     `propose` when a thread may draft, `fork` and `release` as threads are born and end."""
 
-    def __init__(self, head: EagleHead, embed, fork_id: int, stop_ids: set[int], child_id: int) -> None:
+    def __init__(self, head: EagleHead, embed, fork_id: int, stop_ids: set[int], child_id: int, kernel=None) -> None:
+        """`embed`: token ids -> the target's input embeddings; `kernel`: parafork's row kernel
+        (runners/row_kernel.py) to run the head's linears in bf16 from packed weights, as the
+        target's; None: fp32 torch."""
         self.head = head.eval()
-        self.embed = embed  # token ids -> the target's input embeddings
+        self.embed = embed
         self.fork_id, self.stop_ids, self.child_id = fork_id, stop_ids, child_id
         c = head.config
         self.group = c.num_attention_heads // c.num_key_value_heads
         self.states: dict[int, _State] = {}
         self.gaps = 0
         self.layers = c.aux_layers
+        a, m = head.midlayer.self_attn, head.midlayer.mlp
+        self.linears = {name: _Linear(lin.weight, kernel) for name, lin in (
+            ("fc", head.fc), ("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj),
+            ("gate", m.gate_proj), ("up", m.up_proj), ("down", m.down_proj), ("lm", head.lm_head))}
 
     def _state(self, thread_id: int) -> _State:
         state = self.states.get(thread_id)
@@ -102,7 +124,7 @@ class HeadDrafter:
         feature, normed = state.out
         tokens, confidence, chain, p = [], [], [], 1.0
         for j in range(k):
-            probs = torch.softmax(head.logits(normed).float(), -1)
+            probs = torch.softmax(self.linears["lm"](normed[None])[0], -1)
             top, index = probs.max(-1)
             token = int(head.draft_to_target[index])
             if token == self.child_id:
@@ -113,7 +135,7 @@ class HeadDrafter:
             if token == self.fork_id or token in self.stop_ids or j == k - 1:
                 break
             x = self._inputs(feature[None], torch.tensor([token]))
-            q, key, value = head.midlayer.self_attn.qkv(x, torch.tensor([last + 1 + j]))
+            q, key, value = self._qkv(x, torch.tensor([last + 1 + j]))
             chain.append((key[0], value[0]))
             keys = torch.cat([state.keys[:state.n], *(kk[None] for kk, _ in chain)])
             values = torch.cat([state.values[:state.n], *(vv[None] for _, vv in chain)])
@@ -121,6 +143,13 @@ class HeadDrafter:
             feature, normed = self._finish(feature[None], att)
             feature, normed = feature[0], normed[0]
         return tokens, confidence
+
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        c = self.head.config
+        q = self.linears["q"](x).view(len(x), c.num_attention_heads, c.head_dim)
+        k = self.linears["k"](x).view(len(x), c.num_key_value_heads, c.head_dim)
+        v = self.linears["v"](x).view(len(x), c.num_key_value_heads, c.head_dim)
+        return rotate(q, positions, c.rope_theta), rotate(k, positions, c.rope_theta), v
 
     def _inputs(self, feature: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         m = self.head.midlayer
@@ -137,9 +166,10 @@ class HeadDrafter:
         return (torch.softmax(scores, -1) @ v).transpose(0, 1).reshape(q.shape[0], -1)
 
     def _finish(self, feature, att):
-        m = self.head.midlayer
-        h = feature + m.self_attn.o_proj(att)
-        h = h + m.mlp(m.post_attention_layernorm(h))
+        lin = self.linears
+        h = feature + lin["o"](att)
+        x = self.head.midlayer.post_attention_layernorm(h)
+        h = h + lin["down"](torch.nn.functional.silu(lin["gate"](x)) * lin["up"](x))
         return h, self.head.norm(h)
 
     def _extend(self, state: _State, token_ids: list[int], last: int) -> bool:
@@ -162,12 +192,11 @@ class HeadDrafter:
         if any(pos not in state.aux for pos in new):
             self.gaps += bool(state.aux or state.n)  # (before the prompt is fed there is nothing yet)
             return False
-        head = self.head
         aux = torch.stack([state.aux.pop(pos) for pos in new]).float()
-        feature = head.fuse(aux)
+        feature = self.linears["fc"](aux)
         x = self._inputs(feature, torch.tensor(token_ids[state.n + 1:last + 2]))
         positions = torch.tensor(new)
-        q, key, value = head.midlayer.self_attn.qkv(x, positions)
+        q, key, value = self._qkv(x, positions)
         self._grow(state, last + 1)
         state.keys[state.n:last + 1], state.values[state.n:last + 1] = key, value
         mask = torch.arange(last + 1)[None, :] <= positions[:, None]
