@@ -61,6 +61,9 @@ def test_the_row_kernels_decode_step_cut_at_three_layers_gives_the_same_logits_b
     step = runner.forward_hidden(batch, (2, 15, 27))
     assert torch.equal(step.logits, plain)
     assert step.aux.shape == (3, 3 * 576) and step.final.shape == (3, 576)
+    first = runner.forward_hidden(batch, (0, 29))  # the embeddings themselves, and the last layer's input
+    assert torch.equal(first.logits, plain) and first.aux.shape == (3, 2 * 576)
+    assert torch.equal(first.aux[:, :576], runner.embed[torch.tensor([s.token_ids[0] for s in batch])])
     # Against HF in bf16: the decode row of sequence 0 is the prompt's last position, one token on.
     hidden, final, _ = _hf_hidden(bundled_llm, [*ids, ids[-1]])
     for k, layer in enumerate((2, 15, 27)):

@@ -579,15 +579,20 @@ class TorchRunner:
             # one call per piece between the layers whose input is wanted.
             weights, sizes = self._fused
             per_w, per_s = len(weights) // len(self.layers), len(sizes) // len(self.layers)
-            cuts = [0, *layers, len(self.layers)]
-            for a, b in zip(cuts, cuts[1:]):
-                if a > 0:
-                    aux.append(x.clone())
-                if b > a:
-                    x = self.kernel.decode_layers(x, weights[a * per_w:b * per_w], sizes[a * per_s:b * per_s],
-                                                  self.kv_cache[a:b], inp.cos, inp.sin, inp.slot_mapping,
-                                                  group.gather_slots, group.kv_lens, *group.kernel_prefixes,
-                                                  self.num_heads, self.eps)
+            def run(a: int, b: int) -> torch.Tensor:  # layers a..b-1
+                return self.kernel.decode_layers(x, weights[a * per_w:b * per_w], sizes[a * per_s:b * per_s],
+                                                 self.kv_cache[a:b], inp.cos, inp.sin, inp.slot_mapping,
+                                                 group.gather_slots, group.kv_lens, *group.kernel_prefixes,
+                                                 self.num_heads, self.eps)
+
+            start = 0
+            for layer in layers:
+                if layer > start:
+                    x = run(start, layer)
+                aux.append(x.clone())  # the residual stream entering `layer`
+                start = layer
+            if start < len(self.layers):
+                x = run(start, len(self.layers))
         else:
             delta = None  # each block's output, added to x by the next norm
             for i, layer in enumerate(self.layers):
