@@ -111,3 +111,30 @@ def test_a_tiny_head_learns_resumes_and_writes_its_card(tiny_dir, tmp_path, monk
     # Settings that differ from the checkpoint's are refused, not mixed in.
     with pytest.raises(ValueError, match="other data or settings"):
         train_head(DraftTrainConfig(**{**cfg.__dict__, "lr": 1e-2}))
+
+
+def test_the_engines_drafter_chains_what_training_unrolls():
+    """engine/eagle.py decodes a chain position by position with a growing cache; `unroll` trains
+    all positions at once. Fed the drafted tokens as the next tokens, the unrolled steps at the
+    last position predict exactly the chain the drafter wrote."""
+    from parafork.engine.eagle import HeadDrafter
+
+    torch.manual_seed(1)
+    head = EagleHead(CONFIG)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    head.set_vocabulary(list(range(CONFIG.draft_vocab_size)))
+    embed = torch.randn(CONFIG.vocab_size, CONFIG.hidden_size)
+    drafter = HeadDrafter(head, lambda ids: embed[ids], fork_id=-1, stop_ids=set(), child_id=-2)
+    T = 9
+    tokens = torch.randint(0, CONFIG.draft_vocab_size, (T + 1,)).tolist()  # positions 0..T, the last pending
+    aux = torch.randn(T, 3 * CONFIG.hidden_size)
+    drafter.observe(7, 0, tokens[:5], aux[:5])  # fed in two steps, as the engine would
+    drafter.observe(7, 5, tokens[5:T], aux[5:T])
+    draft, confidence = drafter.propose(7, tokens[:T + 1], 3)
+    assert len(draft) == 3 and confidence == sorted(confidence, reverse=True) and 0 < confidence[-1] <= 1
+    # Unrolled over positions 0..T-1: position T-1 sees tokens[T] (pending), then the drafts.
+    inputs = torch.tensor(tokens[1:T + 1] + draft[:2])
+    with torch.no_grad():
+        outs = head.unroll(aux[None], embed[inputs][None], 3)
+    assert [int(head.logits(o[0, T - 1]).argmax()) for o in outs] == draft

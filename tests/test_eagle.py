@@ -119,7 +119,7 @@ def test_the_heads_linears_through_the_row_kernel_keep_the_output(tiny_dir, head
     llm = LLM(str(tiny_dir), dtype="bfloat16", num_kv_blocks=256, block_size=4, draft_head=str(head_dir))
     if llm.engine.runner.kernel is None:
         pytest.skip(f"the row kernel is not built here: {llm.engine.runner.linear_path}")
-    assert llm.engine.drafter.linears["q"].kernel is not None
+    assert llm.engine.drafter.linears["qkv"].kernel is not None
     llm.engine.step_cost = StepCost.linear(0.0)
     force = ForceForks(llm.control, frozenset({3}), child_tokens=20, root_tokens=30)
     params = SamplingParams(max_tokens=100, mode="apar", logits_rules=[force], **FREE)

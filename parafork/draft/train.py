@@ -57,6 +57,7 @@ class DraftTrainConfig:
     seed: int = 0
     cpu_threads: int = 2
     autocast: str = "auto"  # "bf16", "fp32"; auto: bf16 where the CPU computes it natively (1.7x a step here)
+    init_head: str | None = None  # warm start from a head folder trained on the same data (its vocabulary kept)
 
 
 @dataclass
@@ -181,6 +182,11 @@ def train_head(cfg: DraftTrainConfig) -> dict:
     head.set_vocabulary(vocab)
     with torch.no_grad():
         head.lm_head.weight.copy_(embed[head.draft_to_target])
+    if cfg.init_head:
+        start = EagleHead.load(cfg.init_head)
+        if start.draft_to_target.tolist() != vocab or start.config.aux_layers != head.config.aux_layers:
+            raise ValueError(f"{cfg.init_head} has another draft vocabulary or other layers than this data gives")
+        head.load_state_dict(start.state_dict())
     t2d_index = torch.full((embed.shape[0],), -100, dtype=torch.long)
     t2d_index[head.draft_to_target] = torch.arange(len(vocab))
     train = [q for q in seqs if not q.held_out]

@@ -83,9 +83,14 @@ class HeadDrafter:
         self.gaps = 0
         self.layers = c.aux_layers
         a, m = head.midlayer.self_attn, head.midlayer.mlp
-        self.linears = {name: _Linear(lin.weight, kernel) for name, lin in (
-            ("fc", head.fc), ("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj),
-            ("gate", m.gate_proj), ("up", m.up_proj), ("down", m.down_proj), ("lm", head.lm_head))}
+        # q, k, v as one linear and gate, up as one: a chain step is a few calls, each reading its
+        # weights once (the head is ~10M weights; per step its calls' overhead counted as much).
+        qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+        self.linears = {name: _Linear(weight, kernel) for name, weight in (
+            ("fc", head.fc.weight), ("qkv", qkv), ("o", a.o_proj.weight),
+            ("gate_up", torch.cat([m.gate_proj.weight, m.up_proj.weight])), ("down", m.down_proj.weight),
+            ("lm", head.lm_head.weight))}
+        self.split = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim)
 
     def _state(self, thread_id: int) -> _State:
         state = self.states.get(thread_id)
@@ -122,33 +127,34 @@ class HeadDrafter:
             return [], []
         head, c = self.head, self.head.config
         feature, normed = state.out
-        tokens, confidence, chain, p = [], [], [], 1.0
+        tokens, confidence, p = [], [], 1.0
+        self._grow(state, state.n + k)  # the chain's keys go after the cache's, uncounted
         for j in range(k):
-            probs = torch.softmax(self.linears["lm"](normed[None])[0], -1)
-            top, index = probs.max(-1)
+            logits = self.linears["lm"](normed[None])[0]
+            best, index = logits.max(-1)
             token = int(head.draft_to_target[index])
             if token == self.child_id:
                 break
-            p *= float(top)
+            p *= float(torch.exp(best - torch.logsumexp(logits, -1)))  # the head's top probability
             tokens.append(token)
             confidence.append(p)
             if token == self.fork_id or token in self.stop_ids or j == k - 1:
                 break
             x = self._inputs(feature[None], torch.tensor([token]))
             q, key, value = self._qkv(x, torch.tensor([last + 1 + j]))
-            chain.append((key[0], value[0]))
-            keys = torch.cat([state.keys[:state.n], *(kk[None] for kk, _ in chain)])
-            values = torch.cat([state.values[:state.n], *(vv[None] for _, vv in chain)])
-            att = self._attend(q, keys, values, None)
+            end = state.n + j + 1
+            state.keys[end - 1], state.values[end - 1] = key[0], value[0]
+            att = self._attend(q, state.keys[:end], state.values[:end], None)
             feature, normed = self._finish(feature[None], att)
             feature, normed = feature[0], normed[0]
         return tokens, confidence
 
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
         c = self.head.config
-        q = self.linears["q"](x).view(len(x), c.num_attention_heads, c.head_dim)
-        k = self.linears["k"](x).view(len(x), c.num_key_value_heads, c.head_dim)
-        v = self.linears["v"](x).view(len(x), c.num_key_value_heads, c.head_dim)
+        q, k, v = self.linears["qkv"](x).split([self.split[0], self.split[1], self.split[1]], -1)
+        q = q.reshape(len(x), c.num_attention_heads, c.head_dim)
+        k = k.reshape(len(x), c.num_key_value_heads, c.head_dim)
+        v = v.reshape(len(x), c.num_key_value_heads, c.head_dim)
         return rotate(q, positions, c.rope_theta), rotate(k, positions, c.rope_theta), v
 
     def _inputs(self, feature: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
@@ -156,20 +162,23 @@ class HeadDrafter:
         return torch.cat([m.input_layernorm(self.embed(next_tokens).float()), m.hidden_norm(feature)], -1)
 
     def _attend(self, q, keys, values, mask) -> torch.Tensor:
-        """q [R, H, D] against keys/values [L, KVH, D]; mask [R, L] (True: seen) or None."""
-        c = self.head.config
-        k = keys.repeat_interleave(self.group, 1).transpose(0, 1)  # [H, L, D]
-        v = values.repeat_interleave(self.group, 1).transpose(0, 1)
-        scores = q.transpose(0, 1) @ k.transpose(1, 2) / math.sqrt(c.head_dim)  # [H, R, L]
+        """q [R, H, D] against keys/values [L, KVH, D]; mask [R, L] (True: seen) or None. Query
+        head h reads KV head h // G: the G query heads of a KV head go as G x R rows against its
+        keys, which are not copied G times."""
+        c, g = self.head.config, self.group
+        r, kvh = q.shape[0], c.num_key_value_heads
+        q = q.view(r, kvh, g, c.head_dim).permute(1, 2, 0, 3).reshape(kvh, g * r, c.head_dim)
+        scores = q @ keys.permute(1, 2, 0) / math.sqrt(c.head_dim)  # [KVH, G*R, L]
         if mask is not None:
-            scores = scores.masked_fill(~mask[None], float("-inf"))
-        return (torch.softmax(scores, -1) @ v).transpose(0, 1).reshape(q.shape[0], -1)
+            scores = scores.masked_fill(~mask.repeat(g, 1)[None], float("-inf"))
+        out = torch.softmax(scores, -1) @ values.transpose(0, 1)  # [KVH, G*R, D]
+        return out.view(kvh, g, r, c.head_dim).permute(2, 0, 1, 3).reshape(r, -1)
 
     def _finish(self, feature, att):
         lin = self.linears
         h = feature + lin["o"](att)
-        x = self.head.midlayer.post_attention_layernorm(h)
-        h = h + lin["down"](torch.nn.functional.silu(lin["gate"](x)) * lin["up"](x))
+        gate, up = lin["gate_up"](self.head.midlayer.post_attention_layernorm(h)).chunk(2, -1)
+        h = h + lin["down"](torch.nn.functional.silu(gate) * up)
         return h, self.head.norm(h)
 
     def _extend(self, state: _State, token_ids: list[int], last: int) -> bool:
