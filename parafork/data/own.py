@@ -81,7 +81,8 @@ def prompts(path: Path | None, seed: int = 0, max_context_chars: int = MAX_CONTE
     return out
 
 
-def _done(path: Path) -> dict[str, dict]:
+def read_done(path: Path) -> dict[str, dict]:
+    """The rows of a JSON-lines file written one line per finished item, by their "key"."""
     if not path.exists():
         return {}
     rows = {}
@@ -126,7 +127,7 @@ def generate(cfg: OwnAnswersConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "answers.jsonl"
     _record_run(out_dir / "generation.json", cfg)
-    done = _done(path)
+    done = read_done(path)
     todo: Iterator[dict] = (p for p in prompts(Path(cfg.input) if cfg.input else None, cfg.seed) if p["key"] not in done)
     summary = {"answers": len(done), "this_run": 0, "tokens_this_run": 0, "seconds_this_run": 0.0}
     if len(done) >= cfg.count:
@@ -223,7 +224,7 @@ def build_own(folder: Path, sharegpt: Path | None = None, seed: int = 0, tokeniz
     folder = Path(folder)
     if tokenizer is None:
         tokenizer, _ = models.load_tokenizer(models.resolve_model_path("base"))
-    answers = list(_done(folder / "answers.jsonl").values())
+    answers = list(read_done(folder / "answers.jsonl").values())
     reasons: Counter[str] = Counter()
     trees, plain = [], []
     keep = ("key", "context", "prompt", "answer")

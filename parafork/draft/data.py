@@ -126,24 +126,12 @@ def teacher_force(llm, request: Request, layers: tuple[int, ...]) -> dict | None
                 runner.release(s.seq_id)
 
 
-def _done(path: Path) -> dict[str, dict]:
-    rows = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill mid-write: answered again
-                continue
-            rows[row["key"]] = row
-    return rows
-
-
 def harvest(cfg: HarvestConfig, layers: tuple[int, ...], prompts: list[dict] | None = None) -> dict:
     """Answers and feeds prompts until `index.jsonl` lists `cfg.requests` requests; returns a
     summary. `prompts` (dicts with key, context, prompt) default to ShareGPT's."""
     from safetensors.torch import save_file
 
-    from ..data.own import prompts as sharegpt_prompts
+    from ..data.own import prompts as sharegpt_prompts, read_done
     from ..data.sharegpt import messages
     from ..llm import LLM
 
@@ -154,7 +142,7 @@ def harvest(cfg: HarvestConfig, layers: tuple[int, ...], prompts: list[dict] | N
     if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
         raise ValueError(f"{out} holds data of other settings ({meta_path.read_text().strip()}); use another folder")
     meta_path.write_text(json.dumps(meta) + "\n")
-    done = _done(index_path)
+    done = read_done(index_path)
     shards = sorted(out.glob("shard-*.safetensors"))
     todo = [p for p in (prompts if prompts is not None else sharegpt_prompts(None, cfg.seed)) if p["key"] not in done]
     summary = {"requests": len(done), "this_run": 0, "tokens_this_run": 0, "skipped_joined": 0}
