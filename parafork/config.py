@@ -74,9 +74,10 @@ class EngineConfig:
     draft_head: str | None = None
     admission_reserve: float = 1.0  # scales the future KV a request must find free to be admitted (scheduler.py); 0: none
     # A fork sampled in a step of at least this many rows is deferred (engine.py): the child gets
-    # the parent's KV one step later, [Fork] included, and feeds one row fewer. None: never;
-    # "auto": from the rows where one more row costs 5% of a one-row step (engine/step_cost.py).
-    defer_forks_from_rows: int | str | None = "auto"
+    # the parent's KV one step later, [Fork] included, and feeds one row fewer. None: never; 0: every
+    # fork. A fixed rule on purpose: under a shared max_tokens the threads' pace decides which get
+    # the last tokens, so a threshold read from timings would make the text depend on them.
+    defer_forks_from_rows: int | None = 0
     # "measured": time decode steps of 1-64 rows at start-up (once per machine, cached) where the
     # runner allows it, "fixed": the runner's constant per-row cost (engine/step_cost.py).
     step_cost: str = "measured"
@@ -94,10 +95,9 @@ class EngineConfig:
             raise ValueError(f"speculative must be None or one of {', '.join(SPECULATIVE_METHODS[1:])}, got {self.speculative!r}")
         if not isinstance(self.admission_reserve, (int, float)) or not 0 <= self.admission_reserve <= 4:
             raise ValueError(f"admission_reserve must be a number from 0 to 4, got {self.admission_reserve!r}")
-        if self.defer_forks_from_rows not in (None, "auto") and (isinstance(self.defer_forks_from_rows, bool) or
+        if self.defer_forks_from_rows is not None and (isinstance(self.defer_forks_from_rows, bool) or
                 not isinstance(self.defer_forks_from_rows, int) or self.defer_forks_from_rows < 0):
-            raise ValueError(f"defer_forks_from_rows must be None, 'auto' or an integer >= 0, "
-                             f"got {self.defer_forks_from_rows!r}")
+            raise ValueError(f"defer_forks_from_rows must be None or an integer >= 0, got {self.defer_forks_from_rows!r}")
         if self.step_cost not in STEP_COSTS:
             raise ValueError(f"step_cost must be one of {', '.join(STEP_COSTS)}, got {self.step_cost!r}")
         for name in ("block_size", "num_kv_blocks", "max_batch_tokens"):

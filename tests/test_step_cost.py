@@ -17,10 +17,8 @@ def test_the_curve_interpolates_never_falls_and_extrapolates_its_last_slope():
     assert curve(1) == 1.0 and curve(3) == pytest.approx(1.1) and curve(8) == 2.0
     assert curve(12) == pytest.approx(2.8)  # 0.2 a row, as from 4 to 8
     assert curve.marginal(1) == 0 and curve.marginal(5) == pytest.approx(0.2)
-    assert curve.dear_from() == 2 and curve.dear_from(0.15) == 4
-    assert StepCost.from_times({1: 10.0, 64: 10.2}).dear_from() is None  # rows that never cost: forks never wait
     linear = StepCost.linear(0.02)
-    assert linear(16) == pytest.approx(1.3) and linear.dear_from() is None and linear.dear_from(0.01) == 1
+    assert linear(16) == pytest.approx(1.3) and linear.marginal(40) == pytest.approx(0.02)
 
 
 @pytest.mark.parametrize("rows, ms", [((1,), (1.0,)), ((2, 4), (1.0, 2.0)), ((1, 1, 2), (1.0, 1.0, 2.0)),
@@ -59,12 +57,9 @@ def test_the_engine_times_its_steps_once_per_machine_and_leaves_the_pools_empty(
     # The next engine on this machine reads the curve instead of timing it again.
     again = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=64, block_size=4)
     assert again.engine.step_cost == curve
-    # Deferred forks follow the curve unless told a row count; 'fixed' keeps the runner's constant.
-    assert again.engine.defer_forks_from_rows == curve.dear_from()
-    fixed = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=64, block_size=4, step_cost="fixed",
-                defer_forks_from_rows=3)
+    # 'fixed' keeps the runner's constant.
+    fixed = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=64, block_size=4, step_cost="fixed")
     assert fixed.engine.step_cost == StepCost.linear(fixed.engine.runner.info.draft_row_cost)
-    assert fixed.engine.defer_forks_from_rows == 3
 
 
 def test_a_timed_step_writes_nowhere_but_the_pool_and_gives_its_sequence_ids_back(tiny_dir):
@@ -77,7 +72,7 @@ def test_a_timed_step_writes_nowhere_but_the_pool_and_gives_its_sequence_ids_bac
     assert sorted(released) == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("value", ["sometimes", -1, 2.5, True])
+@pytest.mark.parametrize("value", ["auto", -1, 2.5, True])
 def test_bad_deferral_and_step_cost_settings_are_refused(tiny_dir, value):
     with pytest.raises(ValueError, match="defer_forks_from_rows"):
         LLM(str(tiny_dir), dtype="float32", defer_forks_from_rows=value)

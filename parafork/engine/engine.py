@@ -19,16 +19,18 @@ the children are released.
 **Deferred forks.** A fork gives the child the parent's cached KV at once, so in the next
 step the child feeds `[Fork]` and `[Child]` while the parent feeds the same `[Fork]`: two
 rows for one token's K/V. In a step of at least `EngineConfig.defer_forks_from_rows` rows
-(by default where one more row costs 5% of a one-row step on this machine: step_cost.py) the
-fork is deferred instead: the child
+(by default every step) the fork is deferred instead: the child
 (`Thread.fork_deferred`) holds nothing and is not scheduled until its parent has fed the
 `[Fork]`; right after that forward the parent's KV through the `[Fork]` is forked to it and
 it feeds `[Child]` alone. The text is the same (the child's context is), one row is saved
 per fork (~1.2% of an APAR answer's rows on Vicuna: 92 forks in 7,614 decode rows), and the
 child's body starts one step later, which costs nothing in throughput and little in latency
-when the batch is wide. Below the threshold rows are nearly free (on the 2-core Zen 5 16 rows
-cost 1.22x one through the row kernel, results/rows; on a Zen 4 8 rows cost 1.37x) and forks
-are immediate.
+(16 clients, deferred from 16 rows vs never: p50 6.59 vs 6.62 s, results/load). Where rows
+are dear every row counts (a Zen 4: 8 rows cost 1.5x one, 16 rows 2.2x, results/steps); where
+they are nearly free (the Zen 5: 16 rows 1.22x one) the saved row is worth little and the
+step costs nothing either. The rule is fixed, not read from the machine's step timings: under
+a shared `max_tokens` the threads' pace decides which thread writes the last tokens, so a
+threshold that followed timings would make an answer's text depend on them.
 
 The engine speaks token ids only; `LLM` (parafork/llm.py) adds prompts and text. Every
 sequence id the engine hands to the runner is released exactly once, and when no request
@@ -136,11 +138,10 @@ class Engine:
         self.total_steps = 0
         self._counts = {"requests": 0, "tokens": 0, "forks": 0, "joins": 0, "drafted": 0, "accepted": 0, "recomputed": 0,
                         "deferred_forks": 0}
-        # The cost of a step against its rows (sizes drafts, defers forks: step_cost.py), measured
+        # The cost of a step against its rows (sizes drafts: step_cost.py), measured
         # here, before any request, where the runner allows it.
         self.step_cost = self._step_cost()
-        defer = config.defer_forks_from_rows
-        self.defer_forks_from_rows = self.step_cost.dear_from() if defer == "auto" else defer
+        self.defer_forks_from_rows = config.defer_forks_from_rows
         self._rows_dear = False  # this step's rows reach defer_forks_from_rows
         self.drafter = drafter  # drafts from a trained head (eagle.py), None without one
         self._hidden = None  # this step's StepHidden where the drafter reads it, and each thread's first row

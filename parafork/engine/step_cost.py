@@ -1,6 +1,6 @@
 """What a step costs as its rows grow, measured on this machine: the curve that sizes
-speculative drafts (speculation.py) and decides when a fork's child waits a step for its
-parent's KV (engine.py, "Deferred forks").
+speculative drafts (speculation.py: a draft token is fed while its expected tokens pay for
+its row at the batch's current width).
 
 A decode step reads every weight once whatever its rows, so while few rows are fed it costs
 about what one row costs; past some row count the multiply-adds take over and every row
@@ -38,10 +38,6 @@ log = logging.getLogger(__name__)
 
 ROWS = (1, 2, 4, 8, 16, 32, 64)  # row counts timed; between them the cost is interpolated
 CONTEXT = 256  # keys each timed sequence attends to (fewer where the pool is smaller)
-# A row is dear once it costs at least this share of a one-row step: then a fork's child waits
-# a step for its parent's [Fork] rather than feed it again (engine.py). The row saved costs the
-# child one step (~1% of an answer's steps), so any row that costs noticeably is worth saving.
-DEAR = 0.05
 
 
 @dataclass(frozen=True)
@@ -81,14 +77,6 @@ class StepCost:
     def marginal(self, rows: float) -> float:
         """The cost of one more row on top of `rows`, in one-row steps."""
         return self(rows + 1) - self(rows)
-
-    def dear_from(self, share: float = DEAR) -> int | None:
-        """The smallest row count from which one more row costs at least `share` of a one-row
-        step; None if none does up to the last point measured."""
-        for n in range(1, self.rows[-1]):
-            if self.marginal(n) >= share:
-                return n
-        return None
 
     def _ms(self, rows: float) -> float:
         r, m = self.rows, self.ms
