@@ -125,7 +125,7 @@ class HeadDrafter:
         last = len(token_ids) - 2  # the last position whose next token is known
         if k <= 0 or last < 0 or not self._extend(state, token_ids, last):
             return [], []
-        head, c = self.head, self.head.config
+        head = self.head
         feature, normed = state.out
         tokens, confidence, p = [], [], 1.0
         self._grow(state, state.n + k)  # the chain's keys go after the cache's, uncounted
