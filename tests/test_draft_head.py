@@ -131,10 +131,88 @@ def test_the_engines_drafter_chains_what_training_unrolls():
     aux = torch.randn(T, 3 * CONFIG.hidden_size)
     drafter.observe(7, 0, tokens[:5], aux[:5])  # fed in two steps, as the engine would
     drafter.observe(7, 5, tokens[5:T], aux[5:T])
-    draft, confidence = drafter.propose(7, tokens[:T + 1], 3)
+    [(draft, confidence)] = drafter.propose([(7, tokens[:T + 1], 3)])
     assert len(draft) == 3 and confidence == sorted(confidence, reverse=True) and 0 < confidence[-1] <= 1
     # Unrolled over positions 0..T-1: position T-1 sees tokens[T] (pending), then the drafts.
     inputs = torch.tensor(tokens[1:T + 1] + draft[:2])
     with torch.no_grad():
         outs = head.unroll(aux[None], embed[inputs][None], 3)
     assert [int(head.logits(o[0, T - 1]).argmax()) for o in outs] == draft
+
+
+def test_threads_drafted_together_get_the_chains_each_gets_alone():
+    """The drafter puts every asking thread through one pass per chain step (eagle.py): each
+    thread's chain and confidences are what it would get drafted on its own, a `min_gain`
+    cuts chains before their first token below it, and a child adopts its parent's cache."""
+    from parafork.engine.eagle import HeadDrafter
+
+    torch.manual_seed(2)
+    head = EagleHead(CONFIG)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    head.set_vocabulary(list(range(CONFIG.draft_vocab_size)))
+    embed = torch.randn(CONFIG.vocab_size, CONFIG.hidden_size)
+    contexts = {1: 12, 2: 7, 3: 10}  # thread id -> context length (the last token pending)
+    tokens = {t: torch.randint(0, CONFIG.draft_vocab_size, (n,)).tolist() for t, n in contexts.items()}
+    aux = {t: torch.randn(n - 1, 3 * CONFIG.hidden_size) for t, n in contexts.items()}
+
+    def drafter():
+        d = HeadDrafter(head, lambda ids: embed[ids], fork_id=-1, stop_ids=set(), child_id=-2)
+        for t in contexts:
+            d.observe(t, 0, tokens[t][:-1], aux[t])
+        return d
+
+    alone = {t: drafter().propose([(t, tokens[t], 4)])[0] for t in contexts}
+    together = drafter().propose([(t, tokens[t], 4) for t in contexts])
+    for (draft, conf), t in zip(together, contexts):
+        assert draft == alone[t][0] and len(draft) == 4
+        assert conf == pytest.approx(alone[t][1], rel=1e-5)
+    # A second round after two more verified tokens each: extensions of several rows, together.
+    d1, d2 = drafter(), drafter()
+    for d in (d1, d2):
+        d.propose([(t, tokens[t], 4) for t in contexts])
+    grown = {t: tokens[t] + torch.randint(0, CONFIG.draft_vocab_size, (2,)).tolist() for t in contexts}
+    more = {t: torch.randn(2, 3 * CONFIG.hidden_size) for t in contexts}
+    for d in (d1, d2):
+        for t in contexts:
+            d.observe(t, contexts[t] - 1, grown[t][contexts[t] - 1:-1], more[t])
+    assert [x[0] for x in d1.propose([(t, grown[t], 3) for t in contexts])] == \
+        [d2.propose([(t, grown[t], 3)])[0][0] for t in contexts]
+    # min_gain: each chain stops before its first token less confident than that.
+    cut = 0.5 * min(c[0] for _, c in together)
+    for (draft, conf), (full, full_conf) in zip(drafter().propose([(t, tokens[t], 4) for t in contexts], min_gain=cut),
+                                                 together):
+        assert draft == [x for x, c in zip(full, full_conf) if c >= cut]
+
+
+def test_soft_labels_are_the_targets_penalized_distribution_over_the_draft_vocabulary():
+    """train.py's soft labels, from the stored final states, against the engine's own penalty
+    code (sampler.penalize_row) applied to the full vocabulary's logits over each position's
+    context, then cut to the draft vocabulary: step j at t gets the distribution of the token
+    at t + j + 2, the context counted from the answer's start, control tokens never penalized."""
+    from parafork.draft.train import Sequence, SoftLabels, tensors
+    from parafork.engine.sampler import penalize_row
+
+    torch.manual_seed(3)
+    V, h, steps = CONFIG.vocab_size, CONFIG.hidden_size, 3
+    draft = torch.tensor([0, 2, 3, 5, 7, 8, 11, 13, 17, 19, 23, 29])
+    control = [2, 3]  # e.g. [Fork], [Child]
+    embed = torch.randn(V, h)
+    # One root of 14 tokens (the prompt 4 of them), tokens repeating so the penalties bite.
+    tokens = torch.tensor([1, 5, 7, 9, 5, 5, 2, 7, 13, 5, 3, 7, 7, 29])
+    shard = {"tokens": tokens.int(), "aux": torch.randn(14, 3 * h).bfloat16(), "final": torch.randn(14, h).bfloat16()}
+    q = Sequence(0, torch.arange(14), first_label=4, held_out=False, answer_start=4)
+    t2d = torch.full((V,), -100)
+    t2d[draft] = torch.arange(len(draft))
+    penalized = torch.tensor([t not in control for t in draft.tolist()])
+    soft = SoftLabels(embed[draft], penalized, frequency=0.7, presence=0.4)
+    _, _, labels, targets = tensors([shard], [q], embed, t2d, steps, soft)
+    final = shard["final"].float()
+    for j in range(steps):
+        for t in range(14 - j - 2):
+            p = t + j + 1  # the position whose distribution is over the token at t + j + 2
+            row = (final[p] @ embed.T).numpy().copy()
+            penalize_row(row, tokens[:p + 1].tolist(), 4, control, 0.7, 0.4, 1.0)
+            want = torch.log_softmax(torch.from_numpy(row)[draft], -1)
+            torch.testing.assert_close(targets[j, 0, t], want, atol=1e-4, rtol=1e-4)
+    assert labels[0, 0, 1] == -100 and labels[0, 0, 2] == t2d[tokens[4]]  # labels start at the answer

@@ -9,9 +9,15 @@ threads that wrote them; a child's forced `[Child]` is never a label). Loss: cro
 the draft vocabulary, step j weighted 0.8^j (EAGLE-3's); a label outside the draft vocabulary
 is left out of the loss and counts as a miss in the acceptance figures.
 
-Hard labels, not the target's distribution: the engine decodes with the model's default
-frequency penalty (0.3), so the token a greedy verify accepts is the penalized argmax, which
-the written token is and the unpenalized distribution is not.
+**Labels.** `labels="soft"` (default): the target's own next-token distribution at that
+position, recomputed from the stored final states through its (tied) LM head over the draft
+vocabulary, with the penalties the engine decodes with (the model's generation_config: the
+bundled adapter's frequency penalty 0.3, over the answer tokens the thread has seen, control
+tokens left out), so the penalized argmax, which a greedy verify accepts, is the distribution's
+mode. Loss: cross-entropy against that distribution. A sampled answer (temperature 1.0) then
+teaches the same function as a greedy one: its written tokens are draws, its distributions are
+what a verify compares against. `labels="hard"`: the written tokens (the first runs: 800 answers,
+held out 1.46 tokens per verify step, half of the labels draws at temperature 1.0).
 
 **Draft vocabulary**: the `draft_vocab` most frequent label tokens of the training threads, the
 control tokens and end tokens always in (fewer where the data holds fewer distinct tokens: the
@@ -19,7 +25,10 @@ card states both). **Initialisation**: `lm_head` from the target's (tied)
 embedding rows of those tokens, so the head starts in the target's output space; the rest at
 random. **Held out**: `held_out` of the requests (by key hash), never trained on; the card
 reports their acceptance: per step j, the share of positions whose chain of j + 1 drafts all
-match, and the mean tokens per verify step of a chain of `ttt_steps` (1 + the matched run).
+match, and the mean tokens per verify step of a chain of `ttt_steps` (1 + the matched run),
+over all answers and apart for the greedy ones (whose written tokens are what a greedy verify
+accepts) and the sampled ones; and how the head's confidence in its first token (its top
+probability) compares with how often that token is right (`calibration`, greedy answers).
 """
 from __future__ import annotations
 
@@ -58,6 +67,7 @@ class DraftTrainConfig:
     cpu_threads: int = 2
     autocast: str = "auto"  # "bf16", "fp32"; auto: bf16 where the CPU computes it natively (1.7x a step here)
     init_head: str | None = None  # warm start from a head folder trained on the same data (its vocabulary kept)
+    labels: str = "soft"  # the target's penalized distribution, or "hard": the written tokens
 
 
 @dataclass
@@ -66,6 +76,8 @@ class Sequence:
     nodes: torch.Tensor  # node rows of the path, in position order
     first_label: int  # the first position whose token is a label
     held_out: bool
+    answer_start: int = 0  # the first answer token's position (the prompt's length): penalties count from it
+    temperature: float = 0.0  # the answer's
 
 
 def _held_out(key: str, share: float) -> bool:
@@ -85,15 +97,19 @@ def load_sequences(folder: Path, held_out: float, max_len: int) -> tuple[list[di
     seqs, too_long = [], 0
     for s, (name, shard) in enumerate(zip(names, shards)):
         paths: dict[int, torch.Tensor] = {}
+        roots: dict[int, int] = {}  # request -> its root's own_start (where the answer starts)
         for row, (req, parent, own_start, first, offset, n) in enumerate(shard["threads"].tolist()):
             own = torch.arange(offset, offset + n)
             path = own if parent < 0 else torch.cat([paths[parent][:own_start], own])
             paths[row] = path
+            if parent < 0:
+                roots[req] = own_start
             if len(path) > max_len:
                 too_long += 1
                 continue
-            key, _ = keys[(name, req)]
-            seqs.append(Sequence(s, path, own_start + (0 if parent < 0 else 1), _held_out(key, held_out)))
+            key, temperature = keys[(name, req)]
+            seqs.append(Sequence(s, path, own_start + (0 if parent < 0 else 1), _held_out(key, held_out),
+                                 roots[req], temperature))
     return shards, seqs, {"requests": len(lines), "threads": len(seqs), "too_long": too_long}
 
 
@@ -125,8 +141,21 @@ def batches(seqs: list[Sequence], batch_tokens: int, rng: random.Random) -> list
     return out
 
 
-def tensors(shards, batch: list[Sequence], embed: torch.Tensor, t2d_index: torch.Tensor, steps: int):
-    """aux [B, T, 3h], embeds [B, T + steps - 1, h], labels [steps, B, T] (draft ids, -100: none)."""
+@dataclass
+class SoftLabels:
+    """What recomputes the target's distribution over the draft vocabulary from a final state:
+    its LM head's rows of the draft tokens, and the penalties it decodes with."""
+
+    lm_rows: torch.Tensor  # [draft vocab, h]
+    penalized: torch.Tensor  # [draft vocab] bool: tokens the penalties count (not control tokens)
+    frequency: float = 0.0
+    presence: float = 0.0
+
+
+def tensors(shards, batch: list[Sequence], embed: torch.Tensor, t2d_index: torch.Tensor, steps: int,
+            soft: SoftLabels | None = None):
+    """aux [B, T, 3h], embeds [B, T + steps - 1, h], labels [steps, B, T] (draft ids, -100: none),
+    and with `soft` the target's log-probabilities [steps, B, T, draft vocab] (else None)."""
     L = max(len(q.nodes) for q in batch)
     T = L - 1
     B = len(batch)
@@ -147,7 +176,23 @@ def tensors(shards, batch: list[Sequence], embed: torch.Tensor, t2d_index: torch
         lab = t2d_index[toks[:, idx]]
         lab = torch.where(label_ok[:, idx], lab, torch.full_like(lab, -100))
         labels.append(lab)
-    return aux, embeds, torch.stack(labels)
+    targets = None
+    if soft is not None:
+        # Position p's distribution is over the token at p + 1; step j at t is scored on t + j + 2.
+        final = torch.zeros(B, L, soft.lm_rows.shape[1])
+        for b, q in enumerate(batch):
+            final[b, :len(q.nodes)] = shards[q.shard]["final"][q.nodes].float()
+        logits = final @ soft.lm_rows.T  # [B, L, V]
+        if soft.frequency or soft.presence:
+            d = t2d_index[toks[:, :L]]
+            answer = torch.stack([torch.arange(L) >= q.answer_start for q in batch]) & (d >= 0)
+            answer &= soft.penalized[d.clamp(min=0)]
+            seen = torch.zeros_like(logits).scatter_(2, d.clamp(min=0)[..., None], answer[..., None].float())
+            counts = seen.cumsum(1)  # answer tokens up to and including p: the context p + 1 is sampled in
+            logits -= soft.frequency * counts + soft.presence * (counts > 0).float()
+        logp = torch.log_softmax(logits, -1)
+        targets = torch.stack([logp[:, (torch.arange(T) + j + 1).clamp(max=L - 1)] for j in range(steps)])
+    return aux, embeds, torch.stack(labels), targets
 
 
 def train_head(cfg: DraftTrainConfig) -> dict:
@@ -158,6 +203,8 @@ def train_head(cfg: DraftTrainConfig) -> dict:
 
     if cfg.autocast not in ("auto", "bf16", "fp32"):
         raise ValueError(f"autocast must be auto, bf16 or fp32, got {cfg.autocast!r}")
+    if cfg.labels not in ("soft", "hard"):
+        raise ValueError(f"labels must be soft or hard, got {cfg.labels!r}")
     bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and cpu_has_fast_bf16())
     torch.set_num_threads(cfg.cpu_threads)
     torch.manual_seed(cfg.seed)
@@ -189,6 +236,7 @@ def train_head(cfg: DraftTrainConfig) -> dict:
         head.load_state_dict(start.state_dict())
     t2d_index = torch.full((embed.shape[0],), -100, dtype=torch.long)
     t2d_index[head.draft_to_target] = torch.arange(len(vocab))
+    soft = soft_labels(llm, target_config, embed, head.draft_to_target) if cfg.labels == "soft" else None
     train = [q for q in seqs if not q.held_out]
     held = [q for q in seqs if q.held_out]
     rng = random.Random(cfg.seed)
@@ -217,15 +265,22 @@ def train_head(cfg: DraftTrainConfig) -> dict:
     if step < total and not train:
         raise ValueError(f"{cfg.data}: no training threads (all {len(seqs)} held out or too long)")
     while step < total:
-        aux, embeds, labels = tensors(shards, plan[step], embed, t2d_index, cfg.ttt_steps)
+        aux, embeds, labels, targets = tensors(shards, plan[step], embed, t2d_index, cfg.ttt_steps, soft)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             outs = head.unroll(aux, embeds, cfg.ttt_steps)
             loss = 0.0
             for j, normed in enumerate(outs):
-                keep = labels[j] != -100  # the LM head (most of the head's weights) only where there is a label
+                # The LM head (most of the head's weights) only where there is a label: for soft
+                # labels every thread's own position (the target's distribution is there even
+                # where the written token is outside the draft vocabulary).
+                keep = labels[j] != -100 if soft is None else _own(plan[step], labels.shape[-1], j)
                 if keep.any():
                     logits = head.logits(normed[keep]).float()
-                    loss = loss + STEP_WEIGHT ** j * F.cross_entropy(logits, labels[j][keep])
+                    if soft is None:
+                        loss = loss + STEP_WEIGHT ** j * F.cross_entropy(logits, labels[j][keep])
+                    else:
+                        cross = -(targets[j][keep].exp() * torch.log_softmax(logits, -1)).sum(-1).mean()
+                        loss = loss + STEP_WEIGHT ** j * cross
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -242,6 +297,9 @@ def train_head(cfg: DraftTrainConfig) -> dict:
     bar.close()
     seconds = time.perf_counter() - start
     figures = evaluate(head, shards, held, embed, t2d_index, cfg)
+    figures["greedy"] = evaluate(head, shards, [q for q in held if q.temperature == 0], embed, t2d_index, cfg,
+                                 calibrate=True)
+    figures["sampled"] = evaluate(head, shards, [q for q in held if q.temperature != 0], embed, t2d_index, cfg)
     coverage = _coverage(shards, held, t2d_index)
     head.config.card.update({
         "data": {**counts, "folder": str(cfg.data), "held_out_threads": len(held)},
@@ -256,6 +314,27 @@ def train_head(cfg: DraftTrainConfig) -> dict:
     return head.config.card
 
 
+def soft_labels(llm, target_config, embed: torch.Tensor, draft_ids: torch.Tensor) -> SoftLabels:
+    """The target's LM head rows of the draft tokens and the penalties its engine decodes with."""
+    if not getattr(target_config, "tie_word_embeddings", False):
+        raise ValueError("soft labels read the target's LM head from its input embeddings, which this model does "
+                         "not tie to its output; use labels='hard'")
+    defaults = llm.sampling_defaults
+    if defaults.get("repetition_penalty") not in (None, 1, 1.0):
+        raise ValueError("soft labels do not apply a repetition penalty; use labels='hard'")
+    penalized = torch.ones(len(draft_ids), dtype=torch.bool)
+    control = set(llm.control.ids)
+    penalized[[i for i, t in enumerate(draft_ids.tolist()) if t in control]] = False
+    return SoftLabels(embed[draft_ids].float(), penalized, defaults.get("frequency_penalty") or 0.0,
+                      defaults.get("presence_penalty") or 0.0)
+
+
+def _own(batch: list[Sequence], T: int, j: int) -> torch.Tensor:
+    """[B, T]: the positions t whose step-j label (the token at t + j + 2) is the thread's own."""
+    idx = torch.arange(T) + j + 2
+    return torch.stack([(idx >= q.first_label) & (idx < len(q.nodes)) for q in batch])
+
+
 def _coverage(shards, seqs: list[Sequence], t2d_index: torch.Tensor) -> float:
     inside = total = 0
     for q in seqs:
@@ -266,24 +345,37 @@ def _coverage(shards, seqs: list[Sequence], t2d_index: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(head: EagleHead, shards, seqs: list[Sequence], embed, t2d_index, cfg: DraftTrainConfig) -> dict:
+def evaluate(head: EagleHead, shards, seqs: list[Sequence], embed, t2d_index, cfg: DraftTrainConfig,
+             calibrate: bool = False) -> dict:
     """Per step j: the share of labelled positions whose drafts 0..j all match the written tokens
-    (a chain accepted that far), and the mean tokens per verify step of a chain of all steps."""
+    (a chain accepted that far), and the mean tokens per verify step of a chain of all steps.
+    `calibrate`: per band of the head's top probability at step 0, how often its token is right."""
     head.eval()
     steps = cfg.ttt_steps
     matched = [0] * steps
     positions = 0
+    bands = torch.zeros(10, 3, dtype=torch.float64)  # confidence sum, right, positions
     for batch in batches(seqs, cfg.batch_tokens, random.Random(0)):
-        aux, embeds, labels = tensors(shards, batch, embed, t2d_index, steps)
+        aux, embeds, labels, _ = tensors(shards, batch, embed, t2d_index, steps)
         outs = head.unroll(aux, embeds, steps)
         valid = labels[0] != -100
         run = torch.ones_like(valid)
         for j, normed in enumerate(outs):
-            guess = head.logits(normed).argmax(-1)
+            logits = head.logits(normed)
+            guess = logits.argmax(-1)
             run = run & (guess == labels[j]) & (labels[j] != -100)
             matched[j] += int((run & valid).sum())
+            if j == 0 and calibrate:
+                top = torch.softmax(logits.float(), -1).amax(-1)[valid].double()
+                band = (top * 10).long().clamp(max=9)
+                right = (guess == labels[0])[valid].double()
+                bands.index_add_(0, band, torch.stack([top, right, torch.ones_like(top)], 1))
         positions += int(valid.sum())
     head.train()
     share = [m / max(1, positions) for m in matched]
-    return {"positions": positions, "chain_accepted_share": [round(s, 4) for s in share],
-            "tokens_per_verify_step": round(1 + sum(share), 4)}
+    out = {"positions": positions, "chain_accepted_share": [round(s, 4) for s in share],
+           "tokens_per_verify_step": round(1 + sum(share), 4)}
+    if calibrate:
+        out["calibration"] = [{"confidence": round(c / n, 3), "right": round(r / n, 3), "positions": int(n)}
+                              for c, r, n in bands.tolist() if n]
+    return out

@@ -273,8 +273,10 @@ class Engine:
         return None if method in (None, "off") else method
 
     def _draft(self, batch: ScheduledBatch) -> None:
-        """Drafts for the threads that sample this step and speculate (speculation.py)."""
-        sampling, proposals = 0, []
+        """Drafts for the threads that sample this step and speculate (speculation.py); a
+        trained head's for all its threads at once (eagle.py)."""
+        sampling, proposals, asks = 0, [], []
+        rows = sum(batch.num_tokens)
         for i, (thread, n) in enumerate(zip(batch.threads, batch.num_tokens)):
             if n != len(thread.pending):
                 continue
@@ -286,17 +288,23 @@ class Engine:
             room = min(request.tokens_left, self.config.max_model_len - len(thread.token_ids)) - 1
             k = min(params.num_draft_tokens, room)
             if self._speculates(thread) == "eagle":
-                if thread.spans:  # positions moved by a join: the head's cache does not hold them
-                    continue
-                draft, gains = self.drafter.propose(thread.thread_id, thread.token_ids, k)
-            else:
-                draft = speculation.propose(thread, k, self.control)
-                gains = speculation.chain_gains(thread.draft_stats.acceptance, len(draft))
+                if not thread.spans:  # (positions moved by a join: the head's cache does not hold them)
+                    asks.append((i, thread, k))
+                continue
+            draft = speculation.propose(thread, k, self.control)
             if draft:
-                proposals.append((i, thread, draft, gains))
+                proposals.append((i, thread, draft, speculation.chain_gains(thread.draft_stats.acceptance, len(draft))))
+        if asks:
+            # A head's token is worth computing where its chance beats its price: its row and its
+            # share of the head's passes (one-row steps).
+            price = self.step_cost.marginal(rows) + self.drafter.pass_cost / len(asks)
+            drafts = self.drafter.propose([(t.thread_id, t.token_ids, k) for _, t, k in asks],
+                                          min_gain=price * sampling / self.step_cost(rows))
+            proposals += [(i, t, draft, gains) for (i, t, _), (draft, gains) in zip(asks, drafts) if draft]
+            proposals.sort(key=lambda p: p[0])
         if not proposals:
             return
-        lengths = speculation.draft_lengths([g for *_, g in proposals], sampling, sum(batch.num_tokens), self.step_cost)
+        lengths = speculation.draft_lengths([g for *_, g in proposals], sampling, rows, self.step_cost)
         for (i, thread, draft, _), n in zip(proposals, lengths):
             if n:
                 thread.draft = self.scheduler.add_draft(batch, i, draft[:n])
