@@ -363,6 +363,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_tokens
             "parafork_prefix_cache_hit_tokens_total": stats.prefix_cache_hit_tokens_total,
             "parafork_draft_tokens_total": stats.draft_tokens_total,
             "parafork_accepted_draft_tokens_total": stats.accepted_draft_tokens_total,
+            "parafork_head_draft_tokens_total": stats.head_draft_tokens_total,
+            "parafork_head_accepted_draft_tokens_total": stats.head_accepted_draft_tokens_total,
             "parafork_joins_total": stats.joins_total,
             "parafork_preemptions_total": stats.preemptions_total,
             "parafork_recomputed_tokens_total": stats.recomputed_tokens_total,

@@ -81,6 +81,23 @@ def test_seeded_sampling_draws_the_same_tokens_with_head_drafts(eagle_llm):
     assert [o.token_ids for o in drafted] == [o.token_ids for o in plain]
 
 
+def test_lookup_drafts_first_and_the_head_where_the_context_does_not_recur(eagle_llm):
+    """speculative="eagle" drafts by lookup where the context recurs (no head pass) and from
+    the head elsewhere; the output is the same either way, and the counts say which drafted."""
+    stats = eagle_llm.engine.stats()
+    params = SamplingParams(max_tokens=40, mode="ar", **FREE)
+    repeating = {"prompt_token_ids": list(range(600, 610)) * 4}
+    plain = eagle_llm.generate([repeating, PROMPT_IDS[0]], params)
+    looped, fresh = eagle_llm.generate([repeating, PROMPT_IDS[0]], replace(params, speculative="eagle"))
+    assert [looped.token_ids, fresh.token_ids] == [o.token_ids for o in plain]
+    assert looped.num_draft_tokens > looped.num_head_draft_tokens  # some by lookup (the prompt recurs)
+    assert fresh.num_head_draft_tokens > 0 and looped.num_head_accepted_tokens <= looped.num_head_draft_tokens
+    after = eagle_llm.engine.stats()
+    assert after.head_draft_tokens_total - stats.head_draft_tokens_total == \
+        looped.num_head_draft_tokens + fresh.num_head_draft_tokens
+    assert after.draft_tokens_total - stats.draft_tokens_total == looped.num_draft_tokens + fresh.num_draft_tokens
+
+
 def test_the_head_reads_the_states_the_runner_computed(eagle_llm):
     # The drafter's cache of the prompt equals the head run over HF-free recomputed states:
     # a second request with the same prompt builds bit-identical keys.

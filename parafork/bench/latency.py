@@ -174,6 +174,8 @@ def _engine_record(llm: LLM, prompt: str, params: SamplingParams) -> dict:
         "accepted": out.num_accepted_tokens,
         "drafted_at": list(out.drafted_at),
         "accepted_at": list(out.accepted_at),
+        "head_drafted": out.num_head_draft_tokens,
+        "head_accepted": out.num_head_accepted_tokens,
         "joins": out.shape.joins,
         "depth": out.shape.depth,
         "spine_tokens": out.shape.spine_tokens,
@@ -239,6 +241,9 @@ def aggregate(records: list[dict]) -> dict:
         # Speculative modes: accepted / drafted tokens, accepted draft tokens per decode step.
         "acceptance": sum(r.get("accepted", 0) for r in records) / max(1, sum(r.get("drafted", 0) for r in records)),
         "accepted_per_step": sum(r.get("accepted", 0) for r in records) / max(1, steps),
+        # With a head: the share of draft tokens it wrote (the rest by lookup) and its acceptance.
+        "head_share": sum(r.get("head_drafted", 0) for r in records) / max(1, sum(r.get("drafted", 0) for r in records)),
+        "head_acceptance": sum(r.get("head_accepted", 0) for r in records) / max(1, sum(r.get("head_drafted", 0) for r in records)),
         "same_as_plain_rate": sum(r.get("same_as_plain", True) for r in records) / len(records),
         **draft_positions(records),
         **tree_shapes(records),
@@ -403,6 +408,8 @@ def print_table(result: dict) -> None:
         line += "".join(f" {m} accept {ms[m]['acceptance']:.0%} {ms[m]['accepted_per_step']:.2f}/step"
                         f" {ms[m]['tokens_per_verify_step'] or 0:.2f}/verify"
                         f" by position {'/'.join(f'{a:.0%}' for a in ms[m]['acceptance_at'][:4])}"
+                        + (f" head {ms[m]['head_share']:.0%} of drafts, accept {ms[m]['head_acceptance']:.0%}"
+                           if ms[m].get("head_share") else "")
                         for m in modes if m.endswith("+spec"))
         print(line)
     print("forks .. branch: of the apar answers (else the first mode): forked, joined, mean thread levels, mean "

@@ -110,6 +110,7 @@ class Thread:
     logprobs: list | None = None
     draft: list[int] = field(default_factory=list)  # this step's draft tokens, fed after `pending` (speculation.py)
     draft_stats: DraftStats = field(default_factory=DraftStats)
+    draft_by_head: bool = False  # this step's draft came from a trained head (eagle.py), not lookup
     # Joins this thread sees, in index order: its ancestors' (inherited at its fork) and its own.
     joins: list[Join] = field(default_factory=list)
     established: int = 0  # joins[:established] have their KV in place for this thread (spans / runner cells)
@@ -192,6 +193,8 @@ class Request:
         self.attention_work = 0  # sum over fed tokens of the keys each one attends to
         self.num_draft_tokens = 0  # draft tokens fed (speculation.py)
         self.num_accepted_tokens = 0  # of which the model's own samples agreed with
+        self.num_head_draft_tokens = 0  # of the drafts, those from a trained head (the rest: lookup)
+        self.num_head_accepted_tokens = 0
         # Per draft position j (0: the first draft token): drafts that reached it, and were accepted there.
         self.drafted_at: list[int] = []
         self.accepted_at: list[int] = []
