@@ -242,9 +242,12 @@ def cmd_vllm_serve(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export, export_gguf
+    from .export import export, export_gguf, export_head
 
     if args.gguf:
+        if args.draft_head:
+            raise SystemExit("parafork export: --draft-head goes with --out (vLLM's EAGLE-3 layout); parafork does not "
+                             "run EAGLE-3 heads on llama.cpp")
         out = export_gguf(args.model, args.gguf, args.adapter, args.outtype)
         print(f"wrote {out} ({args.outtype}, llama.cpp's converter; [Fork]/[Child] as user-defined tokens)")
         return 0
@@ -254,6 +257,10 @@ def cmd_export(args) -> int:
     dtype = torch.bfloat16 if args.dtype == "auto" else resolve_dtype(args.dtype)
     out = export(args.model, args.out, args.adapter, dtype)
     print(f"wrote {out} (merged weights, safetensors; [Fork]/[Child] as plain added tokens)")
+    if args.draft_head:
+        head = export_head(args.draft_head, out, args.model, args.adapter)
+        spec = json.dumps({"method": "eagle3", "model": str(head), "num_speculative_tokens": 3})
+        print(f"wrote {head} (EAGLE-3 draft head): vllm serve {out} --speculative-config '{spec}'")
     print("GGUF for llama.cpp: parafork export --gguf MODEL.gguf --outtype f16|q8_0")
     return 0
 
@@ -376,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--gguf", default=None, help="instead: one GGUF file, through llama.cpp's converter")
     ex.add_argument("--outtype", default="f16", choices=GGUF_QUANTS, help="with --gguf: the weights' type")
     ex.add_argument("--adapter", default=None, help="LoRA adapter to merge (default: the bundled one for 'bundled')")
+    ex.add_argument("--draft-head", default=None,
+                    help="with --out: also write this EAGLE-3 draft head ('bundled': the shipped one) into OUT/eagle3 for vLLM")
     add_engine_args(ex, speculative=False)
     ex.set_defaults(func=cmd_export)
 

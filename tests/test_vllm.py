@@ -320,3 +320,32 @@ def test_agreement_between_engines_counts_equal_answers_and_where_they_part():
     got = _agreement(records, "a", "b", "_x")
     assert got["same_x_as_engine"] == pytest.approx(1 / 3)
     assert got["agreed_x_share"] == pytest.approx((1 + 2 / 5 + 0) / 3)
+
+
+@pytest.mark.model
+def test_vllm_drafts_with_the_exported_head(vllm_server, tmp_path):
+    """`parafork export --draft-head` writes the shipped head where vLLM's EAGLE-3 loader reads it:
+    a vLLM server given it drafts with it, accepts a share of its drafts near what parafork's
+    engine accepts (so the head reads the same hidden states, positions and vocabulary mapping
+    there), and writes the greedy answer of the server without drafts (the module's, for a plain
+    AR request, which its plugin leaves alone)."""
+    import json
+
+    from openai import OpenAI
+
+    from parafork.export import export_head
+    from parafork.vllm.server import VLLMServer, merged_model
+
+    model = merged_model("bundled")
+    head = export_head("bundled", tmp_path)
+    spec = json.dumps({"method": "eagle3", "model": str(head), "num_speculative_tokens": 3})
+    messages = [{"role": "user", "content": "How can I improve my time management skills?"}]
+    ask = dict(messages=messages, max_tokens=160, temperature=0, extra_body={"frequency_penalty": 0.3})
+    plain = OpenAI(base_url=vllm_server.url, api_key="-").chat.completions.create(model=vllm_server.served_name, **ask)
+    with VLLMServer(model, dtype="float32", plugin=False, extra_args=["--speculative-config", spec],
+                    log_path=tmp_path / "vllm-eagle.log") as server:
+        drafted = OpenAI(base_url=server.url, api_key="-").chat.completions.create(model=server.served_name, **ask)
+        m = server.metrics()
+    assert drafted.choices[0].message.content == plain.choices[0].message.content
+    proposed, accepted = m["vllm:spec_decode_num_draft_tokens_total"], m["vllm:spec_decode_num_accepted_tokens_total"]
+    assert proposed >= 3 * 20 and accepted / proposed > 0.08  # (a head vLLM misread would draft noise: ~0)

@@ -36,7 +36,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..draft.head import EagleHead, rotate
+from ..draft.head import EagleHead
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama's rotary embedding (halves rotated) of x [R, heads, D], as draft/head.py's `rotate`."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
 class _Linear:
@@ -97,6 +103,7 @@ class HeadDrafter:
                                                     m.up_proj.weight, m.down_proj.weight, head.lm_head.weight)
                                 ) * (2 if kernel is not None else 4)
         self.pass_cost = 0.0
+        self._cos = self._sin = torch.empty(0, c.head_dim)
 
     def _state(self, thread_id: int) -> _State:
         state = self.states.get(thread_id)
@@ -180,7 +187,20 @@ class HeadDrafter:
         q = q.reshape(len(x), c.num_attention_heads, c.head_dim)
         k = k.reshape(len(x), c.num_key_value_heads, c.head_dim)
         v = v.reshape(len(x), c.num_key_value_heads, c.head_dim)
-        return rotate(q, positions, c.rope_theta), rotate(k, positions, c.rope_theta), v
+        cos, sin = self._rope(positions)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [R, 1, D] of `positions` from a table grown as positions grow (draft/head.py's
+        `rotate` computes them per call: a pass's worth of small ops each time)."""
+        top = int(positions.max()) + 1
+        if self._cos.shape[0] < top:
+            n = max(top, 2 * self._cos.shape[0], 1024)
+            d = self.head.config.head_dim
+            angles = torch.arange(n, dtype=torch.float32)[:, None] * (
+                1.0 / (self.head.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)))
+            self._cos, self._sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+        return self._cos[positions][:, None], self._sin[positions][:, None]
 
     def _inputs(self, feature: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         m = self.head.midlayer

@@ -94,7 +94,10 @@ class VLLMServer:
                  host: str = "127.0.0.1", port: int | None = None, block_size: int = BLOCK_SIZE,
                  max_model_len: int = 2048, kv_cache_gib: int = 2, api_key: str | None = None,
                  extra_args: list[str] | None = None, log_path: str | os.PathLike | None = None,
-                 start_timeout: float = 600.0, priority_scheduling: bool = True) -> None:
+                 start_timeout: float = 600.0, priority_scheduling: bool = True, plugin: bool = True) -> None:
+        """`plugin`: load parafork's logits processor (APAR's rules inside vLLM); vLLM 0.32 refuses
+        custom logits processors beside speculative decoding, so a server drafting with a head
+        (`--speculative-config`) runs without it: AR only."""
         self.model_dir, self.served_name, self.host = Path(model_dir), served_name, host
         self.port = port or free_port()
         self.api_key, self.start_timeout = api_key, start_timeout
@@ -105,7 +108,7 @@ class VLLMServer:
             "--host", host, "--port", str(self.port), "--dtype", dtype,
             "--max-model-len", str(max_model_len), "--block-size", str(block_size),
             "--enforce-eager", "--enable-prompt-tokens-details", "--generation-config", "vllm",
-            "--logits-processors", "parafork.vllm.plugin:APARRules",
+            *(["--logits-processors", "parafork.vllm.plugin:APARRules"] if plugin else []),
             *(["--scheduling-policy", "priority"] if priority_scheduling else []),
             *(["--api-key", api_key] if api_key else []), *(extra_args or []),
         ]
