@@ -251,8 +251,12 @@ def test_sot_expands_every_skeleton_point_in_parallel(tiny_llm, monkeypatch):
     tiny_llm.check_idle()
 
 
+def _targs(tiny_dir, tmp_path, **extra) -> SimpleNamespace:
+    return _args(tiny_dir, tmp_path, **{"modes": "ar,serial,apar", "draft_head": "bundled", **extra})
+
+
 def test_throughput_closed_loop_loses_nothing_and_writes_plots(tiny_dir, tmp_path, monkeypatch):
-    args = _args(tiny_dir, tmp_path, limit=4, concurrency="1,3", kv_blocks="8,64", requests_per_client=2, rounds=1)
+    args = _targs(tiny_dir, tmp_path, limit=4, concurrency="1,3", kv_blocks="8,64", requests_per_client=2, rounds=1)
     result = throughput.run(args)
     saved = json.loads((tmp_path / "out.json").read_text())
     assert (tmp_path / "out.png").stat().st_size > 0
@@ -269,7 +273,7 @@ def test_throughput_closed_loop_loses_nothing_and_writes_plots(tiny_dir, tmp_pat
         return real_closed_loop(llm, prompts, c, params, bar)
 
     monkeypatch.setattr(throughput, "closed_loop", spy)
-    result = throughput.run(_args(tiny_dir, tmp_path, limit=2, concurrency="2", kv_blocks="64", requests_per_client=1,
+    result = throughput.run(_targs(tiny_dir, tmp_path, limit=2, concurrency="2", kv_blocks="64", requests_per_client=1,
                                   rounds=2))
     assert order == ["ar", "serial", "apar", "apar", "serial", "ar"]
     for r in result["runs"]:
@@ -277,7 +281,20 @@ def test_throughput_closed_loop_loses_nothing_and_writes_plots(tiny_dir, tmp_pat
         assert r["tok_s"] == pytest.approx(sum(x["tok_s"] for x in r["per_round"]) / 2)
     assert all(len(row["throughput_gain_pct_rounds"]) == 2 for row in result["comparison"])
     with pytest.raises(ValueError, match="--rounds"):
-        throughput.run(_args(tiny_dir, tmp_path, limit=2, concurrency="2", kv_blocks="64", requests_per_client=1, rounds=0))
+        throughput.run(_targs(tiny_dir, tmp_path, limit=2, concurrency="2", kv_blocks="64", requests_per_client=1, rounds=0))
+    # +spec modes: compared with the same mode without drafts; they need --spec, and --spec them.
+    order.clear()
+    result = throughput.run(_targs(tiny_dir, tmp_path, limit=2, concurrency="2", kv_blocks="64", requests_per_client=1,
+                                  rounds=1, modes="apar,apar+spec", spec="ngram"))
+    assert order == ["apar", "apar"]
+    assert [(r["mode"], r["baseline"]) for r in result["comparison"]] == [("apar+spec", "apar")]
+    for bad in (dict(modes="apar+spec", spec=None), dict(modes="apar", spec="ngram")):
+        with pytest.raises(ValueError, match="--spec"):
+            throughput.run(_targs(tiny_dir, tmp_path, limit=2, concurrency="2", kv_blocks="64", requests_per_client=1,
+                                 rounds=1, **bad))
+    with pytest.raises(ValueError, match="--modes"):
+        throughput.run(_targs(tiny_dir, tmp_path, limit=2, concurrency="2", kv_blocks="64", requests_per_client=1,
+                             rounds=1, modes="apar,fast"))
     with pytest.raises(ValueError, match="--concurrency"):
         parse_list("1,x", "--concurrency", int)
     with pytest.raises(ValueError, match="--kv-blocks"):

@@ -8,6 +8,9 @@ the pool's peak KV blocks, preemptions, the tokens they made the engine feed aga
 (recomputed), the request-steps run serialized for lack of KV (scheduler.py) and the forks
 deferred because rows were dear (engine.py). AR and
 APAR run back to back on the same engine, same questions, same order (the paper's Fig. 5).
+`--modes` picks them; `ar+spec` and `apar+spec` draft (`--spec ngram`, or `eagle`: a trained
+head, `--draft-head`) and are compared with the same mode without drafts: what drafting gains
+or costs when many threads share each step.
 
 `--rounds N` runs every point N times, the modes' order reversed every other round (AR,
 serial, APAR, then APAR, serial, AR, ...), and reports each figure as the mean over rounds
@@ -28,6 +31,7 @@ from .common import add_output_args, add_suite_args, metadata, parse_list, perce
 from .suite import load_suite, select
 
 MODES = ("ar", "serial", "apar")  # serial: APAR's own answers, one thread at a time
+ALL_MODES = (*MODES, "ar+spec", "apar+spec")  # +spec: with drafts (--spec)
 
 
 def add_arguments(p) -> None:
@@ -38,6 +42,9 @@ def add_arguments(p) -> None:
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--rounds", type=int, default=1,
                    help="run each point this many times, alternating the modes' order; figures are the means")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(ALL_MODES)}")
+    p.add_argument("--spec", default=None, choices=["ngram", "eagle"], help="the +spec modes' drafts")
+    p.add_argument("--draft-head", default="bundled", help="with --spec eagle: the head's folder ('bundled': the shipped one)")
 
 
 def closed_loop(llm: LLM, prompts: list[str], concurrency: int, params: SamplingParams, bar: tqdm) -> dict:
@@ -110,33 +117,42 @@ def run_throughput(
     backend: str = "auto",
     quant: str | None = None,
     rounds: int = 1,
+    modes: tuple[str, ...] = MODES,
+    spec: str | None = None,
+    draft_head: str = "bundled",
 ) -> dict:
     if rounds < 1:
         raise ValueError(f"--rounds must be at least 1 (got {rounds})")
+    if unknown := [m for m in modes if m not in ALL_MODES]:
+        raise ValueError(f"unknown modes {', '.join(unknown)}; choose from {', '.join(ALL_MODES)}")
+    if any(m.endswith("+spec") for m in modes) != (spec is not None):
+        raise ValueError("the +spec modes need --spec (ngram or eagle), and --spec needs a +spec mode")
     runs = []
-    total = sum(c * requests_per_client for c in concurrency) * len(kv_blocks) * len(MODES) * rounds
+    total = sum(c * requests_per_client for c in concurrency) * len(kv_blocks) * len(modes) * rounds
     with tqdm(total=total, desc="throughput", unit="request") as bar:
         for blocks in kv_blocks:
             # No prefix cache: the mode that runs first must not warm the questions for the others.
             llm = LLM(model, adapter=adapter, dtype=dtype, cpu_threads=threads, num_kv_blocks=blocks, prefix_caching=False,
-                      backend=backend, quant=quant)
+                      backend=backend, quant=quant, **({"draft_head": draft_head} if spec == "eagle" else {}))
             llm.generate("Hello", SamplingParams(max_tokens=4))  # warm-up
             for c in concurrency:
                 prompts = [questions[i % len(questions)]["prompt"] for i in range(c * requests_per_client)]
-                per_round: dict[str, list[dict]] = {mode: [] for mode in MODES}
+                per_round: dict[str, list[dict]] = {mode: [] for mode in modes}
                 for k in range(rounds):
-                    for mode in MODES if k % 2 == 0 else MODES[::-1]:
+                    for mode in modes if k % 2 == 0 else modes[::-1]:
                         bar.set_postfix(kv=blocks, clients=c, mode=mode, round=k + 1)
-                        params = SamplingParams(max_tokens=max_tokens, mode=mode)
+                        params = SamplingParams(max_tokens=max_tokens, mode=mode.removesuffix("+spec"),
+                                                speculative=spec if mode.endswith("+spec") else "off")
                         per_round[mode].append(closed_loop(llm, prompts, c, params, bar))
-                for mode in MODES:
+                for mode in modes:
                     runs.append({"mode": mode, "concurrency": c, "kv_blocks": blocks, **mean_figures(per_round[mode])})
             del llm
     return {
         "config": {"model": model, "adapter": adapter, "dtype": dtype, "threads": threads, "max_tokens": max_tokens,
                    "backend": backend, "quant": quant,
                    "concurrency": concurrency, "kv_blocks": kv_blocks, "requests_per_client": requests_per_client,
-                   "rounds": rounds},
+                   "rounds": rounds, "modes": list(modes), "spec": spec,
+                   "draft_head": draft_head if spec == "eagle" else None},
         "runs": runs,
         "comparison": compare(runs),
         **metadata(threads),
@@ -158,12 +174,14 @@ def compare(runs: list[dict]) -> list[dict]:
     """APAR against each baseline at each (KV pool, concurrency): throughput gain, KV share."""
     by_key = {(r["kv_blocks"], r["concurrency"], r["mode"]): r for r in runs}
     rows = []
+    pairs = {"apar": ("ar", "serial"), "apar+spec": ("apar",), "ar+spec": ("ar",)}
     for (blocks, c, mode), apar in by_key.items():
-        for baseline in ("ar", "serial"):
+        for baseline in pairs.get(mode, ()):
             base = by_key.get((blocks, c, baseline))
-            if mode != "apar" or base is None:
+            if base is None:
                 continue
             rows.append({
+                "mode": mode,
                 "baseline": baseline,
                 "kv_blocks": blocks,
                 "concurrency": c,
@@ -179,11 +197,11 @@ def compare(runs: list[dict]) -> list[dict]:
 
 
 def print_table(result: dict) -> None:
-    print(f"{'KV':>6s} {'clients':>7s} {'mode':>6s} {'tok/s':>8s} {'steady':>8s} {'lat mean':>8s} {'p50':>7s} {'p99':>7s} {'peak KV':>7s} "
+    print(f"{'KV':>6s} {'clients':>7s} {'mode':>9s} {'tok/s':>8s} {'steady':>8s} {'lat mean':>8s} {'p50':>7s} {'p99':>7s} {'peak KV':>7s} "
           f"{'preempt':>7s} {'recomp':>7s} {'serial':>7s} {'defer':>6s}")
     for r in result["runs"]:
         print(
-            f"{r['kv_blocks']:6d} {r['concurrency']:7d} {r['mode']:>6s} {r['tok_s']:8.1f} {r['steady_tok_s']:8.1f} "
+            f"{r['kv_blocks']:6d} {r['concurrency']:7d} {r['mode']:>9s} {r['tok_s']:8.1f} {r['steady_tok_s']:8.1f} "
             f"{r['latency_mean']:7.2f}s "
             f"{r['latency_p50']:6.2f}s {r['latency_p99']:6.2f}s {r['peak_kv_blocks']:7d} {r['preemptions']:7d} "
             f"{r.get('recomputed_tokens', 0):7d} {r.get('serialized_steps', 0):7d} {r.get('deferred_forks', 0):6d}"
@@ -191,7 +209,7 @@ def print_table(result: dict) -> None:
         )
     for row in result["comparison"]:
         print(
-            f"KV {row['kv_blocks']}, {row['concurrency']} clients: APAR throughput {row['throughput_gain_pct']:+.0f}% "
+            f"KV {row['kv_blocks']}, {row['concurrency']} clients: {row.get('mode', 'apar').upper()} throughput {row['throughput_gain_pct']:+.0f}% "
             f"(steady {'-' if row['steady_gain_pct'] is None else format(row['steady_gain_pct'], '+.0f')}%) vs {row['baseline']}, peak KV {row['peak_kv_ratio']:.0%} of its, p50 latency x{row['latency_p50_ratio']:.2f}"
             + (" (rounds: " + " ".join(f"{g:+.0f}%" for g in row["throughput_gain_pct_rounds"]) + ")"
                if row.get("throughput_gain_pct_rounds") else "")
@@ -206,7 +224,7 @@ def plot(result: dict, path: str) -> None:
     runs, pools = result["runs"], sorted(result["config"]["kv_blocks"])
     fig, axes = plt.subplots(len(pools), 3, figsize=(13, 3.6 * len(pools)), squeeze=False)
     for row, blocks in zip(axes, pools):
-        for mode in MODES:
+        for mode in result["config"].get("modes", MODES):
             at = sorted((r for r in runs if r["mode"] == mode and r["kv_blocks"] == blocks), key=lambda r: r["concurrency"])
             clients = [r["concurrency"] for r in at]
             line = row[0].plot(clients, [r["tok_s"] for r in at], "o-", label=mode.upper())[0]
@@ -230,7 +248,7 @@ def run(args) -> dict:
     result = run_throughput(
         questions, parse_list(args.concurrency, "--concurrency", int), parse_list(args.kv_blocks, "--kv-blocks", int),
         args.model, args.adapter, args.dtype, args.cpu_threads, args.max_tokens, args.requests_per_client,
-        args.backend, args.quant, args.rounds,
+        args.backend, args.quant, args.rounds, tuple(parse_list(args.modes, "--modes", str, ALL_MODES)), args.spec, args.draft_head,
     )
     result["config"]["suite"] = args.suite
     return report(result, args, print_table, plot)

@@ -301,12 +301,14 @@ class Engine:
                 proposals.append((i, thread, draft, gains, False))
             elif self._speculates(thread) == "eagle" and not thread.spans:
                 asks.append((i, thread, k))  # (positions moved by a join: the head's cache does not hold them)
-        if asks:
-            # A head's token is worth computing where its chance beats its price: its row and its
-            # share of the head's passes (one-row steps).
-            price = self.step_cost.marginal(rows) + self.drafter.pass_cost / len(asks)
-            drafts = self.drafter.propose([(t.thread_id, t.token_ids, k) for _, t, k in asks],
-                                          min_gain=price * sampling / self.step_cost(rows))
+        # A head's token is worth computing where its chance beats its price: its row and its share
+        # of the head's passes (one-row steps), against the tokens per cost the step already makes.
+        # Where no chance could (a wide batch) the head is not run at all: its threads' caches
+        # catch up later in one pass of several rows.
+        min_gain = (self.step_cost.marginal(rows) + self.drafter.pass_cost / len(asks)) * sampling / self.step_cost(rows) \
+            if asks else 1.0
+        if min_gain < 1.0:
+            drafts = self.drafter.propose([(t.thread_id, t.token_ids, k) for _, t, k in asks], min_gain=min_gain)
             proposals += [(i, t, draft, gains, True) for (i, t, _), (draft, gains) in zip(asks, drafts) if draft]
             proposals.sort(key=lambda p: p[0])
         if not proposals:
