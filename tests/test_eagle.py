@@ -81,6 +81,21 @@ def test_seeded_sampling_draws_the_same_tokens_with_head_drafts(eagle_llm):
     assert [o.token_ids for o in drafted] == [o.token_ids for o in plain]
 
 
+def test_threads_that_end_while_others_draft_hand_the_drafter_nothing(eagle_llm):
+    """Many short prompts at once (more rows in a step than a prompt has tokens), children
+    ending while their parents and other requests go on: a thread that ended this step gave its
+    KV back, and the drafter must not be handed rows of the step as its (found under 16 clients:
+    a negative slice wrapped around the step's rows)."""
+    force = ForceForks(eagle_llm.control, frozenset({2, 4}), child_tokens=6, root_tokens=30)
+    params = SamplingParams(max_tokens=80, mode="apar", logits_rules=[force], **FREE)
+    prompts = [{"prompt_token_ids": [700 + k, 800 + k, 900 + k]} for k in range(12)]
+    plain = eagle_llm.generate(prompts, params)
+    drafted = eagle_llm.generate(prompts, replace(params, speculative="eagle"))
+    assert [o.token_ids for o in drafted] == [o.token_ids for o in plain]
+    assert all(o.num_threads == 3 for o in drafted)
+    eagle_llm.check_idle()
+
+
 def test_lookup_drafts_first_and_the_head_where_the_context_does_not_recur(eagle_llm):
     """speculative="eagle" drafts by lookup where the context recurs (no head pass) and from
     the head elsewhere; the output is the same either way, and the counts say which drafted."""
@@ -146,3 +161,22 @@ def test_the_heads_linears_through_the_row_kernel_keep_the_output(tiny_dir, head
     drafted = llm.generate(PROMPT_IDS, replace(params, speculative="eagle"))
     assert [o.token_ids for o in drafted] == [o.token_ids for o in plain]
     assert sum(o.num_draft_tokens for o in drafted) > 20
+
+
+@pytest.mark.model
+def test_the_shipped_head_drafts_for_the_bundled_model():
+    """The head in parafork/adapters/smollm2-apar-eagle (LLM(..., speculative="eagle") loads it):
+    on a real prompt it drafts and a good share of its drafts is accepted (a head that misread
+    the runner's states, positions or vocabulary would draft noise), and the answer is the one
+    decoded without drafts, in AR and with APAR's real forks (float32)."""
+    llm = LLM("bundled", dtype="float32", speculative="eagle")
+    prompt = [{"role": "user", "content": "How can I improve my time management skills?"}]
+    for mode in ("ar", "apar"):
+        params = SamplingParams(max_tokens=200, mode=mode, plan_budget=False)
+        plain = llm.generate(prompt, replace(params, speculative="off"))[0]
+        drafted = llm.generate(prompt, params)[0]
+        assert drafted.token_ids == plain.token_ids
+        assert drafted.num_head_draft_tokens >= 20, mode
+        assert drafted.num_head_accepted_tokens / drafted.num_head_draft_tokens > 0.2, mode
+    assert plain.num_threads > 1
+    llm.check_idle()

@@ -115,6 +115,8 @@ class HeadDrafter:
 
     def observe(self, thread_id: int, start: int, tokens: list[int], aux: torch.Tensor) -> None:
         """The target's features of positions start.. (verified tokens only)."""
+        if len(tokens) != len(aux):
+            raise ValueError(f"thread {thread_id}: {len(aux)} rows of features for {len(tokens)} tokens")
         state = self._state(thread_id)
         for k in range(len(aux)):
             pos = start + k

@@ -326,8 +326,8 @@ class Engine:
         aux, first = self._hidden
         self._hidden = None
         for thread, (row, start) in zip(batch.threads, first):
-            if self._speculates(thread) == "eagle" and not thread.request.finished:
-                verified = thread.num_cached - start
+            verified = thread.num_cached - start  # (< 0 where the thread ended this step and gave back its KV)
+            if self._speculates(thread) == "eagle" and not thread.request.finished and verified > 0:
                 self.drafter.observe(thread.thread_id, start, thread.token_ids[start:start + verified],
                                      aux[row:row + verified])
 
