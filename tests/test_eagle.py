@@ -96,6 +96,25 @@ def test_threads_that_end_while_others_draft_hand_the_drafter_nothing(eagle_llm)
     eagle_llm.check_idle()
 
 
+def test_the_head_sits_out_where_its_pass_costs_more_than_it_yields(eagle_llm, monkeypatch):
+    """The engine runs the head only where the tokens it has been yielding are worth its pass:
+    priced dear it sits out (no head drafts, same answer), and its yield estimate drifts back
+    to the prior while it rests, so it tries again once priced as before."""
+    drafter = eagle_llm.engine.drafter
+    params = SamplingParams(max_tokens=40, mode="ar", speculative="eagle", **FREE)
+    monkeypatch.setattr(drafter, "pass_cost", 100.0)
+    dear = eagle_llm.generate(PROMPT_IDS[0], params)[0]
+    assert dear.num_head_draft_tokens == 0
+    monkeypatch.setattr(drafter, "pass_cost", 0.0)
+    cheap = eagle_llm.generate(PROMPT_IDS[0], params)[0]
+    assert cheap.num_head_draft_tokens > 0 and cheap.token_ids == dear.token_ids
+    drafter.record(40, 0)
+    low = drafter.expected_yield
+    for _ in range(60):
+        drafter.rest()
+    assert low < 0.05 and drafter.expected_yield > 0.4  # back near the prior of 1/2
+
+
 def test_lookup_drafts_first_and_the_head_where_the_context_does_not_recur(eagle_llm):
     """speculative="eagle" drafts by lookup where the context recurs (no head pass) and from
     the head elsewhere; the output is the same either way, and the counts say which drafted."""

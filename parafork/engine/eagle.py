@@ -39,6 +39,9 @@ import torch
 from ..draft.head import EagleHead
 
 
+YIELD_DECAY = 0.8  # weight of the head's past steps against the newest (as a thread's n-gram counts)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Llama's rotary embedding (halves rotated) of x [R, heads, D], as draft/head.py's `rotate`."""
     half = x.shape[-1] // 2
@@ -103,7 +106,23 @@ class HeadDrafter:
                                                     m.up_proj.weight, m.down_proj.weight, head.lm_head.weight)
                                 ) * (2 if kernel is not None else 4)
         self.pass_cost = 0.0
+        # What a pass has been yielding: accepted head tokens per thread asked, decayed counts
+        # (prior 1/2; a step the head sits out decays them back toward it, so it tries again).
+        self._asked, self._accepted = 0.0, 0.0
         self._cos = self._sin = torch.empty(0, c.head_dim)
+
+    @property
+    def expected_yield(self) -> float:
+        """Accepted tokens a pass is expected to give per thread it drafts for."""
+        return (self._accepted + 0.5) / (self._asked + 1.0)
+
+    def record(self, asked: int, accepted: int) -> None:
+        """A step's outcome: `asked` threads went through the head, `accepted` of its tokens held."""
+        self._asked, self._accepted = self._asked * YIELD_DECAY + asked, self._accepted * YIELD_DECAY + accepted
+
+    def rest(self) -> None:
+        """A step without the head."""
+        self._asked, self._accepted = self._asked * YIELD_DECAY, self._accepted * YIELD_DECAY
 
     def _state(self, thread_id: int) -> _State:
         state = self.states.get(thread_id)
