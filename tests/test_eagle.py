@@ -41,7 +41,7 @@ def head_dir(tiny_dir, tmp_path_factory):
 def eagle_llm(tiny_dir, head_dir):
     llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=256, block_size=4, draft_head=str(head_dir))
     llm.engine.step_cost = StepCost.linear(0.0)  # every proposed draft is fed: the verifier is what is tested
-    llm.engine.drafter.pass_cost = 0.0
+    llm.engine.drafter.pass_cost = llm.engine.drafter.thread_cost = 0.0
     return llm
 
 
@@ -173,7 +173,7 @@ def test_the_heads_linears_through_the_row_kernel_keep_the_output(tiny_dir, head
         pytest.skip(f"the row kernel is not built here: {llm.engine.runner.linear_path}")
     assert llm.engine.drafter.linears["qkv"].kernel is not None
     llm.engine.step_cost = StepCost.linear(0.0)
-    llm.engine.drafter.pass_cost = 0.0
+    llm.engine.drafter.pass_cost = llm.engine.drafter.thread_cost = 0.0
     force = ForceForks(llm.control, frozenset({3}), child_tokens=20, root_tokens=30)
     params = SamplingParams(max_tokens=100, mode="apar", logits_rules=[force], **FREE)
     plain = llm.generate(PROMPT_IDS, params)

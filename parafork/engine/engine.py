@@ -145,6 +145,11 @@ class Engine:
         # The cost of a step against its rows (sizes drafts: step_cost.py), measured
         # here, before any request, where the runner allows it.
         self.step_cost = self._step_cost()
+        if drafter is not None and self.step_cost.source == "measured":
+            # The head's pass priced as timed here, in one-row steps (its weight bytes alone, the
+            # facade's estimate, left out its threads' share: 64 threads cost 19 ms, not 5).
+            base, per_thread = drafter.time_pass()
+            drafter.pass_cost, drafter.thread_cost = base / self.step_cost.ms[0], per_thread / self.step_cost.ms[0]
         self.defer_forks_from_rows = config.defer_forks_from_rows
         self._rows_dear = False  # this step's rows reach defer_forks_from_rows
         self.drafter = drafter  # drafts from a trained head (eagle.py), None without one
@@ -308,7 +313,7 @@ class Engine:
         if asks and self._head_pays(asks, rows, sampling):
             # A head's token is worth computing where its chance beats its price: its row and its
             # share of the head's passes (one-row steps), against the tokens per cost the step makes.
-            min_gain = (self.step_cost.marginal(rows) + self.drafter.pass_cost / len(asks)) * sampling / self.step_cost(rows)
+            min_gain = (self.step_cost.marginal(rows) + self._pass_price(len(asks)) / len(asks)) * sampling / self.step_cost(rows)
             drafts = self.drafter.propose([(t.thread_id, t.token_ids, k) for _, t, k in asks], min_gain=min_gain)
             proposals += [(i, t, draft, gains, True) for (i, t, _), (draft, gains) in zip(asks, drafts) if draft]
             proposals.sort(key=lambda p: p[0])
@@ -329,11 +334,16 @@ class Engine:
         """Whether the head's pass is worth running this step: the tokens it has been yielding
         per thread, each worth what a token costs in this step, against the pass over these
         threads (the head's price scaled by rows as the target's step is). Where rows are dear
-        (a wide batch) few of its tokens can pay for their rows, its yield falls and it sits out;
-        its threads' caches catch up later in one pass of several rows. (Measured at 16 clients
-        before this rule: the head ran every step and cost APAR 8% of its tokens/s.)"""
+        (a wide batch) few of its tokens can pay for their rows and its pass is dear (its threads'
+        attention), its yield falls and it sits out; its threads' caches catch up later in one
+        pass of several rows. (Measured at 16 clients: the head running every step cost APAR 8%
+        of its tokens/s.)"""
         worth = self.step_cost(rows) / sampling  # one-row steps per token the step makes
-        return len(asks) * self.drafter.expected_yield * worth > self.drafter.pass_cost * self.step_cost(len(asks))
+        return len(asks) * self.drafter.expected_yield * worth > self._pass_price(len(asks))
+
+    def _pass_price(self, threads: int) -> float:
+        """A pass of the head over `threads` threads, in one-row steps."""
+        return self.drafter.pass_cost + self.drafter.thread_cost * (threads - 1)
 
     def _observe(self, batch: ScheduledBatch) -> None:
         """Hands the drafter the target's hidden states of every verified position fed this step."""
