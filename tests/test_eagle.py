@@ -108,11 +108,11 @@ def test_the_head_sits_out_where_its_pass_costs_more_than_it_yields(eagle_llm, m
     monkeypatch.setattr(drafter, "pass_cost", 0.0)
     cheap = eagle_llm.generate(PROMPT_IDS[0], params)[0]
     assert cheap.num_head_draft_tokens > 0 and cheap.token_ids == dear.token_ids
-    drafter.record(40, 0)
-    low = drafter.expected_yield
+    drafter.record(40, 80, 0)
+    low = drafter.expected_yield[1]
     for _ in range(60):
         drafter.rest()
-    assert low < 0.05 and drafter.expected_yield > 0.4  # back near the prior of 1/2
+    assert low < 0.05 and drafter.expected_yield[1] > 0.4  # back near the prior of 1/2
 
 
 def test_lookup_drafts_first_and_the_head_where_the_context_does_not_recur(eagle_llm):

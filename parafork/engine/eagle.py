@@ -108,9 +108,10 @@ class HeadDrafter:
                                 ) * (2 if kernel is not None else 4)
         self.pass_cost = 0.0
         self.thread_cost = 0.0  # and each thread's share beyond it (its attention, its bookkeeping)
-        # What a pass has been yielding: accepted head tokens per thread asked, decayed counts
-        # (prior 1/2; a step the head sits out decays them back toward it, so it tries again).
-        self._asked, self._accepted = 0.0, 0.0
+        # What a pass has been yielding: per thread asked, head tokens fed and accepted, decayed
+        # counts (prior 1 and 1/2; a step the head sits out decays them back toward it, so it
+        # tries again).
+        self._asked, self._drafted, self._accepted = 0.0, 0.0, 0.0
         self._cos = self._sin = torch.empty(0, c.head_dim)
 
     def time_pass(self, threads: int = 16, context: int = 256, rounds: int = 3) -> tuple[float, float]:
@@ -146,17 +147,19 @@ class HeadDrafter:
         return best[1], max(0.0, (best[threads] - best[1]) / (threads - 1))
 
     @property
-    def expected_yield(self) -> float:
-        """Accepted tokens a pass is expected to give per thread it drafts for."""
-        return (self._accepted + 0.5) / (self._asked + 1.0)
+    def expected_yield(self) -> tuple[float, float]:
+        """Per thread a pass drafts for: the head's tokens it is expected to feed, and to have accepted."""
+        return (self._drafted + 1.0) / (self._asked + 1.0), (self._accepted + 0.5) / (self._asked + 1.0)
 
-    def record(self, asked: int, accepted: int) -> None:
-        """A step's outcome: `asked` threads went through the head, `accepted` of its tokens held."""
-        self._asked, self._accepted = self._asked * YIELD_DECAY + asked, self._accepted * YIELD_DECAY + accepted
+    def record(self, asked: int, drafted: int, accepted: int) -> None:
+        """A step's outcome: `asked` threads went through the head, `drafted` of its tokens were
+        fed, `accepted` of them held."""
+        d = YIELD_DECAY
+        self._asked, self._drafted, self._accepted = self._asked * d + asked, self._drafted * d + drafted, self._accepted * d + accepted
 
     def rest(self) -> None:
         """A step without the head."""
-        self._asked, self._accepted = self._asked * YIELD_DECAY, self._accepted * YIELD_DECAY
+        self._asked, self._drafted, self._accepted = (x * YIELD_DECAY for x in (self._asked, self._drafted, self._accepted))
 
     def _state(self, thread_id: int) -> _State:
         state = self.states.get(thread_id)

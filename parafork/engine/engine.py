@@ -153,7 +153,7 @@ class Engine:
         self.defer_forks_from_rows = config.defer_forks_from_rows
         self._rows_dear = False  # this step's rows reach defer_forks_from_rows
         self.drafter = drafter  # drafts from a trained head (eagle.py), None without one
-        self._head_step: list[int] | None = None  # threads the head drafted for this step, its tokens accepted
+        self._head_step: list[int] | None = None  # threads the head drafted for this step, its tokens fed, accepted
         self._hidden = None  # this step's StepHidden where the drafter reads it, and each thread's first row
 
     def _step_cost(self) -> step_cost.StepCost:
@@ -317,7 +317,7 @@ class Engine:
             drafts = self.drafter.propose([(t.thread_id, t.token_ids, k) for _, t, k in asks], min_gain=min_gain)
             proposals += [(i, t, draft, gains, True) for (i, t, _), (draft, gains) in zip(asks, drafts) if draft]
             proposals.sort(key=lambda p: p[0])
-            self._head_step = [len(asks), 0]
+            self._head_step = [len(asks), 0, 0]
         elif asks:
             self.drafter.rest()
         if not proposals:
@@ -331,15 +331,16 @@ class Engine:
                 thread.draft_stats.idle()
 
     def _head_pays(self, asks: list, rows: int, sampling: int) -> bool:
-        """Whether the head's pass is worth running this step: the tokens it has been yielding
-        per thread, each worth what a token costs in this step, against the pass over these
-        threads (the head's price scaled by rows as the target's step is). Where rows are dear
+        """Whether the head's pass is worth running this step: what it has been yielding per
+        thread (its accepted tokens, each worth what a token costs in this step, less the rows its
+        drafts add) against the pass over these threads (timed: `_pass_price`). Where rows are dear
         (a wide batch) few of its tokens can pay for their rows and its pass is dear (its threads'
         attention), its yield falls and it sits out; its threads' caches catch up later in one
         pass of several rows. (Measured at 16 clients: the head running every step cost APAR 8%
         of its tokens/s.)"""
         worth = self.step_cost(rows) / sampling  # one-row steps per token the step makes
-        return len(asks) * self.drafter.expected_yield * worth > self._pass_price(len(asks))
+        fed, accepted = self.drafter.expected_yield
+        return len(asks) * (accepted * worth - fed * self.step_cost.marginal(rows)) > self._pass_price(len(asks))
 
     def _pass_price(self, threads: int) -> float:
         """A pass of the head over `threads` threads, in one-row steps."""
@@ -507,7 +508,8 @@ class Engine:
             request.num_head_draft_tokens += len(thread.draft)
             request.num_head_accepted_tokens += accepted
             if self._head_step is not None:
-                self._head_step[1] += accepted
+                self._head_step[1] += len(thread.draft)
+                self._head_step[2] += accepted
         else:
             thread.draft_stats.update(len(thread.draft), accepted)
         thread.draft = []
