@@ -187,14 +187,15 @@ def test_the_shipped_head_drafts_for_the_bundled_model():
     """The head in parafork/adapters/smollm2-apar-eagle (LLM(..., speculative="eagle") loads it):
     on a real prompt it drafts and a good share of its drafts is accepted (a head that misread
     the runner's states, positions or vocabulary would draft noise), and the answer is the one
-    decoded without drafts, in AR and with APAR's real forks (float32)."""
+    decoded without drafts, in AR and with APAR's real forks (float32; room for the whole answer:
+    under a shared `max_tokens` threads that advance at another pace meet the budget elsewhere)."""
     llm = LLM("bundled", dtype="float32", speculative="eagle")
     prompt = [{"role": "user", "content": "How can I improve my time management skills?"}]
     for mode in ("ar", "apar"):
-        params = SamplingParams(max_tokens=200, mode=mode, plan_budget=False)
-        plain = llm.generate(prompt, replace(params, speculative="off"))[0]
-        drafted = llm.generate(prompt, params)[0]
-        assert drafted.token_ids == plain.token_ids
+        params = SamplingParams(max_tokens=600, mode=mode)
+        plain = llm.generate([prompt], replace(params, speculative="off"))[0]
+        drafted = llm.generate([prompt], params)[0]
+        assert plain.finish_reason == "stop" and drafted.token_ids == plain.token_ids
         assert drafted.num_head_draft_tokens >= 20, mode
         assert drafted.num_head_accepted_tokens / drafted.num_head_draft_tokens > 0.2, mode
     assert plain.num_threads > 1
