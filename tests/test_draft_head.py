@@ -113,18 +113,23 @@ def test_a_tiny_head_learns_resumes_and_writes_its_card(tiny_dir, tmp_path, monk
         train_head(DraftTrainConfig(**{**cfg.__dict__, "lr": 1e-2}))
 
 
+def _random_head(seed: int) -> tuple[EagleHead, torch.Tensor]:
+    """A head of CONFIG with weights large enough for confident, varied drafts, and an embedding table."""
+    torch.manual_seed(seed)
+    head = EagleHead(CONFIG)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    head.set_vocabulary(list(range(CONFIG.draft_vocab_size)))
+    return head, torch.randn(CONFIG.vocab_size, CONFIG.hidden_size)
+
+
 def test_the_engines_drafter_chains_what_training_unrolls():
     """engine/eagle.py decodes a chain position by position with a growing cache; `unroll` trains
     all positions at once. Fed the drafted tokens as the next tokens, the unrolled steps at the
     last position predict exactly the chain the drafter wrote."""
     from parafork.engine.eagle import HeadDrafter
 
-    torch.manual_seed(1)
-    head = EagleHead(CONFIG)
-    for p in head.parameters():
-        torch.nn.init.normal_(p, std=0.5)
-    head.set_vocabulary(list(range(CONFIG.draft_vocab_size)))
-    embed = torch.randn(CONFIG.vocab_size, CONFIG.hidden_size)
+    head, embed = _random_head(1)
     drafter = HeadDrafter(head, lambda ids: embed[ids], fork_id=-1, stop_ids=set(), child_id=-2)
     T = 9
     tokens = torch.randint(0, CONFIG.draft_vocab_size, (T + 1,)).tolist()  # positions 0..T, the last pending
@@ -142,16 +147,11 @@ def test_the_engines_drafter_chains_what_training_unrolls():
 
 def test_threads_drafted_together_get_the_chains_each_gets_alone():
     """The drafter puts every asking thread through one pass per chain step (eagle.py): each
-    thread's chain and confidences are what it would get drafted on its own, a `min_gain`
-    cuts chains before their first token below it, and a child adopts its parent's cache."""
+    thread's chain and confidences are what it would get drafted on its own, and a `min_gain`
+    cuts chains before their first token below it."""
     from parafork.engine.eagle import HeadDrafter
 
-    torch.manual_seed(2)
-    head = EagleHead(CONFIG)
-    for p in head.parameters():
-        torch.nn.init.normal_(p, std=0.5)
-    head.set_vocabulary(list(range(CONFIG.draft_vocab_size)))
-    embed = torch.randn(CONFIG.vocab_size, CONFIG.hidden_size)
+    head, embed = _random_head(2)
     contexts = {1: 12, 2: 7, 3: 10}  # thread id -> context length (the last token pending)
     tokens = {t: torch.randint(0, CONFIG.draft_vocab_size, (n,)).tolist() for t, n in contexts.items()}
     aux = {t: torch.randn(n - 1, 3 * CONFIG.hidden_size) for t, n in contexts.items()}

@@ -190,6 +190,9 @@ def test_the_shipped_head_drafts_for_the_bundled_model():
     decoded without drafts, in AR and with APAR's real forks (float32; room for the whole answer:
     under a shared `max_tokens` threads that advance at another pace meet the budget elsewhere)."""
     llm = LLM("bundled", dtype="float32", speculative="eagle")
+    # Priced free: what is tested is the head, not whether its timed price lets it run (in fp32,
+    # beside other tests, a pass can cost what the head's prior yield is worth, and it sits out).
+    llm.engine.drafter.pass_cost = llm.engine.drafter.thread_cost = 0.0
     prompt = [{"role": "user", "content": "How can I improve my time management skills?"}]
     for mode in ("ar", "apar"):
         params = SamplingParams(max_tokens=600, mode=mode)
