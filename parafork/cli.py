@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         td.add_argument(f"--{name}", type=kind, default=default)
     td.add_argument("--autocast", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 where native")
-    td.add_argument("--init-head", default=None, help="warm start from a head trained on the same data")
+    td.add_argument("--init-head", default=None, help="warm start from a head for the same model (its draft vocabulary kept)")
     td.add_argument("--labels", default="soft", choices=["soft", "hard"],
                     help="soft: the target's penalized distribution (from the stored final states); hard: the written tokens")
     td.set_defaults(func=cmd_train_draft)

@@ -68,3 +68,25 @@ def base_llm(base_dir):
 @pytest.fixture(scope="session")
 def base_hf(base_llm, base_dir):
     return models.load_hf_model(base_dir, base_llm.tokenizer, torch.float32)
+
+
+@pytest.fixture(scope="session")
+def head_dir(tiny_dir, tmp_path_factory):
+    """A random head shaped for the tiny model, reading both its layers; its vocabulary the
+    ids 0..1999 and the control tokens (whatever the tiny model writes falls mostly outside,
+    so drafts are rejected as often as they come: what is tested is that nothing changes)."""
+    from transformers import LlamaConfig
+
+    from parafork.draft.head import EagleHead, HeadConfig
+
+    target = LlamaConfig.from_pretrained(tiny_dir)
+    llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=16, step_cost="fixed")
+    vocab = sorted(set(range(2000)) | {llm.control.fork_id, llm.control.child_id, llm.control.join_id,
+                                       *llm.control.eos_ids})
+    torch.manual_seed(0)
+    head = EagleHead(HeadConfig.for_target(target, vocab_size=llm.engine.runner.info.vocab_size,
+                                           draft_vocab_size=len(vocab), aux_layers=(0, 1)))
+    head.set_vocabulary(vocab)
+    folder = tmp_path_factory.mktemp("head")
+    head.save(folder)
+    return folder

@@ -15,7 +15,7 @@ from parafork.cli import main
 def _args(tiny_dir, tmp_path, **extra) -> SimpleNamespace:
     base = dict(
         model=str(tiny_dir), base_model=str(tiny_dir), adapter=None, dtype="float32", cpu_threads=1, suite="starter",
-        backend="auto", quant=None, spec=None,
+        backend="auto", quant=None, spec=None, temperature=0.0, seed=0,
         limit=None, per_category=None, max_tokens=12, json=str(tmp_path / "out.json"), plot=str(tmp_path / "out.png"),
     )
     return SimpleNamespace(**{**base, **extra})
@@ -173,6 +173,33 @@ def test_latency_with_spec_adds_the_speculative_modes_and_their_figures(tiny_dir
         ar, spec = q["modes"]["ar"], q["modes"]["ar+spec"]
         assert spec["steps"] == ar["steps"] - spec["accepted"]
     assert result["per_category"]["generic"]["modes"]["apar+spec"]["acceptance"] >= 0
+
+
+def test_latency_runs_lookup_beside_a_head(tiny_dir, head_dir, tmp_path):
+    # +ngram modes draft by lookup whatever --spec is, beside the head's +spec modes, in one run.
+    result = latency.run(_args(tiny_dir, tmp_path, modes="ar,ar+ngram", spec="eagle", draft_head=str(head_dir), limit=2,
+                               max_tokens=40, plot=None))
+    assert result["config"]["modes"] == ["ar", "ar+ngram", "ar+spec", "apar+spec"]
+    ngram, spec = result["modes"]["ar+ngram"], result["modes"]["ar+spec"]
+    assert ngram["accepted_per_step"] > 0 and ngram["head_share"] == 0 and ngram["same_as_plain_rate"] == 1.0
+    assert spec["same_as_plain_rate"] == 1.0 and {"ar_ngram_vs_ar", "ar_spec_vs_ar_ngram"} <= set(result["speedup_tok_s"])
+
+
+def test_latency_samples_the_engine_modes_at_the_temperature_given(tiny_dir, tmp_path):
+    # --temperature: the tuned model's modes sample, seeded per question (a rerun draws the same
+    # answers); sampled answers have no text to compare with the plain mode's (None, not False).
+    args = dict(modes="ar", spec="ngram", limit=2, max_tokens=30, plot=None)
+    greedy = latency.run(_args(tiny_dir, tmp_path, **args, json=str(tmp_path / "g.json")))
+    sampled = [latency.run(_args(tiny_dir, tmp_path, **args, temperature=1.0, seed=3, json=str(tmp_path / f"s{i}.json")))
+               for i in range(2)]
+    assert sampled[0]["config"]["temperature"] == 1.0 and greedy["config"]["temperature"] == 0.0
+    texts = [[q["modes"]["ar"]["text"] for q in r["questions"]] for r in (greedy, *sampled)]
+    assert texts[1] == texts[2] and texts[1] != texts[0]
+    assert all(q["modes"]["ar+spec"]["same_as_plain"] is None for q in sampled[0]["questions"])
+    assert sampled[0]["modes"]["ar+spec"]["same_as_plain_rate"] is None
+    assert greedy["modes"]["ar+spec"]["same_as_plain_rate"] == 1.0
+    with pytest.raises(ValueError, match="temperature"):
+        latency.run(_args(tiny_dir, tmp_path, **args, temperature=-1.0))
 
 
 def test_unguarded_modes_and_penalties_reach_the_requests(tiny_dir, tmp_path):

@@ -111,6 +111,16 @@ def test_a_tiny_head_learns_resumes_and_writes_its_card(tiny_dir, tmp_path, monk
     # Settings that differ from the checkpoint's are refused, not mixed in.
     with pytest.raises(ValueError, match="other data or settings"):
         train_head(DraftTrainConfig(**{**cfg.__dict__, "lr": 1e-2}))
+    # A warm start on more answers keeps its start's vocabulary (more data may rank tokens otherwise).
+    more = [{"key": f"q{k}", "context": [], "prompt": f"Name {k + 2} rivers of {k + 2} continents."} for k in range(3)]
+    data.harvest(data.HarvestConfig(out=str(tmp_path / "data"), requests=9, model=str(tiny_dir), max_tokens=40,
+                                    concurrency=3, num_kv_blocks=256, cpu_threads=1), (0, 1), prompts + more)
+    warm = DraftTrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "warm"), "epochs": 1,
+                               "init_head": str(tmp_path / "head" / "head")})
+    assert train_head(warm)["data"]["requests"] == 9
+    assert EagleHead.load(tmp_path / "warm" / "head").draft_to_target.tolist() == head.draft_to_target.tolist()
+    with pytest.raises(ValueError, match="draft_vocab=300"):
+        train_head(DraftTrainConfig(**{**warm.__dict__, "out": str(tmp_path / "warm2"), "draft_vocab": 200}))
 
 
 def _random_head(seed: int) -> tuple[EagleHead, torch.Tensor]:

@@ -7,9 +7,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import LlamaConfig
 
-from parafork.draft.head import EagleHead, HeadConfig
+from parafork.draft.head import EagleHead
 from parafork.engine.step_cost import StepCost
 from parafork.llm import LLM
 from parafork.rules import ForceForks
@@ -17,24 +16,6 @@ from parafork.sampling import SamplingParams
 
 FREE = dict(plan_budget=False, no_repeat_heads=False)
 PROMPT_IDS = [{"prompt_token_ids": list(range(600 + k, 640 + k))} for k in range(3)]
-
-
-@pytest.fixture(scope="module")
-def head_dir(tiny_dir, tmp_path_factory):
-    """A random head shaped for the tiny model, reading both its layers; its vocabulary the
-    ids 0..1999 and the control tokens (whatever the tiny model writes falls mostly outside,
-    so drafts are rejected as often as they come: what is tested is that nothing changes)."""
-    target = LlamaConfig.from_pretrained(tiny_dir)
-    llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=16, step_cost="fixed")
-    vocab = sorted(set(range(2000)) | {llm.control.fork_id, llm.control.child_id, llm.control.join_id,
-                                       *llm.control.eos_ids})
-    torch.manual_seed(0)
-    head = EagleHead(HeadConfig.for_target(target, vocab_size=llm.engine.runner.info.vocab_size,
-                                           draft_vocab_size=len(vocab), aux_layers=(0, 1)))
-    head.set_vocabulary(vocab)
-    folder = tmp_path_factory.mktemp("head")
-    head.save(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

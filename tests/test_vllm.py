@@ -301,6 +301,8 @@ def test_cli_refuses_what_the_vllm_bench_cannot_do(capsys):
 
     assert main(["bench", "latency", "--backend", "vllm", "--spec", "ngram"]) == 2
     assert "speculative" in capsys.readouterr().err
+    assert main(["bench", "latency", "--backend", "vllm", "--temperature", "1"]) == 2
+    assert "greedily" in capsys.readouterr().err
     assert main(["bench", "throughput", "--backend", "vllm", "--quant", "q8_0"]) == 2
     assert main(["bench", "latency", "--backend", "vllm", "--fork-limit", "8"]) == 2
     assert main(["bench", "throughput", "--fork-limit", "8"]) == 2  # parafork's engine: not its option

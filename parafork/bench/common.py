@@ -48,14 +48,14 @@ def resolve_penalties(penalties: dict | None, model: str, adapter: str | None) -
 
 def engine_params(mode: str, max_tokens: int, penalties: dict, spec: str = "ngram") -> SamplingParams:
     """The request a tuned-model mode sends: `apar+spec` is `apar` with drafts (`spec`: "ngram"
-    or "eagle"), and an `-unguarded` mode has the answer guards off (budget planning, head
-    guard, penalties)."""
-    plain = mode.removesuffix("+spec").removesuffix("-unguarded")
+    or "eagle"), `apar+ngram` with n-gram lookup's whatever `spec` is (the two drafters side by
+    side), and an `-unguarded` mode has the answer guards off (budget planning, head guard, penalties)."""
+    plain = mode.removesuffix("+spec").removesuffix("+ngram").removesuffix("-unguarded")
     if mode.endswith("-unguarded"):
         return SamplingParams(max_tokens=max_tokens, mode=plain, speculative="off", plan_budget=False,
                               no_repeat_heads=False, frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0)
-    return SamplingParams(max_tokens=max_tokens, mode=plain, speculative=spec if mode.endswith("+spec") else "off",
-                          **penalties)
+    drafts = spec if mode.endswith("+spec") else "ngram" if mode.endswith("+ngram") else "off"
+    return SamplingParams(max_tokens=max_tokens, mode=plain, speculative=drafts, **penalties)
 
 
 def add_output_args(p, plot: bool = True) -> None:

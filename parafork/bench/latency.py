@@ -3,7 +3,8 @@
 A bench mode is one way of answering, compared with the others: a request mode of the engine
 (`SamplingParams.mode`: ar, apar, serial), one of those with a variant (`+spec`, `-unguarded`), or
 a baseline outside the engine (base, hf, llamacpp, llamacpp-f16, sot). For each question the modes
-run back to back (so machine drift hits them alike), greedy, with the same `max_tokens`:
+run back to back (so machine drift hits them alike), greedy (`--temperature` samples the tuned
+model's engine modes, seeded alike per question), with the same `max_tokens`:
 - `ar`, `apar`: the parafork engine with the tuned model, forking off and on;
 - `serial`: the tuned model's APAR tree decoded one thread at a time (the same answers as
   `apar`, at AR's pace): `apar_vs_serial` is APAR's parallel speed-up on identical output;
@@ -24,7 +25,10 @@ run back to back (so machine drift hits them alike), greedy, with the same `max_
   verified inside every thread, by n-gram lookup (engine/speculation.py) or from a trained
   EAGLE-3 head (`--draft-head`, engine/eagle.py); per mode and category the draft acceptance and the
   accepted draft tokens per step, per answer whether it equals the answer without drafts
-  (`same_as_plain`; greedy, so it should, unless the shared budget ran out at another point).
+  (`same_as_plain`; greedy, so it should, unless the shared budget ran out at another point;
+  None when sampled: the answers are then alike in distribution, not in text);
+- `ar+ngram`, `apar+ngram`: the same with n-gram lookup's drafts whatever `--spec` is, so a
+  head's modes run side by side with lookup's (`ar_spec_vs_ar_ngram`: the head over lookup alone).
 
 Per answer: answer tokens (restored text, no control tokens), tokens sampled, decode steps,
 wall time, prefill time, threads, peak KV blocks, attention work (sum over fed tokens
@@ -38,6 +42,7 @@ since the modes' answers differ in length.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 import time
@@ -58,14 +63,19 @@ from .common import (Checkpoint, add_output_args, add_penalty_args, add_suite_ar
                      save_figure, timed_run)
 from .suite import load_suite, select
 
-MODES = ("ar", "apar", "serial", "base", "hf", "sot", "llamacpp", "llamacpp-f16", "ar+spec", "apar+spec", "apar-unguarded",
-         "serial-unguarded")
+MODES = ("ar", "apar", "serial", "base", "hf", "sot", "llamacpp", "llamacpp-f16", "ar+spec", "apar+spec", "ar+ngram",
+         "apar+ngram", "apar-unguarded", "serial-unguarded")
 EARLY_STOP_TOKENS = 60
-ENGINE_MODES = ("ar", "apar", "serial", "ar+spec", "apar+spec", "apar-unguarded", "serial-unguarded")
+ENGINE_MODES = ("ar", "apar", "serial", "ar+spec", "apar+spec", "ar+ngram", "apar+ngram", "apar-unguarded", "serial-unguarded")
+DRAFTING = ("+spec", "+ngram")
 SPEEDUPS = {
     "apar_spec_vs_apar": ("apar+spec", "apar"),
     "apar_spec_vs_serial": ("apar+spec", "serial"),
     "ar_spec_vs_ar": ("ar+spec", "ar"),
+    "apar_ngram_vs_apar": ("apar+ngram", "apar"),
+    "ar_ngram_vs_ar": ("ar+ngram", "ar"),
+    "apar_spec_vs_apar_ngram": ("apar+spec", "apar+ngram"),
+    "ar_spec_vs_ar_ngram": ("ar+spec", "ar+ngram"),
     "apar_vs_ar": ("apar", "ar"),
     "apar_vs_serial": ("apar", "serial"),
     "apar_vs_serial_unguarded": ("apar-unguarded", "serial-unguarded"),
@@ -90,6 +100,10 @@ def add_arguments(p) -> None:
     p.add_argument("--spec", default=None, choices=["ngram", "eagle"],
                    help="add modes ar+spec and apar+spec: drafts by n-gram lookup or from a trained head")
     p.add_argument("--draft-head", default="bundled", help="with --spec eagle: the head's folder ('bundled': the shipped one)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="the tuned model's engine modes sample at this temperature (default 0: greedy; the "
+                        "baselines stay greedy); seeded per question, the same seed in every mode")
+    p.add_argument("--seed", type=int, default=0, help="with --temperature: question i samples with seed + i")
     add_penalty_args(p)
 
 
@@ -244,7 +258,7 @@ def aggregate(records: list[dict]) -> dict:
         # With a head: the share of draft tokens it wrote (the rest by lookup) and its acceptance.
         "head_share": sum(r.get("head_drafted", 0) for r in records) / max(1, sum(r.get("drafted", 0) for r in records)),
         "head_acceptance": sum(r.get("head_accepted", 0) for r in records) / max(1, sum(r.get("head_drafted", 0) for r in records)),
-        "same_as_plain_rate": sum(r.get("same_as_plain", True) for r in records) / len(records),
+        "same_as_plain_rate": _share([r for r in records if r.get("same_as_plain") is not None], lambda r: r["same_as_plain"]),
         **draft_positions(records),
         **tree_shapes(records),
     }
@@ -295,11 +309,13 @@ def mark_early_stops(record: dict) -> None:
     """`early_stop` on a question's `ar` answer: under 60 tokens where its `apar` answer forks;
     `same_as_plain` on a speculative answer: equal to the answer of the mode without drafts."""
     modes = record["modes"]
+    sampled = any(m.get("temperature") for m in modes.values())
     if "ar" in modes and "apar" in modes:
         modes["ar"]["early_stop"] = modes["ar"]["tokens"] < EARLY_STOP_TOKENS and modes["apar"]["threads"] > 1
-    for mode in ("ar", "apar"):
-        if mode in modes and f"{mode}+spec" in modes:
-            modes[f"{mode}+spec"]["same_as_plain"] = modes[f"{mode}+spec"]["text"] == modes[mode]["text"]
+    for mode, drafting in ((m, m + d) for m in ("ar", "apar") for d in DRAFTING):
+        if mode in modes and drafting in modes:
+            # Sampled answers are equal in distribution, not in text: nothing to compare.
+            modes[drafting]["same_as_plain"] = None if sampled else modes[drafting]["text"] == modes[mode]["text"]
 
 
 def speedups(modes: dict[str, dict]) -> tuple[dict, dict]:
@@ -336,10 +352,15 @@ def run_latency(
     penalties: dict | None = None,
     spec: str = "ngram",
     draft_head: str | None = None,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> dict:
     """`checkpoint_to`: the JSON path; finished questions are kept beside it to resume from.
     `penalties`: frequency/presence/repetition penalties of the tuned model's guarded modes;
-    `spec`: the `+spec` modes' drafts ("ngram", or "eagle" from `draft_head`)."""
+    `spec`: the `+spec` modes' drafts ("ngram", or "eagle" from `draft_head`); `temperature`: the
+    tuned model's engine modes sample (question i with `seed + i` in every mode), the baselines stay greedy."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
     penalties = resolve_penalties(penalties, model, adapter)
     torch.set_num_threads(threads)
     # No prefix cache: a mode run after another on the same question must not find its prompt computed.
@@ -352,21 +373,24 @@ def run_latency(
         llm.generate("Hello", SamplingParams(max_tokens=4))  # warm-up
     given = {"model": model, "adapter": adapter, "base_model": base_model, "dtype": dtype, "threads": threads,
              "max_tokens": max_tokens, "modes": modes, "backend": backend, "quant": quant, "penalties": penalties,
-             "spec": spec, "draft_head": heads.get("draft_head")}
+             "spec": spec, "draft_head": heads.get("draft_head"), "temperature": temperature, "seed": seed}
     # Names as given, not paths (a clone elsewhere resumes too), and the adapter's digest: a
     # run must not resume over answers of another adapter shipped under the same name.
     digest = models.adapter_digest(tuned.adapter) if tuned and tuned.adapter else None
     checkpoint = Checkpoint(checkpoint_to, {**given, "adapter_digest": digest})
     config = {**given, "adapter": str(tuned.adapter) if tuned and tuned.adapter else None, "adapter_digest": digest}
     records = []
-    for q in tqdm(questions, desc="latency", unit="question"):
+    for i, q in enumerate(tqdm(questions, desc="latency", unit="question")):
         if done := checkpoint.get(q):
             records.append(done)
             continue
         rec = {**q, "modes": {}}
         for mode in modes:
             if mode in ENGINE_MODES:
-                rec["modes"][mode] = _engine_record(tuned, q["prompt"], engine_params(mode, max_tokens, penalties, spec))
+                params = engine_params(mode, max_tokens, penalties, spec)
+                if temperature:
+                    params = dataclasses.replace(params, temperature=temperature, seed=seed + i)
+                rec["modes"][mode] = {**_engine_record(tuned, q["prompt"], params), "temperature": temperature}
             elif mode == "base":
                 rec["modes"][mode] = _engine_record(base, q["prompt"], SamplingParams(max_tokens=max_tokens, mode="ar"))
             elif mode in ("llamacpp", "llamacpp-f16"):
@@ -407,10 +431,11 @@ def print_table(result: dict) -> None:
                  f" {_rate(focus['join_after_list_rate'], focus['closing_after_list']):>9s}")
         line += "".join(f" {m} accept {ms[m]['acceptance']:.0%} {ms[m]['accepted_per_step']:.2f}/step"
                         f" {ms[m]['tokens_per_verify_step'] or 0:.2f}/verify"
-                        f" by position {'/'.join(f'{a:.0%}' for a in ms[m]['acceptance_at'][:4])}"
+                        + (f" same text {ms[m]['same_as_plain_rate']:.0%}" if ms[m]["same_as_plain_rate"] is not None else "")
+                        + f" by position {'/'.join(f'{a:.0%}' for a in ms[m]['acceptance_at'][:4])}"
                         + (f" head {ms[m]['head_share']:.0%} of drafts, accept {ms[m]['head_acceptance']:.0%}"
                            if ms[m].get("head_share") else "")
-                        for m in modes if m.endswith("+spec"))
+                        for m in modes if m.endswith(DRAFTING))
         print(line)
     print("forks .. branch: of the apar answers (else the first mode): forked, joined, mean thread levels, mean "
           "tokens of the root (spine) and of the longest branch; prose forks: forked / answers with no list and 3+ "
@@ -459,6 +484,7 @@ def run(args) -> dict:
         questions, modes, args.model, args.adapter, args.base_model, args.dtype, args.cpu_threads,
         args.max_tokens, args.json, args.backend, args.quant,
         penalties_of(args), args.spec or "ngram", args.draft_head if args.spec == "eagle" else None,
+        args.temperature, args.seed,
     )
     result["config"]["suite"] = args.suite
     return report(result, args, print_table, plot)

@@ -347,6 +347,8 @@ def run(args) -> dict:
         raise ValueError("--fork-limit acts under load: use it with bench throughput (latency sends one answer at a time)")
     if args.what == "latency" and args.spec:
         raise ValueError("--spec: the vLLM driver leaves speculative decoding to vLLM's own options (--vllm-arg)")
+    if args.what == "latency" and args.temperature:
+        raise ValueError("--temperature: the vLLM latency bench decodes greedily (its answers are compared with the engine's)")
     if args.what == "latency":
         return latency(args)
     if args.what == "throughput":

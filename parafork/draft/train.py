@@ -66,7 +66,7 @@ class DraftTrainConfig:
     seed: int = 0
     cpu_threads: int = 2
     autocast: str = "auto"  # "bf16", "fp32"; auto: bf16 where the CPU computes it natively (1.7x a step here)
-    init_head: str | None = None  # warm start from a head folder trained on the same data (its vocabulary kept)
+    init_head: str | None = None  # warm start from a head folder for the same model (its draft vocabulary kept)
     labels: str = "soft"  # the target's penalized distribution, or "hard": the written tokens
 
 
@@ -220,7 +220,16 @@ def train_head(cfg: DraftTrainConfig) -> dict:
     shards, seqs, counts = load_sequences(Path(cfg.data), cfg.held_out, cfg.max_len)
     c = llm.control
     always = {c.fork_id, c.child_id, c.join_id, *c.eos_ids}
-    vocab = draft_vocabulary(shards, seqs, cfg.draft_vocab, always)
+    start = EagleHead.load(cfg.init_head) if cfg.init_head else None
+    if start is not None:  # a warm start keeps its vocabulary: more data may rank the tokens otherwise
+        vocab = start.draft_to_target.tolist()
+        if (asked := start.config.card.get("draft_vocab_asked", len(vocab))) != cfg.draft_vocab:
+            raise ValueError(f"{cfg.init_head} was trained with draft_vocab={asked}, not {cfg.draft_vocab}: "
+                             f"a warm start keeps its vocabulary")
+        if missing := always - set(vocab):
+            raise ValueError(f"{cfg.init_head}'s draft vocabulary lacks the control tokens {sorted(missing)}")
+    else:
+        vocab = draft_vocabulary(shards, seqs, cfg.draft_vocab, always)
     meta = json.loads((Path(cfg.data) / "meta.json").read_text())
     if meta["model"] != cfg.model:
         raise ValueError(f"{cfg.data} holds hidden states of model {meta['model']!r}, not {cfg.model!r}")
@@ -229,10 +238,11 @@ def train_head(cfg: DraftTrainConfig) -> dict:
     head.set_vocabulary(vocab)
     with torch.no_grad():
         head.lm_head.weight.copy_(embed[head.draft_to_target])
-    if cfg.init_head:
-        start = EagleHead.load(cfg.init_head)
-        if start.draft_to_target.tolist() != vocab or start.config.aux_layers != head.config.aux_layers:
-            raise ValueError(f"{cfg.init_head} has another draft vocabulary or other layers than this data gives")
+    if start is not None:
+        if start.config.target_digest != digest:
+            raise ValueError(f"{cfg.init_head} was trained for another adapter (digest {start.config.target_digest[:12]!r})")
+        if start.config.aux_layers != head.config.aux_layers:
+            raise ValueError(f"{cfg.init_head} reads layers {start.config.aux_layers}, this data holds {head.config.aux_layers}")
         head.load_state_dict(start.state_dict())
     t2d_index = torch.full((embed.shape[0],), -100, dtype=torch.long)
     t2d_index[head.draft_to_target] = torch.arange(len(vocab))
