@@ -162,7 +162,8 @@ def test_latency_figures_agree_with_hf_and_the_engine(tiny_dir, tmp_path):
 
 
 def test_latency_with_spec_adds_the_speculative_modes_and_their_figures(tiny_dir, tmp_path):
-    result = latency.run(_args(tiny_dir, tmp_path, modes="ar,apar,serial", spec="ngram", limit=2, max_tokens=40, plot=None))
+    result = latency.run(_args(tiny_dir, tmp_path, modes="ar,apar,serial", spec="ngram", limit=2, max_tokens=40))
+    assert (tmp_path / "out.png").stat().st_size > 0  # with its panel of tokens per verify step
     assert result["config"]["modes"] == ["ar", "apar", "serial", "ar+spec", "apar+spec"]
     assert {"apar_spec_vs_apar", "apar_spec_vs_serial", "ar_spec_vs_ar"} <= set(result["speedup_tok_s"])
     spec = result["modes"]["ar+spec"]

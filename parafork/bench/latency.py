@@ -455,7 +455,9 @@ def plot(result: dict, path: str) -> None:
     rows = [result["per_category"][c] for c in categories[:-1]] + [result]
     width = max(6, len(categories) * 0.9)
     shaped = "apar" in result["modes"]
-    fig, axes = plt.subplots(2 if shaped else 1, 1, figsize=(width, 7.6 if shaped else 3.8), squeeze=False)
+    drafting = [m for m in result["modes"] if m.endswith(DRAFTING)]
+    panels = 1 + shaped + bool(drafting)
+    fig, axes = plt.subplots(panels, 1, figsize=(width, 3.8 * panels), squeeze=False)
     ax = axes[0][0]
     grouped_bars(ax, categories, {p.replace("_", " "): [r["speedup_tok_s"].get(p, 0) for r in rows] for p in pairs})
     ax.axhline(1.0, color="black", lw=0.8)
@@ -472,6 +474,11 @@ def plot(result: dict, path: str) -> None:
             "longest branch": [m["longest_branch_tokens_mean"] for m in apar],
         })
         ax.set_ylabel("apar, per answer (mean)")
+    if drafting:  # what a verify step yields: 1 + the draft tokens accepted per draft fed
+        ax = axes[panels - 1][0]
+        grouped_bars(ax, categories, {m: [r["modes"][m]["tokens_per_verify_step"] or 1.0 for r in rows] for m in drafting})
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_ylabel("tokens per verify step")
     save_figure(fig, path)
 
 
