@@ -91,7 +91,7 @@ def grouped_bars(ax, categories: list[str], series: dict[str, list[float]]) -> N
     for k, (label, values) in enumerate(series.items()):
         ax.bar([i + (k - (len(series) - 1) / 2) * width for i in range(len(categories))], values, width, label=label)
     ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
-    ax.legend()
+    ax.legend(fontsize="small", ncol=2 if len(series) > 4 else 1)  # many series: two columns, less of the bars hidden
 
 
 def _code_commit() -> str:
