@@ -124,9 +124,8 @@ class LLM:
             kernel = row_kernel.load()  # the head's linears as the target's: bf16 rows from packed weights
         drafter = HeadDrafter(head, runner.embed_tokens, self.control.fork_id,
                               set(self.control.eos_ids) | {self.control.join_id}, self.control.child_id, kernel=kernel)
-        # Both bound by reading weights at a few rows: a pass costs its bytes against the
-        # target's (bundled, bf16: 19.6 MB against 270 MB, 0.073; timed here 1.3 ms against a
-        # 13 ms step, its small ops counted too).
+        # Until the engine times a pass (engine.py, where steps are timed): its weight bytes
+        # against the target's (bundled, bf16: 19.6 MB against 270 MB, 0.073).
         drafter.pass_cost = drafter.weight_bytes / runner.info.weight_bytes
         return drafter
 

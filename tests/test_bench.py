@@ -15,7 +15,7 @@ from parafork.cli import main
 def _args(tiny_dir, tmp_path, **extra) -> SimpleNamespace:
     base = dict(
         model=str(tiny_dir), base_model=str(tiny_dir), adapter=None, dtype="float32", cpu_threads=1, suite="starter",
-        backend="auto", quant=None, spec=None, temperature=0.0, seed=0,
+        backend="auto", quant=None, spec=None, draft_head=None, temperature=0.0, seed=None,
         limit=None, per_category=None, max_tokens=12, json=str(tmp_path / "out.json"), plot=str(tmp_path / "out.png"),
     )
     return SimpleNamespace(**{**base, **extra})
@@ -201,6 +201,12 @@ def test_latency_samples_the_engine_modes_at_the_temperature_given(tiny_dir, tmp
     assert greedy["modes"]["ar+spec"]["same_as_plain_rate"] == 1.0
     with pytest.raises(ValueError, match="temperature"):
         latency.run(_args(tiny_dir, tmp_path, **args, temperature=-1.0))
+    # Options that would change nothing are refused, not ignored: a seed for greedy answers, a head
+    # for lookup's drafts.
+    with pytest.raises(ValueError, match="--seed applies with --temperature"):
+        latency.run(_args(tiny_dir, tmp_path, **args, seed=3))
+    with pytest.raises(ValueError, match="--draft-head applies with --spec eagle"):
+        latency.run(_args(tiny_dir, tmp_path, **args, draft_head="bundled"))
 
 
 def test_unguarded_modes_and_penalties_reach_the_requests(tiny_dir, tmp_path):
@@ -280,7 +286,7 @@ def test_sot_expands_every_skeleton_point_in_parallel(tiny_llm, monkeypatch):
 
 
 def _targs(tiny_dir, tmp_path, **extra) -> SimpleNamespace:
-    return _args(tiny_dir, tmp_path, **{"modes": "ar,serial,apar", "draft_head": "bundled", **extra})
+    return _args(tiny_dir, tmp_path, **{"modes": "ar,serial,apar", **extra})
 
 
 def test_throughput_closed_loop_loses_nothing_and_writes_plots(tiny_dir, tmp_path, monkeypatch):
@@ -323,6 +329,9 @@ def test_throughput_closed_loop_loses_nothing_and_writes_plots(tiny_dir, tmp_pat
     with pytest.raises(ValueError, match="--modes"):
         throughput.run(_targs(tiny_dir, tmp_path, limit=2, concurrency="2", kv_blocks="64", requests_per_client=1,
                              rounds=1, modes="apar,fast"))
+    with pytest.raises(ValueError, match="--draft-head applies with --spec eagle"):
+        throughput.run(_targs(tiny_dir, tmp_path, limit=2, concurrency="2", kv_blocks="64", requests_per_client=1,
+                             rounds=1, modes="apar,apar+spec", spec="ngram", draft_head="bundled"))
     with pytest.raises(ValueError, match="--concurrency"):
         parse_list("1,x", "--concurrency", int)
     with pytest.raises(ValueError, match="--kv-blocks"):

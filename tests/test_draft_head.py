@@ -226,3 +226,55 @@ def test_soft_labels_are_the_targets_penalized_distribution_over_the_draft_vocab
             want = torch.log_softmax(torch.from_numpy(row)[draft], -1)
             torch.testing.assert_close(targets[j, 0, t], want, atol=1e-4, rtol=1e-4)
     assert labels[0, 0, 1] == -100 and labels[0, 0, 2] == t2d[tokens[4]]  # labels start at the answer
+
+
+def test_the_row_kernels_pass_drafts_what_the_fp32_pass_drafts():
+    """With the row kernel the head runs in bf16 through the target's fused calls, one call per
+    op for every asking thread (eagle.py); its chains are the fp32 path's and its confidences
+    close: threads fed in pieces, drafted together, extended by several rows, and a child that
+    takes its parent's cache below its `[Fork]`. Every slot is back in the pool at the end."""
+    from parafork.engine.eagle import HeadDrafter
+    from parafork.runners import row_kernel
+
+    kernel = row_kernel.load()
+    if kernel is None:
+        pytest.skip(f"the row kernel is not built here: {row_kernel.unavailable()}")
+    config = HeadConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        intermediate_size=96, rms_norm_eps=1e-6, rope_theta=10000.0, vocab_size=300,
+                        draft_vocab_size=40, aux_layers=(0, 1, 2), max_position_embeddings=256)
+    torch.manual_seed(3)
+    head = EagleHead(config)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    head.set_vocabulary(list(range(40)))
+    embed = torch.randn(300, 64)
+    fork = 7
+    contexts = {1: 30, 2: 9, 3: 21}
+    tokens = {t: torch.randint(8, 40, (n,)).tolist() for t, n in contexts.items()}
+    tokens[1][12] = fork
+    aux = {t: torch.randn(n + 2, 3 * 64) for t, n in contexts.items()}
+    child = tokens[1][:13] + [11, 12, 13]  # (its own tokens after the fork)
+    child_aux = torch.randn(3, 3 * 64)
+
+    def run(k):
+        d = HeadDrafter(head, lambda ids: embed[ids], fork_id=fork, stop_ids=set(), child_id=-2, kernel=k)
+        assert (d.kernel is None) == (k is None)
+        for t, n in contexts.items():
+            d.observe(t, 0, tokens[t][:n // 2], aux[t][:n // 2])
+            d.observe(t, n // 2, tokens[t][n // 2:n - 1], aux[t][n // 2:n - 1])
+        out = d.propose([(t, tokens[t], 4) for t in contexts])
+        grown = {t: tokens[t] + [9, 10] for t in contexts}
+        for t, n in contexts.items():
+            d.observe(t, n - 1, grown[t][n - 1:n + 1], aux[t][n - 1:n + 1])
+        d.fork(1, 4, 12)
+        d.observe(4, 13, child[13:15], child_aux[:2])
+        out += d.propose([(t, grown[t], 3) for t in contexts] + [(4, child, 4)])
+        for t in (1, 2, 3, 4):
+            d.release(t)
+        assert d.states == {} and sorted(d.free) == list(range(len(d.pool)))
+        return out
+
+    fp32, bf16 = run(None), run(kernel)
+    assert [draft for draft, _ in bf16] == [draft for draft, _ in fp32] and all(draft for draft, _ in fp32)
+    for (_, a), (_, b) in zip(bf16, fp32):
+        assert a == pytest.approx(b, abs=0.05)

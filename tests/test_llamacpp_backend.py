@@ -176,7 +176,7 @@ def test_latency_bench_and_generate_run_on_the_llamacpp_backend(tiny_dir, tmp_pa
     args = SimpleNamespace(
         model=str(tiny_dir), base_model=str(tiny_dir), adapter=None, dtype="float32", cpu_threads=1, suite="starter",
         backend="llamacpp", quant="q8_0", limit=2, per_category=None, max_tokens=10, json=str(tmp_path / "lat.json"),
-        plot=None, modes="ar,apar,serial,llamacpp", spec=None, temperature=0.0, seed=0,
+        plot=None, modes="ar,apar,serial,llamacpp", spec=None, draft_head=None, temperature=0.0, seed=None,
     )
     latency.run(args)
     saved = json.loads((tmp_path / "lat.json").read_text())
@@ -202,7 +202,7 @@ def test_latency_bench_puts_llamacpps_own_loop_beside_apar_on_the_torch_backend(
     args = SimpleNamespace(
         model=str(tiny_dir), base_model=str(tiny_dir), adapter=None, dtype="float32", cpu_threads=1, suite="starter",
         backend="torch", quant=None, limit=1, per_category=None, max_tokens=10, json=str(tmp_path / "lat.json"),
-        plot=None, modes="ar,apar,llamacpp,llamacpp-f16", spec=None, temperature=0.0, seed=0,
+        plot=None, modes="ar,apar,llamacpp,llamacpp-f16", spec=None, draft_head=None, temperature=0.0, seed=None,
     )
     latency.run(args)
     saved = json.loads((tmp_path / "lat.json").read_text())

@@ -99,11 +99,11 @@ def add_arguments(p) -> None:
                    "(default vllm-ar,vllm-apar,engine-apar)")
     p.add_argument("--spec", default=None, choices=["ngram", "eagle"],
                    help="add modes ar+spec and apar+spec: drafts by n-gram lookup or from a trained head")
-    p.add_argument("--draft-head", default="bundled", help="with --spec eagle: the head's folder ('bundled': the shipped one)")
+    p.add_argument("--draft-head", default=None, help="with --spec eagle: the head's folder (default 'bundled': the shipped one)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="the tuned model's engine modes sample at this temperature (default 0: greedy; the "
                         "baselines stay greedy); seeded per question, the same seed in every mode")
-    p.add_argument("--seed", type=int, default=0, help="with --temperature: question i samples with seed + i")
+    p.add_argument("--seed", type=int, default=None, help="with --temperature: question i samples with seed + i (default 0)")
     add_penalty_args(p)
 
 
@@ -483,6 +483,10 @@ def plot(result: dict, path: str) -> None:
 
 
 def run(args) -> dict:
+    if args.seed is not None and not args.temperature:
+        raise ValueError("--seed applies with --temperature > 0 (greedy answers draw nothing)")
+    if args.draft_head is not None and args.spec != "eagle":
+        raise ValueError("--draft-head applies with --spec eagle (the drafts from a trained head)")
     questions = select(load_suite(args.suite), args.limit, args.per_category)
     modes = parse_list(args.modes or "ar,apar,serial,base,hf,sot", "--modes", allowed=MODES)
     if args.spec:
@@ -490,8 +494,8 @@ def run(args) -> dict:
     result = run_latency(
         questions, modes, args.model, args.adapter, args.base_model, args.dtype, args.cpu_threads,
         args.max_tokens, args.json, args.backend, args.quant,
-        penalties_of(args), args.spec or "ngram", args.draft_head if args.spec == "eagle" else None,
-        args.temperature, args.seed,
+        penalties_of(args), args.spec or "ngram", (args.draft_head or "bundled") if args.spec == "eagle" else None,
+        args.temperature, args.seed or 0,
     )
     result["config"]["suite"] = args.suite
     return report(result, args, print_table, plot)

@@ -44,7 +44,7 @@ def add_arguments(p) -> None:
                    help="run each point this many times, alternating the modes' order; figures are the means")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(ALL_MODES)}")
     p.add_argument("--spec", default=None, choices=["ngram", "eagle"], help="the +spec modes' drafts")
-    p.add_argument("--draft-head", default="bundled", help="with --spec eagle: the head's folder ('bundled': the shipped one)")
+    p.add_argument("--draft-head", default=None, help="with --spec eagle: the head's folder (default 'bundled': the shipped one)")
 
 
 def closed_loop(llm: LLM, prompts: list[str], concurrency: int, params: SamplingParams, bar: tqdm) -> dict:
@@ -244,11 +244,13 @@ def plot(result: dict, path: str) -> None:
 
 
 def run(args) -> dict:
+    if args.draft_head is not None and args.spec != "eagle":
+        raise ValueError("--draft-head applies with --spec eagle (the drafts from a trained head)")
     questions = select(load_suite(args.suite), args.limit, args.per_category)
     result = run_throughput(
         questions, parse_list(args.concurrency, "--concurrency", int), parse_list(args.kv_blocks, "--kv-blocks", int),
         args.model, args.adapter, args.dtype, args.cpu_threads, args.max_tokens, args.requests_per_client,
-        args.backend, args.quant, args.rounds, tuple(parse_list(args.modes, "--modes", str, ALL_MODES)), args.spec, args.draft_head,
+        args.backend, args.quant, args.rounds, tuple(parse_list(args.modes, "--modes", str, ALL_MODES)), args.spec, args.draft_head or "bundled",
     )
     result["config"]["suite"] = args.suite
     return report(result, args, print_table, plot)

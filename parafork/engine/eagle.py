@@ -24,14 +24,20 @@ same reason a request that drafts with a head never takes blocks from the prefix
 draft.
 
 **Cost.** The head is one decoder layer and an LM head over the draft vocabulary: 7% of the
-target's weight bytes (8,192 tokens), but a pass costs more than its bytes (timed by `time_pass`
-on the Zen 4: ~2 ms for one thread against a 10 ms one-row step, +0.15 ms per further thread:
-their attention and small ops). So every asking thread goes through one pass per chain step
-together, the engine prices a pass as timed and runs the head only where its yield pays for it
-(engine.py), and chains stop before tokens below the step's price. Each position of context
-costs one row of the layer once. The head's own running confidence (the product of its top
-probabilities; calibrated on held-out answers, draft/train.py) is each token's chance for
-`speculation.draft_lengths`, which cuts chains as it cuts n-gram drafts.
+target's weight bytes (8,192 tokens), but a pass costs more than its bytes, so every asking
+thread goes through one pass per chain step together, one call per op for all of them (the
+pool, below), the engine prices a pass as timed at start-up (`time_pass`) and runs the head
+only where its yield pays for it (engine.py), and chains stop before tokens below the step's
+price. Timed on the Zen 4 (AMD EPYC family 25 model 17, 2 threads, bf16, shipped head, caches
+evicted as a target step evicts them): a pass for one thread 1.2 ms, +0.1 ms a further thread,
+a chain of 4 for one thread 2.6 ms, for 16 threads 7.0 ms, where torch ops per thread took
+2.0 / 0.2 / 4.2 ms; its weights read cold ~0.7 ms of it. On 18 Vicuna questions (512 tokens,
+greedy, run back to back) that took AR + head from 1.24x to 1.36x AR's tokens/s and APAR + head
+from 1.13x to 1.26x APAR's (results/eagle/README.md). Each position of context costs its row
+of the layer's q/k/v once; only the last row of an extension goes through the rest. The head's
+own running confidence (the product of its top probabilities; calibrated on held-out answers,
+draft/train.py) is each token's chance for `speculation.draft_lengths`, which cuts chains as it
+cuts n-gram drafts.
 """
 from __future__ import annotations
 
@@ -47,12 +53,6 @@ from ..draft.head import EagleHead
 YIELD_DECAY = 0.8  # weight of the head's past steps against the newest (as a thread's n-gram counts)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Llama's rotary embedding (halves rotated) of x [R, heads, D], as draft/head.py's `rotate`."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
-
-
 class _Linear:
     """x @ W^T in fp32 out: through the row kernel from packed bf16 weights (a few rows at the cost
     of reading the weights once, as the target's linears) where it is given, else fp32 torch."""
@@ -62,16 +62,16 @@ class _Linear:
         w = weight.detach()
         self.weight = kernel.pack(w.to(torch.bfloat16).contiguous()) if kernel is not None else w.float()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, fp32_out: bool = True) -> torch.Tensor:
         if self.kernel is None:
             return x.float() @ self.weight.T
-        return self.kernel.mm(x.to(torch.bfloat16).contiguous(), self.weight, self.out_features, True)
+        return self.kernel.mm(x.to(torch.bfloat16).contiguous(), self.weight, self.out_features, fp32_out)
 
 
 @dataclass
 class _State:
-    keys: torch.Tensor  # [capacity, kv heads, head dim]
-    values: torch.Tensor
+    slots: torch.Tensor  # [capacity] the pool slot of each position; the first `held` are this thread's
+    held: int = 0
     n: int = 0  # positions 0..n-1 cached
     aux: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> target features, not cached yet
     fork_aux: dict[int, torch.Tensor] = field(default_factory=dict)  # [Fork] position -> features, for children
@@ -82,28 +82,42 @@ class _State:
 
 class HeadDrafter:
     """The per-thread caches of one head; the engine calls `observe` after each forward,
-    `propose` when a thread may draft, `fork` and `release` as threads are born and end."""
+    `propose` when a thread may draft, `fork` and `release` as threads are born and end.
+
+    Every thread's keys and values live in one pool, [slots, 2, kv heads, head dim] (bf16 with
+    the row kernel, else fp32), a thread holding one slot per position it cached or drafted at;
+    `release` gives them back (`free` holds every slot no thread holds). So a pass over several
+    threads is one call per op for all of them: with the row kernel, the target's own fused
+    calls (norms, rotary and cache write, attention over each row's slots, silu), 12 calls a
+    pass where per-thread torch ops took ~60 and a loop per thread for attention."""
 
     def __init__(self, head: EagleHead, embed, fork_id: int, stop_ids: set[int], child_id: int, kernel=None) -> None:
         """`embed`: token ids -> the target's input embeddings; `kernel`: parafork's row kernel
-        (runners/row_kernel.py) to run the head's linears in bf16 from packed weights, as the
-        target's; None: fp32 torch."""
+        (runners/row_kernel.py) to run the head in bf16 from packed weights, as the target;
+        None: fp32 torch."""
         self.head = head.eval()
         self.embed = embed
-        self.fork_id, self.stop_ids, self.child_id = fork_id, stop_ids, child_id
         c = head.config
+        if c.head_dim % 16 or c.head_dim > 256 or c.hidden_size % 2:
+            kernel = None  # (the kernel's attention takes head dims of 16k up to 256; linears, even widths)
+        self.kernel = kernel
+        self.fork_id, self.stop_ids, self.child_id = fork_id, stop_ids, child_id
         self.group = c.num_attention_heads // c.num_key_value_heads
         self.states: dict[int, _State] = {}
         self.gaps = 0
         self.layers = c.aux_layers
         a, m = head.midlayer.self_attn, head.midlayer.mlp
-        # q, k, v as one linear and gate, up as one: a chain step is a few calls, each reading its
-        # weights once (the head is ~10M weights; per step its calls' overhead counted as much).
-        qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+        # q, k, v as one linear (the softmax scale folded into q's rows) and gate, up as one.
+        qkv = torch.cat([a.q_proj.weight / math.sqrt(c.head_dim), a.k_proj.weight, a.v_proj.weight])
         self.linears = {name: _Linear(weight, kernel) for name, weight in (
             ("fc", head.fc.weight), ("qkv", qkv), ("o", a.o_proj.weight),
             ("gate_up", torch.cat([m.gate_proj.weight, m.up_proj.weight])), ("down", m.down_proj.weight),
             ("lm", head.lm_head.weight))}
+        self.dtype = torch.bfloat16 if kernel is not None else torch.float32
+        self.norms = {name: norm.weight.detach().to(self.dtype) for name, norm in (
+            ("embed", head.midlayer.input_layernorm), ("feature", head.midlayer.hidden_norm),
+            ("post", head.midlayer.post_attention_layernorm), ("final", head.norm))}
+        self.eps = c.rms_norm_eps
         self.split = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim)
         # Bytes of weights one pass reads; `pass_cost`, a pass's price in one-row steps of the
         # target, is set by whoever knows the target's (llm.py: these bytes against its weights').
@@ -116,14 +130,17 @@ class HeadDrafter:
         # counts (prior 1 and 1/2; a step the head sits out decays them back toward it, so it
         # tries again).
         self._asked, self._drafted, self._accepted = 0.0, 0.0, 0.0
-        self._cos = self._sin = torch.empty(0, c.head_dim)
+        self.pool = torch.empty(0, 2, c.num_key_value_heads, c.head_dim, dtype=self.dtype)
+        self.free: list[int] = []
+        self._cos = self._sin = torch.empty(0, c.head_dim, dtype=self.dtype)
+        self._no_delta = torch.empty(0, dtype=torch.bfloat16)
+        self._no_prefix = (torch.empty(0, 0, dtype=torch.long), torch.empty(0, dtype=torch.long),
+                           torch.empty(0, dtype=torch.long))
 
     def time_pass(self, threads: int = 16, context: int = 256, rounds: int = 3) -> tuple[float, float]:
         """ms of one pass for one thread and for each further one, timed on made-up threads of
         `context` positions, caches evicted before each pass as a target step evicts them (best
-        of `rounds`). Measured on the Zen 4 with the shipped head: 2.1 ms for one thread, +0.27 ms
-        per thread (64 threads: 19 ms, a quarter of the target's 64-row step), where its weight
-        bytes alone read 0.7 ms: the threads' attention and small ops, not the weights, dominate."""
+        of `rounds`): see the module's docstring for what it reads on the Zen 4."""
         c = self.head.config
         evict = torch.empty(32 << 20)
         best = {}
@@ -168,9 +185,7 @@ class HeadDrafter:
     def _state(self, thread_id: int) -> _State:
         state = self.states.get(thread_id)
         if state is None:
-            c = self.head.config
-            empty = torch.empty(64, c.num_key_value_heads, c.head_dim)
-            state = self.states[thread_id] = _State(empty, empty.clone())
+            state = self.states[thread_id] = _State(torch.empty(64, dtype=torch.long))
         return state
 
     def observe(self, thread_id: int, start: int, tokens: list[int], aux: torch.Tensor) -> None:
@@ -190,7 +205,29 @@ class HeadDrafter:
         child.parent, child.fork_pos = self._state(parent_id), fork_pos
 
     def release(self, thread_id: int) -> None:
-        self.states.pop(thread_id, None)
+        state = self.states.pop(thread_id, None)
+        if state is not None:
+            self.free += state.slots[:state.held].tolist()
+
+    def _hold(self, state: _State, n: int) -> None:
+        """Slots for the state's positions 0..n-1 (the pool doubles when it runs out)."""
+        if state.held >= n:
+            return
+        need = n - state.held
+        if len(self.free) < need:
+            old = len(self.pool)
+            size = max(old + need, 2 * old, 1024)
+            pool = self.pool.new_empty(size, *self.pool.shape[1:])
+            pool[:old] = self.pool
+            self.pool = pool
+            self.free += range(size - 1, old - 1, -1)
+        if len(state.slots) < n:
+            slots = state.slots.new_empty(max(n, 2 * len(state.slots)))
+            slots[:state.held] = state.slots[:state.held]
+            state.slots = slots
+        state.slots[state.held:n] = torch.tensor(self.free[-need:])
+        del self.free[-need:]
+        state.held = n
 
     @torch.inference_mode()
     def propose(self, asks: list[tuple[int, list[int], int]], min_gain: float = 0.0
@@ -199,10 +236,9 @@ class HeadDrafter:
         last token pending, at most k tokens), the draft and the head's running confidence for
         each token; nothing where the cache has a gap.
 
-        The threads go through the head together, one pass per chain step, each linear over
-        all their rows at once (weights read once for all: timed here, one thread 2.1 ms, 4
-        threads 2.7 ms, 16 threads 5.6 ms; drafting thread by thread cost APAR 0.83x its
-        tokens/s). A chain stops before a token whose confidence is below
+        The threads go through the head together, one pass per chain step, each op over all
+        their rows at once (weights read once for all; drafting thread by thread cost APAR
+        0.83x its tokens/s). A chain stops before a token whose confidence is below
         `min_gain` (the engine's price of a drafted token: its row and its share of the head's
         passes), so the head does not compute tokens the step could not pay for."""
         results: list[tuple[list[int], list[float]]] = [([], []) for _ in asks]
@@ -215,9 +251,7 @@ class HeadDrafter:
         chains = [(i, state, last, k, *state.out, 1.0) for i, state, _, last, k in ready]
         j = 0
         while chains:
-            logits = self.linears["lm"](torch.stack([normed for *_, normed, _ in chains]))
-            best, index = logits.max(-1)
-            prob = torch.exp(best - torch.logsumexp(logits, -1)).tolist()
+            index, prob = self._top(self.linears["lm"](torch.stack([normed for *_, normed, _ in chains])))
             tokens = self.head.draft_to_target[index].tolist()
             going = []
             for (i, state, last, k, feature, _, p), token, q in zip(chains, tokens, prob):
@@ -230,63 +264,96 @@ class HeadDrafter:
                     going.append((i, state, last, k, feature, token, p))
             if not going:
                 break
-            x = self._inputs(torch.stack([g[4] for g in going]), torch.tensor([g[5] for g in going]))
-            q, key, value = self._qkv(x, torch.tensor([g[2] + 1 + j for g in going]))
-            att = []
-            for r, (_, state, *_rest) in enumerate(going):
-                self._grow(state, state.n + j + 1)  # the chain's keys go after the cache's, uncounted
-                end = state.n + j + 1
-                state.keys[end - 1], state.values[end - 1] = key[r], value[r]
-                att.append(self._attend(q[r:r + 1], state.keys[:end], state.values[:end], None))
-            feature, normed = self._finish(torch.stack([g[4] for g in going]), torch.cat(att))
-            chains = [(i, state, last, k, feature[r], normed[r], p) for r, (i, state, last, k, _, _, p) in enumerate(going)]
+            # The chain's keys go after the cache's, at slots the thread holds but has not counted.
+            for g in going:
+                self._hold(g[1], g[1].n + j + 1)
+            pre, normed = self._pass(torch.stack([g[4] for g in going]), [g[5] for g in going],
+                                     [(g[1], g[1].n + j, 1) for g in going])
+            chains = [(i, state, last, k, pre[r], normed[r], p) for r, (i, state, last, k, _, _, p) in enumerate(going)]
             j += 1
         return results
 
-    def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
-        c = self.head.config
-        q, k, v = self.linears["qkv"](x).split([self.split[0], self.split[1], self.split[1]], -1)
-        q = q.reshape(len(x), c.num_attention_heads, c.head_dim)
-        k = k.reshape(len(x), c.num_key_value_heads, c.head_dim)
-        v = v.reshape(len(x), c.num_key_value_heads, c.head_dim)
-        cos, sin = self._rope(positions)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+    def _top(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """Per row of the draft vocabulary's logits: the top token's index and probability."""
+        if self.kernel is not None:
+            index, prob = self.kernel.top_prob(logits)
+            return index, prob.tolist()
+        best, index = logits.max(-1)
+        return index, torch.exp(best - torch.logsumexp(logits, -1)).tolist()
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [R, 1, D] of `positions` from a table grown as positions grow (draft/head.py's
-        `rotate` computes them per call: a pass's worth of small ops each time)."""
-        top = int(positions.max()) + 1
+    def _pass(self, feature: torch.Tensor, next_tokens: list[int], groups: list[tuple[_State, int, int]]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of the head's layer over rows (feature [R, hidden], the next token's id) in
+        groups (state, first position, rows) at consecutive positions of one thread: every row
+        writes its keys and values at its position's slot; the last row of each group attends to
+        its thread's positions up to its own. Returns, per group, the layer's output at its last
+        row before and after the final norm.
+
+        Only the last row goes on past the cache write: a position's keys and values come from
+        its inputs alone (the head is one layer), and nothing reads an output but the last one,
+        where the chain starts (a prompt's 300 rows cost its cache write, not 300 rows of MLP)."""
+        positions = torch.cat([torch.arange(p0, p0 + r) for _, p0, r in groups])
+        write = torch.cat([state.slots[p0:p0 + r] for state, p0, r in groups])
+        last = torch.tensor([r for _, _, r in groups]).cumsum(0) - 1
+        cos, sin = self._rope(int(positions.max()) + 1)
+        cos, sin = cos[positions], sin[positions]
+        embed = self.embed(torch.tensor(next_tokens)).to(self.dtype)
+        feature = feature.to(self.dtype).contiguous()
+        c, lin, w = self.head.config, self.linears, self.norms
+        h, norm = c.num_attention_heads, torch.nn.functional.rms_norm
+        if self.kernel is not None:
+            k = self.kernel
+            x = torch.cat([k.add_rms_norm(embed.contiguous(), self._no_delta, w["embed"], self.eps),
+                           k.add_rms_norm(feature, self._no_delta, w["feature"], self.eps)], -1)
+            q = k.rope_cache(lin["qkv"](x, False), cos, sin, self.pool, write, h)
+            slots = torch.zeros(len(groups), max(p0 + r for _, p0, r in groups), dtype=torch.long)
+            for g, (state, p0, r) in enumerate(groups):
+                slots[g, :p0 + r] = state.slots[:p0 + r]
+            lens = torch.tensor([p0 + r for _, p0, r in groups])
+            att = k.decode_attention(q[last].contiguous(), self.pool, slots, lens, *self._no_prefix)
+            hidden = feature[last].contiguous()
+            normed = k.add_rms_norm(hidden, lin["o"](att, False), w["post"], self.eps)
+            normed = k.add_rms_norm(hidden, lin["down"](k.silu_mul(lin["gate_up"](normed, False)), False),
+                                    w["final"], self.eps)
+            return hidden, normed
+        x = torch.cat([norm(embed, embed.shape[-1:], w["embed"], self.eps),
+                       norm(feature, feature.shape[-1:], w["feature"], self.eps)], -1)
+        d, kvh = c.head_dim, c.num_key_value_heads
+        qkv = lin["qkv"](x).view(len(x), h + 2 * kvh, d)
+        qk = qkv[:, :h + kvh] * cos[:, None] + qkv[:, :h + kvh].roll(d // 2, -1) * sin[:, None]
+        self.pool[write] = torch.stack([qk[:, h:], qkv[:, h + kvh:]], 1)
+        att = []
+        for (state, p0, r), row in zip(groups, last.tolist()):
+            keys = self.pool[state.slots[:p0 + r]]  # [L, 2, KVH, D]
+            att.append(self._attend(qk[row:row + 1, :h], keys[:, 0], keys[:, 1]))
+        hidden = feature[last] + lin["o"](torch.cat(att))
+        gate, up = lin["gate_up"](norm(hidden, hidden.shape[-1:], w["post"], self.eps)).chunk(2, -1)
+        hidden = hidden + lin["down"](torch.nn.functional.silu(gate) * up)
+        return hidden, norm(hidden, hidden.shape[-1:], w["final"], self.eps)
+
+    def _rope(self, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin tables [positions, D] up to `top` at least, sin's first half negated
+        (rot(x) = x cos + roll(x, D/2) sin, as the target's runner), grown as positions grow."""
         if self._cos.shape[0] < top:
             n = max(top, 2 * self._cos.shape[0], 1024)
             d = self.head.config.head_dim
             angles = torch.arange(n, dtype=torch.float32)[:, None] * (
                 1.0 / (self.head.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)))
-            self._cos, self._sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-        return self._cos[positions][:, None], self._sin[positions][:, None]
+            angles = torch.cat([angles] * 2, -1)
+            sign = torch.cat([-torch.ones(d // 2), torch.ones(d // 2)])
+            self._cos, self._sin = angles.cos().to(self.dtype), (angles.sin() * sign).to(self.dtype)
+        return self._cos, self._sin
 
-    def _inputs(self, feature: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
-        m = self.head.midlayer
-        return torch.cat([m.input_layernorm(self.embed(next_tokens).float()), m.hidden_norm(feature)], -1)
-
-    def _attend(self, q, keys, values, mask) -> torch.Tensor:
-        """q [R, H, D] against keys/values [L, KVH, D]; mask [R, L] (True: seen) or None. Query
-        head h reads KV head h // G: the G query heads of a KV head go as G x R rows against its
-        keys, which are not copied G times."""
+    def _attend(self, q, keys, values) -> torch.Tensor:
+        """q [R, H, D] against keys/values [L, KVH, D], every key seen (the softmax scale is in q).
+        Query head h reads KV head h // G: the G query heads of a KV head go as G x R rows against
+        its keys, which are not copied G times."""
         c, g = self.head.config, self.group
         r, kvh = q.shape[0], c.num_key_value_heads
-        q = q.view(r, kvh, g, c.head_dim).permute(1, 2, 0, 3).reshape(kvh, g * r, c.head_dim)
-        scores = q @ keys.permute(1, 2, 0) / math.sqrt(c.head_dim)  # [KVH, G*R, L]
-        if mask is not None:
-            scores = scores.masked_fill(~mask.repeat(g, 1)[None], float("-inf"))
+        q = q.reshape(r, kvh, g, c.head_dim).permute(1, 2, 0, 3).reshape(kvh, g * r, c.head_dim)
+        scores = q @ keys.permute(1, 2, 0)  # [KVH, G*R, L]
         out = torch.softmax(scores, -1) @ values.transpose(0, 1)  # [KVH, G*R, D]
         return out.view(kvh, g, r, c.head_dim).permute(2, 0, 1, 3).reshape(r, -1)
-
-    def _finish(self, feature, att):
-        lin = self.linears
-        h = feature + lin["o"](att)
-        gate, up = lin["gate_up"](self.head.midlayer.post_attention_layernorm(h)).chunk(2, -1)
-        h = h + lin["down"](torch.nn.functional.silu(gate) * up)
-        return h, self.head.norm(h)
 
     def _adopt(self, state: _State, token_ids: list[int]) -> bool:
         """A child's first draft: its cache becomes its parent's below the `[Fork]` (those
@@ -300,9 +367,8 @@ class HeadDrafter:
             return False
         if parent.n < fork_pos:
             self._extend([(parent, token_ids[:fork_pos + 1], fork_pos - 1)])
-        self._grow(state, fork_pos)
-        state.keys[:fork_pos] = parent.keys[:fork_pos]
-        state.values[:fork_pos] = parent.values[:fork_pos]
+        self._hold(state, fork_pos)
+        self.pool[state.slots[:fork_pos]] = self.pool[parent.slots[:fork_pos]]
         state.n = fork_pos
         if fork_pos not in state.aux and fork_pos in parent.fork_aux:
             state.aux[fork_pos] = parent.fork_aux[fork_pos]
@@ -323,34 +389,12 @@ class HeadDrafter:
         head; each state's output at its `last` is where its chain starts."""
         if not items:
             return
-        news = [range(state.n, last + 1) for state, _, last in items]
-        aux = torch.stack([state.aux.pop(pos) for (state, _, _), new in zip(items, news) for pos in new]).float()
+        aux = torch.stack([state.aux.pop(pos) for state, _, last in items for pos in range(state.n, last + 1)])
         next_tokens = [t for state, token_ids, last in items for t in token_ids[state.n + 1:last + 2]]
-        positions = torch.tensor([pos for new in news for pos in new])
-        feature = self.linears["fc"](aux)
-        q, key, value = self._qkv(self._inputs(feature, torch.tensor(next_tokens)), positions)
-        att, row = [], 0
-        for (state, _, last), new in zip(items, news):
-            rows = slice(row, row + len(new))
-            self._grow(state, last + 1)
-            state.keys[state.n:last + 1], state.values[state.n:last + 1] = key[rows], value[rows]
-            mask = torch.arange(last + 1)[None, :] <= positions[rows, None] if len(new) > 1 else None
-            att.append(self._attend(q[rows], state.keys[:last + 1], state.values[:last + 1], mask))
-            row += len(new)
-        pre, normed = self._finish(feature, torch.cat(att))
-        row = 0
-        for (state, _, last), new in zip(items, news):
-            row += len(new)
+        for state, _, last in items:
+            self._hold(state, last + 1)
+        pre, normed = self._pass(self.linears["fc"](aux, fp32_out=False),
+                                 next_tokens, [(state, state.n, last + 1 - state.n) for state, _, last in items])
+        for g, (state, _, last) in enumerate(items):
             state.n = last + 1
-            state.out = (pre[row - 1], normed[row - 1])
-
-    @staticmethod
-    def _grow(state: _State, n: int) -> None:
-        if state.keys.shape[0] < n:
-            size = max(n, 2 * state.keys.shape[0])
-            for name in ("keys", "values"):
-                old = getattr(state, name)
-                new = old.new_empty(size, *old.shape[1:])
-                new[:state.n] = old[:state.n]
-                setattr(state, name, new)
-
+            state.out = (pre[g], normed[g])
