@@ -91,6 +91,12 @@ def test_draft_lengths_follow_acceptance_the_cost_of_a_row_and_the_batch():
     for _ in range(30):
         hopeless.idle()  # a thread that stopped drafting drifts back to the prior and tries again
     assert draft_lengths([chain_gains(hopeless.acceptance, 8)], 1, 1, cheap)[0] >= 1
+    # A prompt's chunk in the step (rows that make no token) does not make its tokens look dear:
+    # counted whole, 100 rows beside a lone decode row let a 10% draft in; weighed against what
+    # the decode row adds, a row costs what a decode row does and no draft can pay.
+    assert draft_lengths([[0.1]], 1, 101, cheap) == [1]  # (the step whole: 9 one-row steps for 1 token)
+    assert draft_lengths([[0.9, 0.8]], 1, 101, cheap, fixed_rows=100) == [0]
+    assert draft_lengths([[0.9, 0.8]], 1, 1, cheap) == [2]
 
 
 def test_draft_lengths_follow_the_measured_curve_not_a_constant():

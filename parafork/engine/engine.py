@@ -291,11 +291,11 @@ class Engine:
         """Drafts for the threads that sample this step and speculate (speculation.py); a
         trained head's for all its threads at once (eagle.py)."""
         sampling, proposals, asks = 0, [], []
-        rows = sum(batch.num_tokens)
+        rows = fixed = sum(batch.num_tokens)  # fixed: rows that make no token this step (prompt chunks)
         for i, (thread, n) in enumerate(zip(batch.threads, batch.num_tokens)):
             if n != len(thread.pending):
                 continue
-            sampling += 1
+            sampling, fixed = sampling + 1, fixed - n
             if not self._speculates(thread) or self._deferred_child(thread, len(thread.token_ids)) is not None:
                 continue  # (a deferred child takes the parent's KV through its [Fork], no draft after it)
             request, params = thread.request, thread.request.params
@@ -310,10 +310,11 @@ class Engine:
                 proposals.append((i, thread, draft, gains, False))
             elif self._speculates(thread) == "eagle" and not thread.spans:
                 asks.append((i, thread, k))  # (positions moved by a join: the head's cache does not hold them)
-        if asks and self._head_pays(asks, rows, sampling):
+        decode_cost = speculation.decode_cost(self.step_cost, rows, fixed)
+        if asks and self._head_pays(asks, rows, sampling, decode_cost):
             # A head's token is worth computing where its chance beats its price: its row and its
             # share of the head's passes (one-row steps), against the tokens per cost the step makes.
-            min_gain = (self.step_cost.marginal(rows) + self._pass_price(len(asks)) / len(asks)) * sampling / self.step_cost(rows)
+            min_gain = (self.step_cost.marginal(rows) + self._pass_price(len(asks)) / len(asks)) * sampling / decode_cost
             drafts = self.drafter.propose([(t.thread_id, t.token_ids, k) for _, t, k in asks], min_gain=min_gain)
             proposals += [(i, t, draft, gains, True) for (i, t, _), (draft, gains) in zip(asks, drafts) if draft]
             proposals.sort(key=lambda p: p[0])
@@ -322,7 +323,7 @@ class Engine:
             self.drafter.rest()
         if not proposals:
             return
-        lengths = speculation.draft_lengths([g for _, _, _, g, _ in proposals], sampling, rows, self.step_cost)
+        lengths = speculation.draft_lengths([g for _, _, _, g, _ in proposals], sampling, rows, self.step_cost, fixed)
         for (i, thread, draft, _, by_head), n in zip(proposals, lengths):
             if n:
                 thread.draft = self.scheduler.add_draft(batch, i, draft[:n])
@@ -330,7 +331,7 @@ class Engine:
             else:
                 thread.draft_stats.idle()
 
-    def _head_pays(self, asks: list, rows: int, sampling: int) -> bool:
+    def _head_pays(self, asks: list, rows: int, sampling: int, decode_cost: float) -> bool:
         """Whether the head's pass is worth running this step: what it has been yielding per
         thread (its accepted tokens, each worth what a token costs in this step, less the rows its
         drafts add) against the pass over these threads (timed: `_pass_price`). Where rows are dear
@@ -338,7 +339,7 @@ class Engine:
         attention), its yield falls and it sits out; its threads' caches catch up later in one
         pass of several rows. (Measured at 16 clients: the head running every step cost APAR 8%
         of its tokens/s.)"""
-        worth = self.step_cost(rows) / sampling  # one-row steps per token the step makes
+        worth = decode_cost / sampling  # one-row steps per token the step makes (its prompt chunks aside)
         fed, accepted = self.drafter.expected_yield
         return len(asks) * (accepted * worth - fed * self.step_cost.marginal(rows)) > self._pass_price(len(asks))
 

@@ -61,21 +61,26 @@ def chain_gains(acceptance: float, length: int) -> list[float]:
     return [a ** j for j in range(1, length + 1)]
 
 
-def draft_lengths(candidates: list[list[float]], sampling: int, rows: int, cost_of: StepCost) -> list[int]:
+def draft_lengths(candidates: list[list[float]], sampling: int, rows: int, cost_of: StepCost,
+                  fixed_rows: int = 0) -> list[int]:
     """How many tokens of each proposed draft to feed this step.
 
     `candidates`: per thread with a proposal, each draft token's chance to be accepted (with
     every token before it: non-increasing; `chain_gains` for n-gram drafts, the head's running
     confidence for a trained head's: eagle.py);
     `sampling`: threads that sample this step (one expected token each); `rows`: tokens fed
-    before any draft; `cost_of`: a step's cost against its rows, in one-row steps (step_cost.py).
+    before any draft; `cost_of`: a step's cost against its rows, in one-row steps (step_cost.py);
+    `fixed_rows`: of `rows`, those that make no token this step (a prompt's chunk): the step pays
+    for them whatever is drafted, so the tokens are weighed against what the rest costs,
+    `decode_cost` (counted whole, a 100-row prompt chunk beside 16 decode rows made each token
+    look worth 8x a row on the Zen 4's curve, and at 16 clients the head ran in such steps).
     Draft tokens are added in order of expected gain while each raises the step's expected tokens per cost, i.e. while
     gain / (the next row's cost) > tokens / cost. In a wide batch a draft token has to beat the tokens per
     cost the whole batch already makes, not a lone thread's: with 12 APAR threads and rows at
     0.08, a first draft token needs a > 0.5 (measured: per-thread sizing as if alone fed
     12-thread answers drafts at 28% acceptance and made them 0.77x as fast)."""
     gains = sorted(((g, i) for i, chain in enumerate(candidates) for g in chain), reverse=True)
-    tokens, cost = float(sampling), cost_of(rows)
+    tokens, cost = float(sampling), decode_cost(cost_of, rows, fixed_rows)
     lengths = [0] * len(candidates)
     for gain, i in gains:
         row_cost = cost_of.marginal(rows)
@@ -84,6 +89,12 @@ def draft_lengths(candidates: list[list[float]], sampling: int, rows: int, cost_
         lengths[i] += 1
         tokens, cost, rows = tokens + gain, cost + row_cost, rows + 1
     return lengths
+
+
+def decode_cost(cost_of: StepCost, rows: int, fixed_rows: int) -> float:
+    """What the rows that make tokens add to a step of `rows` rows, `fixed_rows` of which make
+    none (one-row steps): the whole step where there are none."""
+    return cost_of(rows) - cost_of(fixed_rows) if fixed_rows else cost_of(rows)
 
 
 def _pack(tokens: list[int]) -> bytes:
