@@ -97,6 +97,8 @@ def test_draft_lengths_follow_acceptance_the_cost_of_a_row_and_the_batch():
     assert draft_lengths([[0.1]], 1, 101, cheap) == [1]  # (the step whole: 9 one-row steps for 1 token)
     assert draft_lengths([[0.9, 0.8]], 1, 101, cheap, fixed_rows=100) == [0]
     assert draft_lengths([[0.9, 0.8]], 1, 1, cheap) == [2]
+    flat = StepCost.from_times({1: 10.0, 4: 10.0, 8: 20.0})  # rows free up to 4: a chunk's too
+    assert draft_lengths([[0.5]], 1, 3, flat, fixed_rows=2) == [1]
 
 
 def test_draft_lengths_follow_the_measured_curve_not_a_constant():

@@ -93,8 +93,9 @@ def draft_lengths(candidates: list[list[float]], sampling: int, rows: int, cost_
 
 def decode_cost(cost_of: StepCost, rows: int, fixed_rows: int) -> float:
     """What the rows that make tokens add to a step of `rows` rows, `fixed_rows` of which make
-    none (one-row steps): the whole step where there are none."""
-    return cost_of(rows) - cost_of(fixed_rows) if fixed_rows else cost_of(rows)
+    none (one-row steps): the whole step where there are none. Never zero: on a flat stretch of
+    the curve those rows are free, and so is a draft's row (it is fed)."""
+    return max(cost_of(rows) - cost_of(fixed_rows), 1e-9) if fixed_rows else cost_of(rows)
 
 
 def _pack(tokens: list[int]) -> bytes:
