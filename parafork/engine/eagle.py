@@ -118,7 +118,6 @@ class HeadDrafter:
             ("embed", head.midlayer.input_layernorm), ("feature", head.midlayer.hidden_norm),
             ("post", head.midlayer.post_attention_layernorm), ("final", head.norm))}
         self.eps = c.rms_norm_eps
-        self.split = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim)
         # Bytes of weights one pass reads; `pass_cost`, a pass's price in one-row steps of the
         # target, is set by whoever knows the target's (llm.py: these bytes against its weights').
         self.weight_bytes = sum(w.numel() for w in (head.fc.weight, qkv, a.o_proj.weight, m.gate_proj.weight,
