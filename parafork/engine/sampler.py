@@ -147,19 +147,55 @@ def _fork_banned(thread: Thread, control: ControlTokens) -> bool:
 
 
 def sample(logits: torch.Tensor, threads: Sequence[Thread]) -> list[int]:
-    """One token per row: argmax for greedy requests, temperature + top-p otherwise. (numpy's
-    argmax: 4 us for a 49k row where torch's takes 76 us, 0.5% of a llama.cpp step; both
-    return the first maximum.)"""
+    """One token per row: argmax for greedy requests, temperature + top-p otherwise (`draw`).
+    (numpy's argmax: 4 us for a 49k row where torch's takes 76 us, 0.5% of a llama.cpp step;
+    both return the first maximum.)"""
     chosen = logits.numpy().argmax(axis=-1).tolist()
     for i, thread in enumerate(threads):
         params = thread.request.params
         if params.greedy:
             continue
         probs = torch.softmax(logits[i] / params.temperature, dim=-1)
-        if params.top_p < 1:
-            sorted_probs, order = probs.sort(descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
-            probs = probs.scatter(0, order[drop], 0.0)
-        chosen[i] = int(torch.multinomial(probs, 1, generator=thread.generator))
+        chosen[i] = draw(probs, params.top_p, float(torch.rand(1, generator=thread.generator)))
     return chosen
+
+
+# Candidates a top-p draw looks at first: the nucleus is found among the largest 256
+# probabilities (topk: ~0.1 ms over 49,152 on the Zen 4), and only where they are all kept, and
+# so might not hold it, by a full sort (3.4 ms; a topk of all of them takes longer).
+NUCLEUS_CANDIDATES = 256
+
+
+def draw(probs: torch.Tensor, top_p: float, u: float) -> int:
+    """The token sampled from `probs` (a distribution over the vocabulary) cut to its top-p
+    nucleus, by inverse transform: the token whose stretch of the cumulative distribution holds
+    `u` (uniform in [0, 1)) times the kept mass. One uniform a token, as `torch.multinomial`,
+    at a tenth of its cost: measured on the Zen 4 (2 threads, 49,152 tokens), multinomial took
+    1.0 ms a row and top-p's full sort 3.4 ms, where softmax, cumsum and a binary search take
+    ~0.1 ms and the nucleus's topk ~0.1 ms; at temperature > 0 every token, and every verified
+    draft position, pays it. The nucleus is the smallest set of most likely tokens whose mass
+    reaches `top_p` (the most likely one always in)."""
+    if top_p < 1:
+        ids, kept = _nucleus(probs, top_p)
+        return int(ids[_inverse_cdf(kept.cumsum(0), u)])
+    return _inverse_cdf(probs.cumsum(0), u)
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-p nucleus: its token ids and probabilities, most likely first."""
+    values, ids = torch.topk(probs, min(NUCLEUS_CANDIDATES, len(probs)))  # most likely first
+    mass = values.cumsum(0)
+    if mass[-1] < top_p and len(values) < len(probs):  # the nucleus may be wider than the candidates
+        values, ids = probs.sort(descending=True)
+        mass = values.cumsum(0)
+    # A token is kept while the mass before it is under top_p: a prefix.
+    kept = int(((mass - values) < top_p).sum())
+    return ids[:kept], values[:kept]
+
+
+def _inverse_cdf(cdf: torch.Tensor, u: float) -> int:
+    """The index whose stretch [cdf[i-1], cdf[i]) holds u * cdf[-1]: never a zero-probability one
+    (an empty stretch), also where rounding puts the point at the very end."""
+    point = torch.tensor([u], dtype=cdf.dtype) * cdf[-1]
+    last = torch.searchsorted(cdf, cdf[-1:])  # the last index with any probability
+    return int(torch.minimum(torch.searchsorted(cdf, point, right=True), last))

@@ -1,0 +1,56 @@
+"""The sampler's draw against an independent oracle: the law it draws, not the order it keeps."""
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from parafork.engine.sampler import NUCLEUS_CANDIDATES, draw
+
+GRID = 20_000  # uniforms (i + 1/2) / GRID: each token's share of them is its probability to 1/GRID
+
+
+def nucleus_law(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The oracle (the sampler's former code): sort, drop every token whose more likely tokens
+    already hold top_p, renormalize."""
+    if top_p < 1:
+        values, order = probs.sort(descending=True)
+        probs = probs.scatter(0, order[values.cumsum(0) - values >= top_p], 0.0)
+    return probs / probs.sum()
+
+
+def drawn_law(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    counts = torch.zeros(len(probs), dtype=torch.float64)
+    for i in range(GRID):
+        counts[draw(probs, top_p, (i + 0.5) / GRID)] += 1
+    return counts / GRID
+
+
+@settings(max_examples=25, deadline=None)
+@given(vocab=st.integers(2, 60), zeros=st.integers(0, 30), sharp=st.floats(0.1, 6.0),
+       top_p=st.sampled_from([1.0, 0.999, 0.9, 0.5, 0.05]), seed=st.integers(0, 10_000))
+def test_each_token_is_drawn_by_its_share_of_the_nucleus(vocab, zeros, sharp, top_p, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(vocab, generator=g) * sharp
+    logits[torch.randperm(vocab, generator=g)[: min(zeros, vocab - 1)]] = float("-inf")  # banned tokens
+    probs = torch.softmax(logits, -1)
+    law = nucleus_law(probs, top_p).double()
+    drawn = drawn_law(probs, top_p)
+    assert torch.all((drawn - law).abs() <= 2 / GRID + 1e-6), (drawn - law).abs().max()
+    assert not drawn[law == 0].any()  # never a banned token, nor one outside the nucleus
+
+
+def test_a_nucleus_wider_than_its_candidates_is_found_whole():
+    # A flat distribution: the most likely NUCLEUS_CANDIDATES tokens hold under top_p, so the
+    # nucleus is found by the full sort, and tokens far past the candidates are drawn.
+    vocab = 8 * NUCLEUS_CANDIDATES
+    probs = torch.softmax(torch.randn(vocab, generator=torch.Generator().manual_seed(0)) * 0.3, -1)
+    assert torch.topk(probs, NUCLEUS_CANDIDATES).values.sum() < 0.9
+    law, drawn = nucleus_law(probs, 0.9).double(), drawn_law(probs, 0.9)
+    assert int((law > 0).sum()) > 4 * NUCLEUS_CANDIDATES
+    assert torch.all((drawn - law).abs() <= 2 / GRID + 1e-6)
+
+
+def test_the_end_of_the_unit_interval_never_draws_a_banned_last_token():
+    probs = torch.tensor([0.3, 0.7, 0.0, 0.0])
+    for top_p in (1.0, 0.95):
+        for u in (0.0, 1 - 1e-12):  # (1 - 1e-12 rounds to 1 in the float32 cumulative sums)
+            assert draw(probs, top_p, u) in (0, 1)
