@@ -178,9 +178,10 @@ def test_latency_with_spec_adds_the_speculative_modes_and_their_figures(tiny_dir
 
 def test_latency_runs_lookup_beside_a_head(tiny_dir, head_dir, tmp_path):
     # +ngram modes draft by lookup whatever --spec is, beside the head's +spec modes, in one run.
-    result = latency.run(_args(tiny_dir, tmp_path, modes="ar,ar+ngram", spec="eagle", draft_head=str(head_dir), limit=2,
-                               max_tokens=40, plot=None))
-    assert result["config"]["modes"] == ["ar", "ar+ngram", "ar+spec", "apar+spec"]
+    # --modes names ar+spec: --spec adds no apar+spec.
+    result = latency.run(_args(tiny_dir, tmp_path, modes="ar,ar+ngram,ar+spec", spec="eagle", draft_head=str(head_dir),
+                               limit=2, max_tokens=40, plot=None))
+    assert result["config"]["modes"] == ["ar", "ar+ngram", "ar+spec"]
     ngram, spec = result["modes"]["ar+ngram"], result["modes"]["ar+spec"]
     assert ngram["accepted_per_step"] > 0 and ngram["head_share"] == 0 and ngram["same_as_plain_rate"] == 1.0
     assert spec["same_as_plain_rate"] == 1.0 and {"ar_ngram_vs_ar", "ar_spec_vs_ar_ngram"} <= set(result["speedup_tok_s"])
@@ -207,6 +208,9 @@ def test_latency_samples_the_engine_modes_at_the_temperature_given(tiny_dir, tmp
         latency.run(_args(tiny_dir, tmp_path, **args, seed=3))
     with pytest.raises(ValueError, match="--draft-head applies with --spec eagle"):
         latency.run(_args(tiny_dir, tmp_path, **args, draft_head="bundled"))
+    # +spec modes without --spec: nothing says what drafts.
+    with pytest.raises(ValueError, match="--modes ar\\+spec needs --spec"):
+        latency.run(_args(tiny_dir, tmp_path, **{**args, "modes": "ar,ar+spec", "spec": None}))
 
 
 def test_unguarded_modes_and_penalties_reach_the_requests(tiny_dir, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -146,13 +147,44 @@ def test_the_engines_drafter_chains_what_training_unrolls():
     aux = torch.randn(T, 3 * CONFIG.hidden_size)
     drafter.observe(7, 0, tokens[:5], aux[:5])  # fed in two steps, as the engine would
     drafter.observe(7, 5, tokens[5:T], aux[5:T])
-    [(draft, confidence)] = drafter.propose([(7, tokens[:T + 1], 3)])
+    [(draft, confidence, dists)] = drafter.propose([(7, tokens[:T + 1], 3)])
+    assert dists == []  # greedy: a point mass, no distribution
     assert len(draft) == 3 and confidence == sorted(confidence, reverse=True) and 0 < confidence[-1] <= 1
     # Unrolled over positions 0..T-1: position T-1 sees tokens[T] (pending), then the drafts.
     inputs = torch.tensor(tokens[1:T + 1] + draft[:2])
     with torch.no_grad():
         outs = head.unroll(aux[None], embed[inputs][None], 3)
     assert [int(head.logits(o[0, T - 1]).argmax()) for o in outs] == draft
+
+
+def test_a_sampled_request_gets_tokens_drawn_from_the_heads_distribution():
+    """With (temperature, generator) the drafter draws each token from the head's distribution at
+    that temperature and returns it (for the engine's speculative-sampling rule): the first token
+    over many draws follows its distribution, `[Child]` is never drawn, and the confidence is the
+    distribution's top probability whatever was drawn (so where a chain is cut does not depend on
+    the token offered)."""
+    from parafork.engine.eagle import HeadDrafter
+
+    head, embed = _random_head(3)
+    child = 5
+    drafter = HeadDrafter(head, lambda ids: embed[ids], fork_id=-1, stop_ids=set(), child_id=child)
+    T = 9
+    tokens = torch.randint(0, CONFIG.draft_vocab_size, (T + 1,), generator=torch.Generator().manual_seed(3)).tolist()
+    drafter.observe(7, 0, tokens[:T], torch.randn(T, 3 * CONFIG.hidden_size))
+    [(greedy, greedy_conf, _)] = drafter.propose([(7, tokens, 1)])
+    n, counts, firsts = 3000, Counter(), set()
+    for seed in range(n):
+        [(draft, conf, dists)] = drafter.propose([(7, tokens, 2)], sampling=[(2.0, torch.Generator().manual_seed(seed))])
+        assert len(dists) == len(draft) == 2 and all(abs(float(q.sum()) - 1) < 1e-5 for q in dists)
+        counts[draft[0]] += 1
+        firsts.add(round(conf[0], 6))
+        q = dists[0]
+    assert len(firsts) == 1 and firsts.pop() == pytest.approx(float(q.max()), abs=1e-6)
+    assert float(q[child]) == 0 and child not in counts
+    assert q.max() < 0.9 and len(counts) > 3  # (temperature 2: a spread to draw from, not the greedy token alone)
+    for token, k in counts.items():
+        share = float(q[token])
+        assert abs(k - n * share) < 4.5 * (n * share * (1 - share)) ** 0.5 + 1, (token, k, n * share)
 
 
 def test_threads_drafted_together_get_the_chains_each_gets_alone():
@@ -174,7 +206,7 @@ def test_threads_drafted_together_get_the_chains_each_gets_alone():
 
     alone = {t: drafter().propose([(t, tokens[t], 4)])[0] for t in contexts}
     together = drafter().propose([(t, tokens[t], 4) for t in contexts])
-    for (draft, conf), t in zip(together, contexts):
+    for (draft, conf, _), t in zip(together, contexts):
         assert draft == alone[t][0] and len(draft) == 4
         assert conf == pytest.approx(alone[t][1], rel=1e-5)
     # A second round after two more verified tokens each: extensions of several rows, together.
@@ -189,8 +221,8 @@ def test_threads_drafted_together_get_the_chains_each_gets_alone():
     assert [x[0] for x in d1.propose([(t, grown[t], 3) for t in contexts])] == \
         [d2.propose([(t, grown[t], 3)])[0][0] for t in contexts]
     # min_gain: each chain stops before its first token less confident than that.
-    cut = 0.5 * min(c[0] for _, c in together)
-    for (draft, conf), (full, full_conf) in zip(drafter().propose([(t, tokens[t], 4) for t in contexts], min_gain=cut),
+    cut = 0.5 * min(c[0] for _, c, _ in together)
+    for (draft, conf, _), (full, full_conf, _) in zip(drafter().propose([(t, tokens[t], 4) for t in contexts], min_gain=cut),
                                                  together):
         assert draft == [x for x, c in zip(full, full_conf) if c >= cut]
 
@@ -275,6 +307,6 @@ def test_the_row_kernels_pass_drafts_what_the_fp32_pass_drafts():
         return out
 
     fp32, bf16 = run(None), run(kernel)
-    assert [draft for draft, _ in bf16] == [draft for draft, _ in fp32] and all(draft for draft, _ in fp32)
-    for (_, a), (_, b) in zip(bf16, fp32):
+    assert [draft for draft, _, _ in bf16] == [draft for draft, _, _ in fp32] and all(draft for draft, _, _ in fp32)
+    for (_, a, _), (_, b, _) in zip(bf16, fp32):
         assert a == pytest.approx(b, abs=0.05)

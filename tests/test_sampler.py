@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parafork.engine.sampler import NUCLEUS_CANDIDATES, draw
+from parafork.engine.sampler import NUCLEUS_CANDIDATES, draw, settle_offer
 
 GRID = 20_000  # uniforms (i + 1/2) / GRID: each token's share of them is its probability to 1/GRID
 
@@ -54,3 +54,26 @@ def test_the_end_of_the_unit_interval_never_draws_a_banned_last_token():
     for top_p in (1.0, 0.95):
         for u in (0.0, 1 - 1e-12):  # (1 - 1e-12 rounds to 1 in the float32 cumulative sums)
             assert draw(probs, top_p, u) in (0, 1)
+
+
+def test_a_drawn_draft_token_is_kept_by_the_speculative_sampling_rule():
+    """Draft tokens drawn from q, settled against p: every token follows p's nucleus (chi-square),
+    the draft token is kept exactly as often as sum(min(p, q)) says, and a token equals the draft
+    token only where it was kept (the engine's loop reads acceptance off that)."""
+    p = torch.softmax(torch.tensor([1.0, 0.5, 0.2, 0.0, -0.5, -1.0, float("-inf")]), 0)
+    q = torch.tensor([0.05, 0.1, 0.4, 0.05, 0.2, 0.05, 0.15])  # mass on a banned token too
+    g = torch.Generator().manual_seed(0)
+    n = 20_000
+    for top_p in (1.0, 0.8):
+        law = nucleus_law(p, top_p)
+        counts, kept = torch.zeros(len(p)), 0
+        for d in torch.multinomial(q, n, replacement=True, generator=g).tolist():
+            token = settle_offer(p, top_p, d, q, g)
+            counts[token] += 1
+            kept += token == d
+        assert counts[law == 0].sum() == 0
+        expected = n * law[law > 0]
+        chi2 = float(((counts[law > 0] - expected) ** 2 / expected).sum())
+        assert chi2 < 22.5  # the 99.9% quantile of chi-square with <= 6 degrees of freedom
+        rate = float(torch.minimum(law, q).sum())
+        assert abs(kept - n * rate) < 4 * (n * rate * (1 - rate)) ** 0.5, (kept, n * rate)

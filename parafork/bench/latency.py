@@ -21,7 +21,8 @@ model's engine modes, seeded alike per question), with the same `max_tokens`:
 - `apar-unguarded`, `serial-unguarded`: `apar` and `serial` without the answer guards (no
   budget planning, no repeated-head guard, no penalties: how parafork decoded before issue 12),
   so the guards' cost and effect are measured side by side with `apar` and `serial`;
-- `ar+spec`, `apar+spec` (with `--spec ngram` or `--spec eagle`): `ar` and `apar` with drafts
+- `ar+spec`, `apar+spec` (with `--spec ngram` or `--spec eagle`, which adds both unless `--modes`
+  names one; refused without it): `ar` and `apar` with drafts
   verified inside every thread, by n-gram lookup (engine/speculation.py) or from a trained
   EAGLE-3 head (`--draft-head`, engine/eagle.py); per mode and category the draft acceptance and the
   accepted draft tokens per step, per answer whether it equals the answer without drafts
@@ -98,7 +99,8 @@ def add_arguments(p) -> None:
                    "with --backend vllm: of vllm-ar, vllm-apar, vllm-serial, engine-apar, engine-ar "
                    "(default vllm-ar,vllm-apar,engine-apar)")
     p.add_argument("--spec", default=None, choices=["ngram", "eagle"],
-                   help="add modes ar+spec and apar+spec: drafts by n-gram lookup or from a trained head")
+                   help="what the +spec modes draft with: n-gram lookup or a trained head; adds ar+spec and "
+                        "apar+spec unless --modes names +spec modes itself")
     p.add_argument("--draft-head", default=None, help="with --spec eagle: the head's folder (default 'bundled': the shipped one)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="the tuned model's engine modes sample at this temperature (default 0: greedy; the "
@@ -489,8 +491,11 @@ def run(args) -> dict:
         raise ValueError("--draft-head applies with --spec eagle (the drafts from a trained head)")
     questions = select(load_suite(args.suite), args.limit, args.per_category)
     modes = parse_list(args.modes or "ar,apar,serial,base,hf,sot", "--modes", allowed=MODES)
-    if args.spec:
-        modes += [m for m in ("ar+spec", "apar+spec") if m not in modes]
+    named = [m for m in modes if m.endswith("+spec")]
+    if named and not args.spec:
+        raise ValueError(f"--modes {','.join(named)} needs --spec ngram or --spec eagle (which drafts)")
+    if args.spec and not named:  # both, unless --modes names those it wants
+        modes += ["ar+spec", "apar+spec"]
     result = run_latency(
         questions, modes, args.model, args.adapter, args.base_model, args.dtype, args.cpu_threads,
         args.max_tokens, args.json, args.backend, args.quant,

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..draft.head import EagleHead
+from .sampler import draw
 
 
 YIELD_DECAY = 0.8  # weight of the head's past steps against the newest (as a thread's n-gram counts)
@@ -103,6 +104,8 @@ class HeadDrafter:
         self.kernel = kernel
         self.fork_id, self.stop_ids, self.child_id = fork_id, stop_ids, child_id
         self.group = c.num_attention_heads // c.num_key_value_heads
+        # Added to the head's logits where it draws its tokens: [Child] is never drafted.
+        self._no_child = torch.where(head.draft_to_target == child_id, float("-inf"), 0.0)
         self.states: dict[int, _State] = {}
         self.gaps = 0
         self.layers = c.aux_layers
@@ -229,18 +232,29 @@ class HeadDrafter:
         state.held = n
 
     @torch.inference_mode()
-    def propose(self, asks: list[tuple[int, list[int], int]], min_gain: float = 0.0
-                ) -> list[tuple[list[int], list[float]]]:
+    def propose(self, asks: list[tuple[int, list[int], int]], min_gain: float = 0.0,
+                sampling: list[tuple[float, torch.Generator | None] | None] | None = None
+                ) -> list[tuple[list[int], list[float], list[torch.Tensor]]]:
         """Drafts for several threads at once: per ask (thread id, the thread's context with its
-        last token pending, at most k tokens), the draft and the head's running confidence for
-        each token; nothing where the cache has a gap.
+        last token pending, at most k tokens), the draft, the head's running confidence for
+        each token, and the distributions its tokens were drawn from; nothing where the cache
+        has a gap.
+
+        `sampling`: per ask, None (greedy requests: each token is the head's most likely, a point
+        mass, no distribution returned) or the request's (temperature, generator): each token is
+        drawn from the head's distribution at that temperature over the draft vocabulary
+        (`[Child]` left out), returned over the draft vocabulary (`spread`) for the engine's
+        speculative-sampling rule (sampler.settle_offer). A token's confidence is the head's top
+        probability at its position either way, chained; it never depends on the token drawn, so
+        where a chain is cut does not bias what is offered.
 
         The threads go through the head together, one pass per chain step, each op over all
         their rows at once (weights read once for all; drafting thread by thread cost APAR
         0.83x its tokens/s). A chain stops before a token whose confidence is below
         `min_gain` (the engine's price of a drafted token: its row and its share of the head's
         passes), so the head does not compute tokens the step could not pay for."""
-        results: list[tuple[list[int], list[float]]] = [([], []) for _ in asks]
+        results: list[tuple[list[int], list[float], list[torch.Tensor]]] = [([], [], []) for _ in asks]
+        sampling = sampling or [None] * len(asks)
         ready = []
         for i, (thread_id, token_ids, k) in enumerate(asks):
             state, last = self._state(thread_id), len(token_ids) - 2  # the last position whose next token is known
@@ -250,15 +264,27 @@ class HeadDrafter:
         chains = [(i, state, last, k, *state.out, 1.0) for i, state, _, last, k in ready]
         j = 0
         while chains:
-            index, prob = self._top(self.linears["lm"](torch.stack([normed for *_, normed, _ in chains])))
+            logits = self.linears["lm"](torch.stack([normed for *_, normed, _ in chains]))
+            index, prob = self._top(logits)
             tokens = self.head.draft_to_target[index].tolist()
             going = []
-            for (i, state, last, k, feature, _, p), token, q in zip(chains, tokens, prob):
-                p *= q  # the head's top probability, chained
-                if token == self.child_id or p < min_gain:
+            for r, ((i, state, last, k, feature, _, p), token, top) in enumerate(zip(chains, tokens, prob)):
+                q = None
+                if sampling[i] is not None:  # (its top probability at the request's temperature)
+                    temperature, generator = sampling[i]
+                    q = torch.softmax(logits[r] / temperature + self._no_child, -1)
+                    top = float(q.max())
+                p *= top  # the head's top probability, chained
+                if p < min_gain:
+                    continue
+                if q is not None:
+                    token = int(self.head.draft_to_target[draw(q, 1.0, float(torch.rand(1, generator=generator)))])
+                if token == self.child_id:
                     continue
                 results[i][0].append(token)
                 results[i][1].append(p)
+                if q is not None:
+                    results[i][2].append(q)
                 if token != self.fork_id and token not in self.stop_ids and j < k - 1:
                     going.append((i, state, last, k, feature, token, p))
             if not going:
@@ -271,6 +297,10 @@ class HeadDrafter:
             chains = [(i, state, last, k, pre[r], normed[r], p) for r, (i, state, last, k, _, _, p) in enumerate(going)]
             j += 1
         return results
+
+    def spread(self, q: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """A distribution over the draft vocabulary (from `propose`) over the target's."""
+        return torch.zeros(vocab_size).index_put_((self.head.draft_to_target,), q)
 
     def _top(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
         """Per row of the draft vocabulary's logits: the top token's index and probability."""

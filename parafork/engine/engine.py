@@ -307,7 +307,7 @@ class Engine:
             draft = speculation.propose(thread, k, self.control)
             if draft:
                 gains = speculation.chain_gains(thread.draft_stats.acceptance, len(draft))
-                proposals.append((i, thread, draft, gains, False))
+                proposals.append((i, thread, draft, gains, False, []))
             elif self._speculates(thread) == "eagle" and not thread.spans:
                 asks.append((i, thread, k))  # (positions moved by a join: the head's cache does not hold them)
         decode_cost = speculation.decode_cost(self.step_cost, rows, fixed)
@@ -315,19 +315,22 @@ class Engine:
             # A head's token is worth computing where its chance beats its price: its row and its
             # share of the head's passes (one-row steps), against the tokens per cost the step makes.
             min_gain = (self.step_cost.marginal(rows) + self._pass_price(len(asks)) / len(asks)) * sampling / decode_cost
-            drafts = self.drafter.propose([(t.thread_id, t.token_ids, k) for _, t, k in asks], min_gain=min_gain)
-            proposals += [(i, t, draft, gains, True) for (i, t, _), (draft, gains) in zip(asks, drafts) if draft]
+            # Sampled requests' drafts are drawn from the head's distribution (sampler.settle_offer).
+            draws = [None if t.request.params.greedy else (t.request.params.temperature, t.generator) for _, t, _ in asks]
+            drafts = self.drafter.propose([(t.thread_id, t.token_ids, k) for _, t, k in asks], min_gain, draws)
+            proposals += [(i, t, draft, gains, True, dists) for (i, t, _), (draft, gains, dists) in zip(asks, drafts) if draft]
             proposals.sort(key=lambda p: p[0])
             self._head_step = [len(asks), 0, 0]
         elif asks:
             self.drafter.rest()
         if not proposals:
             return
-        lengths = speculation.draft_lengths([g for _, _, _, g, _ in proposals], sampling, rows, self.step_cost, fixed)
-        for (i, thread, draft, _, by_head), n in zip(proposals, lengths):
+        lengths = speculation.draft_lengths([g for _, _, _, g, _, _ in proposals], sampling, rows, self.step_cost, fixed)
+        for (i, thread, draft, _, by_head, dists), n in zip(proposals, lengths):
             if n:
                 thread.draft = self.scheduler.add_draft(batch, i, draft[:n])
                 thread.draft_by_head = by_head
+                thread.draft_dists = dists[:len(thread.draft)]
             else:
                 thread.draft_stats.idle()
 
@@ -446,9 +449,10 @@ class Engine:
             return None
         return room - sum(t.fork_deferred for r in self.scheduler.running for t in r.threads)
 
-    def _choose(self, logits, threads: list[Thread]) -> list[tuple[int, tuple | None]]:
+    def _choose(self, logits, threads: list[Thread], offers=None) -> list[tuple[int, tuple | None]]:
         """One token per row (and its logprob entry where asked for), with every rule applied
-        over each thread's tokens so far; `logits` is changed in place."""
+        over each thread's tokens so far; `logits` is changed in place. `offers`: drawn draft
+        tokens to settle (`_offer`)."""
         logprobs = model_logprobs(logits, threads)  # the model's own distribution, before any rule
         apply_penalties(logits, threads, self.control)
         apply_apar_rules(logits, threads, self.control, fork_room=self._fork_room())
@@ -457,7 +461,7 @@ class Engine:
                 rule(thread, logits[i])
         return [
             (token, token_logprob(logprobs[i], token, t.request.params.logprobs) if i in logprobs else None)
-            for i, (t, token) in enumerate(zip(threads, sample(logits, threads)))
+            for i, (t, token) in enumerate(zip(threads, sample(logits, threads, offers)))
         ]
 
     @torch.inference_mode()  # the rules change the runner's logits (inference tensors) in place
@@ -467,7 +471,8 @@ class Engine:
         draft's rows while each sample equals the draft token (speculation.py)."""
         # Every row a first row (no drafts): the logits as they are, not a copy (98 rows of 49k
         # logits took ~3 ms a step to copy).
-        chosen = self._choose(logits if rows == list(range(len(logits))) else logits[rows], ready)
+        offers = [self._offer(thread, 0) for thread in ready]
+        chosen = self._choose(logits if rows == list(range(len(logits))) else logits[rows], ready, offers)
         for thread, row, (token, logprob) in zip(ready, rows, chosen):
             if thread.request.finished:  # ended by a sibling's token this step (an error)
                 continue
@@ -476,10 +481,20 @@ class Engine:
                 self._append(thread, token, logprob)
                 thread.num_cached += 1  # the draft token's K/V were computed in this forward
                 accepted += 1
-                token, logprob = self._choose(logits[row + accepted : row + accepted + 1].clone(), [thread])[0]
+                token, logprob = self._choose(logits[row + accepted : row + accepted + 1].clone(), [thread],
+                                              [self._offer(thread, accepted)])[0]
             if draft:
                 self._settle_draft(thread, accepted)
             self._apply_token(thread, token, logprob)
+
+    def _offer(self, thread: Thread, j: int) -> tuple[int, torch.Tensor] | None:
+        """Draft token j and the distribution it was drawn from, where it was drawn (a head's
+        draft for a sampled request): the sampler keeps or replaces it by the speculative-
+        sampling rule. None for a point-mass draft token (lookup's, or a greedy request's head),
+        which is kept where the row's own sample equals it."""
+        if j >= len(thread.draft_dists):
+            return None
+        return thread.draft[j], self.drafter.spread(thread.draft_dists[j], self.runner.info.vocab_size)
 
     def _ends_step(self, thread: Thread, token: int) -> bool:
         """Tokens after which a thread stops accepting its draft: forks, ends and the budget
@@ -513,7 +528,7 @@ class Engine:
                 self._head_step[2] += accepted
         else:
             thread.draft_stats.update(len(thread.draft), accepted)
-        thread.draft = []
+        thread.draft, thread.draft_dists = [], []
         self.block_manager.truncate(thread, thread.num_cached + 1)  # cached tokens and the one to come
         self.runner.truncate(thread.seq_id, thread.position(thread.num_cached))
         self.block_manager.register(thread)

@@ -111,6 +111,9 @@ class Thread:
     draft: list[int] = field(default_factory=list)  # this step's draft tokens, fed after `pending` (speculation.py)
     draft_stats: DraftStats = field(default_factory=DraftStats)
     draft_by_head: bool = False  # this step's draft came from a trained head (eagle.py), not lookup
+    # Where the head drew the draft's tokens (a sampled request): each one's distribution over
+    # the draft vocabulary, for the speculative-sampling rule (sampler.settle_offer); else empty.
+    draft_dists: list = field(default_factory=list)
     # Joins this thread sees, in index order: its ancestors' (inherited at its fork) and its own.
     joins: list[Join] = field(default_factory=list)
     established: int = 0  # joins[:established] have their KV in place for this thread (spans / runner cells)
