@@ -157,6 +157,41 @@ def test_the_engines_drafter_chains_what_training_unrolls():
     assert [int(head.logits(o[0, T - 1]).argmax()) for o in outs] == draft
 
 
+def test_held_out_figures_count_labels_outside_the_draft_vocabulary_and_read_what_sampling_keeps():
+    """`evaluate` against a position-by-position oracle: its denominator is every labelled
+    position (a label outside the draft vocabulary is a miss, not skipped), and at a temperature
+    it reads how often a first draft token would be kept: sum(min(p, q)) for a token drawn from
+    the head, p(argmax q) for its most likely one."""
+    from parafork.draft.train import Sequence, evaluate
+
+    head, embed = _random_head(4)
+    head.set_vocabulary([0, 2, 3, 5, 7, 8, 11, 13, 17, 19, 23, 29])
+    h = CONFIG.hidden_size
+    tokens = torch.tensor([1, 5, 7, 9, 5, 5, 2, 7, 13, 4, 3, 7, 7, 29])  # 9, 4: outside the draft vocabulary
+    shard = {"tokens": tokens.int(), "aux": torch.randn(14, 3 * h).bfloat16(), "final": torch.randn(14, h).bfloat16()}
+    seq = Sequence(0, torch.arange(14), first_label=4, held_out=True, answer_start=4)
+    t2d = torch.full((CONFIG.vocab_size,), -100)
+    t2d[head.draft_to_target] = torch.arange(12)
+    cfg = DraftTrainConfig(data="unused", out="unused", ttt_steps=1)
+    out = evaluate(head, [shard], [seq], embed, t2d, cfg, temperature=0.7)
+    head.eval()
+    with torch.no_grad():
+        [normed] = head.unroll(shard["aux"].float()[None, :13], embed[tokens[1:14]][None], 1)
+        logits = head.logits(normed[0])  # position t predicts the token at t + 2
+    hits = kept = most = 0.0
+    labelled = range(2, 12)  # labels from the answer's start (token 4) to the last token: t + 2 in 4..13
+    for t in labelled:
+        hits += int(head.draft_to_target[logits[t].argmax()]) == int(tokens[t + 2])
+        q = torch.softmax(logits[t] / 0.7, -1)
+        p = torch.softmax(shard["final"][t + 1].float() @ embed.T / 0.7, -1)[head.draft_to_target]
+        kept += float(torch.minimum(p, q).sum())
+        most += float(p[q.argmax()])
+    assert out["positions"] == len(labelled)
+    assert out["chain_accepted_share"][0] == pytest.approx(hits / len(labelled), abs=1e-4)
+    assert out["first_token_kept"]["kept_drawn"] == pytest.approx(kept / len(labelled), abs=1e-3)
+    assert out["first_token_kept"]["kept_most_likely"] == pytest.approx(most / len(labelled), abs=1e-3)
+
+
 def test_a_sampled_request_gets_tokens_drawn_from_the_heads_distribution():
     """With (temperature, generator) the drafter draws each token from the head's distribution at
     that temperature and returns it (for the engine's speculative-sampling rule): the first token

@@ -179,10 +179,7 @@ def tensors(shards, batch: list[Sequence], embed: torch.Tensor, t2d_index: torch
     targets = None
     if soft is not None:
         # Position p's distribution is over the token at p + 1; step j at t is scored on t + j + 2.
-        final = torch.zeros(B, L, soft.lm_rows.shape[1])
-        for b, q in enumerate(batch):
-            final[b, :len(q.nodes)] = shards[q.shard]["final"][q.nodes].float()
-        logits = final @ soft.lm_rows.T  # [B, L, V]
+        logits = _finals(shards, batch) @ soft.lm_rows.T  # [B, L, V]
         if soft.frequency or soft.presence:
             d = t2d_index[toks[:, :L]]
             answer = torch.stack([torch.arange(L) >= q.answer_start for q in batch]) & (d >= 0)
@@ -306,10 +303,7 @@ def train_head(cfg: DraftTrainConfig) -> dict:
                         "config": asdict(cfg)}, ckpt)
     bar.close()
     seconds = time.perf_counter() - start
-    figures = evaluate(head, shards, held, embed, t2d_index, cfg)
-    figures["greedy"] = evaluate(head, shards, [q for q in held if q.temperature == 0], embed, t2d_index, cfg,
-                                 calibrate=True)
-    figures["sampled"] = evaluate(head, shards, [q for q in held if q.temperature != 0], embed, t2d_index, cfg)
+    figures = held_out_figures(head, shards, held, embed, t2d_index, cfg)
     coverage = _coverage(shards, held, t2d_index)
     head.config.card.update({
         "data": {**counts, "folder": str(cfg.data), "held_out_threads": len(held)},
@@ -354,21 +348,42 @@ def _coverage(shards, seqs: list[Sequence], t2d_index: torch.Tensor) -> float:
     return inside / max(1, total)
 
 
+def held_out_figures(head: EagleHead, shards, held: list[Sequence], embed, t2d_index, cfg: DraftTrainConfig) -> dict:
+    """The card's `held_out`: all held-out answers, then the greedy ones (with the calibration)
+    and the sampled ones (with what sampling at temperature 1.0 keeps) apart."""
+    figures = evaluate(head, shards, held, embed, t2d_index, cfg)
+    figures["greedy"] = evaluate(head, shards, [q for q in held if q.temperature == 0], embed, t2d_index, cfg,
+                                 calibrate=True)
+    figures["sampled"] = evaluate(head, shards, [q for q in held if q.temperature != 0], embed, t2d_index, cfg,
+                                  temperature=1.0)
+    return figures
+
+
 @torch.no_grad()
 def evaluate(head: EagleHead, shards, seqs: list[Sequence], embed, t2d_index, cfg: DraftTrainConfig,
-             calibrate: bool = False) -> dict:
+             calibrate: bool = False, temperature: float | None = None) -> dict:
     """Per step j: the share of labelled positions whose drafts 0..j all match the written tokens
-    (a chain accepted that far), and the mean tokens per verify step of a chain of all steps.
-    `calibrate`: per band of the head's top probability at step 0, how often its token is right."""
+    (a chain accepted that far; a label outside the draft vocabulary is a miss), and the mean
+    tokens per verify step of a chain of all steps.
+    `calibrate`: per band of the head's top probability at step 0, how often its token is right.
+    `temperature`: also how often the first draft token would be kept at that temperature,
+    against the target's own distribution p at the position (from the stored final states, over
+    the whole vocabulary, no penalties): drawn from the head's q and settled by the
+    speculative-sampling rule, sum(min(p, q)) (`kept_drawn`, what the engine does), and the
+    head's most likely token kept with p of it (`kept_most_likely`, a point-mass draft)."""
     head.eval()
     steps = cfg.ttt_steps
     matched = [0] * steps
     positions = 0
+    kept = torch.zeros(2, dtype=torch.float64)
     bands = torch.zeros(10, 3, dtype=torch.float64)  # confidence sum, right, positions
+    outside = torch.where(t2d_index == -100, -1, t2d_index)  # labels outside the draft vocabulary: -1, never guessed
     for batch in batches(seqs, cfg.batch_tokens, random.Random(0)):
-        aux, embeds, labels, _ = tensors(shards, batch, embed, t2d_index, steps)
+        aux, embeds, labels, _ = tensors(shards, batch, embed, outside, steps)
         outs = head.unroll(aux, embeds, steps)
         valid = labels[0] != -100
+        if temperature is not None:
+            kept += _kept(head, outs[0][valid], _finals(shards, batch)[:, 1:][valid], embed, temperature)
         run = torch.ones_like(valid)
         for j, normed in enumerate(outs):
             logits = head.logits(normed)
@@ -388,4 +403,30 @@ def evaluate(head: EagleHead, shards, seqs: list[Sequence], embed, t2d_index, cf
     if calibrate:
         out["calibration"] = [{"confidence": round(c / n, 3), "right": round(r / n, 3), "positions": int(n)}
                               for c, r, n in bands.tolist() if n]
+    if temperature is not None:
+        out["first_token_kept"] = {"temperature": temperature, "kept_drawn": round(float(kept[0]) / max(1, positions), 4),
+                                   "kept_most_likely": round(float(kept[1]) / max(1, positions), 4)}
     return out
+
+
+def _finals(shards, batch: list[Sequence]) -> torch.Tensor:
+    """The target's final (normed) states [B, L, hidden] of each sequence's nodes."""
+    L = max(len(q.nodes) for q in batch)
+    final = torch.zeros(len(batch), L, shards[0]["final"].shape[1])
+    for b, q in enumerate(batch):
+        final[b, :len(q.nodes)] = shards[q.shard]["final"][q.nodes].float()
+    return final
+
+
+def _kept(head: EagleHead, normed: torch.Tensor, final: torch.Tensor, embed: torch.Tensor, temperature: float,
+          chunk: int = 256) -> torch.Tensor:
+    """Summed over positions: sum(min(p, q)) and p(argmax q), with q the head's distribution from
+    its step-0 outputs `normed` and p the target's from the final states of the next position."""
+    total = torch.zeros(2, dtype=torch.float64)
+    d2t = head.draft_to_target
+    for start in range(0, len(normed), chunk):
+        q = torch.softmax(head.logits(normed[start:start + chunk]).float() / temperature, -1)
+        p = torch.softmax(final[start:start + chunk] @ embed.T / temperature, -1)[:, d2t]
+        total[0] += float(torch.minimum(p, q).sum())
+        total[1] += float(p.gather(1, q.argmax(-1, keepdim=True)).sum())
+    return total

@@ -17,7 +17,9 @@ rejection-sampling rule for a draft that is a point mass: d is accepted with pro
 p(d), and a rejection yields a token drawn from the residual (p - 1_d)+, i.e. p without d,
 renormalized. Every position's token is therefore distributed as p, as in plain sampling;
 and since it spends one draw per position, as plain sampling does, a seeded request gives
-the same text with and without drafts.
+the same text with and without lookup's drafts. (A trained head's drafts for a sampled
+request are drawn from its distribution instead, and settled by the general rule against it:
+sampler.settle_offer, eagle.py.)
 
 **Where acceptance stops.** After `[Fork]`, `[Child]` or an end token, and where the
 request's `max_tokens` or the model's context would be reached: forks, thread ends and the
