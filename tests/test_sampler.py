@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from parafork.engine.sampler import NUCLEUS_CANDIDATES, draw, settle_offer
 
-GRID = 20_000  # uniforms (i + 1/2) / GRID: each token's share of them is its probability to 1/GRID
+GRID = 8_000  # uniforms (i + 1/2) / GRID: each token's share of them is its probability to 1/GRID
 
 
 def nucleus_law(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -24,7 +24,7 @@ def drawn_law(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return counts / GRID
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(vocab=st.integers(2, 60), zeros=st.integers(0, 30), sharp=st.floats(0.1, 6.0),
        top_p=st.sampled_from([1.0, 0.999, 0.9, 0.5, 0.05]), seed=st.integers(0, 10_000))
 def test_each_token_is_drawn_by_its_share_of_the_nucleus(vocab, zeros, sharp, top_p, seed):
