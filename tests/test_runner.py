@@ -290,3 +290,66 @@ def test_apar_answers_are_the_same_with_and_without_shared_prefix_attention(tiny
         assert (len(merges) > 0) == (min_saved == 4)  # the shared prefixes were attended once (or never)
         llm.check_idle()
     assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("path", ["padded", "long", "kernel"])
+def test_a_tree_slice_gives_each_token_the_logits_of_its_path_alone(tiny_llm, tiny_dir, path):
+    """A slice whose tokens form a tree (a draft with siblings, `SequenceSlice.parents`): each
+    token sits one position after its parent and sees the context and its own path only, so its
+    logits equal a chain's over context + path (HF's in fp32; the same runner's chains in bf16
+    through the row kernel), with a decode row of another sequence in the same step."""
+    import torch
+
+    from parafork import models
+    from parafork.config import EngineConfig
+    from parafork.engine.runner import SequenceSlice
+    from parafork.runners import row_kernel
+    from parafork.runners.torch_runner import TorchRunner
+
+    if path == "kernel" and row_kernel.load() is None:
+        pytest.skip(f"row kernel unavailable: {row_kernel.unavailable()}")
+    dtype = torch.bfloat16 if path == "kernel" else torch.float32
+    hf = models.load_hf_model(tiny_dir, tiny_llm.tokenizer, torch.float32)
+    runner = TorchRunner(hf, EngineConfig(num_kv_blocks=128, block_size=4, dtype=str(dtype).removeprefix("torch.")))
+    if path == "long":
+        runner.SHORT_SLICE = 2  # the tree's 7 tokens attend alone, under a mask
+    context, other = list(range(300, 322)), list(range(800, 810))
+    tokens, parents = [5, 6, 7, 8, 9, 10, 11], (-1, 0, 1, 0, 3, 0, 2)
+    paths = [[0], [0, 1], [0, 1, 2], [0, 3], [0, 3, 4], [0, 5], [0, 1, 2, 6]]
+    tree = SequenceSlice(0, tokens, 22, list(range(8)), num_logits=7, parents=parents)
+    assert tree.paths() == paths
+    runner.forward([SequenceSlice(0, context, 0, list(range(8)))])
+    runner.forward([SequenceSlice(1, other, 0, list(range(8, 12)))])
+    stranger = SequenceSlice(1, [42], 10, list(range(8, 12)))
+    groups = runner._prepare([stranger, tree]).groups
+    assert (groups[0].kv_lens is not None) == (path == "kernel") and len(groups) == (2 if path == "long" else 1)
+    out = runner.forward([stranger, tree])
+    if path == "kernel":  # the oracle: each path fed as a chain by the same runner, in its own blocks
+        refs = [runner.forward([SequenceSlice(0, [42], 10, list(range(8, 12)))])]  # (rewrites the same entry)
+        for k, chain in enumerate(paths):
+            seq, blocks = 10 + k, list(range(16 + 8 * k, 24 + 8 * k))
+            refs.append(runner.forward([SequenceSlice(seq, context + [tokens[m] for m in chain], 0, blocks)]))
+        torch.testing.assert_close(out, torch.cat(refs), atol=3e-2, rtol=0)
+    else:
+        with torch.no_grad():
+            refs = [hf(torch.tensor([other + [42]])).logits[0, -1:]]
+            refs += [hf(torch.tensor([context + [tokens[m] for m in chain]])).logits[0, -1:] for chain in paths]
+        torch.testing.assert_close(out, torch.cat(refs), atol=2e-4, rtol=0)
+
+
+def test_a_tree_slice_is_refused_where_parents_are_no_tree_or_the_runner_takes_chains_only(tiny_llm, tiny_dir):
+    import torch
+
+    from parafork import models
+    from parafork.config import EngineConfig
+    from parafork.engine.runner import SequenceSlice
+    from parafork.runners.hf_runner import HFRunner
+
+    for parents in [(0, 0), (-1, 1), (-1,)]:
+        with pytest.raises(ValueError, match="not a tree"):
+            SequenceSlice(0, [5, 6], 0, [0], parents=parents)
+    hf = models.load_hf_model(tiny_dir, tiny_llm.tokenizer, torch.float32)
+    runner = HFRunner(hf, EngineConfig(num_kv_blocks=64, block_size=4, dtype="float32"))
+    assert not runner.info.tree_slices
+    with pytest.raises(ValueError, match="chains only"):
+        runner.forward([SequenceSlice(0, [5, 6, 7], 0, [0], num_logits=3, parents=(-1, 0, 0))])

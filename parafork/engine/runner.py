@@ -61,11 +61,40 @@ class SequenceSlice:
     num_logits: int = 1
     position_offset: int = 0
     joined: tuple[KVSpan, ...] = ()
+    # A tree of tokens instead of a chain (a trained head's draft with its siblings, engine.py):
+    # per token, the index in `token_ids` of the token it follows (-1: the last cached entry).
+    # Token i is then at its parent's model position + 1 and attends to the cached entries and
+    # to its ancestors in the slice (and itself) only; its K/V are still written at entry
+    # `start + i`. Empty: a chain, token i following token i - 1. Only runners whose
+    # `RunnerInfo.tree_slices` is set take one.
+    parents: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.parents and (len(self.parents) != len(self.token_ids) or self.parents[0] != -1
+                             or any(not -1 <= p < i for i, p in enumerate(self.parents))):
+            raise ValueError(f"parents {self.parents} are not a tree over {len(self.token_ids)} tokens "
+                             "(one per token, the first -1, each before its token)")
 
     @property
     def start_pos(self) -> int:
         """Model position of the first token."""
         return self.start + self.position_offset
+
+    def paths(self) -> list[list[int]]:
+        """Per token, the indices of its ancestors in the slice and its own, first to last (a
+        chain: 0..i)."""
+        if not self.parents:
+            return [list(range(i + 1)) for i in range(len(self.token_ids))]
+        paths: list[list[int]] = []
+        for i, p in enumerate(self.parents):
+            paths.append((paths[p] if p >= 0 else []) + [i])
+        return paths
+
+
+def refuse_trees(batch: list[SequenceSlice], runner: str) -> None:
+    """For runners without `tree_slices`: a clear error rather than a chain's attention."""
+    if any(s.parents for s in batch):
+        raise ValueError(f"the {runner} runner takes chains only; a slice with parents (a tree) was given")
 
 
 @dataclass(frozen=True)
@@ -113,6 +142,7 @@ class RunnerInfo:
     timed_steps: bool = False
     paged: bool = True  # KV addressed by the engine's block tables (False: by sequence id, llama.cpp)
     kernels: str = ""  # what computes the linears, and why where it is not the fastest path (benches print it)
+    tree_slices: bool = False  # takes slices whose tokens form a tree (`SequenceSlice.parents`)
 
 
 @runtime_checkable

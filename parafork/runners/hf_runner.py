@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.runner import BlockCopy, JoinSource, RunnerInfo, SequenceSlice
+from ..engine.runner import BlockCopy, JoinSource, RunnerInfo, SequenceSlice, refuse_trees
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,7 @@ class HFRunner:
 
     @torch.inference_mode()
     def forward(self, batch: list[SequenceSlice]) -> torch.Tensor:
+        refuse_trees(batch, "HF")
         out = []
         for s in batch:
             # Joins made after the slice's first entry are not seen (a recompute from before them).

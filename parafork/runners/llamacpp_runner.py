@@ -24,7 +24,7 @@ import torch
 
 from .llamacpp_api import load
 from ..sampling import MAX_DRAFT_TOKENS
-from ..engine.runner import BlockCopy, RunnerInfo, SequenceSlice
+from ..engine.runner import BlockCopy, RunnerInfo, SequenceSlice, refuse_trees
 
 MAX_SEQUENCES = 64
 GGML_TYPE_F32 = 0  # ggml.h, enum ggml_type
@@ -115,6 +115,7 @@ class LlamaCppRunner:
 
     @torch.inference_mode()
     def forward(self, batch: list[SequenceSlice]) -> torch.Tensor:
+        refuse_trees(batch, "llama.cpp")
         lib, b = self.lib, self.batch
         total = sum(len(s.token_ids) for s in batch)
         if total > self.capacity:

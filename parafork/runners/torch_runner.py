@@ -211,6 +211,7 @@ class TorchRunner:
             draft_row_cost=0.02 if kernel is not None else 0.08,
             timed_steps=True,
             kernels=f"row kernel {self.linear_path}",
+            tree_slices=True,
         )
         self._init_rope(config)
         # Slot num_blocks*block_size is a scratch slot: padded keys point there.
@@ -264,8 +265,10 @@ class TorchRunner:
         slot_mapping = torch.cat([torch.tensor(s.block_table[: (s.start + q + bs - 1) // bs], dtype=torch.long)[k // bs] * bs
                                   + k % bs for s, q, k in zip(batch, q_lens, own)])
         flat_pos = own_index
+        if any(s.parents for s in batch):  # a tree's token sits one position after its parent
+            flat_pos = torch.cat([torch.tensor([s.start + len(path) - 1 for path in s.paths()]) for s in batch])
         if any(s.position_offset for s in batch):  # after a join
-            flat_pos = own_index + torch.tensor([s.position_offset for s in batch])[seq_of_row]
+            flat_pos = flat_pos + torch.tensor([s.position_offset for s in batch])[seq_of_row]
         # Decode rows (and drafts) attend together; a long slice (a prefill chunk) on its own, so
         # that decode rows are not padded to its length (padding all of them to a 2048-token chunk
         # made a continuous-batching step with one prompt admitted cost ~100x a decode step).
@@ -332,8 +335,17 @@ class TorchRunner:
                 q_len_t = torch.tensor(q_lens)
                 seq = torch.repeat_interleave(torch.arange(num_b), q_len_t)
                 later = torch.cat([torch.arange(q - 1, -1, -1) for q in q_lens])  # queries after row i in its slice
+                own_keys = gather_slots
                 gather_slots, kv_len_t = gather_slots[seq], kv_len_t[seq] - later
                 prefix_of = prefix_of[seq] if len(prefix_of) else prefix_of
+                row = 0
+                for b, s in enumerate(batch):  # a tree's row: the context's keys, then its path's
+                    if s.parents:
+                        context = kv_lens[b] - q_lens[b]
+                        for i, path in enumerate(s.paths()):
+                            gather_slots[row + i, context:context + len(path)] = own_keys[b, context + torch.tensor(path)]
+                            kv_len_t[row + i] = context + len(path)
+                    row += q_lens[b]
             return _AttentionGroup(rows=rows, gather_slots=gather_slots, attn_bias=None, long_mask=None, causal=False,
                                    shared=[], num_seqs=num_b, max_kv=max_kv, query_index=None, valid_rows=None,
                                    max_q=1, kv_lens=kv_len_t, kernel_prefixes=(prefix_slots, prefix_lens, prefix_of))
@@ -347,8 +359,17 @@ class TorchRunner:
 
         # Joined keys (own_index < 0) are visible to every query; own keys causally.
         allowed = own_index[:, :, None] <= q_index[:, None, :]  # [B, L, Q]
+        for b, s in enumerate(batch):  # a tree's query sees its path's entries only, of the slice's
+            if s.parents:
+                path_of = torch.zeros(q_lens[b], q_lens[b], dtype=torch.bool)
+                for i, path in enumerate(s.paths()):
+                    path_of[i, path] = True
+                entry = own_index[b] - s.start
+                inside = (entry >= 0) & (entry < q_lens[b])
+                query = torch.clamp(offsets, max=q_lens[b] - 1)
+                allowed[b, inside] = path_of[query][:, entry[inside]].T
         if num_b == 1 and max_q > self.SHORT_SLICE:  # a prefill chunk: fused attention, no bias
-            causal = max_kv == max_q and not any(num_joined)
+            causal = max_kv == max_q and not any(num_joined) and not batch[0].parents
             return _AttentionGroup(rows=rows, gather_slots=gather_slots.reshape(-1), attn_bias=None,
                                    long_mask=None if causal else allowed.transpose(1, 2)[:, None],
                                    causal=causal, shared=[], num_seqs=1, max_kv=max_kv, query_index=None, valid_rows=None,
