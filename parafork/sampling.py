@@ -18,6 +18,7 @@ Mode = Literal["apar", "serial", "ar", "raw"]
 MODES: tuple[str, ...] = get_args(Mode)
 FORKING_MODES = ("apar", "serial")
 MAX_DRAFT_TOKENS = 8  # the most draft tokens a thread verifies per step (sizes llama.cpp's output rows)
+MAX_DRAFT_SIBLINGS = 8  # the most siblings per draft position (SamplingParams.num_draft_siblings)
 
 
 # The penalties and their neutral values (what "off" is).
@@ -71,6 +72,9 @@ class SamplingParams:
     # head (engine/eagle.py); "off" never; None: the engine's default.
     speculative: Literal["ngram", "eagle", "off"] | None = None
     num_draft_tokens: int = 4
+    # With "eagle", greedy, on a runner that takes tree slices: per position of the head's draft,
+    # its next most likely tokens there, fed beside the chain where they pay (engine.py); 0: chains.
+    num_draft_siblings: int = 2
     # Joins (engine/thread.py, `Join`): whether a forking thread may sample `[Join]`, after which it
     # attends to the children it forked since its previous join; while it may, finished children
     # keep their KV until their parent joins or ends. None: the model's default (`"join"` in its
@@ -113,6 +117,9 @@ class SamplingParams:
         k = self.num_draft_tokens
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT_TOKENS:
             raise bad(f"num_draft_tokens must be an integer in [1, {MAX_DRAFT_TOKENS}], got {k!r}")
+        s = self.num_draft_siblings
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_DRAFT_SIBLINGS:
+            raise bad(f"num_draft_siblings must be an integer in [0, {MAX_DRAFT_SIBLINGS}], got {s!r}")
         if self.join not in (None, True, False):
             raise bad(f"join must be None, True or False, got {self.join!r}")
         lp = self.logprobs

@@ -147,7 +147,7 @@ def test_the_engines_drafter_chains_what_training_unrolls():
     aux = torch.randn(T, 3 * CONFIG.hidden_size)
     drafter.observe(7, 0, tokens[:5], aux[:5])  # fed in two steps, as the engine would
     drafter.observe(7, 5, tokens[5:T], aux[5:T])
-    [(draft, confidence, dists)] = drafter.propose([(7, tokens[:T + 1], 3)])
+    [(draft, confidence, dists, _)] = drafter.propose([(7, tokens[:T + 1], 3)])
     assert dists == []  # greedy: a point mass, no distribution
     assert len(draft) == 3 and confidence == sorted(confidence, reverse=True) and 0 < confidence[-1] <= 1
     # Unrolled over positions 0..T-1: position T-1 sees tokens[T] (pending), then the drafts.
@@ -206,10 +206,10 @@ def test_a_sampled_request_gets_tokens_drawn_from_the_heads_distribution():
     T = 9
     tokens = torch.randint(0, CONFIG.draft_vocab_size, (T + 1,), generator=torch.Generator().manual_seed(3)).tolist()
     drafter.observe(7, 0, tokens[:T], torch.randn(T, 3 * CONFIG.hidden_size))
-    [(greedy, greedy_conf, _)] = drafter.propose([(7, tokens, 1)])
+    [(greedy, greedy_conf, _, _)] = drafter.propose([(7, tokens, 1)])
     n, counts, firsts = 3000, Counter(), set()
     for seed in range(n):
-        [(draft, conf, dists)] = drafter.propose([(7, tokens, 2)], sampling=[(2.0, torch.Generator().manual_seed(seed))])
+        [(draft, conf, dists, _)] = drafter.propose([(7, tokens, 2)], sampling=[(2.0, torch.Generator().manual_seed(seed))])
         assert len(dists) == len(draft) == 2 and all(abs(float(q.sum()) - 1) < 1e-5 for q in dists)
         counts[draft[0]] += 1
         firsts.add(round(conf[0], 6))
@@ -220,6 +220,42 @@ def test_a_sampled_request_gets_tokens_drawn_from_the_heads_distribution():
     for token, k in counts.items():
         share = float(q[token])
         assert abs(k - n * share) < 4.5 * (n * share * (1 - share)) ** 0.5 + 1, (token, k, n * share)
+
+
+def test_siblings_are_the_heads_next_most_likely_tokens_at_each_chain_position():
+    """`siblings=2` (greedy asks): at every chain position the head's second and third most
+    likely tokens, each with the chain's confidence before that position times its probability
+    (at position 0 read against the distribution a sampled ask gets at temperature 1); the chain
+    is unchanged; `[Child]`, fork and end tokens are never siblings; `min_gain` cuts them."""
+    from parafork.engine.eagle import HeadDrafter
+
+    head, embed = _random_head(3)
+    T = 9
+    tokens = torch.randint(0, CONFIG.draft_vocab_size, (T + 1,), generator=torch.Generator().manual_seed(4)).tolist()
+
+    def drafter(**ids):
+        d = HeadDrafter(head, lambda x: embed[x], **{"fork_id": -1, "stop_ids": set(), "child_id": -2, **ids})
+        d.observe(7, 0, tokens[:T], torch.randn(T, 3 * CONFIG.hidden_size, generator=torch.Generator().manual_seed(5)))
+        return d
+
+    [(chain, conf, _, siblings)] = drafter().propose([(7, tokens, 3)], siblings=[2])
+    [(plain, plain_conf, _, none)] = drafter().propose([(7, tokens, 3)])
+    assert chain == plain and conf == plain_conf and none == [] and len(chain) == 3
+    [(_, _, [q], _)] = drafter().propose([(7, tokens, 1)], sampling=[(1.0, torch.Generator().manual_seed(0))])
+    order = q.argsort(descending=True).tolist()  # (this head's draft vocabulary maps to itself)
+    assert order[0] == chain[0]
+    first = [(j, t, g) for j, t, g in siblings if j == 0]
+    assert [t for _, t, _ in first] == order[1:3]
+    assert [g for *_, g in first] == pytest.approx([float(q[t]) for t in order[1:3]], abs=1e-5)
+    for j in (1, 2):  # below the chain's confidence before j, and below its own token's
+        at = [(t, g) for d, t, g in siblings if d == j]
+        assert len(at) == 2 and all(g < conf[j] and t != chain[j] for t, g in at)
+    # Control and end tokens are left out (fewer siblings, not others); min_gain cuts.
+    [(_, _, _, no_child)] = drafter(child_id=order[1], stop_ids={order[2]}).propose([(7, tokens, 1)], siblings=[2])
+    assert no_child == []
+    cut = first[1][2] + 1e-4
+    [(_, _, _, cut_siblings)] = drafter().propose([(7, tokens, 3)], min_gain=cut, siblings=[2])
+    assert [t for _, t, _ in cut_siblings] == [t for _, t, g in siblings if g >= cut] and cut_siblings
 
 
 def test_threads_drafted_together_get_the_chains_each_gets_alone():
@@ -241,7 +277,7 @@ def test_threads_drafted_together_get_the_chains_each_gets_alone():
 
     alone = {t: drafter().propose([(t, tokens[t], 4)])[0] for t in contexts}
     together = drafter().propose([(t, tokens[t], 4) for t in contexts])
-    for (draft, conf, _), t in zip(together, contexts):
+    for (draft, conf, _, _), t in zip(together, contexts):
         assert draft == alone[t][0] and len(draft) == 4
         assert conf == pytest.approx(alone[t][1], rel=1e-5)
     # A second round after two more verified tokens each: extensions of several rows, together.
@@ -256,8 +292,8 @@ def test_threads_drafted_together_get_the_chains_each_gets_alone():
     assert [x[0] for x in d1.propose([(t, grown[t], 3) for t in contexts])] == \
         [d2.propose([(t, grown[t], 3)])[0][0] for t in contexts]
     # min_gain: each chain stops before its first token less confident than that.
-    cut = 0.5 * min(c[0] for _, c, _ in together)
-    for (draft, conf, _), (full, full_conf, _) in zip(drafter().propose([(t, tokens[t], 4) for t in contexts], min_gain=cut),
+    cut = 0.5 * min(c[0] for _, c, _, _ in together)
+    for (draft, conf, _, _), (full, full_conf, _, _) in zip(drafter().propose([(t, tokens[t], 4) for t in contexts], min_gain=cut),
                                                  together):
         assert draft == [x for x, c in zip(full, full_conf) if c >= cut]
 
@@ -342,6 +378,6 @@ def test_the_row_kernels_pass_drafts_what_the_fp32_pass_drafts():
         return out
 
     fp32, bf16 = run(None), run(kernel)
-    assert [draft for draft, _, _ in bf16] == [draft for draft, _, _ in fp32] and all(draft for draft, _, _ in fp32)
-    for (_, a, _), (_, b, _) in zip(bf16, fp32):
-        assert a == pytest.approx(b, abs=0.05)
+    assert [d.tokens for d in bf16] == [d.tokens for d in fp32] and all(d.tokens for d in fp32)
+    for a, b in zip(bf16, fp32):
+        assert a.gains == pytest.approx(b.gains, abs=0.05)

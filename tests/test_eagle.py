@@ -40,7 +40,9 @@ def test_greedy_with_forks_is_the_same_with_head_drafts(eagle_llm, defer, monkey
     assert all(o.num_threads >= 3 for o in drafted)
     assert sum(o.num_draft_tokens for o in drafted) > 50
     for o in drafted:  # per draft position: every draft reaches position 0, fewer each position on
-        assert sum(o.drafted_at) == o.num_draft_tokens and sum(o.accepted_at) == o.num_accepted_tokens
+        # (a sibling reaches its position beside a chain token: positions <= chain tokens + siblings)
+        assert o.num_draft_tokens - o.num_sibling_tokens <= sum(o.drafted_at) <= o.num_draft_tokens
+        assert sum(o.accepted_at) == o.num_accepted_tokens
         assert list(o.drafted_at) == sorted(o.drafted_at, reverse=True)
         assert all(a <= d for a, d in zip(o.accepted_at, o.drafted_at))
     assert eagle_llm.engine.drafter.states == {}  # every thread's cache dropped with its request
@@ -101,6 +103,50 @@ def test_sampled_answers_with_drawn_head_drafts_keep_the_models_law(few_llm):
     # Seeded, a request draws the same answer again (its drafts are drawn with its generator).
     again = few_llm.generate([PROMPT_IDS[s % 3] for s in range(3)], params[:3])
     assert [o.token_ids for o in again] == [o.token_ids for o in outs[:3]]
+    few_llm.check_idle()
+
+
+class Wander:
+    """Every position draws from FewTokens' six tokens, by the model's own logits for them
+    (standardized) plus FewTokens' logits in an order that moves with the context's length:
+    greedy answers that the small head's siblings often hold, and that a wrong row would change."""
+
+    def __call__(self, thread, logits: torch.Tensor) -> None:
+        if torch.isfinite(logits).sum() == 1:
+            return  # a token forced by an earlier rule (a fork, an end)
+        own = logits[FewTokens.TOKENS].clone()
+        order = torch.randperm(6, generator=torch.Generator().manual_seed(len(thread.token_ids)))
+        logits.fill_(float("-inf"))
+        logits[FewTokens.TOKENS] = (own - own.mean()) / (own.std() + 1e-6) + 3 * FewTokens.LOGITS[order]
+
+
+@pytest.mark.parametrize("mode", ["ar", "apar"])
+def test_greedy_with_siblings_is_the_same_and_takes_fewer_steps(few_llm, mode, monkeypatch):
+    """A head's draft fed as a tree (the chain and, per position, the head's next most likely
+    tokens: SamplingParams.num_draft_siblings): where the model's token is a sibling, it and the token
+    its row gives are taken, and it is fed again next step. The answer is the same token for
+    token as without drafts and as with chains alone, in fewer steps; every block and sequence
+    id comes back."""
+    engine = few_llm.engine
+    monkeypatch.setattr("parafork.engine.speculation.propose", lambda *a: [])  # the head's drafts alone
+    rules = [ForceForks(few_llm.control, frozenset({3, 9}), child_tokens=20, root_tokens=30)] if mode == "apar" else []
+    params = SamplingParams(max_tokens=90, mode=mode, logits_rules=rules + [Wander()], **FREE)
+    plain = few_llm.generate(PROMPT_IDS, params)
+    runs = {}
+    for siblings in (0, 2):
+        runs[siblings] = few_llm.generate(PROMPT_IDS, replace(params, speculative="eagle", num_draft_siblings=siblings))
+        assert [o.token_ids for o in runs[siblings]] == [o.token_ids for o in plain]
+    chains, trees = runs[0], runs[2]
+    assert sum(o.num_sibling_tokens for o in chains) == 0
+    taken = sum(o.num_accepted_sibling_tokens for o in trees)
+    assert taken > 10 and taken < sum(o.num_sibling_tokens for o in trees)
+    assert sum(o.num_steps for o in trees) < sum(o.num_steps for o in chains)
+    if mode == "apar":
+        assert all(o.num_threads >= 3 for o in trees)
+    for o in trees:
+        assert o.num_draft_tokens - o.num_sibling_tokens <= sum(o.drafted_at) <= o.num_draft_tokens
+        assert sum(o.accepted_at) == o.num_accepted_tokens
+    assert engine.drafter.states == {}
     few_llm.check_idle()
 
 

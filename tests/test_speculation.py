@@ -161,6 +161,9 @@ def test_engine_option_and_per_request_switch(tiny_dir):
         LLM(str(tiny_dir), dtype="float32", speculative="medusa")
     with pytest.raises(ValueError, match="num_draft_tokens"):
         SamplingParams(speculative="ngram", num_draft_tokens=0)
+    for bad in (-1, 9, True, 1.5):
+        with pytest.raises(ValueError, match="num_draft_siblings"):
+            SamplingParams(speculative="eagle", num_draft_siblings=bad)
     with pytest.raises(ValueError, match="speculative"):
         SamplingParams(speculative="medusa")
 

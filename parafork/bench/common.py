@@ -49,11 +49,14 @@ def resolve_penalties(penalties: dict | None, model: str, adapter: str | None) -
 def engine_params(mode: str, max_tokens: int, penalties: dict, spec: str = "ngram") -> SamplingParams:
     """The request a tuned-model mode sends: `apar+spec` is `apar` with drafts (`spec`: "ngram"
     or "eagle"), `apar+ngram` with n-gram lookup's whatever `spec` is (the two drafters side by
-    side), and an `-unguarded` mode has the answer guards off (budget planning, head guard, penalties)."""
-    plain = mode.removesuffix("+spec").removesuffix("+ngram").removesuffix("-unguarded")
+    side), `apar+chain` with the head's as chains (no siblings), and an `-unguarded` mode has the
+    answer guards off (budget planning, head guard, penalties)."""
+    plain = mode.removesuffix("+spec").removesuffix("+ngram").removesuffix("+chain").removesuffix("-unguarded")
     if mode.endswith("-unguarded"):
         return SamplingParams(max_tokens=max_tokens, mode=plain, speculative="off", plan_budget=False,
                               no_repeat_heads=False, frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0)
+    if mode.endswith("+chain"):
+        return SamplingParams(max_tokens=max_tokens, mode=plain, speculative="eagle", num_draft_siblings=0, **penalties)
     drafts = spec if mode.endswith("+spec") else "ngram" if mode.endswith("+ngram") else "off"
     return SamplingParams(max_tokens=max_tokens, mode=plain, speculative=drafts, **penalties)
 

@@ -29,7 +29,10 @@ model's engine modes, seeded alike per question), with the same `max_tokens`:
   (`same_as_plain`; greedy, so it should, unless the shared budget ran out at another point;
   None when sampled: the answers are then alike in distribution, not in text);
 - `ar+ngram`, `apar+ngram`: the same with n-gram lookup's drafts whatever `--spec` is, so a
-  head's modes run side by side with lookup's (`ar_spec_vs_ar_ngram`: the head over lookup alone).
+  head's modes run side by side with lookup's (`ar_spec_vs_ar_ngram`: the head over lookup alone);
+- `ar+chain`, `apar+chain` (with `--spec eagle`): the head's drafts as chains alone, no siblings
+  (`SamplingParams.num_draft_siblings=0`), so its trees run side by side with its chains
+  (`ar_spec_vs_ar_chain`).
 
 Per answer: answer tokens (restored text, no control tokens), tokens sampled, decode steps,
 wall time, prefill time, threads, peak KV blocks, attention work (sum over fed tokens
@@ -65,10 +68,11 @@ from .common import (Checkpoint, add_output_args, add_penalty_args, add_suite_ar
 from .suite import load_suite, select
 
 MODES = ("ar", "apar", "serial", "base", "hf", "sot", "llamacpp", "llamacpp-f16", "ar+spec", "apar+spec", "ar+ngram",
-         "apar+ngram", "apar-unguarded", "serial-unguarded")
+         "apar+ngram", "ar+chain", "apar+chain", "apar-unguarded", "serial-unguarded")
 EARLY_STOP_TOKENS = 60
-ENGINE_MODES = ("ar", "apar", "serial", "ar+spec", "apar+spec", "ar+ngram", "apar+ngram", "apar-unguarded", "serial-unguarded")
-DRAFTING = ("+spec", "+ngram")
+ENGINE_MODES = ("ar", "apar", "serial", "ar+spec", "apar+spec", "ar+ngram", "apar+ngram", "ar+chain", "apar+chain",
+                "apar-unguarded", "serial-unguarded")
+DRAFTING = ("+spec", "+ngram", "+chain")
 SPEEDUPS = {
     "apar_spec_vs_apar": ("apar+spec", "apar"),
     "apar_spec_vs_serial": ("apar+spec", "serial"),
@@ -77,6 +81,8 @@ SPEEDUPS = {
     "ar_ngram_vs_ar": ("ar+ngram", "ar"),
     "apar_spec_vs_apar_ngram": ("apar+spec", "apar+ngram"),
     "ar_spec_vs_ar_ngram": ("ar+spec", "ar+ngram"),
+    "apar_spec_vs_apar_chain": ("apar+spec", "apar+chain"),
+    "ar_spec_vs_ar_chain": ("ar+spec", "ar+chain"),
     "apar_vs_ar": ("apar", "ar"),
     "apar_vs_serial": ("apar", "serial"),
     "apar_vs_serial_unguarded": ("apar-unguarded", "serial-unguarded"),
@@ -192,6 +198,8 @@ def _engine_record(llm: LLM, prompt: str, params: SamplingParams) -> dict:
         "accepted_at": list(out.accepted_at),
         "head_drafted": out.num_head_draft_tokens,
         "head_accepted": out.num_head_accepted_tokens,
+        "siblings": out.num_sibling_tokens,
+        "siblings_accepted": out.num_accepted_sibling_tokens,
         "joins": out.shape.joins,
         "depth": out.shape.depth,
         "spine_tokens": out.shape.spine_tokens,
@@ -260,6 +268,9 @@ def aggregate(records: list[dict]) -> dict:
         # With a head: the share of draft tokens it wrote (the rest by lookup) and its acceptance.
         "head_share": sum(r.get("head_drafted", 0) for r in records) / max(1, sum(r.get("drafted", 0) for r in records)),
         "head_acceptance": sum(r.get("head_accepted", 0) for r in records) / max(1, sum(r.get("head_drafted", 0) for r in records)),
+        # Of the head's drafts, the siblings fed beside its chains, and how often one was the model's token.
+        "sibling_share": sum(r.get("siblings", 0) for r in records) / max(1, sum(r.get("drafted", 0) for r in records)),
+        "sibling_acceptance": sum(r.get("siblings_accepted", 0) for r in records) / max(1, sum(r.get("siblings", 0) for r in records)),
         "same_as_plain_rate": _share([r for r in records if r.get("same_as_plain") is not None], lambda r: r["same_as_plain"]),
         **draft_positions(records),
         **tree_shapes(records),
@@ -437,6 +448,8 @@ def print_table(result: dict) -> None:
                         + f" by position {'/'.join(f'{a:.0%}' for a in ms[m]['acceptance_at'][:4])}"
                         + (f" head {ms[m]['head_share']:.0%} of drafts, accept {ms[m]['head_acceptance']:.0%}"
                            if ms[m].get("head_share") else "")
+                        + (f" siblings {ms[m]['sibling_share']:.0%} of drafts, taken {ms[m]['sibling_acceptance']:.0%}"
+                           if ms[m].get("sibling_share") else "")
                         for m in modes if m.endswith(DRAFTING))
         print(line)
     print("forks .. branch: of the apar answers (else the first mode): forked, joined, mean thread levels, mean "
@@ -494,6 +507,8 @@ def run(args) -> dict:
     named = [m for m in modes if m.endswith("+spec")]
     if named and not args.spec:
         raise ValueError(f"--modes {','.join(named)} needs --spec ngram or --spec eagle (which drafts)")
+    if (chains := [m for m in modes if m.endswith("+chain")]) and args.spec != "eagle":
+        raise ValueError(f"--modes {','.join(chains)} needs --spec eagle (a trained head's drafts as chains)")
     if args.spec and not named:  # both, unless --modes names those it wants
         modes += ["ar+spec", "apar+spec"]
     result = run_latency(

@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -71,6 +72,17 @@ class _Linear:
         if self.kernel is None:
             return x.float() @ self.weight.T
         return self.kernel.mm(x.to(torch.bfloat16).contiguous(), self.weight, self.out_features, fp32_out)
+
+
+class HeadDraft(NamedTuple):
+    """What `propose` gives one thread: the chain, each token's chance (the head's running
+    confidence), the distributions its tokens were drawn from (sampled requests), and the
+    siblings asked for: (depth j, token, chance), another likely token at chain position j."""
+
+    tokens: list[int]
+    gains: list[float]
+    dists: list[torch.Tensor]
+    siblings: list[tuple[int, int, float]]
 
 
 @dataclass
@@ -237,12 +249,18 @@ class HeadDrafter:
 
     @torch.inference_mode()
     def propose(self, asks: list[tuple[int, list[int], int]], min_gain: float = 0.0,
-                sampling: list[tuple[float, torch.Generator | None] | None] | None = None
-                ) -> list[tuple[list[int], list[float], list[torch.Tensor]]]:
+                sampling: list[tuple[float, torch.Generator | None] | None] | None = None,
+                siblings: list[int] | None = None) -> list[HeadDraft]:
         """Drafts for several threads at once: per ask (thread id, the thread's context with its
         last token pending, at most k tokens), the draft, the head's running confidence for
         each token, and the distributions its tokens were drawn from; nothing where the cache
         has a gap.
+
+        `siblings`: per ask, for greedy ones, at every chain position j also the head's next that
+        many most likely tokens there (no control or end token), each with its chance: the chain's
+        confidence before j times the head's probability of it. The engine feeds the ones that
+        pay beside the chain as a tree (engine.py); they cost no pass of the head (the head's
+        distribution at j is computed for the chain anyway) and are never extended.
 
         `sampling`: per ask, None (greedy requests: each token is the head's most likely, a point
         mass, no distribution returned) or the request's (temperature, generator): each token is
@@ -257,8 +275,9 @@ class HeadDrafter:
         0.83x its tokens/s). A chain stops before a token whose confidence is below
         `min_gain` (the engine's price of a drafted token: its row and its share of the head's
         passes), so the head does not compute tokens the step could not pay for."""
-        results: list[tuple[list[int], list[float], list[torch.Tensor]]] = [([], [], []) for _ in asks]
+        results = [HeadDraft([], [], [], []) for _ in asks]
         sampling = sampling or [None] * len(asks)
+        siblings = siblings or [0] * len(asks)
         ready = []
         for i, (thread_id, token_ids, k) in enumerate(asks):
             state, last = self._state(thread_id), len(token_ids) - 2  # the last position whose next token is known
@@ -273,6 +292,8 @@ class HeadDrafter:
             tokens = self.head.draft_to_target[index].tolist()
             going = []
             for r, ((i, state, last, k, feature, _, p), token, top) in enumerate(zip(chains, tokens, prob)):
+                if siblings[i] and sampling[i] is None:
+                    results[i].siblings.extend(self._siblings(logits[r], siblings[i], j, p, min_gain))
                 q = None
                 if sampling[i] is not None:  # (its top probability at the request's temperature)
                     temperature, generator = sampling[i]
@@ -285,10 +306,10 @@ class HeadDrafter:
                     token = int(self.head.draft_to_target[draw(q, 1.0, float(torch.rand(1, generator=generator)))])
                 if token == self.child_id:
                     continue
-                results[i][0].append(token)
-                results[i][1].append(p)
+                results[i].tokens.append(token)
+                results[i].gains.append(p)
                 if q is not None:
-                    results[i][2].append(q)
+                    results[i].dists.append(q)
                 if token != self.fork_id and token not in self.stop_ids and j < k - 1:
                     going.append((i, state, last, k, feature, token, p))
             if not going:
@@ -301,6 +322,19 @@ class HeadDrafter:
             chains = [(i, state, last, k, pre[r], normed[r], p) for r, (i, state, last, k, _, _, p) in enumerate(going)]
             j += 1
         return results
+
+    def _siblings(self, logits: torch.Tensor, n: int, depth: int, reach: float, min_gain: float
+                  ) -> list[tuple[int, int, float]]:
+        """The `n` tokens after the most likely one in a row of the draft vocabulary's logits,
+        as (depth, token, chance `reach` x their probability), but control and end tokens and
+        those whose chance is below `min_gain`."""
+        top, index = logits.topk(n + 1)
+        probs = torch.exp(top[1:] - torch.logsumexp(logits, -1)).tolist()
+        out = []
+        for token, prob in zip(self.head.draft_to_target[index[1:]].tolist(), probs):
+            if reach * prob >= min_gain and token not in self.stop_ids and token not in (self.fork_id, self.child_id):
+                out.append((depth, token, reach * prob))
+        return out
 
     def spread(self, q: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """A distribution over the draft vocabulary (from `propose`) over the target's."""

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
@@ -77,6 +78,8 @@ class RequestOutput:
     num_accepted_tokens: int = 0  # of which the model's own samples agreed with
     num_head_draft_tokens: int = 0  # of the drafts, those from a trained head (the rest: lookup)
     num_head_accepted_tokens: int = 0
+    num_sibling_tokens: int = 0  # of the head's drafts, siblings fed beside its chains (a tree)
+    num_accepted_sibling_tokens: int = 0
     # Per draft position j: drafts fed that reached it, and how many were accepted there.
     drafted_at: tuple[int, ...] = ()
     accepted_at: tuple[int, ...] = ()
@@ -85,6 +88,18 @@ class RequestOutput:
     # With SamplingParams.logprobs: per restored token, (log-probability, [(token, log-probability)] top).
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     shape: TreeShape | None = None  # joins, depth, spine and longest branch (thread.TreeShape)
+
+
+class _Proposal(NamedTuple):
+    """A thread's draft before the step sizes it (`Engine._draft`)."""
+
+    index: int  # the thread's place in the batch
+    thread: Thread
+    tokens: list[int]  # the chain
+    gains: list[float]  # each token's chance to be accepted, all before it accepted too
+    by_head: bool  # a trained head's (else lookup's)
+    dists: list  # where the head drew the tokens (sampled requests): their distributions
+    siblings: list[tuple[int, int, float]]  # (depth, token, chance): the head's other tokens per position
 
 
 @dataclass(frozen=True)
@@ -155,6 +170,7 @@ class Engine:
         self.drafter = drafter  # drafts from a trained head (eagle.py), None without one
         self._head_step: list[int] | None = None  # threads the head drafted for this step, its tokens fed, accepted
         self._hidden = None  # this step's StepHidden where the drafter reads it, and each thread's first row
+        self._taken: dict[int, int] = {}  # thread id -> the row (from its slice's end) of a sibling taken this step
 
     def _step_cost(self) -> step_cost.StepCost:
         info, config = self.runner.info, self.config
@@ -264,7 +280,7 @@ class Engine:
         self._release_sequences()
         if batch.threads:
             self._draft(batch)
-            fed = sum(batch.num_tokens) + sum(len(t.draft) for t in batch.threads)  # the forward's query rows
+            fed = sum(batch.num_tokens) + sum(t.draft_rows for t in batch.threads)  # the forward's query rows
             limit = self.defer_forks_from_rows
             self._rows_dear = limit is not None and fed >= limit
             logits = self._run(batch)
@@ -307,7 +323,7 @@ class Engine:
             draft = speculation.propose(thread, k, self.control)
             if draft:
                 gains = speculation.chain_gains(thread.draft_stats.acceptance, len(draft))
-                proposals.append((i, thread, draft, gains, False, []))
+                proposals.append(_Proposal(i, thread, draft, gains, False, [], []))
             elif self._speculates(thread) == "eagle" and not thread.spans:
                 asks.append((i, thread, k))  # (positions moved by a join: the head's cache does not hold them)
         decode_cost = speculation.decode_cost(self.step_cost, rows, fixed)
@@ -317,22 +333,35 @@ class Engine:
             min_gain = (self.step_cost.marginal(rows) + self._pass_price(len(asks)) / len(asks)) * sampling / decode_cost
             # Sampled requests' drafts are drawn from the head's distribution (sampler.settle_offer).
             draws = [None if t.request.params.greedy else (t.request.params.temperature, t.generator) for _, t, _ in asks]
-            drafts = self.drafter.propose([(t.thread_id, t.token_ids, k) for _, t, k in asks], min_gain, draws)
-            proposals += [(i, t, draft, gains, True, dists) for (i, t, _), (draft, gains, dists) in zip(asks, drafts) if draft]
-            proposals.sort(key=lambda p: p[0])
+            trees = self.runner.info.tree_slices
+            siblings = [t.request.params.num_draft_siblings if trees else 0 for _, t, _ in asks]
+            drafts = self.drafter.propose([(t.thread_id, t.token_ids, k) for _, t, k in asks], min_gain, draws, siblings)
+            proposals += [_Proposal(i, t, d.tokens, d.gains, True, d.dists, d.siblings)
+                          for (i, t, _), d in zip(asks, drafts) if d.tokens]
+            proposals.sort(key=lambda p: p.index)
             self._head_step = [len(asks), 0, 0]
         elif asks:
             self.drafter.rest()
         if not proposals:
             return
-        lengths = speculation.draft_lengths([g for _, _, _, g, _, _ in proposals], sampling, rows, self.step_cost, fixed)
-        for (i, thread, draft, _, by_head, dists), n in zip(proposals, lengths):
-            if n:
-                thread.draft = self.scheduler.add_draft(batch, i, draft[:n])
-                thread.draft_by_head = by_head
-                thread.draft_dists = dists[:len(thread.draft)]
-            else:
+        # A draft's tokens and siblings in order of chance (its chain first where equal): a
+        # sibling's chance is below its parent's and its chain neighbour's, so any number of
+        # the first ones is a chain and siblings whose parents are in it.
+        nodes = [sorted([(g, None) for g in p.gains] + [(g, (d, t)) for d, t, g in p.siblings], key=lambda x: -x[0])
+                 for p in proposals]
+        lengths = speculation.draft_lengths([[g for g, _ in ns] for ns in nodes], sampling, rows, self.step_cost, fixed)
+        for p, ns, n in zip(proposals, nodes, lengths):
+            thread = p.thread
+            if not n:
                 thread.draft_stats.idle()
+                continue
+            chain = p.tokens[:sum(s is None for _, s in ns[:n])]
+            siblings = [s for _, s in ns[:n] if s is not None and s[0] <= len(chain)]
+            fed = self.scheduler.add_draft(batch, p.index, chain + [t for _, t in siblings])
+            thread.draft = fed[:len(chain)]
+            thread.draft_siblings = siblings[:len(fed) - len(thread.draft)]
+            thread.draft_by_head = p.by_head
+            thread.draft_dists = p.dists[:len(thread.draft)]
 
     def _head_pays(self, asks: list, rows: int, sampling: int, decode_cost: float) -> bool:
         """Whether the head's pass is worth running this step: what it has been yielding per
@@ -354,11 +383,16 @@ class Engine:
         """Hands the drafter the target's hidden states of every verified position fed this step."""
         aux, first = self._hidden
         self._hidden = None
-        for thread, (row, start) in zip(batch.threads, first):
+        taken, self._taken = self._taken, {}
+        for thread, (row, start, fed) in zip(batch.threads, first):
             verified = thread.num_cached - start  # (< 0 where the thread ended this step and gave back its KV)
             if self._speculates(thread) == "eagle" and not thread.request.finished and verified > 0:
                 self.drafter.observe(thread.thread_id, start, thread.token_ids[start:start + verified],
                                      aux[row:row + verified])
+                if thread.thread_id in taken:  # a sibling taken: its row's features, its position is next
+                    at = row + fed - taken[thread.thread_id]
+                    self.drafter.observe(thread.thread_id, thread.num_cached,
+                                         thread.token_ids[thread.num_cached:thread.num_cached + 1], aux[at:at + 1])
 
     def _make_joins(self) -> None:
         """Puts in place every join whose thread has fed up to its `[Join]` and whose children
@@ -396,8 +430,9 @@ class Engine:
 
     def _run(self, batch: ScheduledBatch):
         slices = [
-            SequenceSlice(t.seq_id, t.pending[:n] + t.draft, t.num_cached, t.block_table, 1 + len(t.draft),
-                          t.position(t.num_cached) - t.num_cached, tuple(span for _, span in t.spans))
+            SequenceSlice(t.seq_id, t.pending[:n] + t.draft + [token for _, token in t.draft_siblings], t.num_cached,
+                          t.block_table, 1 + t.draft_rows, t.position(t.num_cached) - t.num_cached,
+                          tuple(span for _, span in t.spans), self._tree(t, n))
             for t, n in zip(batch.threads, batch.num_tokens)
         ]
         self.total_steps += 1
@@ -407,17 +442,25 @@ class Engine:
         out = self.runner.forward_hidden(slices, self.drafter.layers)
         first, rows = [], 0
         for t, s in zip(batch.threads, slices):
-            first.append((rows, t.num_cached))
+            first.append((rows, t.num_cached, len(s.token_ids)))
             rows += len(s.token_ids)
         self._hidden = (out.aux, first)
         return out.logits
+
+    @staticmethod
+    def _tree(thread: Thread, n: int) -> tuple[int, ...]:
+        """The slice's parents where the draft has siblings (runner.SequenceSlice): the fed tokens
+        and the draft a chain, a sibling of draft token j after the token before it."""
+        if not thread.draft_siblings:
+            return ()
+        return tuple(range(-1, n + len(thread.draft) - 1)) + tuple(n - 1 + j for j, _ in thread.draft_siblings)
 
     def _advance(self, batch: ScheduledBatch) -> tuple[list[int], list[Thread]]:
         """Marks the fed tokens cached; the threads whose whole context is now fed sample.
         Returns each of those threads' first logits row, and the threads."""
         rows, ready, row = [], [], 0
         for thread, n in zip(batch.threads, batch.num_tokens):
-            fed = n + len(thread.draft)
+            fed = n + thread.draft_rows
             # Token k (0-based position) attends to k + 1 keys; this slice holds positions c..c+fed-1.
             joined = sum(span.end - span.start for _, span in thread.spans)
             thread.request.attention_work += fed * (thread.num_cached + joined) + fed * (fed + 1) // 2
@@ -433,7 +476,7 @@ class Engine:
             if thread.num_cached == len(thread.token_ids) and not thread.finished:
                 rows.append(row)
                 ready.append(thread)
-            row += 1 + len(thread.draft)
+            row += 1 + thread.draft_rows
         return rows, ready
 
     @staticmethod
@@ -483,9 +526,29 @@ class Engine:
                 accepted += 1
                 token, logprob = self._choose(logits[row + accepted : row + accepted + 1].clone(), [thread],
                                               [self._offer(thread, accepted)])[0]
-            if draft:
-                self._settle_draft(thread, accepted)
-            self._apply_token(thread, token, logprob)
+            sibling, after = self._sibling(thread, accepted, token), True
+            if sibling is not None:
+                # The model's token is a sibling: its row gives the token after it. Its K/V sit
+                # past the verified ones, so it is given back and fed again next step (one row)
+                # with the token after it, which is taken here unless it is a control or end
+                # token (then it is sampled again after the sibling is fed: greedy, the same).
+                self._append(thread, token, logprob)
+                self._taken[thread.thread_id] = len(thread.draft_siblings) - sibling
+                at = row + 1 + len(draft) + sibling
+                token, logprob = self._choose(logits[at:at + 1].clone(), [thread], [None])[0]
+                after = token not in self.control.ids and token not in self.control.eos_ids
+            if draft or thread.draft_siblings:  # (a sibling counts as accepted where its next token is taken)
+                self._settle_draft(thread, accepted, sibling is not None and after)
+            if after:
+                self._apply_token(thread, token, logprob)
+
+    def _sibling(self, thread: Thread, depth: int, token: int) -> int | None:
+        """Which of the thread's fed siblings is `token` at draft position `depth`, if one is
+        and the step may go on past it."""
+        for k, (j, sibling) in enumerate(thread.draft_siblings):
+            if j == depth and sibling == token and not self._ends_step(thread, token):
+                return k
+        return None
 
     def _offer(self, thread: Thread, j: int) -> tuple[int, torch.Tensor] | None:
         """Draft token j and the distribution it was drawn from, where it was drawn (a head's
@@ -507,28 +570,33 @@ class Engine:
             or len(thread.token_ids) + 1 >= self.config.max_model_len
         )
 
-    def _settle_draft(self, thread: Thread, accepted: int) -> None:
-        """Counts the draft, gives back the KV of its rejected positions, registers what was verified."""
+    def _settle_draft(self, thread: Thread, accepted: int, sibling: bool = False) -> None:
+        """Counts the draft (a sibling taken counts as accepted at its position), gives back the
+        KV of its rejected positions and siblings, registers what was verified."""
         request = thread.request
-        request.num_draft_tokens += len(thread.draft)
-        request.num_accepted_tokens += accepted
-        for counts, n in ((request.drafted_at, len(thread.draft)), (request.accepted_at, accepted)):
+        drafted, kept = thread.draft_rows, accepted + sibling
+        reach = max([len(thread.draft)] + [j + 1 for j, _ in thread.draft_siblings])  # positions drafted at
+        request.num_draft_tokens += drafted
+        request.num_accepted_tokens += kept
+        request.num_sibling_tokens += len(thread.draft_siblings)
+        request.num_accepted_sibling_tokens += sibling
+        for counts, n in ((request.drafted_at, reach), (request.accepted_at, kept)):
             counts.extend([0] * (n - len(counts)))
             for j in range(n):
                 counts[j] += 1
-        self._counts["drafted"] += len(thread.draft)
-        self._counts["accepted"] += accepted
+        self._counts["drafted"] += drafted
+        self._counts["accepted"] += kept
         if thread.draft_by_head:  # (the head's chances are its own confidence, not these counts)
-            self._counts["head_drafted"] += len(thread.draft)
-            self._counts["head_accepted"] += accepted
-            request.num_head_draft_tokens += len(thread.draft)
-            request.num_head_accepted_tokens += accepted
+            self._counts["head_drafted"] += drafted
+            self._counts["head_accepted"] += kept
+            request.num_head_draft_tokens += drafted
+            request.num_head_accepted_tokens += kept
             if self._head_step is not None:
-                self._head_step[1] += len(thread.draft)
-                self._head_step[2] += accepted
+                self._head_step[1] += drafted
+                self._head_step[2] += kept
         else:
             thread.draft_stats.update(len(thread.draft), accepted)
-        thread.draft, thread.draft_dists = [], []
+        thread.draft, thread.draft_dists, thread.draft_siblings = [], [], []
         self.block_manager.truncate(thread, thread.num_cached + 1)  # cached tokens and the one to come
         self.runner.truncate(thread.seq_id, thread.position(thread.num_cached))
         self.block_manager.register(thread)
@@ -626,6 +694,8 @@ class Engine:
             num_accepted_tokens=request.num_accepted_tokens,
             num_head_draft_tokens=request.num_head_draft_tokens,
             num_head_accepted_tokens=request.num_head_accepted_tokens,
+            num_sibling_tokens=request.num_sibling_tokens,
+            num_accepted_sibling_tokens=request.num_accepted_sibling_tokens,
             drafted_at=tuple(request.drafted_at),
             accepted_at=tuple(request.accepted_at),
             error=request.error,

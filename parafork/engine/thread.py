@@ -114,6 +114,9 @@ class Thread:
     # Where the head drew the draft's tokens (a sampled request): each one's distribution over
     # the draft vocabulary, for the speculative-sampling rule (sampler.settle_offer); else empty.
     draft_dists: list = field(default_factory=list)
+    # A head's siblings fed beside the draft this step (engine.py): (depth j, token), another
+    # token for draft position j, fed after the draft and attending to the draft before j only.
+    draft_siblings: list[tuple[int, int]] = field(default_factory=list)
     # Joins this thread sees, in index order: its ancestors' (inherited at its fork) and its own.
     joins: list[Join] = field(default_factory=list)
     established: int = 0  # joins[:established] have their KV in place for this thread (spans / runner cells)
@@ -168,6 +171,11 @@ class Thread:
         return self.finish_reason is not None
 
     @property
+    def draft_rows(self) -> int:
+        """Rows this step's draft adds to the thread's slice: its tokens and their siblings."""
+        return len(self.draft) + len(self.draft_siblings)
+
+    @property
     def pending(self) -> list[int]:
         """Tokens to feed to the model before the next sample."""
         return self.token_ids[self.num_cached :]
@@ -198,6 +206,8 @@ class Request:
         self.num_accepted_tokens = 0  # of which the model's own samples agreed with
         self.num_head_draft_tokens = 0  # of the drafts, those from a trained head (the rest: lookup)
         self.num_head_accepted_tokens = 0
+        self.num_sibling_tokens = 0  # of the head's drafts, siblings fed beside its chains (engine.py)
+        self.num_accepted_sibling_tokens = 0
         # Per draft position j (0: the first draft token): drafts that reached it, and were accepted there.
         self.drafted_at: list[int] = []
         self.accepted_at: list[int] = []
