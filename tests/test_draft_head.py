@@ -226,7 +226,7 @@ def test_siblings_are_the_heads_next_most_likely_tokens_at_each_chain_position()
     """`siblings=2` (greedy asks): at every chain position the head's second and third most
     likely tokens, each with the chain's confidence before that position times its probability
     (at position 0 read against the distribution a sampled ask gets at temperature 1); the chain
-    is unchanged; `[Child]`, fork and end tokens are never siblings; `min_gain` cuts them."""
+    is unchanged; `[Child]`, fork and end tokens are never siblings; `sibling_gain` cuts them."""
     from parafork.engine.eagle import HeadDrafter
 
     head, embed = _random_head(3)
@@ -254,7 +254,7 @@ def test_siblings_are_the_heads_next_most_likely_tokens_at_each_chain_position()
     [(_, _, _, no_child)] = drafter(child_id=order[1], stop_ids={order[2]}).propose([(7, tokens, 1)], siblings=[2])
     assert no_child == []
     cut = first[1][2] + 1e-4
-    [(_, _, _, cut_siblings)] = drafter().propose([(7, tokens, 3)], min_gain=cut, siblings=[2])
+    [(_, _, _, cut_siblings)] = drafter().propose([(7, tokens, 3)], siblings=[2], sibling_gain=cut)
     assert [t for _, t, _ in cut_siblings] == [t for _, t, g in siblings if g >= cut] and cut_siblings
 
 

@@ -250,7 +250,7 @@ class HeadDrafter:
     @torch.inference_mode()
     def propose(self, asks: list[tuple[int, list[int], int]], min_gain: float = 0.0,
                 sampling: list[tuple[float, torch.Generator | None] | None] | None = None,
-                siblings: list[int] | None = None) -> list[HeadDraft]:
+                siblings: list[int] | None = None, sibling_gain: float = 0.0) -> list[HeadDraft]:
         """Drafts for several threads at once: per ask (thread id, the thread's context with its
         last token pending, at most k tokens), the draft, the head's running confidence for
         each token, and the distributions its tokens were drawn from; nothing where the cache
@@ -258,9 +258,10 @@ class HeadDrafter:
 
         `siblings`: per ask, for greedy ones, at every chain position j also the head's next that
         many most likely tokens there (no control or end token), each with its chance: the chain's
-        confidence before j times the head's probability of it. The engine feeds the ones that
-        pay beside the chain as a tree (engine.py); they cost no pass of the head (the head's
-        distribution at j is computed for the chain anyway) and are never extended.
+        confidence before j times the head's probability of it, those below `sibling_gain` left
+        out. The engine feeds the ones that pay beside the chain as a tree (engine.py); they cost
+        no pass of the head (its distribution at j is computed for the chain anyway), so their
+        price is their row alone, and they are never extended.
 
         `sampling`: per ask, None (greedy requests: each token is the head's most likely, a point
         mass, no distribution returned) or the request's (temperature, generator): each token is
@@ -293,7 +294,7 @@ class HeadDrafter:
             going = []
             for r, ((i, state, last, k, feature, _, p), token, top) in enumerate(zip(chains, tokens, prob)):
                 if siblings[i] and sampling[i] is None:
-                    results[i].siblings.extend(self._siblings(logits[r], siblings[i], j, p, min_gain))
+                    results[i].siblings.extend(self._siblings(logits[r], top, siblings[i], j, p, sibling_gain))
                 q = None
                 if sampling[i] is not None:  # (its top probability at the request's temperature)
                     temperature, generator = sampling[i]
@@ -323,13 +324,13 @@ class HeadDrafter:
             j += 1
         return results
 
-    def _siblings(self, logits: torch.Tensor, n: int, depth: int, reach: float, min_gain: float
+    def _siblings(self, logits: torch.Tensor, top: float, n: int, depth: int, reach: float, min_gain: float
                   ) -> list[tuple[int, int, float]]:
-        """The `n` tokens after the most likely one in a row of the draft vocabulary's logits,
-        as (depth, token, chance `reach` x their probability), but control and end tokens and
-        those whose chance is below `min_gain`."""
-        top, index = logits.topk(n + 1)
-        probs = torch.exp(top[1:] - torch.logsumexp(logits, -1)).tolist()
+        """The `n` tokens after the most likely one in a row of the draft vocabulary's logits
+        (whose probability is `top`), as (depth, token, chance `reach` x their probability), but
+        control and end tokens and those whose chance is below `min_gain`."""
+        best, index = logits.topk(n + 1)
+        probs = (top * torch.exp(best[1:] - best[0])).tolist()  # (no softmax over the row: top's is known)
         out = []
         for token, prob in zip(self.head.draft_to_target[index[1:]].tolist(), probs):
             if reach * prob >= min_gain and token not in self.stop_ids and token not in (self.fork_id, self.child_id):

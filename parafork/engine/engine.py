@@ -331,11 +331,13 @@ class Engine:
             # A head's token is worth computing where its chance beats its price: its row and its
             # share of the head's passes (one-row steps), against the tokens per cost the step makes.
             min_gain = (self.step_cost.marginal(rows) + self._pass_price(len(asks)) / len(asks)) * sampling / decode_cost
+            sibling_gain = self.step_cost.marginal(rows) * sampling / decode_cost  # (a sibling costs no pass: its row)
             # Sampled requests' drafts are drawn from the head's distribution (sampler.settle_offer).
             draws = [None if t.request.params.greedy else (t.request.params.temperature, t.generator) for _, t, _ in asks]
             trees = self.runner.info.tree_slices
             siblings = [t.request.params.num_draft_siblings if trees else 0 for _, t, _ in asks]
-            drafts = self.drafter.propose([(t.thread_id, t.token_ids, k) for _, t, k in asks], min_gain, draws, siblings)
+            drafts = self.drafter.propose([(t.thread_id, t.token_ids, k) for _, t, k in asks], min_gain, draws, siblings,
+                                          sibling_gain)
             proposals += [_Proposal(i, t, d.tokens, d.gains, True, d.dists, d.siblings)
                           for (i, t, _), d in zip(asks, drafts) if d.tokens]
             proposals.sort(key=lambda p: p.index)
