@@ -16,6 +16,14 @@ every token is distributed as without drafts, and a drawn draft is kept more oft
 head's most likely token would be (on held-out answers at temperature 1.0, the first draft
 token 0.40 of the time against 0.30).
 
+**Trees.** For a greedy request (`SamplingParams.num_draft_siblings`, on a runner that takes tree
+slices) the head also offers, at every chain position, its next most likely tokens there:
+siblings, each with the chance the chain reaches that position times the head's probability of it.
+They cost no pass (the head's distribution there is computed for the chain anyway), only their
+rows, and the engine feeds those that pay beside the chain as one tree slice (engine.py); where
+the model's token at a position is a sibling, it and the token its row gives are taken. Siblings
+are never extended: a deeper tree would need a pass per branch.
+
 **Forks.** A child's context is its parent's up to the `[Fork]`: at its first draft the child
 copies the parent's cache below the `[Fork]`'s position (those positions' next tokens are the
 same for both) and adds the `[Fork]`'s own position from the hidden states of whoever fed it

@@ -26,7 +26,11 @@ Design choices for CPU decode (measured, see RESOURCES.md):
   decode rows' attention go through parafork's row kernel (`row_kernel.py`), built once per
   machine: SmolLM2-135M's step 23.4 -> 11.9 ms at one row, 8 rows 1.45x one row (was 1.55x),
   on the 2-core Zen 5 (`results/rows/`). Its attention reads each key in place, so decode rows
-  skip the shared-prefix split, which exists to save gathers and matmul work.
+  skip the shared-prefix split, which exists to save gathers and matmul work;
+- a tree slice (a head's draft with siblings, `SequenceSlice.parents`) writes its K/V at its rows'
+  own entries as a chain does, and only its attention changes: each row's keys are the context's
+  then its path's (the row kernel reads a per-row slot list anyway; the padded and long paths mask
+  the slice's other entries), at its depth's position.
 """
 from __future__ import annotations
 
