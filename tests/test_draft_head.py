@@ -256,6 +256,26 @@ def test_siblings_are_the_heads_next_most_likely_tokens_at_each_chain_position()
     cut = first[1][2] + 1e-4
     [(_, _, _, cut_siblings)] = drafter().propose([(7, tokens, 3)], siblings=[2], sibling_gain=cut)
     assert [t for _, t, _ in cut_siblings] == [t for _, t, g in siblings if g >= cut] and cut_siblings
+    # A sampled ask's siblings are drawn after its token from the same q without replacement, with a
+    # chance that never depends on the draw: the first sibling after the likeliest token follows q
+    # without that token.
+    d, n, seen = drafter(), 3000, Counter()
+    top = float(q.max())
+    for seed in range(n):
+        [(drawn, _, _, sampled)] = d.propose([(7, tokens, 1)], sampling=[(1.0, torch.Generator().manual_seed(seed))],
+                                             siblings=[2])
+        assert len(sampled) == 2 and len({drawn[0]} | {t for _, t, _ in sampled}) == 3
+        assert all(g == pytest.approx(top * (1 - top)) for *_, g in sampled), (sampled, top)
+        if drawn[0] == order[0]:
+            seen[sampled[0][1]] += 1
+    rest = q.clone()
+    rest[order[0]] = 0
+    rest /= rest.sum()
+    m = sum(seen.values())
+    assert m > 300 and order[0] not in seen
+    for token, k in seen.items():
+        share = float(rest[token])
+        assert abs(k - m * share) < 4.5 * (m * share * (1 - share)) ** 0.5 + 1, (token, k, m * share)
 
 
 def test_threads_drafted_together_get_the_chains_each_gets_alone():

@@ -56,6 +56,43 @@ def test_the_end_of_the_unit_interval_never_draws_a_banned_last_token():
             assert draw(probs, top_p, u) in (0, 1)
 
 
+def test_drawn_candidates_without_replacement_keep_p_and_are_kept_as_the_recursive_rule_says():
+    """A draft token and its siblings, drawn from q one after another without replacement, settled
+    against p (sampler.settle_offer, recursively): every token follows p's nucleus (chi-square),
+    a candidate is the token exactly when it was kept, and the first two together are kept more
+    often than the first alone. Settling the second against q itself, not q without the first,
+    skews the law (the mutation this catches)."""
+    p = torch.softmax(torch.tensor([1.0, 0.5, 0.2, 0.0, -0.5, -1.0, float("-inf")]), 0)
+    q = torch.tensor([0.05, 0.1, 0.4, 0.05, 0.2, 0.05, 0.15])
+    g = torch.Generator().manual_seed(1)
+    n = 20_000
+
+    def candidates() -> list[int]:
+        first = int(torch.multinomial(q, 1, generator=g))
+        rest = q.clone()
+        rest[first] = 0
+        second = int(torch.multinomial(rest / rest.sum(), 1, generator=g))
+        rest[second] = 0
+        return [first, second, int(torch.multinomial(rest / rest.sum(), 1, generator=g))]
+
+    for top_p in (1.0, 0.8):
+        law = nucleus_law(p, top_p)
+        counts, first_kept, kept = torch.zeros(len(p)), 0, 0
+        for _ in range(n):
+            drawn = candidates()
+            token = settle_offer(p, top_p, drawn, q, g)
+            counts[token] += 1
+            first_kept += token == drawn[0]
+            kept += token in drawn
+        assert counts[law == 0].sum() == 0
+        expected = n * law[law > 0]
+        chi2 = float(((counts[law > 0] - expected) ** 2 / expected).sum())
+        assert chi2 < 22.5, chi2  # the 99.9% quantile of chi-square with <= 6 degrees of freedom
+        rate = float(torch.minimum(law, q).sum())
+        assert abs(first_kept - n * rate) < 4 * (n * rate * (1 - rate)) ** 0.5
+        assert kept > first_kept + 0.1 * n  # the siblings add kept tokens
+
+
 def test_a_drawn_draft_token_is_kept_by_the_speculative_sampling_rule():
     """Draft tokens drawn from q, settled against p: every token follows p's nucleus (chi-square),
     the draft token is kept exactly as often as sum(min(p, q)) says, and a token equals the draft
@@ -68,7 +105,7 @@ def test_a_drawn_draft_token_is_kept_by_the_speculative_sampling_rule():
         law = nucleus_law(p, top_p)
         counts, kept = torch.zeros(len(p)), 0
         for d in torch.multinomial(q, n, replacement=True, generator=g).tolist():
-            token = settle_offer(p, top_p, d, q, g)
+            token = settle_offer(p, top_p, [d], q, g)
             counts[token] += 1
             kept += token == d
         assert counts[law == 0].sum() == 0

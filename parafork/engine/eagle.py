@@ -264,10 +264,11 @@ class HeadDrafter:
         each token, and the distributions its tokens were drawn from; nothing where the cache
         has a gap.
 
-        `siblings`: per ask, for greedy ones, at every chain position j also the head's next that
-        many most likely tokens there (no control or end token), each with its chance: the chain's
-        confidence before j times the head's probability of it, those below `sibling_gain` left
-        out. The engine feeds the ones that pay beside the chain as a tree (engine.py); they cost
+        `siblings`: per ask, at every chain position j also that many more tokens there: for a
+        greedy ask the head's next most likely ones (no control or end token), each with its
+        chance, the chain's confidence before j times the head's probability of it; for a sampled
+        one tokens drawn after the chain's from the same distribution without replacement
+        (`_drawn_siblings`); those below `sibling_gain` left out. The engine feeds the ones that pay beside the chain as a tree (engine.py); they cost
         no pass of the head (its distribution at j is computed for the chain anyway), so their
         price is their row alone, and they are never extended.
 
@@ -301,8 +302,9 @@ class HeadDrafter:
             tokens = self.head.draft_to_target[index].tolist()
             going = []
             for r, ((i, state, last, k, feature, _, p), token, top) in enumerate(zip(chains, tokens, prob)):
+                reach = p  # the chance the chain gets to this position
                 if siblings[i] and sampling[i] is None:
-                    results[i].siblings.extend(self._siblings(logits[r], top, siblings[i], j, p, sibling_gain))
+                    results[i].siblings.extend(self._siblings(logits[r], top, siblings[i], j, reach, sibling_gain))
                 q = None
                 if sampling[i] is not None:  # (its top probability at the request's temperature)
                     temperature, generator = sampling[i]
@@ -312,7 +314,11 @@ class HeadDrafter:
                 if p < min_gain:
                     continue
                 if q is not None:
-                    token = int(self.head.draft_to_target[draw(q, 1.0, float(torch.rand(1, generator=generator)))])
+                    drawn = draw(q, 1.0, float(torch.rand(1, generator=generator)))
+                    token = int(self.head.draft_to_target[drawn])
+                    if siblings[i]:
+                        results[i].siblings.extend(self._drawn_siblings(q, drawn, siblings[i], j, reach, generator,
+                                                                        sibling_gain))
                 if token == self.child_id:
                     continue
                 results[i].tokens.append(token)
@@ -343,6 +349,28 @@ class HeadDrafter:
         for token, prob in zip(self.head.draft_to_target[index[1:]].tolist(), probs):
             if reach * prob >= min_gain and token not in self.stop_ids and token not in (self.fork_id, self.child_id):
                 out.append((depth, token, reach * prob))
+        return out
+
+    def _drawn_siblings(self, q: torch.Tensor, drawn: int, n: int, depth: int, reach: float,
+                        generator: torch.Generator | None, min_gain: float) -> list[tuple[int, int, float]]:
+        """A sampled ask's siblings at one position: `n` more tokens drawn from q (the draft
+        vocabulary's distribution the chain's token, index `drawn`, came from) one after another
+        without replacement, as the speculative-sampling rule settles them (sampler.settle_offer),
+        every one kept in draw order (a control token too: it may still be the position's token).
+        Their chance, reach x top x (1 - top) with top q's top probability (the chain's token
+        missed, the sibling held the likeliest), never depends on what was drawn, so which of them
+        are fed does not bias the draws. None where that is below `min_gain`."""
+        top = float(q.max())
+        if reach * top * (1 - top) < min_gain:
+            return []
+        rest, out = q.clone(), []
+        rest[drawn] = 0
+        for _ in range(n):
+            if not rest.sum() > 0:
+                break
+            index = draw(rest / rest.sum(), 1.0, float(torch.rand(1, generator=generator)))
+            rest[index] = 0
+            out.append((depth, int(self.head.draft_to_target[index]), reach * top * (1 - top)))
         return out
 
     def spread(self, q: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -358,7 +358,10 @@ class Engine:
                 thread.draft_stats.idle()
                 continue
             chain = p.tokens[:sum(s is None for _, s in ns[:n])]
-            siblings = [s for _, s in ns[:n] if s is not None and s[0] <= len(chain)]
+            # (A sampled request's siblings were drawn after the chain's token at their position:
+            # they are settled with it, so none goes where that token is not fed.)
+            reach = len(chain) - bool(p.dists)
+            siblings = [s for _, s in ns[:n] if s is not None and s[0] <= reach]
             fed = self.scheduler.add_draft(batch, p.index, chain + [t for _, t in siblings])
             thread.draft = fed[:len(chain)]
             thread.draft_siblings = siblings[:len(fed) - len(thread.draft)]
@@ -552,14 +555,16 @@ class Engine:
                 return k
         return None
 
-    def _offer(self, thread: Thread, j: int) -> tuple[int, torch.Tensor] | None:
-        """Draft token j and the distribution it was drawn from, where it was drawn (a head's
-        draft for a sampled request): the sampler keeps or replaces it by the speculative-
-        sampling rule. None for a point-mass draft token (lookup's, or a greedy request's head),
-        which is kept where the row's own sample equals it."""
+    def _offer(self, thread: Thread, j: int) -> tuple[list[int], torch.Tensor] | None:
+        """Draft token j with its siblings, in the order they were drawn, and the distribution
+        they were drawn from, where they were drawn (a head's draft for a sampled request): the
+        sampler keeps one or draws another by the speculative-sampling rule. None for point-mass
+        drafts (lookup's, or a greedy request's head's), kept where the row's own sample equals
+        one of them."""
         if j >= len(thread.draft_dists):
             return None
-        return thread.draft[j], self.drafter.spread(thread.draft_dists[j], self.runner.info.vocab_size)
+        tokens = [thread.draft[j]] + [token for depth, token in thread.draft_siblings if depth == j]
+        return tokens, self.drafter.spread(thread.draft_dists[j], self.runner.info.vocab_size)
 
     def _ends_step(self, thread: Thread, token: int) -> bool:
         """Tokens after which a thread stops accepting its draft: forks, ends and the budget

@@ -150,8 +150,8 @@ def sample(logits: torch.Tensor, threads: Sequence[Thread],
            offers: Sequence[tuple[int, torch.Tensor] | None] | None = None) -> list[int]:
     """One token per row: argmax for greedy requests, temperature + top-p otherwise (`draw`).
     (numpy's argmax: 4 us for a 49k row where torch's takes 76 us, 0.5% of a llama.cpp step;
-    both return the first maximum.) `offers`: per row, None or a draft token and the
-    distribution it was drawn from, settled by `settle_offer` (sampled rows only)."""
+    both return the first maximum.) `offers`: per row, None or the draft tokens drawn for it and
+    the distribution they were drawn from, settled by `settle_offer` (sampled rows only)."""
     chosen = logits.numpy().argmax(axis=-1).tolist()
     for i, thread in enumerate(threads):
         params = thread.request.params
@@ -166,26 +166,37 @@ def sample(logits: torch.Tensor, threads: Sequence[Thread],
     return chosen
 
 
-def settle_offer(probs: torch.Tensor, top_p: float, token: int, q: torch.Tensor,
+def settle_offer(probs: torch.Tensor, top_p: float, tokens: Sequence[int], q: torch.Tensor,
                  generator: torch.Generator | None) -> int:
-    """The token of a row whose draft token was drawn from a distribution q over the vocabulary
-    (a trained head's, at the request's temperature): the speculative-sampling rule (Leviathan
-    et al. 2023; Chen et al. 2023). With p the row's own distribution (`probs` cut to its top-p
-    nucleus), the draft token d is kept with probability min(1, p(d) / q(d)); else the token
-    is drawn from the residual max(0, p - q), renormalized, which never holds d. Either way the
-    token is distributed as p, and it equals d exactly when d was kept. Drawn drafts are kept
-    with probability sum(min(p, q)), where a point-mass draft of q's most likely token is kept
-    with p(that token): on held-out answers of the bundled model at temperature 1.0, the
-    shipped head's first draft token 0.40 against 0.30 (its card: draft/train.py `evaluate`)."""
+    """The token of a row whose draft tokens were drawn from a distribution q over the vocabulary
+    (a trained head's, at the request's temperature), one after another without replacement
+    (the chain's token, then its siblings: eagle.py): the speculative-sampling rule (Leviathan
+    et al. 2023; Chen et al. 2023), applied recursively (Jeon et al. 2024, without replacement).
+    With p the row's own distribution (`probs` cut to its top-p nucleus) as the first target r
+    and q as the first proposal s, candidate d is kept with probability min(1, r(d) / s(d)); else
+    r becomes the residual max(0, r - s), renormalized (which never holds d), and s becomes s
+    without d, renormalized (what the next candidate was drawn from). After the last candidate
+    the token is drawn from r. Either way the token is distributed as p, and it equals a
+    candidate exactly when that candidate was kept. A lone drawn draft is kept with probability
+    sum(min(p, q)), where a point-mass draft of q's most likely token is kept with p(that token):
+    on held-out answers of the bundled model at temperature 1.0, the shipped head's first draft
+    token 0.40 against 0.30 (its card: draft/train.py `evaluate`)."""
     if top_p < 1:
         ids, kept = _nucleus(probs, top_p)
         probs = torch.zeros_like(probs).index_put_((ids,), kept / kept.sum())
-    if float(torch.rand(1, generator=generator)) * float(q[token]) < float(probs[token]):
-        return token
-    residual = (probs - q).clamp_(min=0)
-    if not residual.sum() > 0:  # (p <= q everywhere only by rounding: d would have been kept)
-        residual = probs
-    return _inverse_cdf(residual.cumsum(0), float(torch.rand(1, generator=generator)))
+    target, proposal = probs, q
+    for k, token in enumerate(tokens):
+        if float(torch.rand(1, generator=generator)) * float(proposal[token]) < float(target[token]):
+            return token
+        residual = (target - proposal).clamp_(min=0)
+        if not residual.sum() > 0:  # (r <= s everywhere only by rounding: d would have been kept)
+            break
+        target = residual / residual.sum()
+        if k + 1 < len(tokens):
+            proposal = proposal.clone()
+            proposal[token] = 0
+            proposal /= proposal.sum()
+    return _inverse_cdf(target.cumsum(0), float(torch.rand(1, generator=generator)))
 
 
 # Candidates a top-p draw looks at first: the nucleus is found among the largest 256
