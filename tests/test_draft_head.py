@@ -260,12 +260,11 @@ def test_siblings_are_the_heads_next_most_likely_tokens_at_each_chain_position()
     # chance that never depends on the draw: the first sibling after the likeliest token follows q
     # without that token.
     d, n, seen = drafter(), 3000, Counter()
-    top = float(q.max())
     for seed in range(n):
         [(drawn, _, _, sampled)] = d.propose([(7, tokens, 1)], sampling=[(1.0, torch.Generator().manual_seed(seed))],
                                              siblings=[2])
         assert len(sampled) == 2 and len({drawn[0]} | {t for _, t, _ in sampled}) == 3
-        assert all(g == pytest.approx(top * (1 - top)) for *_, g in sampled), (sampled, top)
+        assert all(g == pytest.approx(d.sibling_rate) for *_, g in sampled), (sampled, d.sibling_rate)
         if drawn[0] == order[0]:
             seen[sampled[0][1]] += 1
     rest = q.clone()
@@ -276,6 +275,13 @@ def test_siblings_are_the_heads_next_most_likely_tokens_at_each_chain_position()
     for token, k in seen.items():
         share = float(rest[token])
         assert abs(k - m * share) < 4.5 * (m * share * (1 - share)) ** 0.5 + 1, (token, k, m * share)
+    # Their chance is the rate at which drawn siblings have been taken: rarely taken, none pays.
+    prior = d.sibling_rate
+    d.record(1, 3, 1, siblings_fed=200, siblings_taken=2)
+    assert d.sibling_rate < prior / 5
+    [(_, _, _, none)] = d.propose([(7, tokens, 1)], sampling=[(1.0, torch.Generator().manual_seed(0))], siblings=[2],
+                                  sibling_gain=prior / 2)
+    assert none == []
 
 
 def test_threads_drafted_together_get_the_chains_each_gets_alone():

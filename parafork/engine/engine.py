@@ -168,7 +168,8 @@ class Engine:
         self.defer_forks_from_rows = config.defer_forks_from_rows
         self._rows_dear = False  # this step's rows reach defer_forks_from_rows
         self.drafter = drafter  # drafts from a trained head (eagle.py), None without one
-        self._head_step: list[int] | None = None  # threads the head drafted for this step, its tokens fed, accepted
+        # Threads the head drafted for this step, its tokens fed, accepted; its drawn siblings fed, taken.
+        self._head_step: list[int] | None = None
         self._hidden = None  # this step's StepHidden where the drafter reads it, and each thread's first row
         self._taken: dict[int, int] = {}  # thread id -> the row (from its slice's end) of a sibling taken this step
 
@@ -341,7 +342,7 @@ class Engine:
             proposals += [_Proposal(i, t, d.tokens, d.gains, True, d.dists, d.siblings)
                           for (i, t, _), d in zip(asks, drafts) if d.tokens]
             proposals.sort(key=lambda p: p.index)
-            self._head_step = [len(asks), 0, 0]
+            self._head_step = [len(asks), 0, 0, 0, 0]
         elif asks:
             self.drafter.rest()
         if not proposals:
@@ -601,6 +602,9 @@ class Engine:
             if self._head_step is not None:
                 self._head_step[1] += drafted
                 self._head_step[2] += kept
+                if thread.draft_dists:  # (drawn siblings: their rate prices the next ones, eagle.py)
+                    self._head_step[3] += len(thread.draft_siblings)
+                    self._head_step[4] += sibling
         else:
             thread.draft_stats.update(len(thread.draft), accepted)
         thread.draft, thread.draft_dists, thread.draft_siblings = [], [], []
