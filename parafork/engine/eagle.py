@@ -21,7 +21,8 @@ offers, at every chain position, siblings: for a greedy request its next most li
 each with the chance the chain reaches that position times the head's probability of it; for a
 sampled one tokens drawn after the chain's from the same distribution without replacement, which
 the sampler settles with it by the recursive speculative-sampling rule (sampler.settle_offer), each
-with a chance that never depends on the draw. They cost no pass (the head's distribution there is
+with the chance the chain reaches its position times the rate at which drawn siblings have been
+taken (`sibling_rate`), never anything read off the draw. They cost no pass (the head's distribution there is
 computed for the chain anyway), only their rows, and the engine feeds those that pay beside the
 chain as one tree slice (engine.py); where the model's token at a position is a sibling, it and
 the token its row gives are taken. Siblings are never extended: a deeper tree would need a pass
