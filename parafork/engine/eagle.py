@@ -22,11 +22,11 @@ each with the chance the chain reaches that position times the head's probabilit
 sampled one tokens drawn after the chain's from the same distribution without replacement, which
 the sampler settles with it by the recursive speculative-sampling rule (sampler.settle_offer), each
 with the chance the chain reaches its position times the rate at which drawn siblings have been
-taken (`sibling_rate`), never anything read off the draw. They cost no pass (the head's distribution there is
-computed for the chain anyway), only their rows, and the engine feeds those that pay beside the
-chain as one tree slice (engine.py); where the model's token at a position is a sibling, it and
-the token its row gives are taken. Siblings are never extended: a deeper tree would need a pass
-per branch.
+taken (`sibling_rate`), never anything read off the draw. They cost no pass (the head's
+distribution there is computed for the chain anyway), only their rows, and the engine feeds those
+that pay beside the chain as one tree slice (engine.py); where the model's token at a position is
+a sibling, it and the token its row gives are taken. Siblings are never extended: a deeper tree
+would need a pass per branch.
 
 **Forks.** A child's context is its parent's up to the `[Fork]`: at its first draft the child
 copies the parent's cache below the `[Fork]`'s position (those positions' next tokens are the
@@ -290,9 +290,10 @@ class HeadDrafter:
         greedy ask the head's next most likely ones (no control or end token), each with its
         chance, the chain's confidence before j times the head's probability of it; for a sampled
         one tokens drawn after the chain's from the same distribution without replacement
-        (`_drawn_siblings`); those below `sibling_gain` left out. The engine feeds the ones that pay beside the chain as a tree (engine.py); they cost
-        no pass of the head (its distribution at j is computed for the chain anyway), so their
-        price is their row alone, and they are never extended.
+        (`_drawn_siblings`); those below `sibling_gain` left out. The engine feeds the ones that
+        pay beside the chain as a tree (engine.py); they cost no pass of the head (its
+        distribution at j is computed for the chain anyway), so their price is their row alone,
+        and they are never extended.
 
         `sampling`: per ask, None (greedy requests: each token is the head's most likely, a point
         mass, no distribution returned) or the request's (temperature, generator): each token is
