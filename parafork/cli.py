@@ -85,6 +85,9 @@ def cmd_generate_vllm(args, params: SamplingParams) -> int:
 def cmd_generate(args) -> int:
     if args.vllm and (args.remote or args.fork_rule != "none"):
         raise SystemExit("parafork generate: --vllm takes neither --remote nor --fork-rule")
+    if (args.vllm or args.remote) and (args.speculative or args.draft_head):
+        raise SystemExit("parafork generate: --speculative and --draft-head drive parafork's own engine, not a server "
+                         "(--vllm, --remote): start that server with its own drafting")
     if args.remote:
         if given := [f"--{n.replace('_', '-')}" for n in (*PENALTIES, "stop") if getattr(args, n) is not None]:
             raise SystemExit(f"parafork generate: {', '.join(given)} not supported with --remote (the driver sends neither)")
@@ -297,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: Vicuna Bench question 1")
     d.add_argument("--max-tokens", type=int, default=ANSWER_MAX_TOKENS)
     d.add_argument("--no-live", dest="live", action="store_false", help="no live thread view (also when not a terminal)")
-    add_engine_args(d)
+    add_engine_args(d, speculative=False)  # like for like: no drafts in any of the three runs
     d.set_defaults(func=cmd_demo)
 
     dd = sub.add_parser("data", help="paragraph trees from ShareGPT-format JSON (all turns), then --check them")

@@ -125,11 +125,16 @@ def add_engine_args(p: argparse.ArgumentParser, speculative: bool = True, vllm: 
     p.add_argument("--quant", default=None, choices=GGUF_QUANTS,
                    help="llamacpp: weights of the GGUF exported from --model (default f16; 'base': the shipped Q4_1)")
     if speculative:
-        p.add_argument("--speculative", default=None, choices=["ngram"],
-                       help="requests draft tokens by n-gram lookup and verify them in every thread, unless they say 'off'")
+        p.add_argument("--speculative", default=None, choices=[m for m in SPECULATIVE_METHODS if m],
+                       help="requests draft tokens and verify them in every thread, unless they say 'off': 'ngram' by "
+                            "lookup in what the thread sees, 'eagle' from a trained draft head (--draft-head; the "
+                            "bundled model ships one; torch backend)")
+        p.add_argument("--draft-head", default=None,
+                       help="a trained EAGLE-3 head's folder (parafork train-draft) or 'bundled' (default with "
+                            "--speculative eagle): requests may then ask for 'eagle' drafts")
 
 
 def engine_options(args) -> dict:
     """The `EngineConfig` fields every command takes from `add_engine_args` (the model apart)."""
     return dict(dtype=args.dtype, cpu_threads=args.cpu_threads, backend=args.backend, quant=args.quant,
-                speculative=getattr(args, "speculative", None))
+                speculative=getattr(args, "speculative", None), draft_head=getattr(args, "draft_head", None))

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine.engine import EngineStats, RequestOutput
 from .llm import LLM
-from .sampling import ANSWER_MAX_TOKENS, MAX_DEPTH, MAX_DRAFT_TOKENS, Mode, SamplingParams
+from .sampling import ANSWER_MAX_TOKENS, MAX_DEPTH, MAX_DRAFT_SIBLINGS, MAX_DRAFT_TOKENS, Mode, SamplingParams
 
 
 class APIError(Exception):
@@ -182,8 +182,9 @@ class ParaforkOptions(BaseModel):
     max_threads: int = Field(16, ge=1, le=64)
     plan_budget: bool = True
     no_repeat_heads: bool = True
-    speculative: Literal["ngram", "off"] | None = None  # None: the server's --speculative
+    speculative: Literal["ngram", "eagle", "off"] | None = None  # None: the server's --speculative
     num_draft_tokens: int = Field(4, ge=1, le=MAX_DRAFT_TOKENS)
+    num_draft_siblings: int = Field(2, ge=0, le=MAX_DRAFT_SIBLINGS)  # "eagle" only (SamplingParams)
     join: bool | None = None  # None: the model's default (SamplingParams.join)
 
 
@@ -262,6 +263,7 @@ class _Common(BaseModel):
             no_repeat_heads=self.parafork.no_repeat_heads,
             speculative=self.parafork.speculative,
             num_draft_tokens=self.parafork.num_draft_tokens,
+            num_draft_siblings=self.parafork.num_draft_siblings,
             join=self.parafork.join,
             logit_bias=self.logit_bias,
             skip_special_tokens=self.skip_special_tokens,
@@ -324,7 +326,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_tokens
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
         param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
-        return JSONResponse(error_body(f"invalid request: {first.get('msg', e)}", "invalid_request_error", param), 400)
+        where = f"{param}: " if param else ""
+        return JSONResponse(error_body(f"invalid request: {where}{first.get('msg', e)}", "invalid_request_error", param), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:

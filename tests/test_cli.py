@@ -40,6 +40,19 @@ def test_generate_takes_stop_strings_and_penalties(tiny_dir, tiny_llm, capsys):
         main(["generate", "Hi", "--remote", "http://127.0.0.1:9/v1", "--stop", "x"])
 
 
+def test_generate_drafts_with_a_trained_head_and_refuses_drafts_for_a_server(tiny_dir, head_dir, capsys):
+    command = ["generate", "Hello there", "--model", str(tiny_dir), "--max-tokens", "24", "--mode", "ar", "--dtype", "float32"]
+    assert main(command) == 0
+    plain = capsys.readouterr().out
+    assert main(command + ["--speculative", "eagle", "--draft-head", str(head_dir)]) == 0
+    drafted = capsys.readouterr().out
+    assert drafted.split("\n")[0] == plain.split("\n")[0]  # (whether drafts pay here is the step cost's call)
+    assert main(command + ["--speculative", "eagle"]) == 2  # without --draft-head: the bundled adapter's head
+    assert "trained for adapter" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--speculative and --draft-head drive parafork's own engine"):
+        main(["generate", "Hi", "--remote", "http://127.0.0.1:9/v1", "--speculative", "ngram"])
+
+
 def test_bench_engine_writes_every_documented_key(tiny_dir, tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["bench", "engine", "--model", str(tiny_dir), "--dtype", "float32", "--cpu-threads", "1", "--tokens", "8",

@@ -222,10 +222,33 @@ def test_speculative_drafts_through_the_server(server):
     assert _metric(url, "parafork_accepted_draft_tokens_total") >= usage["accepted_draft_tokens"]
     assert usage["accepted_draft_tokens"] > 0 and usage["draft_tokens"] >= usage["accepted_draft_tokens"]
     assert plain.usage.model_extra["parafork"]["draft_tokens"] == 0
-    for bad in ({"speculative": "eagle"}, {"speculative": "ngram", "num_draft_tokens": 9}):
-        with pytest.raises(openai.BadRequestError):
+    for bad, why in (({"speculative": "eagle"}, "needs a draft head"), ({"speculative": "ngram", "num_draft_tokens": 9}, "num_draft_tokens")):
+        with pytest.raises(openai.BadRequestError, match=why):
             c.chat.completions.create(**body, extra_body={"parafork": bad})
     wait_pool_full(llm)
+
+
+def test_eagle_drafts_through_a_server_started_with_a_head(tiny_dir, head_dir):
+    llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=256, block_size=4, draft_head=str(head_dir))
+    llm.engine.drafter.pass_cost = llm.engine.drafter.thread_cost = 0.0  # drafts pay: what is tested is the path
+    url, srv, thread = start_server(create_app(llm, "tiny", api_key=KEY, max_tokens_limit=256))
+    try:
+        c = client(url)
+        body = dict(model="tiny", messages=[{"role": "user", "content": "Count."}], max_tokens=48, temperature=0)
+        plain = c.chat.completions.create(**body, extra_body={"parafork": {"mode": "ar", "speculative": "off"}})
+        for siblings in (0, 2):
+            drafted = c.chat.completions.create(**body, extra_body={"parafork": {
+                "mode": "ar", "speculative": "eagle", "num_draft_tokens": 3, "num_draft_siblings": siblings}})
+            assert drafted.choices[0].message.content == plain.choices[0].message.content
+            assert drafted.usage.model_extra["parafork"]["draft_tokens"] > 0
+        assert plain.usage.model_extra["parafork"]["draft_tokens"] == 0
+        with pytest.raises(openai.BadRequestError, match="num_draft_siblings"):
+            c.chat.completions.create(**body, extra_body={"parafork": {"speculative": "eagle", "num_draft_siblings": 9}})
+        wait_pool_full(llm)
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+    assert llm.engine.drafter.states == {}
 
 
 def test_logprobs_chat_and_completions_streamed_or_not(server):
