@@ -340,18 +340,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     td = sub.add_parser("train-draft", help="an EAGLE-3 draft head on the model's own APAR answers (resumable: "
                                            "answers and hidden states to OUT/data, the head to OUT/head)")
-    td.add_argument("--out", required=True)
+    td.add_argument("--out", required=True, help="the run's folder: OUT/head (the head, checkpoints, card), OUT/data")
     td.add_argument("--data", default=None, help="the self-distilled data's folder (default OUT/data)")
-    td.add_argument("--model", default="bundled")
+    td.add_argument("--model", default="bundled", help="the target the head drafts for ('bundled': base + APAR adapter)")
     td.add_argument("--requests", type=int, default=800, help="ShareGPT prompts answered (greedy and sampled in turn)")
-    td.add_argument("--max-tokens", type=int, default=512)
-    td.add_argument("--concurrency", type=int, default=16)
-    for name, kind, default in [
-        ("draft-vocab", int, 8192), ("ttt-steps", int, 3), ("epochs", float, 2.0), ("lr", float, 1e-3),
-        ("batch-tokens", int, 4096), ("held-out", float, 0.05), ("save-every", int, 50), ("seed", int, 0),
-        ("cpu-threads", int, 2),
+    td.add_argument("--max-tokens", type=int, default=512, help="per answer harvested")
+    td.add_argument("--concurrency", type=int, default=16, help="answers decoded side by side while harvesting")
+    for name, kind, default, what in [
+        ("draft-vocab", int, 8192, "tokens the head projects onto (the most frequent of the answers; control tokens always)"),
+        ("ttt-steps", int, 3, "training-time test: steps the head is unrolled over its own predictions"),
+        ("epochs", float, 2.0, "passes over the training threads"),
+        ("lr", float, 1e-3, "peak learning rate (AdamW: 20 steps of warm-up, then cosine to 0)"),
+        ("batch-tokens", int, 4096, "padded tokens per optimizer step"),
+        ("held-out", float, 0.05, "share of the requests (by key hash) never trained on, scored for the card"),
+        ("save-every", int, 50, "optimizer steps between checkpoints (a run resumes from the last)"),
+        ("seed", int, 0, "batch order and initial weights"),
+        ("cpu-threads", int, 2, "torch CPU threads"),
     ]:
-        td.add_argument(f"--{name}", type=kind, default=default)
+        td.add_argument(f"--{name}", type=kind, default=default, help=what)
     td.add_argument("--autocast", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 where native")
     td.add_argument("--init-head", default=None, help="warm start from a head for the same model (its draft vocabulary kept)")
     td.add_argument("--labels", default="soft", choices=["soft", "hard"],
