@@ -270,7 +270,8 @@ class TorchRunner:
                                   + k % bs for s, q, k in zip(batch, q_lens, own)])
         flat_pos = own_index
         if any(s.parents for s in batch):  # a tree's token sits one position after its parent
-            flat_pos = torch.cat([torch.tensor([s.start + len(path) - 1 for path in s.paths()]) for s in batch])
+            flat_pos = torch.cat([torch.tensor([s.start + len(path) - 1 for path in s.paths()]) if s.parents else o
+                                  for s, o in zip(batch, own)])  # (a chain's own entries: no paths built for a prefill)
         if any(s.position_offset for s in batch):  # after a join
             flat_pos = flat_pos + torch.tensor([s.position_offset for s in batch])[seq_of_row]
         # Decode rows (and drafts) attend together; a long slice (a prefill chunk) on its own, so
