@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     td = sub.add_parser("train-draft", help="an EAGLE-3 draft head on the model's own APAR answers (resumable: "
                                            "answers and hidden states to OUT/data, the head to OUT/head)")
-    td.add_argument("--out", required=True, help="the run's folder: OUT/head (the head, checkpoints, card), OUT/data")
+    td.add_argument("--out", required=True, help="the run's folder: its checkpoint, OUT/head (the head and its card), OUT/data (unless --data)")
     td.add_argument("--data", default=None, help="the self-distilled data's folder (default OUT/data)")
     td.add_argument("--model", default="bundled", help="the target the head drafts for ('bundled': base + APAR adapter)")
     td.add_argument("--requests", type=int, default=800, help="ShareGPT prompts answered (greedy and sampled in turn)")
