@@ -178,10 +178,8 @@ class Engine:
         if config.step_cost == "fixed" or not info.timed_steps:
             return step_cost.StepCost.linear(info.draft_row_cost)
         key = step_cost.cache_key(self.runner, config.torch_dtype, config.backend)
-        blocks, size = config.num_kv_blocks, config.block_size
         return step_cost.cached(cache_dir() / "step_cost.json", key,
-                                lambda: step_cost.measure(self.runner, blocks, size),
-                                lambda: step_cost.measure(self.runner, blocks, size, step_cost.PROBE_ROWS, steps=2, rounds=2))
+                                lambda: step_cost.measure(self.runner, config.num_kv_blocks, config.block_size))
 
     # ---- requests -------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: bool = True) -> None:

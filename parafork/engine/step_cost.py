@@ -18,12 +18,7 @@ before any request, it times `ROWS` rows (independent sequences over `CONTEXT` k
 whatever the empty pool holds: timing does not depend on the keys' values), three interleaved
 passes, the best of each kept, and keeps the result in the user's cache
 (`$PARAFORK_CACHE/step_cost.json`), one entry per machine, runner and thread count, so it is
-paid once (about 3 s for the bundled model on a 2-core Zen 4); delete the file to measure again.
-A machine's name does not pin its curve: the same "AMD EPYC (AVX512)" VM, on another day's host,
-ran one row in 8.3 ms where the cache said 10.1 and 16 rows at 3.2x one where it said 2.1x, so
-every draft was priced with a stale curve. Each start therefore probes `PROBE_ROWS` (a fraction
-of a second) and measures the whole curve again where the cached one's one-row time or its cost
-of the probe's widest step strays more than `PROBE_TOLERANCE` from the probe's. Runners that cannot be timed so
+paid once (about 3 s for the bundled model on a 2-core Zen 4); delete the file to measure again. Runners that cannot be timed so
 (llama.cpp addresses KV by sequence and wants every position before a token; the HF
 fallback recomputes whole contexts) keep their fixed estimate `RunnerInfo.draft_row_cost`.
 """
@@ -43,8 +38,6 @@ log = logging.getLogger(__name__)
 
 ROWS = (1, 2, 4, 8, 16, 32, 64)  # row counts timed; between them the cost is interpolated
 CONTEXT = 256  # keys each timed sequence attends to (fewer where the pool is smaller)
-PROBE_ROWS = (1, 16)  # what each start times to check a cached curve (`cached`)
-PROBE_TOLERANCE = 0.15  # how far a cached curve may stray from the probe before it is measured again
 
 
 @dataclass(frozen=True)
@@ -140,30 +133,15 @@ def cache_key(runner: Runner, dtype: torch.dtype, backend: str) -> str:
             f"{info.weight_bytes} weight bytes, vocabulary {info.vocab_size}")
 
 
-def agrees(curve: StepCost, probe: StepCost) -> bool:
-    """Whether `curve` still describes the machine `probe` was just timed on: its one-row time and
-    its cost of the probe's widest step (in one-row steps) both within `PROBE_TOLERANCE`."""
-    widest = probe.rows[-1]
-    return all(abs(a / b - 1) <= PROBE_TOLERANCE for a, b in ((curve.ms[0], probe.ms[0]), (curve(widest), probe(widest))))
-
-
-def cached(path: Path, key: str, make, probe=None) -> StepCost:
-    """The curve stored under `key` in the JSON file `path` where `probe()` (a few row counts
-    timed now; None: no check) `agrees` with it, else `make()`'s, stored there."""
+def cached(path: Path, key: str, make) -> StepCost:
+    """The curve stored under `key` in the JSON file `path`, else `make()`'s, stored there."""
     try:
         store = json.loads(path.read_text())
     except (OSError, ValueError):
         store = {}
     if key in store:
         entry = store[key]
-        curve = StepCost(tuple(entry["rows"]), tuple(entry["ms"]), "measured")
-        if probe is None:
-            return curve
-        now = probe()
-        if agrees(curve, now):
-            return curve
-        log.info("this machine's steps no longer match the kept curve (one row %.1f ms, %d rows %.2fx, now %.1f ms, "
-                 "%.2fx): timing them again", curve.ms[0], now.rows[-1], curve(now.rows[-1]), now.ms[0], now(now.rows[-1]))
+        return StepCost(tuple(entry["rows"]), tuple(entry["ms"]), "measured")
     log.info("timing decode steps of %s rows on this machine (once; kept in %s)", ",".join(map(str, ROWS)), path)
     curve = make()
     store[key] = curve.to_json()
