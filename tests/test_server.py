@@ -10,6 +10,7 @@ import openai
 import pytest
 import uvicorn
 
+from parafork.engine.step_cost import StepCost
 from parafork.llm import LLM
 from parafork.sampling import SamplingParams
 from parafork.server import create_app
@@ -230,7 +231,8 @@ def test_speculative_drafts_through_the_server(server):
 
 def test_eagle_drafts_through_a_server_started_with_a_head(tiny_dir, head_dir):
     llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=256, block_size=4, draft_head=str(head_dir))
-    llm.engine.drafter.pass_cost = llm.engine.drafter.thread_cost = 0.0  # drafts pay: what is tested is the path
+    llm.engine.step_cost = StepCost.linear(0.0)  # every proposed draft is fed: what is tested is the path
+    llm.engine.drafter.pass_cost = llm.engine.drafter.thread_cost = 0.0
     url, srv, thread = start_server(create_app(llm, "tiny", api_key=KEY, max_tokens_limit=256))
     try:
         c = client(url)
