@@ -19,6 +19,8 @@ MODES: tuple[str, ...] = get_args(Mode)
 FORKING_MODES = ("apar", "serial")
 MAX_DRAFT_TOKENS = 8  # the most draft tokens a thread verifies per step (sizes llama.cpp's output rows)
 MAX_DRAFT_SIBLINGS = 8  # the most siblings per draft position (SamplingParams.num_draft_siblings)
+DEFAULT_DRAFT_TOKENS = 4  # num_draft_tokens where a drafting request leaves it unset
+DEFAULT_DRAFT_SIBLINGS = 2  # num_draft_siblings where a request drafting with a head leaves it unset
 
 
 # The penalties and their neutral values (what "off" is).
@@ -70,11 +72,14 @@ class SamplingParams:
     # Speculative decoding inside every thread (engine/speculation.py): "ngram" drafts up to
     # `num_draft_tokens` tokens per step by prompt lookup, "eagle" from the engine's trained draft
     # head (engine/eagle.py); "off" never; None: the engine's default.
+    # The engine refuses either count where the request does not draft that way (nothing set is
+    # silently ignored); None: DEFAULT_DRAFT_TOKENS / DEFAULT_DRAFT_SIBLINGS where it does.
     speculative: Literal["ngram", "eagle", "off"] | None = None
-    num_draft_tokens: int = 4
-    # With "eagle", greedy, on a runner that takes tree slices: per position of the head's draft,
-    # its next most likely tokens there, fed beside the chain where they pay (engine.py); 0: chains.
-    num_draft_siblings: int = 2
+    num_draft_tokens: int | None = None
+    # With "eagle", on a runner that takes tree slices: per position of the head's draft, its
+    # next most likely tokens there (drawn ones for a sampled request), fed beside the chain where
+    # they pay (engine.py); 0: chains.
+    num_draft_siblings: int | None = None
     # Joins (engine/thread.py, `Join`): whether a forking thread may sample `[Join]`, after which it
     # attends to the children it forked since its previous join; while it may, finished children
     # keep their KV until their parent joins or ends. None: the model's default (`"join"` in its
@@ -115,11 +120,11 @@ class SamplingParams:
         if self.speculative not in (None, "ngram", "eagle", "off"):
             raise bad(f"speculative must be None, 'ngram', 'eagle' or 'off', got {self.speculative!r}")
         k = self.num_draft_tokens
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT_TOKENS:
-            raise bad(f"num_draft_tokens must be an integer in [1, {MAX_DRAFT_TOKENS}], got {k!r}")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT_TOKENS):
+            raise bad(f"num_draft_tokens must be None or an integer in [1, {MAX_DRAFT_TOKENS}], got {k!r}")
         s = self.num_draft_siblings
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_DRAFT_SIBLINGS:
-            raise bad(f"num_draft_siblings must be an integer in [0, {MAX_DRAFT_SIBLINGS}], got {s!r}")
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_DRAFT_SIBLINGS):
+            raise bad(f"num_draft_siblings must be None or an integer in [0, {MAX_DRAFT_SIBLINGS}], got {s!r}")
         if self.join not in (None, True, False):
             raise bad(f"join must be None, True or False, got {self.join!r}")
         lp = self.logprobs
@@ -151,6 +156,30 @@ class SamplingParams:
         """These params with every penalty, `join` and `max_depth` left at None taken from `defaults` (a
         model's `sampling_defaults`), else off. The engine decodes only such resolved params."""
         unset = {name: (defaults or {}).get(name, off) for name, off in DEFAULTABLE.items() if getattr(self, name) is None}
+        return replace(self, **unset) if unset else self
+
+    def drafting_problem(self) -> str | None:
+        """Why a draft count is set that this request's drafting never reads (None: none is), for
+        params whose `speculative` is resolved (the engine's default put in)."""
+        method = self.speculative if self.speculative in ("ngram", "eagle") else None
+        if method is None:
+            named = [n for n in ("num_draft_tokens", "num_draft_siblings") if getattr(self, n) is not None]
+            if named:
+                return (f"{' and '.join(named)} set, but this request does not draft (speculative="
+                        f"{self.speculative!r}): ask for speculative='ngram' or 'eagle', or leave {'them' if len(named) > 1 else 'it'} unset")
+        elif method == "ngram" and self.num_draft_siblings is not None:
+            return ("num_draft_siblings is for a trained head's drafts (speculative='eagle'); n-gram lookup drafts "
+                    "chains only: leave it unset")
+        return None
+
+    def with_draft_defaults(self) -> SamplingParams:
+        """These params with the draft counts their drafting reads put in where unset (resolved
+        `speculative`; see `drafting_problem`)."""
+        unset = {}
+        if self.speculative in ("ngram", "eagle") and self.num_draft_tokens is None:
+            unset["num_draft_tokens"] = DEFAULT_DRAFT_TOKENS
+        if self.speculative == "eagle" and self.num_draft_siblings is None:
+            unset["num_draft_siblings"] = DEFAULT_DRAFT_SIBLINGS
         return replace(self, **unset) if unset else self
 
     @property

@@ -183,8 +183,9 @@ class ParaforkOptions(BaseModel):
     plan_budget: bool = True
     no_repeat_heads: bool = True
     speculative: Literal["ngram", "eagle", "off"] | None = None  # None: the server's --speculative
-    num_draft_tokens: int = Field(4, ge=1, le=MAX_DRAFT_TOKENS)
-    num_draft_siblings: int = Field(2, ge=0, le=MAX_DRAFT_SIBLINGS)  # "eagle" only (SamplingParams)
+    # None: the engine's default where the request drafts; set where it does not draft that way: a 400.
+    num_draft_tokens: int | None = Field(None, ge=1, le=MAX_DRAFT_TOKENS)
+    num_draft_siblings: int | None = Field(None, ge=0, le=MAX_DRAFT_SIBLINGS)  # "eagle" only (SamplingParams)
     join: bool | None = None  # None: the model's default (SamplingParams.join)
 
 

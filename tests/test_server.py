@@ -223,7 +223,9 @@ def test_speculative_drafts_through_the_server(server):
     assert _metric(url, "parafork_accepted_draft_tokens_total") >= usage["accepted_draft_tokens"]
     assert usage["accepted_draft_tokens"] > 0 and usage["draft_tokens"] >= usage["accepted_draft_tokens"]
     assert plain.usage.model_extra["parafork"]["draft_tokens"] == 0
-    for bad, why in (({"speculative": "eagle"}, "needs a draft head"), ({"speculative": "ngram", "num_draft_tokens": 9}, "num_draft_tokens")):
+    for bad, why in (({"speculative": "eagle"}, "needs a draft head"), ({"speculative": "ngram", "num_draft_tokens": 9}, "num_draft_tokens"),
+                     ({"speculative": "ngram", "num_draft_siblings": 1}, "num_draft_siblings is for a trained head"),
+                     ({"num_draft_tokens": 3}, "does not draft")):  # (this server's default: no drafts)
         with pytest.raises(openai.BadRequestError, match=why):
             c.chat.completions.create(**body, extra_body={"parafork": bad})
     wait_pool_full(llm)

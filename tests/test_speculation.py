@@ -21,7 +21,7 @@ from parafork.engine.step_cost import StepCost
 from parafork.engine.thread import DraftStats
 from parafork.llm import LLM
 from parafork.rules import ForceForks
-from parafork.sampling import SamplingParams
+from parafork.sampling import DEFAULT_DRAFT_SIBLINGS, DEFAULT_DRAFT_TOKENS, SamplingParams
 
 from .conftest import PROMPTS
 
@@ -166,6 +166,38 @@ def test_engine_option_and_per_request_switch(tiny_dir):
             SamplingParams(speculative="eagle", num_draft_siblings=bad)
     with pytest.raises(ValueError, match="speculative"):
         SamplingParams(speculative="medusa")
+
+
+def test_draft_counts_a_request_does_not_draft_with_are_refused(tiny_dir, tiny_llm):
+    """A draft count is never silently ignored: set where the request does not draft (its own
+    `speculative` or the engine's default), or siblings with lookup (chains only), it is refused
+    before the request is queued; left unset, the drafting method's default is put in."""
+    lookup = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=128, block_size=4, speculative="ngram")
+    lookup.engine.step_cost = StepCost.linear(0.0)  # every proposed draft is fed
+    refused = [(lookup, dict(num_draft_siblings=1), "num_draft_siblings is for a trained head"),
+               (lookup, dict(speculative="ngram", num_draft_siblings=0), "num_draft_siblings is for a trained head"),
+               (lookup, dict(speculative="off", num_draft_tokens=3), r"num_draft_tokens set, but this request does not draft \(speculative='off'\)"),
+               (tiny_llm, dict(num_draft_tokens=3, num_draft_siblings=2), "num_draft_tokens and num_draft_siblings set, .*speculative=None")]
+    for llm, asked, why in refused:
+        with pytest.raises(ValueError, match=why):
+            llm.generate(PROMPT_IDS[0], SamplingParams(max_tokens=20, mode="ar", **asked))
+        llm.check_idle()
+    # Left unset, the counts the request's drafting reads are put in at `add` (the engine's default
+    # method included); set, they are kept.
+    resolved = {}
+    for asked in (dict(), dict(num_draft_tokens=1), dict(speculative="off")):
+        rid = lookup.add_request(PROMPT_IDS[0], SamplingParams(max_tokens=20, mode="ar", **asked))
+        params = lookup.engine.requests[rid].params
+        resolved[params.speculative] = resolved.get(params.speculative, []) + [(params.num_draft_tokens, params.num_draft_siblings)]
+        while lookup.has_unfinished_requests():
+            lookup.step()
+    assert resolved == {"ngram": [(DEFAULT_DRAFT_TOKENS, None), (1, None)], "off": [(None, None)]}
+    lookup.check_idle()
+    params = SamplingParams(speculative="eagle")
+    assert (params.num_draft_tokens, params.num_draft_siblings) == (None, None)
+    assert params.with_draft_defaults().num_draft_tokens == DEFAULT_DRAFT_TOKENS
+    assert params.with_draft_defaults().num_draft_siblings == DEFAULT_DRAFT_SIBLINGS
+    assert SamplingParams(speculative="ngram").with_draft_defaults().num_draft_siblings is None
 
 
 @pytest.mark.parametrize("mode", ["ar", "apar"])

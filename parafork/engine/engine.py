@@ -192,6 +192,9 @@ class Engine:
         if params.speculative == "eagle" and self.drafter is None:
             raise ValueError("speculative='eagle' needs a draft head: start the engine with draft_head (or "
                              "speculative='eagle', which loads the bundled one)")
+        if (problem := params.drafting_problem()) is not None:
+            raise ValueError(problem)
+        params = params.with_draft_defaults()
         if params.no_repeat_heads and params.mode in FORKING_MODES and self.head_guard is not None:
             params = replace(params, logits_rules=(*params.logits_rules, self.head_guard))
         vocab = self.runner.info.vocab_size
