@@ -10,7 +10,8 @@ sequence over 256 keys of its own (ms a step; `parafork bench engine` prints thi
 
     rows          1     2     4     8    16    32    64
     Zen 4      11.8  10.9  13.2  16.1  25.7  56.6  83.7   (AMD EPYC family 25 model 17)
-    Zen 5       6.9         7.4   8.1   8.4              (siblings over one prompt, results/rows)
+    Zen 5       7.8   7.9   8.9  11.2  15.9  29.6  55.2   (AMD EPYC family 26 model 2, results/eagle/zen5)
+    Zen 5       6.9         7.4   8.1   8.4              (siblings over one prompt, read once: results/rows)
 
 A per-row constant measured on one of them (it was 0.02 of a one-row step, from the Zen 5)
 misjudges the other by 5x at 16 rows, so the engine measures the curve itself: at start-up,
