@@ -172,7 +172,7 @@ def test_rope_cache_rotates_q_and_k_and_writes_kv_where_the_slots_say_and_silu_m
 
 
 @needs_kernel
-def test_the_fused_decode_loop_gives_the_python_loops_logits_bit_for_bit(tiny_dir, tiny_llm):
+def test_the_fused_decode_loop_gives_the_python_loops_logits_and_hidden_states_bit_for_bit(tiny_dir, tiny_llm):
     hf = models.load_hf_model(tiny_dir, tiny_llm.tokenizer, torch.bfloat16)
     runner = TorchRunner(hf, EngineConfig(num_kv_blocks=64, block_size=4, dtype="bfloat16"))
     assert runner._fused is not None
@@ -193,9 +193,19 @@ def test_the_fused_decode_loop_gives_the_python_loops_logits_bit_for_bit(tiny_di
 
     runner.kernel = Spy()
     fused = runner.forward(decode)  # the same slots are written again with the same K/V each time
+    assert calls == [1]
+    # The draft head's features too (the stream entering the first and the last layer: the fused
+    # loop cut there), against the Python loop's.
+    layers = (0, len(runner.layers) - 1)
+    fused_hidden = runner.forward_hidden(decode, layers)
     runner._fused = None
     looped = runner.forward(decode)
-    assert calls == [1] and torch.equal(fused, looped)
+    looped_hidden = runner.forward_hidden(decode, layers)
+    assert torch.equal(fused, looped)
+    for got, want in ((fused_hidden.logits, looped_hidden.logits), (fused_hidden.aux, looped_hidden.aux),
+                      (fused_hidden.final, looped_hidden.final)):
+        assert torch.equal(got, want)
+    assert torch.equal(fused_hidden.logits, fused)
 
 
 @needs_kernel
