@@ -13,6 +13,9 @@ BACKENDS = ("auto", "torch", "hf", "llamacpp")
 SPECULATIVE_METHODS = (None, "ngram", "eagle")
 STEP_COSTS = ("measured", "fixed")
 GGUF_QUANTS = ("f16", "q8_0", "f32")  # what llama.cpp's converter writes (the pinned library exports no quantizer); f32 for exactness tests
+# A model's weights on every backend: "int8" on torch (int8 weights computed in int8, runners/kernels/int8.h),
+# and on llamacpp the name of its own 8-bit GGUF (q8_0); the GGUF types on llamacpp only.
+QUANTS = ("int8",) + GGUF_QUANTS
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 DTYPE_CHOICES = ("auto", "bfloat16", "float32")
 
@@ -66,7 +69,9 @@ class EngineConfig:
     max_model_len: int | None = None  # per thread context; default: the model's positions
     cpu_threads: int | None = None  # torch's CPU threads (not APAR threads); None keeps torch's default
     backend: str = "auto"  # "torch" (parafork's Llama-family runner), "hf" (any model, slow), "llamacpp" (GGUF), "auto"
-    quant: str | None = None  # llamacpp: weights of an exported GGUF ("f16", "q8_0"); None: f16, or a .gguf as it is
+    # The weights: "int8" (torch: int8 linears; llamacpp: the same as "q8_0"); llamacpp: those of an
+    # exported GGUF ("f16", "q8_0", "f32"); None: the dtype's (torch), f16 or a .gguf as it is (llamacpp).
+    quant: str | None = None
     prefix_caching: bool = True  # reuse computed KV blocks of identical token prefixes across requests
     speculative: str | None = None  # "ngram", "eagle": requests draft and verify (engine/speculation.py) unless they say "off"
     # A trained EAGLE-3 head (draft/head.py) for "eagle" drafts: a folder, or "bundled" (the one
@@ -87,10 +92,14 @@ class EngineConfig:
         resolve_dtype(self.dtype)  # validates
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.quant is not None and self.quant not in GGUF_QUANTS:
-            raise ValueError(f"quant must be one of {', '.join(GGUF_QUANTS)}, got {self.quant!r}")
-        if self.quant is not None and self.backend != "llamacpp":
-            raise ValueError("quant applies to backend='llamacpp' only")
+        if self.quant is not None and self.quant not in QUANTS:
+            raise ValueError(f"quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
+        if self.quant == "int8" and self.backend == "llamacpp":
+            self.quant = "q8_0"  # llama.cpp's own int8 weights (blocks of 32, one scale each)
+        if self.quant == "int8" and self.backend == "hf":
+            raise ValueError("quant='int8' runs on backend='torch' (or 'llamacpp', as q8_0), not on 'hf'")
+        if self.quant in GGUF_QUANTS and self.backend != "llamacpp":
+            raise ValueError(f"quant={self.quant!r} is a GGUF type: backend='llamacpp' only (torch takes quant='int8')")
         if self.speculative not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative must be None or one of {', '.join(SPECULATIVE_METHODS[1:])}, got {self.speculative!r}")
         if not isinstance(self.admission_reserve, (int, float)) or not 0 <= self.admission_reserve <= 4:
@@ -122,8 +131,9 @@ def add_engine_args(p: argparse.ArgumentParser, speculative: bool = True, vllm: 
                    help="model runner: torch (parafork's own, Llama family), hf (any model, slow), "
                         "llamacpp (GGUF through llama.cpp), auto (llamacpp for a .gguf, else torch)"
                         + ("; vllm: APAR on real vLLM (`vllm serve` from .venv-vllm) against vLLM's own AR" if vllm else ""))
-    p.add_argument("--quant", default=None, choices=GGUF_QUANTS,
-                   help="llamacpp: weights of the GGUF exported from --model (default f16; 'base': the shipped Q4_1)")
+    p.add_argument("--quant", default=None, choices=QUANTS,
+                   help="the weights: int8 (torch: int8 linears computed in int8, half bf16's bytes; llamacpp: q8_0); "
+                        "llamacpp: those of the GGUF exported from --model (default f16; 'base': the shipped Q4_1)")
     if speculative:
         p.add_argument("--speculative", default=None, choices=[m for m in SPECULATIVE_METHODS if m],
                        help="requests draft tokens and verify them in every thread, unless they say 'off': 'ngram' by "

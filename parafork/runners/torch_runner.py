@@ -63,11 +63,17 @@ class _Linear:
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, kernel=None,
-                 fp32_out: bool = False) -> None:
-        weight = weight.detach().to(dtype).contiguous()
+                 fp32_out: bool = False, int8=None) -> None:
         self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
         self.out_features = weight.shape[0]
         self.fp32_out = fp32_out
+        if int8 is not None:  # int8 weights (kernels/int8.h): quantized from the full-precision source
+            self.weight = int8.pack_int8(weight.detach().float())
+            self.kernel, self.packed, self.int8 = (int8 if int8 is kernel else None), False, int8
+            self.nbytes = self.weight.numel()
+            return
+        self.int8 = None
+        weight = weight.detach().to(dtype).contiguous()
         self.kernel = kernel if dtype == torch.bfloat16 else None
         self.packed = self.kernel is None and ((dtype == torch.float32 and torch.backends.mkldnn.is_available()) or (
             dtype == torch.bfloat16 and cpu_has_fast_bf16()
@@ -79,8 +85,8 @@ class _Linear:
         self.nbytes = weight.numel() * weight.element_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None:
-            y = self.kernel.mm(x, self.weight, self.out_features, self.fp32_out)
+        if self.kernel is not None or self.int8 is not None:
+            y = (self.kernel or self.int8).mm(x, self.weight, self.out_features, self.fp32_out)
             return y if self.bias is None else y + self.bias
         if self.packed:
             y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
@@ -90,7 +96,8 @@ class _Linear:
 
 
 class _Layer:
-    def __init__(self, hf_layer, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, kernel) -> None:
+    def __init__(self, hf_layer, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, kernel,
+                 int8=None) -> None:
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
         scale = 1.0 / math.sqrt(head_dim)
         q_w, q_b = attn.q_proj.weight * scale, attn.q_proj.bias
@@ -101,10 +108,11 @@ class _Layer:
             torch.cat(biases) if biases else None,
             dtype,
             kernel,
+            int8=int8,
         )
-        self.o = _Linear(attn.o_proj.weight, attn.o_proj.bias, dtype, kernel)
-        self.gate_up = _Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), None, dtype, kernel)
-        self.down = _Linear(mlp.down_proj.weight, None, dtype, kernel)
+        self.o = _Linear(attn.o_proj.weight, attn.o_proj.bias, dtype, kernel, int8=int8)
+        self.gate_up = _Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), None, dtype, kernel, int8=int8)
+        self.down = _Linear(mlp.down_proj.weight, None, dtype, kernel, int8=int8)
         self.input_norm = hf_layer.input_layernorm.weight.detach().to(dtype)
         self.post_norm = hf_layer.post_attention_layernorm.weight.detach().to(dtype)
 
@@ -185,15 +193,19 @@ class TorchRunner:
             if kernel is None:
                 log.warning("linear layers through oneDNN: %s", row_kernel.unavailable())
         self.kernel = kernel
+        # Int8 weights (`quant="int8"`): every linear, the tied LM head too; computed by the row
+        # kernel (AVX-512 VNNI) inside its fused decode loop, else by the AVX2 build, layer by layer.
+        int8 = row_kernel.load_int8() if engine_config.quant == "int8" else None
+        self.quant = f"int8 ({int8.int8_path})" if int8 is not None else None
         self._no_delta = torch.empty(0, dtype=dtype)
         with torch.no_grad():
             self.layers = [
-                _Layer(layer, self.num_heads, self.num_kv_heads, self.head_dim, dtype, kernel)
+                _Layer(layer, self.num_heads, self.num_kv_heads, self.head_dim, dtype, kernel, int8)
                 for layer in hf_model.model.layers
             ]
             self.embed = hf_model.get_input_embeddings().weight.detach().to(dtype)
             self.final_norm = hf_model.model.norm.weight.detach().to(dtype)
-            self.lm_head = _Linear(hf_model.get_output_embeddings().weight, None, dtype, kernel, fp32_out=True)
+            self.lm_head = _Linear(hf_model.get_output_embeddings().weight, None, dtype, kernel, fp32_out=True, int8=int8)
         # The row kernel's decode loop (`forward`) takes every layer's packed weights at once;
         # layers with biases (qkv) keep the Python loop, which adds them.
         linears = [(l.qkv, l.o, l.gate_up, l.down) for l in self.layers]
@@ -214,7 +226,7 @@ class TorchRunner:
             # oneDNN); through the row kernel 6.9/8.1 ms (16 rows 8.4; results/rows/engine.txt).
             draft_row_cost=0.02 if kernel is not None else 0.08,
             timed_steps=True,
-            kernels=f"row kernel {self.linear_path}",
+            kernels=f"row kernel {self.linear_path}" + (f", weights {self.quant}" if self.quant else ""),
             tree_slices=True,
         )
         self._init_rope(config)

@@ -18,6 +18,8 @@
 #include <cstring>
 #include <vector>
 
+#include "int8.h"  // int8 weights: `mm` takes a pack_int8 blob as well as packed bf16
+
 
 static constexpr int64_t kMaxRows = 16;
 static constexpr int64_t kPrefetchLines = 256;  // 128 lines: 16 rows 4.5 ms, 512: no better than 256
@@ -80,6 +82,7 @@ static void rows(int64_t N, const uint32_t* x, int64_t K2, const __m512bh* w, in
 // other chunks (16-row calls one after the other read all the weights again each time).
 static constexpr int64_t kGroupBlocks = 8;
 static torch::Tensor mm(torch::Tensor x, torch::Tensor wp, int64_t M, bool fp32_out) {
+  if (wp.scalar_type() == torch::kByte) return int8k::mm_int8(x, wp, M, fp32_out);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16, "mm: want [N, K] bf16 rows");
   int64_t N = x.size(0), K = x.size(1), MB = wp.size(0), K2 = K / 2, ld = MB * 16;
   TORCH_CHECK(wp.dim() == 4 && wp.size(1) == K2 && wp.size(2) == 16 && wp.size(3) == 2, "mm: weight not packed for K=", K);
@@ -534,7 +537,9 @@ static torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> w
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "pack a [M, K] weight for mm");
-  m.def("mm", &mm, "x [N, K] bf16 times a packed weight");
+  m.def("mm", &mm, "x [N, K] bf16 times a packed weight (bf16 from pack, or int8 from pack_int8)");
+  m.def("pack_int8", &int8k::pack_int8, "pack a [M, K] weight as int8 with per-channel scales for mm");
+  m.attr("int8_path") = int8k::kPath;
   m.def("add_rms_norm", &add_rms_norm, "x += delta in place, then w * rms_norm(x)");
   m.def("decode_attention", &decode_attention, "one query per sequence over its keys in the paged cache");
   m.def("rope_cache", &rope_cache, "rotary q/k, K/V into the paged cache; returns q");
