@@ -86,18 +86,20 @@ def test_bench_engine_on_llamacpp_compares_with_llamacpp_alone_on_the_same_gguf(
 def test_bench_engine_puts_backends_side_by_side_with_the_floor_and_a_plot(tiny_dir, tmp_path, capsys):
     out, png = tmp_path / "bench.json", tmp_path / "steps.png"
     argv = ["bench", "engine", "--model", str(tiny_dir), "--dtype", "float32", "--cpu-threads", "1", "--tokens", "8",
-            "--steps", "2", "--prefill", "40", "--also", "llamacpp:q8_0", "--json", str(out), "--plot", str(png)]
+            "--steps", "2", "--prefill", "40", "--also", "torch:int8", "--also", "llamacpp:q8_0", "--json", str(out),
+            "--plot", str(png)]
     assert main(argv) == 0
     saved = json.loads(out.read_text())
     runs = [saved, *saved["also"]]
-    assert [r["backend"] for r in runs] == ["torch", "llamacpp"] and runs[1]["quant"] == "q8_0"  # "auto" resolved
+    assert [r["backend"] for r in runs] == ["torch", "torch", "llamacpp"] and runs[2]["quant"] == "q8_0"  # "auto" resolved
+    assert runs[1]["dtype"] == "int8 weights, float32" and runs[1]["weight_bytes"] < 0.3 * runs[0]["weight_bytes"]
     for r in runs:  # the floor: weight bytes over the bandwidth measured in the same run
         assert r["floor_ms"] == pytest.approx(r["weight_bytes"] / (r["bandwidth_gbs"] * 1e9) * 1e3)
         assert r["floor_share"]["8"] == pytest.approx(r["floor_ms"] / r["step_ms"]["8"])
     assert "of the floor" in capsys.readouterr().out and png.stat().st_size > 0
-    assert main(argv[:-6] + ["--also", "llamacpp:q4_0"]) == 2
-    assert main(argv[:-6] + ["--also", "torch:q8_0"]) == 2
-    assert "applies to llamacpp only" in capsys.readouterr().err
+    assert main(argv[:-8] + ["--also", "llamacpp:q4_0"]) == 2
+    assert main(argv[:-8] + ["--also", "torch:q8_0"]) == 2
+    assert "torch takes int8" in capsys.readouterr().err
 
 
 def test_step_timing_takes_blocks_and_sequence_ids_from_the_engine_and_gives_them_back(tiny_llm):

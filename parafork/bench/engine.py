@@ -148,21 +148,21 @@ def add_arguments(p) -> None:
     p.add_argument("--prefill", default=PREFILL_LENGTHS, help="comma list of prompt lengths whose prefill is timed")
     p.add_argument("--gguf", default=None, help="torch backend: the same model as GGUF, for llama.cpp's own AR tok/s")
     p.add_argument("--also", action="append", default=[], metavar="BACKEND[:QUANT]",
-                   help="measure this backend too, in the same run (e.g. llamacpp:q8_0); repeatable")
+                   help="measure this backend too, in the same run (e.g. torch:int8, llamacpp:q8_0); repeatable")
     p.add_argument("--plot", default=None, help="write a PNG of step cost against rows, one line per backend")
 
 
 def parse_also(items: list[str]) -> list[tuple[str, str | None]]:
     """`--also` items as (backend, quant); a bad one is refused before anything runs."""
-    from ..config import BACKENDS, GGUF_QUANTS
+    from ..config import BACKENDS, GGUF_QUANTS, QUANTS
 
     out = []
     for item in items:
         backend, _, quant = item.partition(":")
         if backend not in BACKENDS or backend == "auto":
             raise ValueError(f"--also {item}: the backend must be one of {', '.join(b for b in BACKENDS if b != 'auto')}")
-        if quant and (backend != "llamacpp" or quant not in GGUF_QUANTS):
-            raise ValueError(f"--also {item}: a quant ({', '.join(GGUF_QUANTS)}) applies to llamacpp only")
+        if quant and not (quant in QUANTS and backend == "llamacpp" or quant == "int8" and backend == "torch"):
+            raise ValueError(f"--also {item}: torch takes int8; llamacpp {', '.join(('int8',) + GGUF_QUANTS)}")
         out.append((backend, quant or None))
     return out
 
@@ -231,7 +231,8 @@ def run_one(args, backend: str, quant: str | None) -> dict:
         independent = step_cost.measure(llm.engine.runner, KV_BLOCKS, llm.config.block_size, steps=args.steps // 2)
     on_llamacpp = llm.engine.runner.info.gguf is not None
     backend = _backend_name(llm.engine.runner)  # what "auto" resolved to
-    dtype_name = f"gguf {quant or 'as given'}" if on_llamacpp else str(llm.config.torch_dtype).removeprefix("torch.")
+    dtype_name = (f"gguf {llm.config.quant or 'as given'}" if on_llamacpp else
+                  ("int8 weights, " if llm.config.quant == "int8" else "") + str(llm.config.torch_dtype).removeprefix("torch."))
     gguf = llm.engine.runner.info.gguf or args.gguf
     prompt_ids = models.apply_chat_template(llm.tokenizer, PROMPT)
     print(f"parafork bench engine: model={args.model} backend={backend} "
