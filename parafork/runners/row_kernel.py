@@ -36,7 +36,7 @@ from .. import models
 log = logging.getLogger(__name__)
 KERNELS = Path(__file__).resolve().parent / "kernels"
 SOURCE = KERNELS / "rowgemm.cpp"
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fopenmp"]
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fopenmp"] + "".split()
 AVX2_SOURCE = KERNELS / "int8_avx2.cpp"
 AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 HEADERS = (KERNELS / "int8.h",)

@@ -36,7 +36,6 @@ constexpr int64_t kOut = 16;                   // output channels per packed blo
 constexpr int64_t kTile = kOut * kBlock;       // bytes of one block of 32 inputs: 512
 constexpr int64_t kMaxRows = 16;               // rows per pass over the weights
 constexpr int64_t kGroupBlocks = 8;            // past 16 rows: output blocks per L2-resident group
-constexpr int64_t kPrefetchBytes = 8192;       // how far ahead the weight stream is fetched
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(PARAFORK_INT8_AVX2)
 constexpr const char* kPath = "avx512-vnni";
@@ -134,54 +133,36 @@ static inline __m512i dpbusd_bcast(__m512i acc, __m512i w, const int32_t* x) {
   return acc;
 }
 
-// Rows [n0, n0 + N) of a chunk of NC rows over output blocks [mb, mb + B): per block of 32
-// inputs, each row's int32 sum over the tile's 8 x 64 bytes (rows side by side: independent
-// chains), then one fp32 multiply-add with the row's block scale. N <= 8 keeps the sums and the
-// fp32 accumulators in registers; several output blocks (B) give one or two rows more chains.
-template <int N, int B>
-inline void tiles(const Rows& r, int64_t n0, int64_t NC, int64_t KB, const uint8_t* blob, int64_t bytes, int64_t mb,
-                  const Out& o) {
-  __m512 acc[B][N];
-  for (int c = 0; c < B; ++c)
-    for (int n = 0; n < N; ++n) acc[c][n] = _mm512_setzero_ps();
+// Rows [n0, n0 + N) of a chunk of NC rows over output block mb: per block of 32 inputs, each
+// row's int32 sum over the tile's 8 x 64 bytes (rows side by side: independent chains), then one
+// fp32 multiply-add with the row's block scale. N <= 8 keeps the sums and the fp32 accumulators
+// in registers. One output block at a time for every row count: several blocks in flight (two
+// or four weight streams) were no faster for one row and 20-60% slower for 2-4 (the 30 layers'
+// linears and the head, Zen 5: 4 rows 2.4-2.5 ms against 3.8-4.0 with two blocks).
+template <int N>
+inline void tile_rows(const Rows& r, int64_t n0, int64_t NC, int64_t KB, const uint8_t* blob, int64_t bytes,
+                      int64_t mb, const Out& o) {
+  const uint8_t* base = blob + mb * bytes;
+  __m512 acc[N];
+  for (int n = 0; n < N; ++n) acc[n] = _mm512_setzero_ps();
   for (int64_t b = 0; b < KB; ++b) {
     const int32_t* xq = r.q.data() + b * 8 * NC + n0;
-    __m512i s[B][N];
-    for (int c = 0; c < B; ++c) {
-      const char* w = (const char*)(blob + (mb + c) * bytes + b * kTile);
-      _mm_prefetch(w + kPrefetchBytes, _MM_HINT_T0);
-      _mm_prefetch(w + kPrefetchBytes + 128, _MM_HINT_T0);
-      _mm_prefetch(w + kPrefetchBytes + 256, _MM_HINT_T0);
-      _mm_prefetch(w + kPrefetchBytes + 384, _MM_HINT_T0);
-      for (int n = 0; n < N; ++n) s[c][n] = _mm512_set1_epi32(r.start[b * NC + n0 + n]);
+    __m512i s[N];
+    for (int n = 0; n < N; ++n) s[n] = _mm512_set1_epi32(r.start[b * NC + n0 + n]);
+    for (int k = 0; k < 8; ++k) {
+      __m512i wv = _mm512_loadu_si512(base + b * kTile + 64 * k);
+      for (int n = 0; n < N; ++n) s[n] = dpbusd_bcast(s[n], wv, xq + k * NC + n);
     }
-    for (int k = 0; k < 8; ++k)
-      for (int c = 0; c < B; ++c) {
-        __m512i wv = _mm512_loadu_si512(blob + (mb + c) * bytes + b * kTile + 64 * k);
-        for (int n = 0; n < N; ++n) s[c][n] = dpbusd_bcast(s[c][n], wv, xq + k * NC + n);
-      }
-    for (int c = 0; c < B; ++c)
-      for (int n = 0; n < N; ++n)
-        acc[c][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[c][n]), _mm512_set1_ps(r.scale[b * NC + n0 + n]), acc[c][n]);
+    for (int n = 0; n < N; ++n)
+      acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[n]), _mm512_set1_ps(r.scale[b * NC + n0 + n]), acc[n]);
   }
-  for (int c = 0; c < B; ++c) {
-    __m512 sw = _mm512_loadu_ps((const float*)(blob + (mb + c) * bytes + KB * kTile));
-    for (int n = 0; n < N; ++n) {
-      __m512 v = _mm512_mul_ps(acc[c][n], sw);
-      int64_t at = (n0 + n) * o.ld + (mb + c) * kOut;
-      if (o.y32) _mm512_storeu_ps(o.y32 + at, v);
-      else _mm256_storeu_si256((__m256i*)(o.y16 + at), (__m256i)_mm512_cvtneps_pbh(v));
-    }
+  __m512 sw = _mm512_loadu_ps((const float*)(base + KB * kTile));
+  for (int n = 0; n < N; ++n) {
+    __m512 v = _mm512_mul_ps(acc[n], sw);
+    int64_t at = (n0 + n) * o.ld + mb * kOut;
+    if (o.y32) _mm512_storeu_ps(o.y32 + at, v);
+    else _mm256_storeu_si256((__m256i*)(o.y16 + at), (__m256i)_mm512_cvtneps_pbh(v));
   }
-}
-
-template <int N>
-inline void group(const Rows& r, int64_t n0, int64_t NC, int64_t KB, const uint8_t* blob, int64_t bytes, int64_t mb0,
-                  int64_t mb1, const Out& o) {
-  constexpr int B = N == 1 ? 4 : N <= 4 ? 2 : 1;
-  int64_t mb = mb0;
-  for (; mb + B <= mb1; mb += B) tiles<N, B>(r, n0, NC, KB, blob, bytes, mb, o);
-  for (; mb < mb1; ++mb) tiles<N, 1>(r, n0, NC, KB, blob, bytes, mb, o);
 }
 
 // A chunk of NC <= 16 rows over output blocks [mb0, mb1): up to 8 rows a pass; the second pass
@@ -192,7 +173,7 @@ inline void rows(int64_t NC, const Rows& r, int64_t KB, const uint8_t* blob, int
     int64_t me = NC > 8 ? mb + 1 : mb1;
     for (int64_t n0 = 0; n0 < NC; n0 += 8) {
       switch (std::min<int64_t>(8, NC - n0)) {
-#define G(n) case n: group<n>(r, n0, NC, KB, blob, bytes, mb, me, o); break;
+#define G(n) case n: for (int64_t m = mb; m < me; ++m) tile_rows<n>(r, n0, NC, KB, blob, bytes, m, o); break;
         G(1) G(2) G(3) G(4) G(5) G(6) G(7) G(8)
 #undef G
       }
