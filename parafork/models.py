@@ -52,12 +52,30 @@ def base_gguf_path() -> Path:
 
 def ensure_base_model() -> Path:
     """Returns the cached safetensors folder of the base model, creating it on first use."""
-    target = cache_dir() / BASE_DIRNAME
+    return _dequantize_gguf(base_gguf_path(), cache_dir() / BASE_DIRNAME)
+
+
+def gguf_as_hf(gguf: Path) -> Path:
+    """A GGUF file's weights de-quantized to fp32 into a cached safetensors folder (once per file:
+    its name, size and first and last MB make the key), for the torch backend. A Q8_0 file's
+    blocks of 32 become their exact fp32 values; `quant="int8"` then re-quantizes them with one
+    scale per output channel (the error: docs/engine.md, "Int8 weights")."""
+    import hashlib
+
+    size = gguf.stat().st_size
+    with open(gguf, "rb") as f:
+        head = f.read(1 << 20)
+        f.seek(max(0, size - (1 << 20)))
+        tail = f.read()
+    key = hashlib.blake2b(gguf.name.encode() + str(size).encode() + head + tail, digest_size=8).hexdigest()
+    return _dequantize_gguf(gguf, cache_dir() / "gguf-hf" / f"{gguf.stem}-{key}")
+
+
+def _dequantize_gguf(gguf: Path, target: Path) -> Path:
     if (target / "model.safetensors").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = base_gguf_path()
     log.warning("de-quantizing %s once into %s (about 20 s)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

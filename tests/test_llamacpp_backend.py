@@ -143,8 +143,35 @@ def test_a_gguf_file_is_loaded_as_it_is(tiny_gguf, tmp_path):
         LLM(str(tiny_gguf), backend="llamacpp", quant="q8_0")
     with pytest.raises(ValueError, match="adapter cannot be merged"):
         LLM(str(tiny_gguf), adapter=str(tmp_path))
-    with pytest.raises(ValueError, match="runs on backend='llamacpp' only"):
-        LLM(str(tiny_gguf), backend="torch")
+    with pytest.raises(ValueError, match="runs on backend='llamacpp' \\(as it is\\) or 'torch'"):
+        LLM(str(tiny_gguf), backend="hf")
+
+
+def test_a_q8_0_gguf_runs_on_the_torch_engine_as_its_own_weights(tiny_dir, tiny_llm, tmp_path):
+    """A user's Q8_0 file on the torch backend: its blocks de-quantized exactly (each weight its
+    block's scale times its int8), then, with quant="int8", packed again per output channel."""
+    import gguf as gguf_lib
+    import torch
+    from safetensors.torch import load_file
+
+    from parafork.export import export_gguf
+
+    q8 = export_gguf(tiny_dir, tmp_path / "tiny-q8_0.gguf", None, "q8_0")
+    folder = models.gguf_as_hf(q8)
+    weights = load_file(folder / "model.safetensors")
+    reader = gguf_lib.GGUFReader(q8)
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    assert tensor.tensor_type == gguf_lib.GGMLQuantizationType.Q8_0
+    want = torch.from_numpy(gguf_lib.dequantize(tensor.data, tensor.tensor_type).copy()).reshape(64, 128)
+    assert torch.equal(weights["model.layers.0.mlp.down_proj.weight"], want)
+    assert models.gguf_as_hf(q8) == folder  # once
+    prompt = tiny_llm.encode(PROMPTS[0])
+    for quant in (None, "int8"):
+        llm = LLM(str(q8), backend="torch", quant=quant, num_kv_blocks=128, block_size=4)
+        assert llm.engine.runner.info.gguf is None  # parafork's own runner, not llama.cpp
+        out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=8, mode="ar"))[0]
+        assert out.finished and len(out.token_ids) == 8
+        llm.check_idle()
 
 
 def test_the_exported_gguf_keeps_the_control_tokens(tiny_gguf, tiny_llm):
@@ -187,7 +214,7 @@ def test_latency_bench_and_generate_run_on_the_llamacpp_backend(tiny_dir, tmp_pa
     assert all(q["modes"]["ar"]["tokens"] > 0 for q in saved["questions"])
     assert main(["generate", "Hi", "--model", str(tiny_dir), "--backend", "llamacpp", "--max-tokens", "6",
                  "--mode", "ar", "--cpu-threads", "1"]) == 0
-    with pytest.raises(ValueError, match="quant applies to backend='llamacpp' only"):
+    with pytest.raises(ValueError, match="GGUF type: backend='llamacpp' only"):
         LLM(str(tiny_dir), quant="q8_0")
 
 

@@ -15,16 +15,19 @@ def build_runner(config, path: Path, tokenizer, adapter: Path | None) -> Runner:
     """The runner `config.backend` names, its weights loaded once: "torch" (parafork's own
     paged Llama-family forward), "hf" (any HF causal LM, slow), "llamacpp" (a GGUF file, or
     the model exported to one), or "auto" (llamacpp for a GGUF file, else torch where the
-    architecture is supported). Reads the model's config.json first to choose."""
+    architecture is supported). A GGUF file on "torch" is de-quantized once into the cache. Reads the model's config.json first to choose."""
     from transformers import AutoConfig
 
     from .. import models
     from ..export import gguf_for
     from .torch_runner import SUPPORTED_ARCHITECTURES
 
+    if path.suffix == ".gguf" and config.backend == "torch":
+        path = models.gguf_as_hf(path)  # its weights de-quantized once; quant="int8" packs them again
     if config.backend == "llamacpp" or path.suffix == ".gguf":
         if config.backend not in ("auto", "llamacpp"):
-            raise ValueError(f"{path.name} is a GGUF file: it runs on backend='llamacpp' only")
+            raise ValueError(f"{path.name} is a GGUF file: it runs on backend='llamacpp' (as it is) or 'torch' "
+                             "(de-quantized once, quant='int8' to pack it again)")
         from .llamacpp_runner import LlamaCppRunner
 
         return LlamaCppRunner(gguf_for(config, path, adapter), config, len(tokenizer))
