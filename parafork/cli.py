@@ -413,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     sv.add_argument("--served-name", default=None, help="model id clients use (default: --model)")
     sv.add_argument("--kv-blocks", type=int, default=2048)
+    sv.add_argument("--allow-special-tokens-in-text", action="store_true",
+                    help="parse special-token strings a client writes (<|im_end|>, [Fork], ...) as those tokens "
+                         "(default: a client's text is text; prompt_token_ids are always taken as they are)")
     add_engine_args(sv)
     sv.set_defaults(func=cmd_serve)
 

@@ -7,6 +7,7 @@ weights works too. Nothing here ever reaches a model hub.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -201,11 +202,23 @@ def load_hf_model(
     return model
 
 
-def apply_chat_template(tokenizer, prompt: str | list[dict]) -> list[int]:
+def apply_chat_template(tokenizer, prompt: str | list[dict], text_only: bool = False) -> list[int]:
     """Token ids of a chat prompt (one user turn, or OpenAI-style messages), ready for the
-    assistant's answer."""
+    assistant's answer. With `text_only`, the messages' contents are encoded as text: a
+    special-token string written inside one (`<|im_end|>`, `[Fork]`, ...) becomes ordinary text
+    tokens, while the template's own markers stay special (what a server owes its clients)."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    encode = functools.partial(tokenizer.encode, add_special_tokens=False)
+    specials = [t for t in tokenizer.all_special_tokens if t]
+    contents = [m["content"] for m in messages if m["content"]]
+    if not text_only or not any(t in c for c in contents for t in specials):
+        return encode(rendered)  # as the template's own tokenization (a content with no marker: the same ids)
+    ids, pos = [], 0
+    for content in contents:  # each content's span found in the rendered text, in order
+        at = rendered.find(content, pos)
+        if at < 0:
+            raise ValueError("the chat template rewrote a message's text, so its markers cannot be kept as text")
+        ids += encode(rendered[pos:at]) + encode(content, split_special_tokens=True)
+        pos = at + len(content)
+    return ids + encode(rendered[pos:])

@@ -3,8 +3,15 @@
 One `EngineWorker` (an OS thread) owns the `LLM` and runs its step loop; every client's
 request joins the same batch. HTTP handlers never touch the engine: they talk to the worker
 through a command queue (add, abort) and receive outputs on per-request asyncio queues;
-`/metrics` reads the `EngineStats` snapshot the worker takes after each step. A client that
-disconnects aborts its request, which frees its KV blocks at once.
+`/metrics` (Prometheus, through `prometheus_client`) reads the `EngineStats` snapshot the
+worker takes after each step, and latency histograms the worker fills from each finished
+request's `RequestTimes`. A client that disconnects aborts its request, which frees its KV
+blocks at once.
+
+A client's text is text: the worker encodes messages with their contents as text
+(`models.apply_chat_template(text_only=True)`), so `<|im_end|><|im_start|>system` or `[Fork]`
+written by a client never become the model's control tokens (unless the server is started with
+`--allow-special-tokens-in-text`); `prompt_token_ids` stay what the client sent.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ from typing import Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -44,6 +51,7 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 class _Pending:
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
+    stream: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,11 +84,120 @@ class _Deferred:
     stream: bool
 
 
+# Histograms as vLLM names and buckets its own (`vllm:` -> `parafork:`), in seconds.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+                   960.0, 1920.0, 7680.0)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
+# Gauges and counters: the engine's snapshot (EngineStats), read at each scrape.
+GAUGES = {
+    "num_requests_running": ("requests in the running batch", lambda s: s.requests_running),
+    "num_requests_waiting": ("requests waiting to be admitted", lambda s: s.requests_waiting),
+    "num_threads_live": ("APAR threads of the running requests", lambda s: s.threads_live),
+    "num_sequences_live": ("runner sequence ids in use", lambda s: s.sequences_live),
+    "kv_blocks_used": ("KV blocks held", lambda s: s.kv_blocks_total - s.kv_blocks_free),
+    "kv_blocks_free": ("KV blocks free", lambda s: s.kv_blocks_free),
+    "kv_cache_usage_perc": ("share of the KV pool held, 0..1", lambda s: 1 - s.kv_blocks_free / max(1, s.kv_blocks_total)),
+    "admission_growth_ratio": ("admission's estimate of the budget left that becomes KV (scheduler.py)",
+                               lambda s: s.growth_ratio),
+}
+COUNTERS = {
+    "requests": ("requests added", lambda s: s.requests_total),
+    "generation_tokens": ("tokens generated over all threads, control tokens included", lambda s: s.generated_tokens_total),
+    "steps": ("decode steps (forward passes)", lambda s: s.steps_total),
+    "forks": ("threads forked", lambda s: s.forks_total),
+    "joins": ("[Join]s sampled", lambda s: s.joins_total),
+    "prefix_cache_hit_tokens": ("prompt tokens whose KV came from the prefix cache", lambda s: s.prefix_cache_hit_tokens_total),
+    "draft_tokens": ("speculative draft tokens fed", lambda s: s.draft_tokens_total),
+    "accepted_draft_tokens": ("draft tokens accepted", lambda s: s.accepted_draft_tokens_total),
+    "head_draft_tokens": ("draft tokens from a trained head", lambda s: s.head_draft_tokens_total),
+    "head_accepted_draft_tokens": ("head draft tokens accepted", lambda s: s.head_accepted_draft_tokens_total),
+    "preemptions": ("requests preempted for lack of KV", lambda s: s.preemptions_total),
+    "recomputed_tokens": ("tokens fed again after preemptions", lambda s: s.recomputed_tokens_total),
+    "serialized_steps": ("request-steps run one thread at a time for lack of KV", lambda s: s.serialized_steps_total),
+    "deferred_forks": ("forks whose child got its KV a step later", lambda s: s.deferred_forks_total),
+}
+
+
+class Metrics:
+    """The server's Prometheus registry: the engine's snapshot as gauges and counters, and the
+    histograms the worker fills (one registry per app, so several servers in one process do not mix)."""
+
+    def __init__(self, worker: EngineWorker) -> None:
+        from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics
+
+        disable_created_metrics()  # no `_created` gauge beside every histogram (as vLLM)
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+        self.worker = worker
+
+        def hist(name: str, doc: str, buckets) -> Histogram:
+            return Histogram(f"parafork:{name}", doc, buckets=buckets, registry=self.registry)
+
+        self.ttft = hist("time_to_first_token_seconds", "request added to its first generated token", TTFT_BUCKETS)
+        self.itl = hist("inter_token_latency_seconds",
+                        "between two outputs of a streamed request that carried new text (one per step it gained text)",
+                        ITL_BUCKETS)
+        self.tpot = hist("request_time_per_output_token_seconds",
+                         "first token to finish over the answer's tokens after the first", ITL_BUCKETS)
+        self.e2e = hist("e2e_request_latency_seconds", "request added to finished", REQUEST_BUCKETS)
+        self.queue = hist("request_queue_time_seconds", "request added to its first step", REQUEST_BUCKETS)
+        self.step = hist("decode_step_seconds", "one engine step (all running threads)", STEP_BUCKETS)
+        self.threads = hist("request_threads", "APAR threads per finished request", (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
+        self.tokens_per_step = hist("request_tokens_per_step", "answer tokens over decode steps, per finished request",
+                                    (0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 16.0))
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = self.worker.stats  # one immutable snapshot, taken by the worker
+        for name, (doc, value) in GAUGES.items():
+            yield GaugeMetricFamily(f"parafork:{name}", doc, value=value(stats))
+        for name, (doc, value) in COUNTERS.items():
+            yield CounterMetricFamily(f"parafork:{name}", doc, value=value(stats))
+
+    def finished(self, out: RequestOutput) -> None:
+        t = out.times
+        if t is None or t.finished is None:
+            return
+        self.e2e.observe(t.finished - t.arrival)
+        if t.scheduled is not None:
+            self.queue.observe(max(0.0, t.scheduled - t.arrival))
+        if t.first_token is not None:
+            self.ttft.observe(t.first_token - t.arrival)
+            self.tpot.observe((t.finished - t.first_token) / max(1, len(out.token_ids) - 1))
+        self.threads.observe(out.num_threads)
+        self.tokens_per_step.observe(len(out.token_ids) / max(1, out.num_steps))
+
+    def exposition(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def read_metrics(text: str) -> dict[str, float]:
+    """A `/metrics` page parsed with `prometheus_client`'s own parser: sample name (with its
+    labels, if any, as `name{k="v"}`) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
 class EngineWorker:
     """Owns the LLM; every engine call happens on its OS thread."""
 
-    def __init__(self, llm: LLM) -> None:
+    def __init__(self, llm: LLM, text_only: bool = True) -> None:
         self.llm = llm
+        self.text_only = text_only  # a client's text is encoded as text (module docstring)
+        self.metrics = Metrics(self)
+        self._last_text: dict[str, float] = {}  # streamed request -> when its previous text went out
         self.commands: queue.Queue = queue.Queue()
         self.pending: dict[str, _Pending] = {}
         self.stats: EngineStats = llm.stats()  # replaced whole after each step; read by /metrics
@@ -93,7 +210,7 @@ class EngineWorker:
         """One engine request per choice (`n`), all of the same prompt."""
         base = f"cmpl-{uuid.uuid4().hex[:24]}"
         ids = [base] + [f"{base}-{i}" for i in range(1, len(choices))]
-        pendings = [_Pending(loop) for _ in choices]
+        pendings = [_Pending(loop, stream=stream) for _ in choices]
         self.pending.update(zip(ids, pendings))
         self.commands.put(_Add(ids, prompt, choices, stream))
         return list(zip(ids, pendings))
@@ -115,8 +232,9 @@ class EngineWorker:
 
     def _handle(self, command: _Add | _Abort | _Drain) -> None:
         if isinstance(command, _Add):  # the first choice now; the others after the next step
-            ids, prompt, stream = command.request_ids, command.prompt, command.stream
+            ids, stream = command.request_ids, command.stream
             try:
+                prompt = {"prompt_token_ids": self._encode(command.prompt)}
                 self.llm.add_request(prompt, command.choices[0], request_id=ids[0], stream=stream)
             except ValueError as e:
                 for rid in ids:
@@ -126,8 +244,33 @@ class EngineWorker:
         elif isinstance(command, _Abort):
             self.llm.abort(command.request_id)
             self.pending.pop(command.request_id, None)
+            self._last_text.pop(command.request_id, None)
         else:
             self._drain_deadline = command.deadline
+
+    def _encode(self, prompt) -> list[int]:
+        """Chat messages or a completion's text as token ids, a client's text as text
+        (`text_only`); token ids as they are."""
+        from . import models
+
+        if isinstance(prompt, dict):
+            return list(prompt["prompt_token_ids"])
+        if isinstance(prompt, str):
+            return self.llm.tokenizer.encode(prompt, add_special_tokens=False, split_special_tokens=self.text_only)
+        return models.apply_chat_template(self.llm.tokenizer, prompt, text_only=self.text_only)
+
+    def _observe(self, out: RequestOutput, now: float) -> None:
+        """The latency histograms (`Metrics`): per finished request, and between a streamed
+        request's outputs that carried new text."""
+        if out.delta and out.request_id in self.pending and self.pending[out.request_id].stream:
+            last = self._last_text.get(out.request_id)
+            if last is not None:
+                self.metrics.itl.observe(now - last)
+            self._last_text[out.request_id] = now
+        if out.finished:
+            self._last_text.pop(out.request_id, None)
+            if not out.error:
+                self.metrics.finished(out)
 
     def _add_deferred(self) -> None:
         deferred, self.deferred = self.deferred, []
@@ -157,13 +300,17 @@ class EngineWorker:
                 self.stats = self.llm.stats()
                 continue
             try:
+                started = time.monotonic()
                 outputs = self.llm.step()
+                now = time.monotonic()
+                self.metrics.step.observe(now - started)
             except Exception as e:  # an engine failure ends the requests in flight, not the server
                 for request_id in list(self.pending):
                     self.llm.abort(request_id)
                     self._deliver(request_id, APIError(500, f"engine error: {e}", "server_error"))
                 continue
             for out in outputs:
+                self._observe(out, now)
                 if out.finished and out.error:  # failed inside the engine: a 500 with the reason
                     if out.delta:  # what a streamed client has not seen yet, before the error
                         self._deliver(out.request_id, replace(out, finished=False))
@@ -278,7 +425,27 @@ class _Common(BaseModel):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
+    # A string, or OpenAI's list of content parts: text parts are joined in order with "\n" (as
+    # vLLM joins them); any other part (image_url, input_audio, file, ...) is refused by name.
     content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _parts(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            return v
+        texts = []
+        for i, part in enumerate(v):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise ValueError(f"content part {i} is of type {kind!r}: this server serves a text model and takes "
+                                 "text parts only ({'type': 'text', 'text': ...})")
+            if not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+                raise ValueError(f"content part {i}: a text part is {{'type': 'text', 'text': <string>}}")
+            texts.append(part["text"])
+        if not texts:
+            raise ValueError("content is an empty list of parts")
+        return "\n".join(texts)
 
 
 class ChatBody(_Common):
@@ -293,7 +460,9 @@ class ChatBody(_Common):
 
 
 class CompletionBody(_Common):
-    prompt: str = Field(min_length=1)
+    # The OpenAI forms: a string, token ids, or a list of either holding one prompt; a list of
+    # several prompts is refused (one prompt per request: send one request each).
+    prompt: str | list[int] = Field(min_length=1)
     logprobs: int | None = Field(None, ge=0, le=5)
 
     def logprobs_wanted(self) -> int | None:
@@ -302,14 +471,22 @@ class CompletionBody(_Common):
     @field_validator("prompt", mode="before")
     @classmethod
     def _one_prompt(cls, v: Any) -> Any:
-        if isinstance(v, list):
-            raise ValueError("only one prompt string per request is supported")
+        if isinstance(v, list) and v and all(isinstance(p, (str, list)) for p in v):
+            if len(v) > 1:
+                raise ValueError(f"a list of {len(v)} prompts: this server takes one prompt per request "
+                                 "(a string, token ids, or a list holding one of those); send one request each")
+            v = v[0]
+        if isinstance(v, list) and not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
+            raise ValueError("a prompt is a string, a list of token ids (integers >= 0), or a list holding one of those")
         return v
 
 
 # ---- the app ----------------------------------------------------------------------------
-def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_tokens_limit: int = 4096) -> FastAPI:
-    engine = EngineWorker(llm)
+def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_tokens_limit: int = 4096,
+               special_tokens_in_text: bool = False) -> FastAPI:
+    """`special_tokens_in_text`: parse special-token strings inside a client's text as the
+    tokens they name (off: they are text; see the module docstring)."""
+    engine = EngineWorker(llm, text_only=not special_tokens_in_text)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -350,33 +527,10 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_tokens
     async def list_models() -> dict:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "parafork"}]}
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics() -> str:
-        stats = engine.stats  # one immutable snapshot, taken by the worker
-        lines = {
-            "parafork_requests_live": stats.requests_running + stats.requests_waiting,
-            "parafork_requests_waiting": stats.requests_waiting,
-            "parafork_threads_live": stats.threads_live,
-            "parafork_sequences_live": stats.sequences_live,
-            "parafork_kv_blocks_used": stats.kv_blocks_total - stats.kv_blocks_free,
-            "parafork_kv_blocks_free": stats.kv_blocks_free,
-            "parafork_requests_total": stats.requests_total,
-            "parafork_forks_total": stats.forks_total,
-            "parafork_generated_tokens_total": stats.generated_tokens_total,
-            "parafork_steps_total": stats.steps_total,
-            "parafork_prefix_cache_hit_tokens_total": stats.prefix_cache_hit_tokens_total,
-            "parafork_draft_tokens_total": stats.draft_tokens_total,
-            "parafork_accepted_draft_tokens_total": stats.accepted_draft_tokens_total,
-            "parafork_head_draft_tokens_total": stats.head_draft_tokens_total,
-            "parafork_head_accepted_draft_tokens_total": stats.head_accepted_draft_tokens_total,
-            "parafork_joins_total": stats.joins_total,
-            "parafork_preemptions_total": stats.preemptions_total,
-            "parafork_recomputed_tokens_total": stats.recomputed_tokens_total,
-            "parafork_serialized_steps_total": stats.serialized_steps_total,
-            "parafork_deferred_forks_total": stats.deferred_forks_total,
-            "parafork_admission_growth_ratio": round(stats.growth_ratio, 4),
-        }
-        return "".join(f"{k} {v}\n" for k, v in lines.items())
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = engine.metrics.exposition()
+        return Response(body, media_type=content_type)
 
     def check_model(name: str) -> None:
         if name != model_name:
@@ -443,12 +597,12 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_tokens
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request, body: ChatBody):
-        return await run(request, [m.model_dump() for m in body.messages], body, "chat")
+        return await run(request, [m.model_dump() for m in body.messages], body, "chat")  # encoded by the worker
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionBody):
-        ids = llm.tokenizer.encode(body.prompt, add_special_tokens=False)
-        return await run(request, {"prompt_token_ids": ids}, body, "text")
+        prompt = body.prompt if isinstance(body.prompt, str) else {"prompt_token_ids": body.prompt}
+        return await run(request, prompt, body, "text")
 
     return app
 
@@ -540,5 +694,6 @@ def serve(args) -> None:
     from .config import engine_options
 
     llm = LLM(args.model, num_kv_blocks=args.kv_blocks, **engine_options(args))
-    app = create_app(llm, args.served_name or args.model, api_key=args.api_key)
+    app = create_app(llm, args.served_name or args.model, api_key=args.api_key,
+                     special_tokens_in_text=args.allow_special_tokens_in_text)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .common import metadata, percentile, pyplot, save_figure, write_json
 from .driver import add_server_args, target_server
 from .suite import load_suite, select
+from ..server import read_metrics
 
 KINDS = {"answer": 0.75, "cancel": 0.1, "bad": 0.15}
 STOPS = ["\n\n", ".", "2.", "However", "###"]
@@ -66,7 +67,7 @@ def _send(client, rng: random.Random, kind: str, prompt: str, served_name: str) 
     chat = kind == "bad" or rng.random() < 0.7
     stream = kind == "cancel" or rng.random() < 0.5
     args = _answer_args(rng, prompt, served_name, chat)
-    record = {"kind": kind, "outcome": None, "tokens": 0, "bad": None}
+    record = {"kind": kind, "outcome": None, "tokens": 0, "bad": None, "choices": args.get("n", 1)}
     if kind == "bad":
         record["bad"] = rng.choice(list(BAD))
         change = BAD[record["bad"]]
@@ -150,8 +151,9 @@ def pool_at_end(url: str) -> dict:
             text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
         except OSError:
             return {}
-        values = {k: float(v) for k, v in (line.split() for line in text.splitlines() if line.strip())}
-        if not values.get("parafork_requests_live") and not values.get("parafork_kv_blocks_used"):
+        values = read_metrics(text)
+        if not values.get("parafork:num_requests_running") and not values.get("parafork:num_requests_waiting") \
+                and not values.get("parafork:kv_blocks_used"):
             break
         time.sleep(0.5)
     return values
@@ -174,6 +176,9 @@ def summarize(records: list[dict], wall: float, rss: list, metrics: dict, client
         "bad_refused": sum(r["outcome"].startswith("HTTP 4") for r in bad),
         "bad_accepted": [r["bad"] for r in bad if not r["outcome"].startswith("HTTP 4")],
         "cancelled": sum(r["outcome"] == "cancelled" for r in records),
+        # Engine requests (each choice of n is one): what the server's per-request histograms count.
+        "choices_complete": sum(r["choices"] for r in answers if r["outcome"] == "complete"),
+        "choices_cancelled": sum(r["choices"] for r in records if r["outcome"] == "cancelled"),
         "tokens": (tokens := sum(r["tokens"] for r in answers)),
         "wall_s": wall,
         "tok_s": tokens / wall if wall else 0.0,
@@ -181,13 +186,17 @@ def summarize(records: list[dict], wall: float, rss: list, metrics: dict, client
         "latency_p99": percentile(latencies, 99),
         "rss_mib": rss,
         "rss_growth_after_warmup": (after_warmup[-1] / after_warmup[0] - 1) if len(after_warmup) > 1 else None,
-        "kv_blocks_used_at_end": metrics.get("parafork_kv_blocks_used"),
-        "sequences_live_at_end": metrics.get("parafork_sequences_live"),
-        "requests_live_at_end": metrics.get("parafork_requests_live"),
-        "preemptions": metrics.get("parafork_preemptions_total"),
-        "recomputed_tokens": metrics.get("parafork_recomputed_tokens_total"),
-        "serialized_steps": metrics.get("parafork_serialized_steps_total"),
-        "deferred_forks": metrics.get("parafork_deferred_forks_total"),
+        "kv_blocks_used_at_end": metrics.get("parafork:kv_blocks_used"),
+        "sequences_live_at_end": metrics.get("parafork:num_sequences_live"),
+        "requests_live_at_end": (metrics.get("parafork:num_requests_running", 0) + metrics.get("parafork:num_requests_waiting", 0)
+                                 if metrics else None),
+        "preemptions": metrics.get("parafork:preemptions_total"),
+        "recomputed_tokens": metrics.get("parafork:recomputed_tokens_total"),
+        "serialized_steps": metrics.get("parafork:serialized_steps_total"),
+        "deferred_forks": metrics.get("parafork:deferred_forks_total"),
+        # Every answered request is one observation of each per-request histogram.
+        "e2e_latency_count": metrics.get("parafork:e2e_request_latency_seconds_count"),
+        "ttft_count": metrics.get("parafork:time_to_first_token_seconds_count"),
     }
 
 

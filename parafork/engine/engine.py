@@ -39,6 +39,7 @@ is left every KV block and sequence id is back in its pool (`check_idle`).
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -53,7 +54,7 @@ from .block_manager import BlockManager
 from .runner import JoinSource, KVSpan, Runner, SequenceSlice
 from .sampler import apply_apar_rules, apply_penalties, model_logprobs, sample, token_logprob
 from .scheduler import ScheduledBatch, Scheduler
-from .thread import FinishReason, Join, Request, Thread, TreeShape
+from .thread import FinishReason, Join, Request, RequestTimes, Thread, TreeShape
 
 
 @dataclass
@@ -88,6 +89,9 @@ class RequestOutput:
     # With SamplingParams.logprobs: per restored token, (log-probability, [(token, log-probability)] top).
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     shape: TreeShape | None = None  # joins, depth, spine and longest branch (thread.TreeShape)
+    # When it was added, first scheduled, first token, finished: the request's own record (no copy),
+    # complete once the request has finished, whichever way it ended (a stop string's abort too).
+    times: RequestTimes | None = None
 
 
 class _Proposal(NamedTuple):
@@ -276,6 +280,7 @@ class Engine:
     # ---- the step -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One forward over all scheduled threads; outputs of the requests it touched."""
+        self._step_started = time.monotonic()
         self._make_joins()
         batch, failed = self.scheduler.schedule()
         touched = {r.request_id: r for r in failed}
@@ -298,7 +303,8 @@ class Engine:
                 self._head_step = None
             for thread in batch.threads:
                 touched[thread.request.request_id] = thread.request
-        return [self._account(request) for request in touched.values()]
+        now = time.monotonic()
+        return [self._account(request, now) for request in touched.values()]
 
     @staticmethod
     def _speculates(thread: Thread) -> str | None:
@@ -663,6 +669,7 @@ class Engine:
             for thread in request.threads:
                 self.drafter.release(thread.thread_id)
         request.finish_reason = request.finish_reason or reason
+        request.times.finished = request.times.finished or time.monotonic()
         self.scheduler.remove(request)
         self._release_sequences()
 
@@ -670,9 +677,14 @@ class Engine:
         for seq_id in self.scheduler.take_released():
             self.runner.release(seq_id)
 
-    def _account(self, request: Request) -> RequestOutput:
+    def _account(self, request: Request, now: float) -> RequestOutput:
+        times = request.times
         if not request.finished:
             request.num_steps += 1
+            if times.scheduled is None:
+                times.scheduled = self._step_started
+            if times.first_token is None and request.num_generated:
+                times.first_token = now
             request.peak_blocks = max(request.peak_blocks, len(request.held_blocks))
             if request.num_generated >= request.params.max_tokens:
                 self._finish_request(request, FinishReason.LENGTH)
@@ -716,4 +728,5 @@ class Engine:
             complete=complete,
             logprobs=logprobs,
             shape=request.shape(),
+            times=times,
         )

@@ -23,6 +23,7 @@ children's KV is attended where it lies.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -185,6 +186,18 @@ class Thread:
         return self.token_ids[-1]
 
 
+@dataclass
+class RequestTimes:
+    """When a request reached each stage, in `time.monotonic()` seconds (None: not yet): added to
+    the engine, first in a step, its first generated token, finished. Set once each, by the engine
+    after a step; what a server's latency histograms are computed from."""
+
+    arrival: float
+    scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: int) -> None:
         self.request_id = request_id
@@ -214,6 +227,7 @@ class Request:
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
         self.streaming = True  # outputs carry text at every step (else only when finished)
+        self.times = RequestTimes(time.monotonic())
 
     @property
     def tokens_left(self) -> int:
