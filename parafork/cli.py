@@ -182,6 +182,9 @@ def cmd_data(args) -> int:
 
 def cmd_rollouts(args) -> int:
     from .bench.suite import load_suite
+
+    if args.score == (args.prompts is not None):
+        raise SystemExit("parafork rollouts: give --prompts N (draw rollouts) or --score (score those in --out)")
     from .data.rollouts import RolloutConfig, generate, normalised
 
     held_out = set()
@@ -190,6 +193,16 @@ def cmd_rollouts(args) -> int:
             held_out.update(normalised(q["prompt"]) for q in load_suite(suite))
         except FileNotFoundError:
             pass  # Vicuna Bench is not shipped: without it, none of it can be drawn on either
+    if args.score:
+        from . import models
+        from .bench.quality import Embedder
+        from .data.reward import score_folder
+
+        tokenizer, control = models.load_tokenizer(models.resolve_model_path(args.model))
+        embed = Embedder()
+        summary = score_folder(args.out, tokenizer, control, lambda a, b: float(embed(a) @ embed(b)), args.pairs)
+        print(json.dumps(summary, indent=2))
+        return 0
     try:
         cfg = RolloutConfig(out=args.out, prompts=args.prompts, samples=args.samples, temperature=args.temperature,
                             top_p=args.top_p, fork_bias=args.fork_bias, ar_temperature=args.ar_temperature,
@@ -349,7 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     ro = sub.add_parser("rollouts", help="model v4's data: several APAR answers per ShareGPT prompt from the model itself, "
                                          "with its AR answers (resumable; OUT/rollouts.jsonl and a gzipped copy)")
     ro.add_argument("--out", required=True, help="the folder (a run there resumes; its sampling settings are fixed)")
-    ro.add_argument("--prompts", type=int, required=True, help="prompts wanted in all, counting those already there")
+    ro.add_argument("--prompts", type=int, default=None, help="prompts wanted in all, counting those already there")
+    ro.add_argument("--score", action="store_true", help="score OUT's rollouts (gates, speed, reward: data/reward.py) "
+                                                         "into OUT/scores.jsonl instead of drawing more")
+    ro.add_argument("--pairs", default=None, help="with --score: write the widest chosen/rejected pairs here (Markdown)")
     ro.add_argument("--samples", type=int, default=R.samples, help="APAR answers per prompt")
     ro.add_argument("--temperature", type=float, default=R.temperature, help="the APAR answers'")
     ro.add_argument("--top-p", type=float, default=R.top_p, help="the APAR answers'")
