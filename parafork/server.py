@@ -256,8 +256,12 @@ class EngineWorker:
         if isinstance(prompt, dict):
             return list(prompt["prompt_token_ids"])
         if isinstance(prompt, str):
-            return self.llm.tokenizer.encode(prompt, add_special_tokens=False, split_special_tokens=self.text_only)
+            return self.encode_text(prompt)
         return models.apply_chat_template(self.llm.tokenizer, prompt, text_only=self.text_only)
+
+    def encode_text(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """A text's token ids as the worker encodes a completion's prompt (for /tokenize)."""
+        return self.llm.tokenizer.encode(text, add_special_tokens=add_special_tokens, split_special_tokens=self.text_only)
 
     def _observe(self, out: RequestOutput, now: float) -> None:
         """The latency histograms (`Metrics`): per finished request, and between a streamed
@@ -364,6 +368,7 @@ class _Common(BaseModel):
     n: int = Field(1, ge=1, le=8)
     logit_bias: dict[int, float] | None = None  # OpenAI sends token ids as strings; pydantic converts
     skip_special_tokens: bool = True  # vLLM's extension; raw mode always shows the [Fork] markers
+    ignore_eos: bool = False  # vLLM's extension (its serving benchmark sends it): run to max_tokens
     stop: str | list[str] | None = None
     # Unset or null: the model's default (`LLM.sampling_defaults`; the bundled model's card says which).
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -415,12 +420,20 @@ class _Common(BaseModel):
             join=self.parafork.join,
             logit_bias=self.logit_bias,
             skip_special_tokens=self.skip_special_tokens,
+            ignore_eos=self.ignore_eos,
             stop=self.stop or (),
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
             logprobs=self.logprobs_wanted(),
         )
+
+
+class TokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    prompt: str
+    add_special_tokens: bool = False
 
 
 class ChatMessage(BaseModel):
@@ -531,6 +544,13 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_tokens
     async def metrics() -> Response:
         body, content_type = engine.metrics.exposition()
         return Response(body, media_type=content_type)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody) -> dict:
+        """vLLM's extension (its serving benchmark calls it): a prompt's token ids, its text as text."""
+        check_model(body.model)
+        ids = await asyncio.to_thread(engine.encode_text, body.prompt, body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": llm.config.max_model_len}
 
     def check_model(name: str) -> None:
         if name != model_name:

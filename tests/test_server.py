@@ -582,6 +582,21 @@ def test_a_clients_markers_are_text_in_the_prompt_and_in_the_answer(server, text
     wait_pool_full(llm)
 
 
+def test_vllms_extensions_its_serving_benchmark_sends(server):
+    url, llm = server
+    req = urllib.request.Request(f"{url}/tokenize", json.dumps({"model": "tiny", "prompt": "Hi [Fork]"}).encode(),
+                                 {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    got = json.load(urllib.request.urlopen(req))
+    assert got["tokens"] == llm.tokenizer.encode("Hi [Fork]", add_special_tokens=False, split_special_tokens=True)
+    assert got["count"] == len(got["tokens"]) and got["max_model_len"] == 1024
+    c = client(url)
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Hi."}]}]
+    full = c.chat.completions.create(model="tiny", messages=msgs, max_completion_tokens=40, temperature=0,
+                                     extra_body={"ignore_eos": True, "parafork": {"mode": "ar"}})
+    assert full.usage.completion_tokens == 40 and full.choices[0].finish_reason == "length"
+    wait_pool_full(llm)
+
+
 def test_a_server_told_to_parses_special_tokens_in_text(tiny_dir):
     llm = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=64, block_size=4)
     url, srv, thread = start_server(create_app(llm, "tiny", special_tokens_in_text=True))
