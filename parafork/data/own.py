@@ -106,19 +106,21 @@ def read_done(path: Path) -> dict[str, dict]:
 SAME_ANSWERS = ("input", "model", "max_tokens", "seed")
 
 
-def _record_run(path: Path, cfg: OwnAnswersConfig) -> None:
-    """generation.json: the settings answers depend on (fixed for the folder) and every run's
-    engine settings and machine. A run that would change a fixed setting is refused."""
+def record_run(path: Path, cfg, fixed: tuple[str, ...], section: str = "answers", made: str = "answers made",
+               not_settings: tuple[str, ...] = ("out", "count")) -> None:
+    """generation.json: the settings a folder's data depend on (`fixed`, kept under `section`, the
+    same for every run there) and every run's other settings and machine. A run that would change
+    a fixed setting is refused (`made`: what the folder holds, for the message)."""
     from dataclasses import asdict
 
     from ..config import machine_key
 
-    record = json.loads(path.read_text()) if path.exists() else {"answers": {k: getattr(cfg, k) for k in SAME_ANSWERS}, "runs": []}
-    changed = {k: (v, getattr(cfg, k)) for k, v in record["answers"].items() if v != getattr(cfg, k)}
+    record = json.loads(path.read_text()) if path.exists() else {section: {k: getattr(cfg, k) for k in fixed}, "runs": []}
+    changed = {k: (v, getattr(cfg, k)) for k, v in record[section].items() if v != getattr(cfg, k)}
     if changed:
-        raise ValueError(f"{path.parent} holds answers made with other settings ({changed}, folder's first); "
+        raise ValueError(f"{path.parent} holds {made} with other settings ({changed}, folder's first); "
                          "use another --out or the same settings")
-    run = {k: v for k, v in asdict(cfg).items() if k not in SAME_ANSWERS and k not in ("out", "count")}
+    run = {k: v for k, v in asdict(cfg).items() if k not in fixed and k not in not_settings}
     record["runs"].append({**run, "machine": machine_key(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     path.write_text(json.dumps(record, indent=2))
 
@@ -131,7 +133,7 @@ def generate(cfg: OwnAnswersConfig) -> dict:
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "answers.jsonl"
-    _record_run(out_dir / "generation.json", cfg)
+    record_run(out_dir / "generation.json", cfg, SAME_ANSWERS)
     done = read_done(path)
     todo: Iterator[dict] = (p for p in prompts(Path(cfg.input) if cfg.input else None, cfg.seed) if p["key"] not in done)
     summary = {"answers": len(done), "this_run": 0, "tokens_this_run": 0, "seconds_this_run": 0.0}

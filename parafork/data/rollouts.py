@@ -43,7 +43,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .own import prompts as sharegpt_prompts
-from .own import read_done
+from .own import read_done, record_run
 from .sharegpt import messages
 
 FILE = "rollouts.jsonl"
@@ -131,22 +131,6 @@ def rollout_prompts(cfg: RolloutConfig, held_out: set[str] = frozenset()) -> lis
             if normalised(p["prompt"]) not in held_out]
 
 
-def _record_run(path: Path, cfg: RolloutConfig) -> None:
-    """generation.json: the settings samples depend on (fixed for the folder) and every run's
-    engine settings and machine. A run that would change a fixed setting is refused."""
-    from ..config import machine_key
-
-    record = json.loads(path.read_text()) if path.exists() else {"samples": {k: getattr(cfg, k) for k in SAME_SAMPLES},
-                                                                  "runs": []}
-    changed = {k: (v, getattr(cfg, k)) for k, v in record["samples"].items() if v != getattr(cfg, k)}
-    if changed:
-        raise ValueError(f"{path.parent} holds rollouts drawn with other settings ({changed}, folder's first); "
-                         "use another --out or the same settings")
-    run = {k: v for k, v in asdict(cfg).items() if k not in SAME_SAMPLES and k not in ("out", "prompts")}
-    record["runs"].append({**run, "machine": machine_key(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
-    path.write_text(json.dumps(record, indent=2))
-
-
 def unpack(folder: Path) -> None:
     """A fresh clone resumes from the packed copy: rollouts.jsonl made from it where it is missing."""
     plain, packed = folder / FILE, folder / PACKED
@@ -183,7 +167,7 @@ def generate(cfg: RolloutConfig, held_out: set[str] = frozenset()) -> dict:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _record_run(out / "generation.json", cfg)
+    record_run(out / "generation.json", cfg, SAME_SAMPLES, "samples", "rollouts drawn", ("out", "prompts"))
     unpack(out)
     path = out / FILE
     done = read_done(path)
