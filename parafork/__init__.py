@@ -9,14 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .engine.engine import RequestOutput
+    from .engine.outputs import RequestOutput
     from .llm import LLM
     from .sampling import SamplingParams
 
 __all__ = ["LLM", "RequestOutput", "SamplingParams"]
 __version__ = "0.1.0"
 
-_WHERE = {"LLM": ".llm", "RequestOutput": ".engine.engine", "SamplingParams": ".sampling"}
+_WHERE = {"LLM": ".llm", "RequestOutput": ".engine.outputs", "SamplingParams": ".sampling"}
 
 
 def __getattr__(name: str):

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from .config import resolve_dtype
-from .engine.engine import RequestOutput
+from .engine.outputs import RequestOutput
 from .llm import LLM
 from .sampling import SamplingParams
 

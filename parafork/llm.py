@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from . import models
 from .config import EngineConfig
-from .engine.engine import Engine, RequestOutput
+from .engine.engine import Engine
+from .engine.outputs import RequestOutput
 from .engine.thread import FinishReason
 from .runners.factory import build_runner
 from .rules import NoRepeatedHeads

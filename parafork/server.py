@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine.engine import EngineStats, RequestOutput
+from .engine.outputs import EngineStats, RequestOutput
 from .llm import LLM
 from .sampling import ANSWER_MAX_TOKENS, MAX_DEPTH, MAX_DRAFT_SIBLINGS, MAX_DRAFT_TOKENS, Mode, SamplingParams
 

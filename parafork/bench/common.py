@@ -14,7 +14,7 @@ import torch
 
 from .. import models
 from ..config import cpu_has_fast_bf16, machine_key
-from ..engine.engine import RequestOutput
+from ..engine.outputs import RequestOutput
 from ..llm import LLM, Prompt
 from ..sampling import PENALTIES, SamplingParams
 

@@ -40,8 +40,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, replace
-from typing import NamedTuple
+from dataclasses import replace
 
 import torch
 
@@ -49,88 +48,14 @@ from ..config import EngineConfig, cache_dir
 from ..restore import linearize, restore_origins
 from ..sampling import FORKING_MODES, SamplingParams
 from ..tokens import ControlTokens
-from . import speculation, step_cost
+from . import step_cost
+from .drafting import Drafting
 from .block_manager import BlockManager
 from .runner import JoinSource, KVSpan, Runner, SequenceSlice
 from .sampler import apply_apar_rules, apply_penalties, model_logprobs, sample, token_logprob
 from .scheduler import ScheduledBatch, Scheduler
-from .thread import FinishReason, Join, Request, RequestTimes, Thread, TreeShape
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    text: str  # restored answer in reading order (streaming: final text so far; else set when finished)
-    delta: str  # text that became final since the previous output of this request
-    token_ids: list[int]  # restored answer tokens, no control tokens
-    finished: bool
-    finish_reason: str | None
-    num_generated_tokens: int  # over all threads, control tokens included
-    num_steps: int  # forward passes the request took part in (decode steps)
-    num_threads: int
-    peak_kv_blocks: int
-    num_prompt_tokens: int
-    attention_work: int = 0  # sum over fed tokens of the KV length each attends to
-    num_preemptions: int = 0
-    num_recomputed_tokens: int = 0  # tokens fed again after preemptions (prefix-cache hits not counted)
-    num_serialized_steps: int = 0  # steps its threads ran one at a time for lack of KV (scheduler.py)
-    num_deferred_forks: int = 0  # forks whose child got its KV a step later, rows being dear (module docstring)
-    num_draft_tokens: int = 0  # speculative draft tokens fed (engine/speculation.py)
-    num_accepted_tokens: int = 0  # of which the model's own samples agreed with
-    num_head_draft_tokens: int = 0  # of the drafts, those from a trained head (the rest: lookup)
-    num_head_accepted_tokens: int = 0
-    num_sibling_tokens: int = 0  # of the head's drafts, siblings fed beside its chains (a tree)
-    num_accepted_sibling_tokens: int = 0
-    # Per draft position j: drafts fed that reached it, and how many were accepted there.
-    drafted_at: tuple[int, ...] = ()
-    accepted_at: tuple[int, ...] = ()
-    error: str | None = None
-    complete: bool = False  # token_ids hold the whole tree (no thread may add tokens before their end)
-    # With SamplingParams.logprobs: per restored token, (log-probability, [(token, log-probability)] top).
-    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
-    shape: TreeShape | None = None  # joins, depth, spine and longest branch (thread.TreeShape)
-    # When it was added, first scheduled, first token, finished: the request's own record (no copy),
-    # complete once the request has finished, whichever way it ended (a stop string's abort too).
-    times: RequestTimes | None = None
-
-
-class _Proposal(NamedTuple):
-    """A thread's draft before the step sizes it (`Engine._draft`)."""
-
-    index: int  # the thread's place in the batch
-    thread: Thread
-    tokens: list[int]  # the chain
-    gains: list[float]  # each token's chance to be accepted, all before it accepted too
-    by_head: bool  # a trained head's (else lookup's)
-    dists: list  # where the head drew the tokens (sampled requests): their distributions
-    siblings: list[tuple[int, int, float]]  # (depth, token, chance): the head's other tokens per position
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot, taken on the engine's own thread; safe to hand to other threads."""
-
-    requests_waiting: int
-    requests_running: int
-    threads_live: int
-    sequences_live: int
-    kv_blocks_total: int
-    kv_blocks_free: int
-    steps_total: int
-    requests_total: int
-    generated_tokens_total: int
-    forks_total: int
-    prefix_cache_hit_tokens_total: int
-    draft_tokens_total: int = 0
-    accepted_draft_tokens_total: int = 0
-    head_draft_tokens_total: int = 0  # of the drafts, those from a trained head (the rest: lookup)
-    head_accepted_draft_tokens_total: int = 0
-    joins_total: int = 0
-    preemptions_total: int = 0
-    recomputed_tokens_total: int = 0
-    serialized_steps_total: int = 0  # request-steps run one thread at a time for lack of KV
-    deferred_forks_total: int = 0  # forks whose child got its KV a step later (engine.py)
-    growth_ratio: float = 0.0  # admission's estimate of the budget left that becomes KV (scheduler.py)
+from .outputs import EngineStats, RequestOutput, request_output  # noqa: F401 (RequestOutput: still importable from here)
+from .thread import FinishReason, Join, Request, Thread
 
 
 class Engine:
@@ -163,19 +88,30 @@ class Engine:
                         "deferred_forks": 0, "head_drafted": 0, "head_accepted": 0}
         # The cost of a step against its rows (sizes drafts: step_cost.py), measured
         # here, before any request, where the runner allows it.
-        self.step_cost = self._step_cost()
-        if drafter is not None and self.step_cost.source == "measured":
+        cost = self._step_cost()
+        if drafter is not None and cost.source == "measured":
             # The head's pass priced as timed here, in one-row steps (its weight bytes alone, the
             # facade's estimate, left out its threads' share: 64 threads cost 19 ms, not 5).
             base, per_thread = drafter.time_pass()
-            drafter.pass_cost, drafter.thread_cost = base / self.step_cost.ms[0], per_thread / self.step_cost.ms[0]
+            drafter.pass_cost, drafter.thread_cost = base / cost.ms[0], per_thread / cost.ms[0]
         self.defer_forks_from_rows = config.defer_forks_from_rows
         self._rows_dear = False  # this step's rows reach defer_forks_from_rows
-        self.drafter = drafter  # drafts from a trained head (eagle.py), None without one
-        # Threads the head drafted for this step, its tokens fed, accepted; its drawn siblings fed, taken.
-        self._head_step: list[int] | None = None
-        self._hidden = None  # this step's StepHidden where the drafter reads it, and each thread's first row
-        self._taken: dict[int, int] = {}  # thread id -> the row (from its slice's end) of a sibling taken this step
+        # What each thread drafts, its price and its settling (drafting.py); the head: eagle.py.
+        self.drafting = Drafting(config, control, self.scheduler, cost, self._counts, info.vocab_size, drafter)
+
+    @property
+    def step_cost(self) -> step_cost.StepCost:
+        """The decode step's cost against its rows (step_cost.py), which sizes drafts."""
+        return self.drafting.step_cost
+
+    @step_cost.setter
+    def step_cost(self, curve: step_cost.StepCost) -> None:
+        self.drafting.step_cost = curve
+
+    @property
+    def drafter(self):
+        """The trained draft head (`eagle.HeadDrafter`), None without one."""
+        return self.drafting.head
 
     def _step_cost(self) -> step_cost.StepCost:
         info, config = self.runner.info, self.config
@@ -288,7 +224,7 @@ class Engine:
             self._finish_request(request, request.finish_reason)
         self._release_sequences()
         if batch.threads:
-            self._draft(batch)
+            self.drafting.propose(batch, self.runner.info.tree_slices)
             fed = sum(batch.num_tokens) + sum(t.draft_rows for t in batch.threads)  # the forward's query rows
             limit = self.defer_forks_from_rows
             self._rows_dear = limit is not None and fed >= limit
@@ -296,118 +232,11 @@ class Engine:
             rows, ready = self._advance(batch)
             if ready:
                 self._sample(logits, rows, ready)
-            if self._hidden is not None:
-                self._observe(batch)
-            if self._head_step is not None:
-                self.drafter.record(*self._head_step)
-                self._head_step = None
+            self.drafting.observe(batch)
             for thread in batch.threads:
                 touched[thread.request.request_id] = thread.request
         now = time.monotonic()
         return [self._account(request, now) for request in touched.values()]
-
-    @staticmethod
-    def _speculates(thread: Thread) -> str | None:
-        """The thread's drafting method ("ngram", "eagle"; the engine's default is put in at
-        `add`), None if it does not draft."""
-        method = thread.request.params.speculative
-        return None if method in (None, "off") else method
-
-    def _draft(self, batch: ScheduledBatch) -> None:
-        """Drafts for the threads that sample this step and speculate (speculation.py); a
-        trained head's for all its threads at once (eagle.py)."""
-        sampling, proposals, asks = 0, [], []
-        rows = fixed = sum(batch.num_tokens)  # fixed: rows that make no token this step (prompt chunks)
-        for i, (thread, n) in enumerate(zip(batch.threads, batch.num_tokens)):
-            if n != len(thread.pending):
-                continue
-            sampling, fixed = sampling + 1, fixed - n
-            if not self._speculates(thread) or self._deferred_child(thread, len(thread.token_ids)) is not None:
-                continue  # (a deferred child takes the parent's KV through its [Fork], no draft after it)
-            request, params = thread.request, thread.request.params
-            # Room for every draft token to be accepted and one more sampled after them.
-            room = min(request.tokens_left, self.config.max_model_len - len(thread.token_ids)) - 1
-            k = min(params.num_draft_tokens, room)
-            # Lookup first, with a head too: where the context recurs its drafts are accepted more
-            # often than the head's and cost no pass (Vicuna, 9 questions: 47% against 27-30%).
-            draft = speculation.propose(thread, k, self.control)
-            if draft:
-                gains = speculation.chain_gains(thread.draft_stats.acceptance, len(draft))
-                proposals.append(_Proposal(i, thread, draft, gains, False, [], []))
-            elif self._speculates(thread) == "eagle" and not thread.spans:
-                asks.append((i, thread, k))  # (positions moved by a join: the head's cache does not hold them)
-        decode_cost = speculation.decode_cost(self.step_cost, rows, fixed)
-        if asks and self._head_pays(asks, rows, sampling, decode_cost):
-            # A head's token is worth computing where its chance beats its price: its row and its
-            # share of the head's passes (one-row steps), against the tokens per cost the step makes.
-            min_gain = (self.step_cost.marginal(rows) + self._pass_price(len(asks)) / len(asks)) * sampling / decode_cost
-            sibling_gain = self.step_cost.marginal(rows) * sampling / decode_cost  # (a sibling costs no pass: its row)
-            # Sampled requests' drafts are drawn from the head's distribution (sampler.settle_offer).
-            draws = [None if t.request.params.greedy else (t.request.params.temperature, t.generator) for _, t, _ in asks]
-            trees = self.runner.info.tree_slices
-            siblings = [t.request.params.num_draft_siblings if trees else 0 for _, t, _ in asks]
-            drafts = self.drafter.propose([(t.thread_id, t.token_ids, k) for _, t, k in asks], min_gain, draws, siblings,
-                                          sibling_gain)
-            proposals += [_Proposal(i, t, d.tokens, d.gains, True, d.dists, d.siblings)
-                          for (i, t, _), d in zip(asks, drafts) if d.tokens]
-            proposals.sort(key=lambda p: p.index)
-            self._head_step = [len(asks), 0, 0, 0, 0]
-        elif asks:
-            self.drafter.rest()
-        if not proposals:
-            return
-        # A draft's tokens and siblings in order of chance (its chain first where equal): a
-        # sibling's chance is below its parent's and its chain neighbour's, so any number of
-        # the first ones is a chain and siblings whose parents are in it.
-        nodes = [sorted([(g, None) for g in p.gains] + [(g, (d, t)) for d, t, g in p.siblings], key=lambda x: -x[0])
-                 for p in proposals]
-        lengths = speculation.draft_lengths([[g for g, _ in ns] for ns in nodes], sampling, rows, self.step_cost, fixed)
-        for p, ns, n in zip(proposals, nodes, lengths):
-            thread = p.thread
-            if not n:
-                thread.draft_stats.idle()
-                continue
-            chain = p.tokens[:sum(s is None for _, s in ns[:n])]
-            # (A sampled request's siblings were drawn after the chain's token at their position:
-            # they are settled with it, so none goes where that token is not fed.)
-            reach = len(chain) - bool(p.dists)
-            siblings = [s for _, s in ns[:n] if s is not None and s[0] <= reach]
-            fed = self.scheduler.add_draft(batch, p.index, chain + [t for _, t in siblings])
-            thread.draft = fed[:len(chain)]
-            thread.draft_siblings = siblings[:len(fed) - len(thread.draft)]
-            thread.draft_by_head = p.by_head
-            thread.draft_dists = p.dists[:len(thread.draft)]
-
-    def _head_pays(self, asks: list, rows: int, sampling: int, decode_cost: float) -> bool:
-        """Whether the head's pass is worth running this step: what it has been yielding per
-        thread (its accepted tokens, each worth what a token costs in this step, less the rows its
-        drafts add) against the pass over these threads (timed: `_pass_price`). Where rows are dear
-        (a wide batch) few of its tokens can pay for their rows and its pass is dear (its threads'
-        attention), its yield falls and it sits out; its threads' caches catch up later in one
-        pass of several rows. (Measured at 16 clients: the head running every step cost APAR 8%
-        of its tokens/s.)"""
-        worth = decode_cost / sampling  # one-row steps per token the step makes (its prompt chunks aside)
-        fed, accepted = self.drafter.expected_yield
-        return len(asks) * (accepted * worth - fed * self.step_cost.marginal(rows)) > self._pass_price(len(asks))
-
-    def _pass_price(self, threads: int) -> float:
-        """A pass of the head over `threads` threads, in one-row steps."""
-        return self.drafter.pass_cost + self.drafter.thread_cost * (threads - 1)
-
-    def _observe(self, batch: ScheduledBatch) -> None:
-        """Hands the drafter the target's hidden states of every verified position fed this step."""
-        aux, first = self._hidden
-        self._hidden = None
-        taken, self._taken = self._taken, {}
-        for thread, (row, start, fed) in zip(batch.threads, first):
-            verified = thread.num_cached - start  # (< 0 where the thread ended this step and gave back its KV)
-            if self._speculates(thread) == "eagle" and not thread.request.finished and verified > 0:
-                self.drafter.observe(thread.thread_id, start, thread.token_ids[start:start + verified],
-                                     aux[row:row + verified])
-                if thread.thread_id in taken:  # a sibling taken: its row's features, its position is next
-                    at = row + fed - taken[thread.thread_id]
-                    self.drafter.observe(thread.thread_id, thread.num_cached,
-                                         thread.token_ids[thread.num_cached:thread.num_cached + 1], aux[at:at + 1])
 
     def _make_joins(self) -> None:
         """Puts in place every join whose thread has fed up to its `[Join]` and whose children
@@ -447,28 +276,16 @@ class Engine:
         slices = [
             SequenceSlice(t.seq_id, t.pending[:n] + t.draft + [token for _, token in t.draft_siblings], t.num_cached,
                           t.block_table, 1 + t.draft_rows, t.position(t.num_cached) - t.num_cached,
-                          tuple(span for _, span in t.spans), self._tree(t, n))
+                          tuple(span for _, span in t.spans), self.drafting.tree(t, n))
             for t, n in zip(batch.threads, batch.num_tokens)
         ]
         self.total_steps += 1
-        if self.drafter is None or not any(self._speculates(t) == "eagle" for t in batch.threads):
-            self._hidden = None
+        layers = self.drafting.hidden_layers(batch)
+        if layers is None:
             return self.runner.forward(slices)
-        out = self.runner.forward_hidden(slices, self.drafter.layers)
-        first, rows = [], 0
-        for t, s in zip(batch.threads, slices):
-            first.append((rows, t.num_cached, len(s.token_ids)))
-            rows += len(s.token_ids)
-        self._hidden = (out.aux, first)
+        out = self.runner.forward_hidden(slices, layers)
+        self.drafting.keep_hidden(out.aux, slices, batch)
         return out.logits
-
-    @staticmethod
-    def _tree(thread: Thread, n: int) -> tuple[int, ...]:
-        """The slice's parents where the draft has siblings (runner.SequenceSlice): the fed tokens
-        and the draft a chain, a sibling of draft token j after the token before it."""
-        if not thread.draft_siblings:
-            return ()
-        return tuple(range(-1, n + len(thread.draft) - 1)) + tuple(n - 1 + j for j, _ in thread.draft_siblings)
 
     def _advance(self, batch: ScheduledBatch) -> tuple[list[int], list[Thread]]:
         """Marks the fed tokens cached; the threads whose whole context is now fed sample.
@@ -484,7 +301,7 @@ class Engine:
             self._counts["recomputed"] += redo
             thread.num_cached += n
             self.block_manager.register(thread)
-            child = self._deferred_child(thread, thread.num_cached) if n else None
+            child = thread.deferred_child(thread.num_cached) if n else None
             if child is not None:  # the parent has just fed the child's [Fork]: fork its KV now
                 child.fork_deferred = False
                 self.runner.fork(thread.seq_id, *self.scheduler.fork(thread, child))
@@ -493,12 +310,6 @@ class Engine:
                 ready.append(thread)
             row += 1 + thread.draft_rows
         return rows, ready
-
-    @staticmethod
-    def _deferred_child(thread: Thread, end: int) -> Thread | None:
-        """The child waiting on a deferred fork at `thread`'s token `end - 1`, if that is one."""
-        child = thread.children.get(end - 1 - thread.own_start)
-        return child if child is not None and child.fork_deferred else None
 
     def _fork_room(self) -> int | None:
         """Sequence ids left for new forks: deferred children take theirs when they get KV."""
@@ -510,7 +321,7 @@ class Engine:
     def _choose(self, logits, threads: list[Thread], offers=None) -> list[tuple[int, tuple | None]]:
         """One token per row (and its logprob entry where asked for), with every rule applied
         over each thread's tokens so far; `logits` is changed in place. `offers`: drawn draft
-        tokens to settle (`_offer`)."""
+        tokens to settle (`Drafting.offer`)."""
         logprobs = model_logprobs(logits, threads)  # the model's own distribution, before any rule
         apply_penalties(logits, threads, self.control)
         apply_apar_rules(logits, threads, self.control, fork_room=self._fork_room())
@@ -529,97 +340,37 @@ class Engine:
         draft's rows while each sample equals the draft token (speculation.py)."""
         # Every row a first row (no drafts): the logits as they are, not a copy (98 rows of 49k
         # logits took ~3 ms a step to copy).
-        offers = [self._offer(thread, 0) for thread in ready]
+        drafting = self.drafting
+        offers = [drafting.offer(thread, 0) for thread in ready]
         chosen = self._choose(logits if rows == list(range(len(logits))) else logits[rows], ready, offers)
         for thread, row, (token, logprob) in zip(ready, rows, chosen):
             if thread.request.finished:  # ended by a sibling's token this step (an error)
                 continue
             draft, accepted = thread.draft, 0
-            while accepted < len(draft) and token == draft[accepted] and not self._ends_step(thread, token):
+            while accepted < len(draft) and token == draft[accepted] and not drafting.ends_step(thread, token):
                 self._append(thread, token, logprob)
                 thread.num_cached += 1  # the draft token's K/V were computed in this forward
                 accepted += 1
                 token, logprob = self._choose(logits[row + accepted : row + accepted + 1].clone(), [thread],
-                                              [self._offer(thread, accepted)])[0]
-            sibling, after = self._sibling(thread, accepted, token), True
+                                              [drafting.offer(thread, accepted)])[0]
+            sibling, after = drafting.sibling(thread, accepted, token), True
             if sibling is not None:
                 # The model's token is a sibling: its row gives the token after it. Its K/V sit
                 # past the verified ones, so it is given back and fed again next step (one row)
                 # with the token after it, which is taken here unless it is a control or end
                 # token (then it is sampled again after the sibling is fed: greedy, the same).
                 self._append(thread, token, logprob)
-                self._taken[thread.thread_id] = len(thread.draft_siblings) - sibling
+                drafting.take_sibling(thread, sibling)
                 at = row + 1 + len(draft) + sibling
                 token, logprob = self._choose(logits[at:at + 1].clone(), [thread], [None])[0]
                 after = token not in self.control.ids and token not in self.control.eos_ids
             if draft or thread.draft_siblings:  # (a sibling counts as accepted where its next token is taken)
-                self._settle_draft(thread, accepted, sibling is not None and after)
+                drafting.settle(thread, accepted, sibling is not None and after)
+                self.block_manager.truncate(thread, thread.num_cached + 1)  # cached tokens and the one to come
+                self.runner.truncate(thread.seq_id, thread.position(thread.num_cached))
+                self.block_manager.register(thread)
             if after:
                 self._apply_token(thread, token, logprob)
-
-    def _sibling(self, thread: Thread, depth: int, token: int) -> int | None:
-        """Which of the thread's fed siblings is `token` at draft position `depth`, if one is
-        and the step may go on past it."""
-        for k, (j, sibling) in enumerate(thread.draft_siblings):
-            if j == depth and sibling == token and not self._ends_step(thread, token):
-                return k
-        return None
-
-    def _offer(self, thread: Thread, j: int) -> tuple[list[int], torch.Tensor] | None:
-        """Draft token j with its siblings, in the order they were drawn, and the distribution
-        they were drawn from, where they were drawn (a head's draft for a sampled request): the
-        sampler keeps one or draws another by the speculative-sampling rule. None for point-mass
-        drafts (lookup's, or a greedy request's head's), kept where the row's own sample equals
-        one of them."""
-        if j >= len(thread.draft_dists):
-            return None
-        tokens = [thread.draft[j]] + [token for depth, token in thread.draft_siblings if depth == j]
-        return tokens, self.drafter.spread(thread.draft_dists[j], self.runner.info.vocab_size)
-
-    def _ends_step(self, thread: Thread, token: int) -> bool:
-        """Tokens after which a thread stops accepting its draft: forks, ends and the budget
-        are settled at the end of a step."""
-        control, request = self.control, thread.request
-        return (
-            token in control.ids
-            or token in control.eos_ids
-            or request.num_generated + 1 >= request.params.max_tokens
-            or len(thread.token_ids) + 1 >= self.config.max_model_len
-        )
-
-    def _settle_draft(self, thread: Thread, accepted: int, sibling: bool = False) -> None:
-        """Counts the draft (a sibling taken counts as accepted at its position), gives back the
-        KV of its rejected positions and siblings, registers what was verified."""
-        request = thread.request
-        drafted, kept = thread.draft_rows, accepted + sibling
-        reach = max([len(thread.draft)] + [j + 1 for j, _ in thread.draft_siblings])  # positions drafted at
-        request.num_draft_tokens += drafted
-        request.num_accepted_tokens += kept
-        request.num_sibling_tokens += len(thread.draft_siblings)
-        request.num_accepted_sibling_tokens += sibling
-        for counts, n in ((request.drafted_at, reach), (request.accepted_at, kept)):
-            counts.extend([0] * (n - len(counts)))
-            for j in range(n):
-                counts[j] += 1
-        self._counts["drafted"] += drafted
-        self._counts["accepted"] += kept
-        if thread.draft_by_head:  # (the head's chances are its own confidence, not these counts)
-            self._counts["head_drafted"] += drafted
-            self._counts["head_accepted"] += kept
-            request.num_head_draft_tokens += drafted
-            request.num_head_accepted_tokens += kept
-            if self._head_step is not None:
-                self._head_step[1] += drafted
-                self._head_step[2] += kept
-                if thread.draft_dists:  # (drawn siblings: their rate prices the next ones, eagle.py)
-                    self._head_step[3] += len(thread.draft_siblings)
-                    self._head_step[4] += sibling
-        else:
-            thread.draft_stats.update(len(thread.draft), accepted)
-        thread.draft, thread.draft_dists, thread.draft_siblings = [], [], []
-        self.block_manager.truncate(thread, thread.num_cached + 1)  # cached tokens and the one to come
-        self.runner.truncate(thread.seq_id, thread.position(thread.num_cached))
-        self.block_manager.register(thread)
 
     def _append(self, thread: Thread, token: int, logprob) -> None:
         thread.token_ids.append(token)
@@ -633,8 +384,7 @@ class Engine:
         self._append(thread, token, logprob)
         if token == control.fork_id and params.mode in FORKING_MODES:
             child = request.fork(thread, control.child_id)
-            if self.drafter is not None:
-                self.drafter.fork(thread.thread_id, child.thread_id, child.own_start - 1)
+            self.drafting.fork(thread, child)
             request.num_generated += 1
             self._counts["forks"] += 1
             if self._rows_dear:  # the KV comes after the parent feeds the [Fork] (module docstring)
@@ -665,9 +415,7 @@ class Engine:
     def _finish_request(self, request: Request, reason: FinishReason) -> None:
         for thread in request.live_threads:
             thread.finish_reason = reason
-        if self.drafter is not None:
-            for thread in request.threads:
-                self.drafter.release(thread.thread_id)
+        self.drafting.release(request.threads)
         request.finish_reason = request.finish_reason or reason
         request.times.finished = request.times.finished or time.monotonic()
         self.scheduler.remove(request)
@@ -699,34 +447,4 @@ class Engine:
             tokens, complete = linearize(request.root, self.control, final_only=True)
         if request.finished:
             self.requests.pop(request.request_id, None)  # its output carries everything needed
-        return RequestOutput(
-            request_id=request.request_id,
-            text="",
-            delta="",
-            token_ids=tokens,
-            finished=request.finished,
-            finish_reason=request.finish_reason.value if request.finish_reason else None,
-            num_generated_tokens=request.num_generated,
-            num_steps=request.num_steps,
-            num_threads=len(request.threads),
-            peak_kv_blocks=request.peak_blocks,
-            num_prompt_tokens=len(request.prompt_token_ids),
-            attention_work=request.attention_work,
-            num_preemptions=request.num_preemptions,
-            num_recomputed_tokens=request.num_recomputed_tokens,
-            num_serialized_steps=request.num_serialized_steps,
-            num_deferred_forks=request.num_deferred_forks,
-            num_draft_tokens=request.num_draft_tokens,
-            num_accepted_tokens=request.num_accepted_tokens,
-            num_head_draft_tokens=request.num_head_draft_tokens,
-            num_head_accepted_tokens=request.num_head_accepted_tokens,
-            num_sibling_tokens=request.num_sibling_tokens,
-            num_accepted_sibling_tokens=request.num_accepted_sibling_tokens,
-            drafted_at=tuple(request.drafted_at),
-            accepted_at=tuple(request.accepted_at),
-            error=request.error,
-            complete=complete,
-            logprobs=logprobs,
-            shape=request.shape(),
-            times=times,
-        )
+        return request_output(request, tokens, complete, logprobs)

@@ -163,6 +163,11 @@ class Thread:
         """The tokens to feed next (a prefix of `pending`)."""
         return self.token_ids[self.num_cached : self.feed_end]
 
+    def deferred_child(self, end: int) -> Thread | None:
+        """The child waiting on a deferred fork (engine.py) at this thread's token `end - 1`, if that is one."""
+        child = self.children.get(end - 1 - self.own_start)
+        return child if child is not None and child.fork_deferred else None
+
     @property
     def own_tokens(self) -> list[int]:
         return self.token_ids[self.own_start :]
