@@ -3,12 +3,9 @@ engine-free: the APAR rules and the sampler that apply them live in `engine/samp
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal, Mapping, Protocol, Sequence, get_args
+from typing import Any, Literal, Mapping, Protocol, Sequence, get_args
 
 import torch
-
-if TYPE_CHECKING:
-    from .engine.thread import Thread
 
 # apar: threads fork and run side by side; serial: the same tree, one thread at a time
 # (a child runs to its end before its parent goes on: APAR's answers at AR's pace, the
@@ -30,10 +27,25 @@ DEFAULTABLE: dict[str, float | bool | int] = {**PENALTIES, "join": False, "max_d
 MAX_DEPTH = 8  # levels of threads a request may ask for
 
 
+class ThreadView(Protocol):
+    """What a logits rule reads of a thread (the engine's `engine/thread.py` Thread is one; named
+    here by its shape, so that a request's parameters never name the engine's types)."""
+
+    token_ids: list[int]  # the whole context: inherited prefix + own tokens
+    own_start: int
+    depth: int
+    parent: Any  # the parent thread, None for the root
+    children: Mapping[int, Any]  # own index of a [Fork] -> child thread
+    request: Any  # its request (`prompt_token_ids`, `params`)
+
+    @property
+    def own_tokens(self) -> list[int]: ...
+
+
 class LogitsRule(Protocol):
     """Edits one thread's float logits row in place before sampling (after the APAR rules)."""
 
-    def __call__(self, thread: Thread, logits: torch.Tensor) -> None: ...
+    def __call__(self, thread: ThreadView, logits: torch.Tensor) -> None: ...
 
 
 # `max_tokens` where a person asks one question and names none: `parafork generate`, `parafork demo`
