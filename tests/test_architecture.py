@@ -88,6 +88,37 @@ def test_no_import_cycles_counting_type_only_imports():
     assert _cycles(graph) == []
 
 
+# The layers, bottom up: a module imports only from its own layer or below (lazy and type-only
+# imports counted). The first matching prefix names a module's layer.
+LAYERS = [
+    ("request", ["config", "tokens", "sampling", "restore"]),
+    # The engine and what it runs itself: the APAR logits rules, and the draft head's network.
+    ("engine", ["engine", "rules", "draft.head"]),
+    # Runners and the model files they load (safetensors, GGUF: export converts for llama.cpp).
+    ("runners", ["runners", "models", "export"]),
+    ("facade", ["llm"]),
+    # What users run: the server, benches, CLI, demo, drivers, training and its data (the draft
+    # head's training too: draft/ holds the head, an engine part, and its training, a tool).
+    ("tools", ["server", "bench", "cli", "demo", "remote", "vllm", "train", "data", "draft.data", "draft.train"]),
+]
+
+
+def _layer(module: str) -> int:
+    name = module.removeprefix("parafork.")
+    for i, (_, prefixes) in enumerate(LAYERS):
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            return i
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS")
+
+
+def test_every_import_runs_down_the_layers():
+    graph = {_module_name(p): _import_time_imports(p, inside_functions=True, type_only=True) for p in PACKAGE.rglob("*.py")}
+    graph.pop("parafork")  # the package's lazy public names (LLM, SamplingParams) sit above everything
+    upward = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps if d != "parafork" and _layer(d) > _layer(m))
+    assert upward == []
+    assert _layer("parafork.engine.eagle") < _layer("parafork.runners.torch_runner") < _layer("parafork.server")
+
+
 def test_the_cycle_check_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a -> b -> c -> a"]
 
