@@ -183,8 +183,9 @@ def cmd_data(args) -> int:
 def cmd_rollouts(args) -> int:
     from .bench.suite import load_suite
 
-    if args.score == (args.prompts is not None):
-        raise SystemExit("parafork rollouts: give --prompts N (draw rollouts) or --score (score those in --out)")
+    if (args.prompts is not None) + args.score + (args.sft is not None) != 1:
+        raise SystemExit("parafork rollouts: give one of --prompts N (draw rollouts), --score (score those in --out) "
+                         "or --sft DIR (round 1's training data from them)")
     from .data.rollouts import RolloutConfig, generate, normalised
 
     held_out = set()
@@ -193,15 +194,18 @@ def cmd_rollouts(args) -> int:
             held_out.update(normalised(q["prompt"]) for q in load_suite(suite))
         except FileNotFoundError:
             pass  # Vicuna Bench is not shipped: without it, none of it can be drawn on either
-    if args.score:
+    if args.score or args.sft:
         from . import models
         from .bench.quality import Embedder
-        from .data.reward import score_folder
+        from .data.reward import build_sft, score_folder
 
         tokenizer, control = models.load_tokenizer(models.resolve_model_path(args.model))
         embed = Embedder()
-        summary = score_folder(args.out, tokenizer, control, lambda a, b: float(embed(a) @ embed(b)), args.pairs)
-        print(json.dumps(summary, indent=2))
+        similarity = lambda a, b: float(embed(a) @ embed(b))  # noqa: E731 (MiniLM cosine, the content gate)
+        if args.sft:
+            print(json.dumps(build_sft(args.out, args.sft, tokenizer, control, similarity), indent=2))
+        else:
+            print(json.dumps(score_folder(args.out, tokenizer, control, similarity, args.pairs), indent=2))
         return 0
     try:
         cfg = RolloutConfig(out=args.out, prompts=args.prompts, samples=args.samples, temperature=args.temperature,
@@ -366,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--score", action="store_true", help="score OUT's rollouts (gates, speed, reward: data/reward.py) "
                                                          "into OUT/scores.jsonl instead of drawing more")
     ro.add_argument("--pairs", default=None, help="with --score: write the widest chosen/rejected pairs here (Markdown)")
+    ro.add_argument("--sft", default=None, metavar="DIR",
+                    help="write round 1's data to DIR: per prompt the best passing APAR sample as a tree, else the "
+                         "greedy AR answer (trees.jsonl, plain.jsonl; train with parafork train --data DIR)")
     ro.add_argument("--samples", type=int, default=R.samples, help="APAR answers per prompt")
     ro.add_argument("--temperature", type=float, default=R.temperature, help="the APAR answers'")
     ro.add_argument("--top-p", type=float, default=R.top_p, help="the APAR answers'")

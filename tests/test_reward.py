@@ -44,3 +44,23 @@ def test_speed_is_paid_only_past_every_gate_and_centred_per_prompt(base_dir):
     assert scores[0].reward == 0.0  # the only passing sample: centred on itself
     assert scores[1].reward == scores[2].reward == reward.FAIL_REWARD  # speed is never paid past a failed gate
     assert reward.score_prompt(row, tokenizer, control, similarity=lambda a, b: 0.1)[0].failed == ["content"]
+
+
+def test_a_rollout_tree_becomes_a_training_tree_with_its_closing_paragraph_joined(base_dir):
+    from parafork.data.extract import JOIN
+    from parafork.data.independence import reading_tokens
+
+    tokenizer, control = models.load_tokenizer(base_dir)
+    enc = lambda t: tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
+    head1, head2 = enc("Tips:\n\n1. Routine:"), enc("\n2. Light:")
+    closing = enc("\n\nIn short, a steady routine and dim evenings help most people fall asleep sooner.")
+    body1, body2 = enc(" Go to bed at the same time."), enc(" Dim the lamps after dark.")
+    root = head1 + [control.fork_id] + head2 + [control.fork_id] + closing + [min(control.eos_ids)]
+    tree = _tree(root, {len(head1): _tree([control.child_id] + body1 + [min(control.eos_ids)]),
+                        len(head1) + 1 + len(head2): _tree([control.child_id] + body2 + [min(control.eos_ids)])})
+    node = reward.node_of(tree, tokenizer, control)
+    assert [type(s).__name__ if s is not JOIN else "JOIN" for s in node.segments] == \
+        ["str", "Node", "str", "Node", "JOIN", "str"]
+    assert reading_tokens(node, tokenizer) == head1 + body1 + head2 + body2 + closing  # the sample's own tokens
+    short = _tree(head1 + [control.fork_id] + enc("\n\nDone."), {len(head1): _tree([control.child_id] + body1)})
+    assert JOIN not in reward.node_of(short, tokenizer, control).segments  # too short to be a closing paragraph

@@ -163,3 +163,87 @@ def score_folder(folder, tokenizer, control, similarity=None, pairs_path=None, n
         Path(pairs_path).parent.mkdir(parents=True, exist_ok=True)
         Path(pairs_path).write_text("".join(out))
     return summary
+
+
+# A closing paragraph after a group is joined in the training tree (the model never samples
+# `[Join]`): it then sees every branch, as data v3's trees taught. Only prose of some length.
+MIN_JOINED_WORDS = 8
+
+
+def node_of(tree: dict, tokenizer, control, root: bool = True):
+    """A rollout's token tree as a training tree (`extract.Node`): each thread's text between its
+    `[Fork]`s, the child born at each; `[Child]` and end tokens dropped; at the root, a `JOIN`
+    before closing prose that follows the last child (`MIN_JOINED_WORDS`)."""
+    from .extract import JOIN, Node
+
+    segments, span = [], []
+    children = {int(i): c for i, c in tree["children"].items()}
+    skip = {control.child_id, control.join_id} | set(control.eos_ids)
+
+    def flush() -> None:
+        if span:
+            segments.append(tokenizer.decode(span, skip_special_tokens=False))
+            span.clear()
+
+    for i, token in enumerate(tree["tokens"]):
+        if token == control.fork_id and i in children:
+            flush()
+            segments.append(node_of(children[i], tokenizer, control, root=False))
+        elif token not in skip:
+            span.append(token)
+    flush()
+    if root and len(segments) >= 2 and isinstance(segments[-2], Node) and isinstance(segments[-1], str) \
+            and segments[-1].startswith("\n") and len(segments[-1].split()) >= MIN_JOINED_WORDS:
+        segments.insert(len(segments) - 1, JOIN)
+    return Node(segments)
+
+
+def build_sft(folder, out, tokenizer, control, similarity=None) -> dict:
+    """Round 1's data (rejection-sampled SFT): per prompt, the passing APAR sample with the best
+    reward as a tree (trees.jsonl), else, where none passes and the greedy AR answer is complete,
+    that answer as a plain row (plain.jsonl: code, maths and short replies stay serial). A tree
+    whose text pieces tokenize differently from the sample's own tokens is left out (training
+    encodes the pieces as text). `parafork train --data OUT --init-adapter bundled` trains on it."""
+    import json
+    from collections import Counter
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from .independence import reading_tokens
+    from .rollouts import read
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    trees, plain, why = [], [], Counter()
+    keep = ("key", "context", "prompt")
+    for row in tqdm(read(Path(folder)), desc="sft rows", unit=" prompt"):
+        scores = score_prompt(row, tokenizer, control, similarity)
+        apar = [s for s in row["samples"] if s["kind"] == "apar"]
+        ranked = sorted((i for i, s in enumerate(scores) if not s.failed), key=lambda i: -scores[i].reward)
+        chosen = None
+        for i in ranked:
+            node = node_of(apar[i]["tree"], tokenizer, control)
+            if reading_tokens(node, tokenizer) == apar[i]["token_ids"]:
+                chosen = (apar[i], node)
+                break
+            why["pieces tokenize differently"] += 1
+        base = {k: row[k] for k in keep}
+        if chosen is not None and chosen[1].children:
+            sample, node = chosen
+            trees.append({**base, "answer": node.text(), "source": "rollout", "kind": "rollout", "tree": node.to_json()})
+            why["tree"] += 1
+        else:
+            greedy = next(s for s in row["samples"] if s["kind"] == "ar_greedy")
+            if greedy["finish_reason"] == "stop":
+                plain.append({**base, "answer": tokenizer.decode(greedy["token_ids"], skip_special_tokens=True),
+                              "source": "rollout-ar"})
+                why["plain (greedy AR)"] += 1
+            else:
+                why["nothing kept"] += 1
+    for name, rows in (("trees.jsonl", trees), ("plain.jsonl", plain)):
+        (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    stats = {"prompts": sum(why[k] for k in ("tree", "plain (greedy AR)", "nothing kept")), **why,
+             "trees_with_join": sum(1 for t in trees if None in t["tree"])}
+    (out / "stats.json").write_text(json.dumps(stats, indent=2))
+    return stats
