@@ -413,6 +413,21 @@ def test_quality_reuses_latency_answers_and_generates_only_the_missing_base_ones
         quality.answers_from_latency(str(path), questions)
 
 
+def test_quality_compares_apar_with_the_same_models_sampled_ar_answers(tiny_dir, tmp_path):
+    questions = select(load_suite("starter"), limit=3)
+
+    def answers(modes):
+        return quality.generate_answers(questions, str(tiny_dir), None, str(tiny_dir), "float32", 1, 16, modes)
+
+    got = answers(("apar", "ar", "ar-sampled"))
+    result = quality.run_quality(questions, got, {}, str(tiny_dir), threads=1)
+    assert set(result["metrics"]) == {"apar", "ar", "ar-sampled"}
+    assert set(result["delta_pct_sampled"]) == set(quality.DELTA_METRICS)
+    sampled = [a["text"] for a in got["ar-sampled"]]
+    assert sampled != [a["text"] for a in got["ar"]]  # drawn at T=0.7, not greedy
+    assert [a["text"] for a in answers(("ar-sampled",))["ar-sampled"]] == sampled  # seeded per question
+
+
 def test_quality_scores_a_latency_run_of_apar_and_its_unguarded_mode_alone(tiny_dir, tmp_path):
     # The before/after run of the answer guards: `bench latency --modes apar,serial,apar-unguarded,...`.
     questions = select(load_suite("starter"), limit=2)

@@ -21,6 +21,10 @@ tuned model's mean AR answer length over the base model's.
 answers of a `bench latency` JSON: its `base` mode (else `hf`) is the untuned base model's,
 and where it ran `apar-unguarded` (APAR without the answer guards) that mode is scored too,
 with `delta_pct_guards` = APAR against it, in % of it (what the guards cost or bring).
+`ar-sampled` (opt-in: `--modes apar,ar,ar-sampled,base`) is the tuned model's AR answer sampled at
+T=0.7, seeded by the question's place: greedy AR under a base-model judge rewards repetition (the
+likelihood trap), so APAR at its defaults is compared with AR decoded the same kind of way too;
+`delta_pct_sampled` is APAR against it, in % of it.
 `--base-answers` reuses the `base` answers of an earlier `bench quality` (or latency) JSON of the
 same suite, base model, `max_tokens` and quantization (checked): the untuned model's answers do not
 change between adapters, and generating them is most of a screen's time (5 of ~6 minutes on 18
@@ -48,7 +52,8 @@ from .suite import load_suite, reference_answers, select
 
 MODES = ("apar", "ar", "base")
 EARLY_STOP_TOKENS = 60  # as in bench latency
-EXTRA_MODES = ("apar-unguarded",)  # scored when a latency JSON has them
+EXTRA_MODES = ("apar-unguarded", "ar-sampled")  # scored when asked for (or a latency JSON has them)
+AR_SAMPLED_TEMPERATURE = 0.7
 METRICS = ("similarity", "nll", "rep4", "tokens", "list_items", "stray_control", "repeated_head", "threads", "fork",
            "cut", "early_stop")
 DELTA_METRICS = ("similarity", "nll", "rep4", "tokens", "list_items")  # compared between modes in %
@@ -121,7 +126,10 @@ def generate_answers(questions: list[dict], model: str, adapter: str | None, bas
         tuned = LLM(model, adapter=adapter, dtype=dtype, cpu_threads=threads, backend=backend, quant=quant)
         penalties = resolve_penalties(penalties, model, adapter)
         for mode in tuned_modes:
-            outs = tuned.generate(prompts, engine_params(mode, max_tokens, penalties), use_tqdm=True)
+            params = engine_params(mode, max_tokens, penalties) if mode != "ar-sampled" else [
+                SamplingParams(max_tokens=max_tokens, mode="ar", temperature=AR_SAMPLED_TEMPERATURE, seed=i, **penalties)
+                for i in range(len(prompts))]
+            outs = tuned.generate(prompts, params, use_tqdm=True)
             answers[mode] = [answer(o.text, o.num_threads, o.finish_reason == "length") for o in outs]
         del tuned
     if "base" in modes:
@@ -226,6 +234,8 @@ def summarize(records: list[dict]) -> dict:
             out["ar_vs_base_tokens"] = metrics["ar"]["tokens"] / metrics["base"]["tokens"]
         if "apar" in metrics and "apar-unguarded" in metrics:
             out["delta_pct_guards"] = _delta_pct(metrics, "apar-unguarded")
+        if "apar" in metrics and "ar-sampled" in metrics:
+            out["delta_pct_sampled"] = _delta_pct(metrics, "ar-sampled")
         return out
 
     return {**group(records), "per_category": by_category(records, group)}
