@@ -44,6 +44,13 @@ def test_speed_is_paid_only_past_every_gate_and_centred_per_prompt(base_dir):
     assert scores[0].reward == 0.0  # the only passing sample: centred on itself
     assert scores[1].reward == scores[2].reward == reward.FAIL_REWARD  # speed is never paid past a failed gate
     assert reward.score_prompt(row, tokenizer, control, similarity=lambda a, b: 0.1)[0].failed == ["content"]
+    # Paragraph heads repeated before their forks (no list marker) fail too.
+    para = enc("Objects:")
+    twice = {"kind": "apar", "finish_reason": "stop", "token_ids": good["token_ids"],
+             "tree": _tree(para + [control.fork_id] + enc("\n\nObjects:") + [control.fork_id],
+                           {len(para): _tree([control.child_id] + enc(" " + body)),
+                            len(para) + 1 + len(enc("\n\nObjects:")): _tree([control.child_id] + enc(" " + other))})}
+    assert "repeated heads" in reward.score_prompt({"samples": [reference, twice]}, tokenizer, control)[0].failed
 
 
 def test_a_rollout_tree_becomes_a_training_tree_with_its_closing_paragraph_joined(base_dir):

@@ -12,8 +12,8 @@ paying for it; a tokens/s reward pays for padding. So:
   gates are what the model should learn) and centred per prompt over the samples that pass (no
   division by a spread).
 - **Gates**, all required for any speed to be paid (`gates`): complete (every thread ended by
-  itself, the request not cut at max_tokens); no loop (rep4 <= `MAX_REP4`); no repeated list
-  heads; no stray control token in the restored text; no trivially short branch (each child
+  itself, the request not cut at max_tokens); no loop (rep4 <= `MAX_REP4`); no repeated head
+  (list items' in the text, and the line before each `[Fork]` in the tree: paragraph heads too); no stray control token in the restored text; no trivially short branch (each child
   writes >= `MIN_BRANCH_TOKENS`); length within `LENGTH_RANGE` of the same prompt's greedy AR
   answer; close in content to that AR answer (`similarity`, MiniLM cosine where the caller gives
   it, >= `MIN_SIMILARITY`). Branch independence (`data/independence.py`) needs a judging model
@@ -59,6 +59,24 @@ def _threads(tree: dict, depth: int = 0):
         yield from _threads(child, depth + 1)
 
 
+def fork_heads(tree: dict, tokenizer, fork_id: int) -> list[str]:
+    """The head each `[Fork]` follows (the last line its thread wrote before it, normalized as
+    `rules.normalize_head`), over every thread: paragraph heads as well as list items'."""
+    from ..rules import normalize_head
+
+    heads, start = [], 0
+    tokens = tree["tokens"]
+    for i, token in enumerate(tokens):
+        if token == fork_id:
+            line = tokenizer.decode(tokens[start:i], skip_special_tokens=True).strip().split("\n")[-1]
+            if normalize_head(line):
+                heads.append(normalize_head(line))
+            start = i + 1
+    for child in tree["children"].values():
+        heads += fork_heads(child, tokenizer, fork_id)
+    return heads
+
+
 @dataclass
 class Score:
     speed: float  # answer tokens per critical-path step
@@ -67,15 +85,16 @@ class Score:
     reward: float = 0.0
 
 
-def gates(sample: dict, reference: dict, text: str, reference_text: str, control, similarity=None) -> tuple[list[str], float | None]:
+def gates(sample: dict, reference: dict, text: str, reference_text: str, tokenizer, control,
+          similarity=None) -> tuple[list[str], float | None]:
     """The gates `sample` fails against the prompt's greedy AR answer `reference` (module docstring)."""
     failed = []
     if sample["finish_reason"] != "stop":
         failed.append("cut")
     if (rep4(text) or 0.0) > MAX_REP4:
         failed.append("loops")
-    heads = list_heads(text)
-    if len(heads) != len(set(heads)):
+    heads, forked = list_heads(text), fork_heads(sample["tree"], tokenizer, control.fork_id)
+    if len(heads) != len(set(heads)) or len(forked) != len(set(forked)):
         failed.append("repeated heads")
     if set(sample["token_ids"]) & {control.fork_id, control.child_id, control.join_id}:
         failed.append("stray control token")
@@ -100,7 +119,7 @@ def score_prompt(row: dict, tokenizer, control, similarity: Callable[[str, str],
         if sample["kind"] != "apar":
             continue
         text = tokenizer.decode(sample["token_ids"], skip_special_tokens=True)
-        failed, sim = gates(sample, reference, text, reference_text, control, similarity)
+        failed, sim = gates(sample, reference, text, reference_text, tokenizer, control, similarity)
         speed = len(sample["token_ids"]) / max(1, critical_steps(sample["tree"]))
         scores.append(Score(speed, failed, sim))
     passing = [min(s.speed, SPEED_CAP) for s in scores if not s.failed]
