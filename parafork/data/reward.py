@@ -1,6 +1,6 @@
 """Scores of rollouts (model v4's data): quality gates first, then speed, capped and centred per prompt.
 
-The reward must not be gamed (`../shared/APAR.md`, "Learned parallelism"): ThreadWeaver gated its
+The reward must not be gamed (ThreadWeaver, arXiv 2512.07843; Parallel-R1, 2509.07980): ThreadWeaver gated its
 speed bonus on correctness and capped it, and found that dividing advantages by their standard
 deviation made the model chase speed; Parallel-R1 saw parallel use collapse once the reward stopped
 paying for it; a tokens/s reward pays for padding. So:

@@ -2,7 +2,7 @@
 
 The tuned model writes its answers with a long spine (intro, every head, the closing
 paragraph) and few, short branches; no stronger teacher is at hand offline, so it must learn to
-write differently from its own samples (PASTA's and NPR's recipe, `../shared/APAR.md`). Per
+write differently from its own samples (PASTA's and NPR's recipe: arXiv 2502.11517, 2512.07461). Per
 prompt this draws `samples` APAR answers that vary in *structure* and two AR answers to
 compare them with:
 
